@@ -1,0 +1,74 @@
+"""The `lamamba` command line: one entry point, one subcommand per job.
+
+Each subcommand lives in the module that implements it, which exposes
+``add_parser(subparsers)`` returning the parser; the parser's ``func`` default
+receives the parsed ``argparse.Namespace`` and returns an exit code. Modules are
+imported lazily by name so that ``lamamba --help`` stays fast and never imports
+torch extensions, Ray or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (subcommand, module that defines it, one-line help). Order = order in --help.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("flops", "lamamba_dist.flops", "parameters and forward multiply-adds of a model"),
+    ("models", "lamamba_dist.models.registry", "list the registered model sizes"),
+    ("convert-official", "lamamba_dist.convert", "import a checkpoint of the official LaMamba-Diff code"),
+]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lamamba",
+        description="Train, sample and evaluate LaMamba-Diff (and the DiT baseline) on one GPU or a Slurm cluster.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, help_text in COMMANDS:
+        # A tiny placeholder parser: the real one is built only for the command that runs.
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _real_parser(name: str, module: str, help_text: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lamamba")
+    sub = parser.add_subparsers(dest="command")
+    mod = importlib.import_module(module)
+    mod.add_parser(sub, name, help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from lamamba_dist import __version__
+
+        print(__version__)
+        return 0
+    table = {name: (name, module, h) for name, module, h in COMMANDS}
+    if argv[0] not in table:
+        top.print_usage(sys.stderr)
+        print(f"lamamba: error: unknown command {argv[0]!r}; choose from: {', '.join(table)}", file=sys.stderr)
+        return 2
+    parser = _real_parser(*table[argv[0]])
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as e:
+        print(f"lamamba {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

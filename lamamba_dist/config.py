@@ -1,0 +1,269 @@
+"""Typed experiment configuration, one TOML file per experiment.
+
+Every section of the file maps to one frozen-ish dataclass below, and each
+component receives only its own section (the model gets ``ModelConfig``, the
+data loader ``DataConfig``...). Loading is strict: an unknown key, a value of the
+wrong type or a value out of range raises :class:`ConfigError` naming the file
+and the dotted key, e.g. ``configs/x.toml: [optim] lr = -1.0: must be > 0``.
+
+Validation rules live next to the fields as metadata:
+
+    lr: float = field(default=1e-4, metadata=dict(gt=0))
+    stage: int = field(default=2, metadata=dict(choices=(0, 1, 2, 3)))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(default="LaMamba-debug", metadata=dict(help="registry name, see `lamamba models`"))
+    resolution: int = field(default=256, metadata=dict(choices=(32, 64, 128, 256, 512), help="image side in pixels"))
+    num_classes: int = field(default=1000, metadata=dict(ge=0))
+    class_dropout: float = field(default=0.1, metadata=dict(ge=0.0, le=1.0))
+    learn_sigma: bool = True
+    grad_checkpointing: bool = False
+    # "auto": fused kernels on CUDA when importable, references otherwise.
+    scan_backend: str = field(default="auto", metadata=dict(choices=("auto", "fused", "reference")))
+    attn_backend: str = field(default="auto", metadata=dict(choices=("auto", "sdpa", "flash", "reference")))
+
+
+@dataclass
+class DiffusionConfig:
+    num_timesteps: int = field(default=1000, metadata=dict(ge=1))
+    beta_schedule: str = field(default="linear", metadata=dict(choices=("linear", "cosine")))
+    learn_sigma: bool = True
+    sample_steps: int = field(default=250, metadata=dict(ge=1))
+    sampler: str = field(default="ddpm", metadata=dict(choices=("ddpm", "ddim")))
+    cfg_scale: float = field(default=1.5, metadata=dict(ge=1.0))
+    guidance_channels: str = field(default="all", metadata=dict(choices=("all", "first3")))
+
+
+@dataclass
+class DataConfig:
+    # "synthetic" = random latents (benchmarks, smoke tests); otherwise a shard glob/brace pattern.
+    shards: str = "synthetic"
+    num_workers: int = field(default=2, metadata=dict(ge=0))
+    shuffle_buffer: int = field(default=1000, metadata=dict(ge=0))
+    seed: int = 0
+    max_bad_samples: int = field(default=100, metadata=dict(ge=0))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=1e-4, metadata=dict(gt=0))
+    betas: tuple = (0.9, 0.999)
+    eps: float = field(default=1e-8, metadata=dict(gt=0))
+    weight_decay: float = field(default=0.01, metadata=dict(ge=0))  # torch AdamW default, as the official code
+    warmup_steps: int = field(default=0, metadata=dict(ge=0))
+    grad_clip: float = field(default=0.0, metadata=dict(ge=0))  # 0 = off (paper recipe)
+    ema_decay: float = field(default=0.9999, metadata=dict(ge=0.0, le=1.0))
+    offload_optimizer: bool = False
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = field(default=256, metadata=dict(ge=1))
+    micro_batch: int = field(default=32, metadata=dict(ge=1))
+    steps: int = field(default=400_000, metadata=dict(ge=1))
+    precision: str = field(default="bf16", metadata=dict(choices=("fp32", "bf16")))
+    zero_stage: int = field(default=2, metadata=dict(choices=(0, 1, 2, 3)))
+    seed: int = 0
+    deterministic: bool = False
+    compile: bool = False
+    log_every: int = field(default=50, metadata=dict(ge=1))
+    sample_every: int = field(default=0, metadata=dict(ge=0))
+    max_nonfinite_in_row: int = field(default=3, metadata=dict(ge=1))
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/default"
+    every: int = field(default=5000, metadata=dict(ge=1))
+    keep: int = field(default=3, metadata=dict(ge=2))
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    project: str = "lamamba"
+    entity: str = ""
+    run_name: str = ""
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = field(default="<defaults>", metadata=dict(internal=True))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r}: expected true or false, got {type(value).__name__}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {value!r}: expected an integer, got {type(value).__name__}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} = {value!r}: expected a number, got {type(value).__name__}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} = {value!r}: expected a string, got {type(value).__name__}")
+        return value
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {value!r}: expected an array, got {type(value).__name__}")
+        return tuple(value)
+    if tp is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {value!r}: expected an array, got {type(value).__name__}")
+        return list(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return dict(value)
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def _check_range(value: Any, meta: dict, where: str) -> None:
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{where} = {value!r}: must be one of {', '.join(repr(c) for c in meta['choices'])}")
+    for key, op, text in (("gt", lambda a, b: a > b, ">"), ("ge", lambda a, b: a >= b, ">="),
+                          ("lt", lambda a, b: a < b, "<"), ("le", lambda a, b: a <= b, "<=")):
+        if key in meta and not op(value, meta[key]):
+            raise ConfigError(f"{where} = {value!r}: must be {text} {meta[key]}")
+
+
+def section_from_dict(cls: type, data: dict, where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``; ``where`` prefixes error messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        f = fields[name]
+        key = f"{where}.{name}" if where else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = section_from_dict(tp, value, f"[{name}]" if not where else key)
+            continue
+        v = _coerce(value, tp, key)
+        _check_range(v, f.metadata, key)
+        kwargs[name] = v
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> ExperimentConfig:
+    try:
+        cfg = section_from_dict(ExperimentConfig, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    cfg.source = source
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    """Load a TOML experiment file, then apply ``section.key=value`` overrides (TOML values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for ov in overrides or []:
+        apply_override(data, ov, str(path))
+    return config_from_dict(data, str(path))
+
+
+def apply_override(data: dict, override: str, source: str = "<override>") -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected section.key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings: name=LaMamba-XL
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Cross-field checks that no single field can express."""
+    src = cfg.source
+    t = cfg.train
+    if t.global_batch % t.micro_batch != 0:
+        raise ConfigError(f"{src}: [train] global_batch = {t.global_batch} is not a multiple of micro_batch = {t.micro_batch}")
+    if cfg.model.resolution % 8 != 0:
+        raise ConfigError(f"{src}: [model] resolution = {cfg.model.resolution}: must be a multiple of 8 (VAE factor)")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain dict (TOML/JSON-friendly) of a config or section."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("internal"):
+            continue
+        v = getattr(cfg, f.name)
+        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
+    return out

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The project's test command (README): installs everything it needs, then runs the suite.
+#   - a virtual environment in .venv/ (ignored), torch pinned to the local CPU wheel (constraints-cpu.txt)
+#     so that nothing ever pulls a CUDA build;
+#   - the package with its data/train/cluster/dev extras;
+#   - a one-node Slurm on loopback (cluster/slurm_harness.sh) when we are root and apt exists; stopped on exit;
+#   - caches (pip, torch extensions, ray) inside .cache/ (ignored).
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k model`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export PIP_CACHE_DIR="$ROOT/.cache/pip"
+export TORCH_EXTENSIONS_DIR="$ROOT/.cache/torch_extensions"
+export DS_ACCELERATOR=cpu
+export WANDB_MODE="${WANDB_MODE:-offline}"
+export WANDB_DIR="$ROOT/.cache/wandb"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+PY=python3
+command -v "$PY" >/dev/null || PY=python
+
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  "$PY" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+fi
+if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
+  echo "== installing torch 2.13.0 (CPU)"
+  .venv/bin/pip install -q torch==2.13.0 -c constraints-cpu.txt
+fi
+stamp=.venv/.lamamba-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "== installing lamamba-dist[data,train,cluster,dev]"
+  .venv/bin/pip install -q -c constraints-cpu.txt -e '.[data,train,cluster,dev]'
+  touch "$stamp"
+fi
+.venv/bin/python -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed'"
+
+if [ -x cluster/slurm_harness.sh ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== starting a one-node Slurm on loopback"
+    trap 'bash cluster/slurm_harness.sh stop || true' EXIT
+    bash cluster/slurm_harness.sh start
+  elif [ "${CI:-}" = true ]; then
+    echo "CI=true but no root/apt: the Slurm tests cannot run" >&2
+    exit 1
+  fi
+fi
+
+echo "== pytest"
+set +e
+.venv/bin/python -m pytest -q "$@"
+rc=$?
+set -e
+exit $rc
