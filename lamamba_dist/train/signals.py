@@ -1,0 +1,71 @@
+"""Stop requests: SIGUSR2 / SIGTERM (or :func:`request_stop`) -> save at the next step boundary, exit 3.
+
+The handler only sets a flag; the training loop polls it at every step boundary and all ranks agree on it
+through an all-reduce, so a signal that reaches the ranks at slightly different times still produces one
+consistent checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+# Exit code after a signal-triggered save: the job should be requeued and rerun with the same command.
+EXIT_REQUEUE = 3
+
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+_stop = threading.Event()
+_reason: list[str] = []
+
+
+def request_stop(reason: str = "request_stop()") -> None:
+    """Ask the running training loop to checkpoint and return EXIT_REQUEUE at the next step boundary."""
+    if not _stop.is_set():
+        _reason.append(reason)
+    _stop.set()
+
+
+def stop_requested() -> bool:
+    return _stop.is_set()
+
+
+def stop_reason() -> str:
+    return _reason[0] if _reason else ""
+
+
+def clear_stop_request() -> None:
+    _stop.clear()
+    _reason.clear()
+
+
+def _handler(signum, frame):  # noqa: ARG001 - signal API
+    request_stop(f"signal {signal.Signals(signum).name}")
+
+
+class StopSignals:
+    """Context manager installing the stop handlers (main thread only) and restoring the previous ones."""
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.signals = signals
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                try:
+                    self._previous[s] = signal.signal(s, _handler)
+                except (ValueError, OSError):  # pragma: no cover - exotic platforms
+                    pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, prev in self._previous.items():
+            try:
+                signal.signal(s, prev)
+            except (ValueError, OSError, TypeError):  # pragma: no cover
+                pass
+        self._previous.clear()
+        return False
