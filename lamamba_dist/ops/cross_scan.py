@@ -1,0 +1,117 @@
+"""The four continuous ("snake") scan paths of LaMamba-Diff and their merge (spec §4).
+
+For an N x N map and step s in [0, N^2): q = s // N, m = s % N, sn = m if q is even else N-1-m.
+
+    k=0  row snake from top-left, moving down        (row, col) = (q,       sn)
+    k=1  row snake from bottom-left, moving up       (row, col) = (N-1-q,   sn)
+    k=2  column snake from bottom-left, moving right (row, col) = (N-1-sn,  q)
+    k=3  column snake from bottom-right, moving left (row, col) = (N-1-sn,  N-1-q)
+
+``cross_scan`` lays a (B, D, H, W) map out as four sequences (B, 4, D, L); ``cross_merge`` maps four
+sequences back to the grid and sums them (no averaging). The fast versions use one gather each with
+index tables built once per (N, device) and cached; ``*_reference`` follow the formula literally and are
+used by the parity tests.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def snake_path_coords(n: int, k: int) -> list[tuple[int, int]]:
+    """(row, col) visited at each step by direction k on an n x n map (the spec's formula)."""
+    coords = []
+    for s in range(n * n):
+        q, m = divmod(s, n)
+        sn = m if q % 2 == 0 else n - 1 - m
+        if k == 0:
+            rc = (q, sn)
+        elif k == 1:
+            rc = (n - 1 - q, sn)
+        elif k == 2:
+            rc = (n - 1 - sn, q)
+        elif k == 3:
+            rc = (n - 1 - sn, n - 1 - q)
+        else:
+            raise ValueError(f"direction k must be 0..3, got {k}")
+        coords.append(rc)
+    return coords
+
+
+@functools.lru_cache(maxsize=None)
+def _tables_cpu(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    paths = torch.empty(4, n * n, dtype=torch.long)
+    for k in range(4):
+        paths[k] = torch.tensor([r * n + c for r, c in snake_path_coords(n, k)], dtype=torch.long)
+    inverse = torch.empty_like(paths)
+    steps = torch.arange(n * n)
+    for k in range(4):
+        inverse[k, paths[k]] = steps  # inv_k[path_k(s)] = s
+    return paths, inverse
+
+
+_DEVICE_TABLES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def snake_tables(n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(paths, inverse), each (4, n*n) int64 on ``device``; built once per (n, device) and cached."""
+    device = torch.device(device)
+    key = (n, str(device))
+    hit = _DEVICE_TABLES.get(key)
+    if hit is None:
+        paths, inverse = _tables_cpu(n)
+        hit = (paths.to(device), inverse.to(device))
+        _DEVICE_TABLES[key] = hit
+    return hit
+
+
+def _check_square(x: torch.Tensor) -> int:
+    h, w = x.shape[-2:]
+    if h != w:
+        raise ValueError(f"snake scan needs a square map, got {h}x{w} (the official model supports square latents only)")
+    return h
+
+
+def cross_scan(x: torch.Tensor) -> torch.Tensor:
+    """(B, D, N, N) -> (B, 4, D, N*N): the map read along the four snake paths (one gather)."""
+    n = _check_square(x)
+    b, d = x.shape[:2]
+    paths, _ = snake_tables(n, x.device)
+    flat = x.reshape(b, d, n * n)
+    out = flat.index_select(-1, paths.reshape(-1))  # (B, D, 4L), path-major
+    return out.view(b, d, 4, n * n).transpose(1, 2)  # (B, 4, D, L)
+
+
+def cross_merge(y: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, 4, D, N*N) -> (B, D, N*N): y[b,d,p] = sum_k Y_k[b,d,inv_k(p)]."""
+    b, k, d, length = y.shape
+    if k != 4 or length != n * n:
+        raise ValueError(f"cross_merge expects (B, 4, D, {n * n}), got {tuple(y.shape)}")
+    _, inverse = snake_tables(n, y.device)
+    gathered = torch.gather(y, -1, inverse.view(1, 4, 1, length).expand(b, 4, d, length))
+    return gathered.sum(dim=1)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def cross_scan_reference(x: torch.Tensor) -> torch.Tensor:
+    n = _check_square(x)
+    seqs = []
+    for k in range(4):
+        coords = snake_path_coords(n, k)
+        rows = torch.tensor([r for r, _ in coords], device=x.device)
+        cols = torch.tensor([c for _, c in coords], device=x.device)
+        seqs.append(x[:, :, rows, cols])  # (B, D, L)
+    return torch.stack(seqs, dim=1)
+
+
+def cross_merge_reference(y: torch.Tensor, n: int) -> torch.Tensor:
+    b, _, d, _ = y.shape
+    out = y.new_zeros(b, d, n, n)
+    for k in range(4):
+        for s, (r, c) in enumerate(snake_path_coords(n, k)):
+            out[:, :, r, c] = out[:, :, r, c] + y[:, k, :, s]
+    return out.reshape(b, d, n * n)

@@ -1,0 +1,143 @@
+"""Selective scan (the Mamba recurrence, spec §3.7), fused CUDA kernel and pure-PyTorch reference.
+
+Shapes (mamba-ssm's convention, grouped B/C as VMamba uses them):
+
+    u, delta      (batch, dim, L)         dim = K*D: the four directions stacked k-major
+    A             (dim, N)                fp32, A = -exp(A_logs)
+    B, C          (batch, G, N, L)        G = K groups: B_k / C_k shared by the D channels of direction k
+    D             (dim,)                  fp32 skip
+    delta_bias    (dim,)                  fp32
+
+For step s with h_{-1} = 0:  Δ = softplus(delta + bias);  h_s = exp(Δ A) h_{s-1} + Δ B_s u_s;
+y_s = C_s · h_s + D u_s.  The result has u's dtype; the state is always computed in fp32.
+
+``selective_scan`` is the one dispatch point: mamba-ssm's ``selective_scan_cuda`` kernel (registered as
+the custom op ``lamamba::selective_scan_fwd/bwd`` so torch.compile traces through it without a graph
+break) when it imports and the tensors are on CUDA, the reference otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus: bool = True):
+    """The recurrence, literally, in fp32 (slow: a Python loop over L)."""
+    dtype_in = u.dtype
+    u = u.float()
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)  # ln(1+e^v), returns v for v > 20 (torch's threshold)
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    groups = B.shape[1]
+    rep = dim // groups
+    Bf = B.float().repeat_interleave(rep, dim=1)  # (batch, dim, N, L)
+    Cf = C.float().repeat_interleave(rep, dim=1)
+    deltaA = torch.exp(delta.unsqueeze(2) * A.float().view(1, dim, n, 1))  # (batch, dim, N, L)
+    deltaB_u = delta.unsqueeze(2) * Bf * u.unsqueeze(2)
+    h = u.new_zeros(batch, dim, n)
+    ys = []
+    for s in range(length):
+        h = deltaA[..., s] * h + deltaB_u[..., s]
+        ys.append((h * Cf[..., s]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + u * D.float()[:, None]
+    return y.to(dtype_in)
+
+
+# ----------------------------------------------------------------------------- fused kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_module():
+    """mamba-ssm's compiled kernel module, or None (it only exists in a CUDA build of mamba-ssm)."""
+    try:
+        import selective_scan_cuda  # noqa: F401  (installed by the mamba-ssm wheel, top level)
+
+        return selective_scan_cuda
+    except Exception:
+        return None
+
+
+def fused_available() -> bool:
+    return torch.cuda.is_available() and _cuda_module() is not None
+
+
+def _n_chunks(length: int) -> int:
+    return (length + 2048 - 1) // 2048  # mamba-ssm's kernel stores one state per 2048-step chunk
+
+
+@torch.library.custom_op("lamamba::selective_scan_fwd", mutates_args=())
+def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              D: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out, states, *_ = _cuda_module().fwd(u, delta, A, B, C, D, None, delta_bias, delta_softplus)
+    return out, states
+
+
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, delta_bias, delta_softplus):
+    batch, dim, length = u.shape
+    states = u.new_empty(batch, dim, _n_chunks(length), A.shape[1] * 2, dtype=A.dtype)
+    return torch.empty_like(delta), states
+
+
+@torch.library.custom_op("lamamba::selective_scan_bwd", mutates_args=())
+def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              D: torch.Tensor, delta_bias: torch.Tensor, dout: torch.Tensor, states: torch.Tensor,
+              delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor, torch.Tensor, torch.Tensor]:
+    du, ddelta, dA, dB, dC, dD, dbias, *_ = _cuda_module().bwd(
+        u, delta, A, B, C, D, None, delta_bias, dout.contiguous(), states, None, None, delta_softplus, False)
+    # The kernel returns fp32 grads for variable B/C; hand back each grad in its input's dtype.
+    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dbias
+
+
+@_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, delta_bias, dout, states, delta_softplus):
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), torch.empty_like(D), torch.empty_like(delta_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, delta_bias, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[1])
+    ctx.delta_softplus = delta_softplus
+
+
+def _backward(ctx, dout, dstates):
+    u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
+    grads = _scan_bwd(u, delta, A, B, C, D, delta_bias, dout, states, ctx.delta_softplus)
+    return (*grads, None)
+
+
+_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = True):
+    """mamba-ssm's kernel. u/delta/B/C share one dtype (fp32 or bf16); A, D, delta_bias are fp32."""
+    if _cuda_module() is None:
+        raise RuntimeError("the fused selective scan needs mamba-ssm built with CUDA (pip install 'lamamba-dist[cuda]')")
+    dtype = u.dtype
+    u, delta = u.contiguous(), delta.to(dtype).contiguous()
+    B, C = B.to(dtype).contiguous(), C.to(dtype).contiguous()
+    out, _ = _scan_fwd(u, delta, A.float().contiguous(), B, C, D.float().contiguous(),
+                       delta_bias.float().contiguous(), delta_softplus)
+    return out
+
+
+def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = True, backend: str = "auto"):
+    """The dispatch point. backend: "auto" (fused on CUDA when available), "fused" or "reference"."""
+    if backend == "reference":
+        return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if backend == "fused" or (backend == "auto" and u.is_cuda and _cuda_module() is not None):
+        return selective_scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if backend != "auto":
+        raise ValueError(f"unknown scan backend {backend!r}; choose auto, fused or reference")
+    return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)

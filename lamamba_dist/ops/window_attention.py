@@ -1,0 +1,102 @@
+"""Swin-style (shifted) window multi-head attention pieces (spec §5).
+
+Window geometry (partition / reverse, relative-position index, shift mask) is built once per
+(resolution, window, shift, device) and cached. ``window_attention_core`` is the single dispatch point
+for the attention maths on windows:
+
+    backend "sdpa"       torch.nn.functional.scaled_dot_product_attention (flash / cuDNN / efficient
+                         kernels on GPU, the math kernel on CPU)
+    backend "flash"      flash-attn, when installed (additive bias unsupported by it, so only used when
+                         the caller passes no bias; otherwise falls back to SDPA)
+    backend "reference"  explicit softmax(q k^T * scale + bias) v
+    backend "auto"       sdpa
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+SHIFT_MASK_VALUE = -100.0  # the official value (not -inf)
+
+
+def window_partition(x: torch.Tensor, w: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * nW, w*w, C); windows batch-major, then window-row, window-col; tokens row-major."""
+    return rearrange(x, "b (nh a) (nw c) ch -> (b nh nw) (a c) ch", a=w, c=w)
+
+
+def window_reverse(windows: torch.Tensor, w: int, h: int, wd: int) -> torch.Tensor:
+    """(B * nW, w*w, C) -> (B, H, W, C)."""
+    return rearrange(windows, "(b nh nw) (a c) ch -> b (nh a) (nw c) ch", nh=h // w, nw=wd // w, a=w, c=w)
+
+
+@functools.lru_cache(maxsize=None)
+def relative_position_index(w: int) -> torch.Tensor:
+    """(w², w²) int64: idx = (ra - rb + w - 1) * (2w - 1) + (ca - cb + w - 1)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)  # (2, w²)
+    rel = coords[:, :, None] - coords[:, None, :] + (w - 1)  # (2, w², w²)
+    return rel[0] * (2 * w - 1) + rel[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _shift_mask_cpu(r: int, w: int, s: int) -> torch.Tensor:
+    bands = torch.zeros(r, dtype=torch.long)
+    bands[r - w: r - s] = 1
+    bands[r - s:] = 2
+    region = (bands[:, None] * 3 + bands[None, :]).view(1, r, r, 1).float()
+    win = window_partition(region, w).squeeze(-1)  # (nW, w²)
+    mask = (win[:, :, None] != win[:, None, :]).float() * SHIFT_MASK_VALUE
+    return mask  # (nW, w², w²)
+
+
+_MASKS: dict = {}
+
+
+def shift_attention_mask(r: int, w: int, s: int, device) -> torch.Tensor:
+    """(nW, w², w²) additive mask for a shifted r x r map (0 within a region, -100 across), cached."""
+    key = (r, w, s, str(device))
+    m = _MASKS.get(key)
+    if m is None:
+        m = _shift_mask_cpu(r, w, s).to(device)
+        _MASKS[key] = m
+    return m
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func
+    except Exception:
+        return None
+
+
+def window_attention_core(q, k, v, bias, num_windows: int, backend: str = "auto"):
+    """Attention inside windows.
+
+    q, k, v: (B * nW, h, N, e). bias: additive (nW', h, N, N) with nW' in {1, nW} (relative-position bias
+    plus, for shifted windows, the mask), or None. Returns (B * nW, h, N, e). q is scaled inside.
+    """
+    bw, h, n, e = q.shape
+    scale = e ** -0.5
+    if backend == "reference":
+        attn = (q * scale) @ k.transpose(-2, -1)  # (B*nW, h, N, N)
+        if bias is not None:
+            attn = attn.view(-1, bias.shape[0], h, n, n) + bias.unsqueeze(0)
+            attn = attn.view(bw, h, n, n)
+        return attn.softmax(dim=-1) @ v
+    if backend == "flash" and bias is None and _flash_attn_func() is not None and q.is_cuda:
+        out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+        return out.transpose(1, 2)
+    if backend not in ("auto", "sdpa", "flash"):
+        raise ValueError(f"unknown attention backend {backend!r}; choose auto, sdpa, flash or reference")
+    mask = None
+    if bias is not None:
+        nb = bias.shape[0]
+        # (B*nW, h, N, N) view of the bias broadcast over the batch (a copy only when nW' > 1).
+        mask = bias.to(q.dtype).unsqueeze(0).expand(bw // nb, nb, h, n, n).reshape(bw, h, n, n)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
