@@ -78,6 +78,7 @@ def build_from_weights(path: str | Path, device: str | torch.device = "cpu"):
         resolution=int(meta["resolution"]),
         num_classes=int(meta["num_classes"]),
         learn_sigma=bool(meta.get("learn_sigma", True)),
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in (meta.get("arch_overrides") or {}).items()},
     )
     load_state_dict_strict(model, sd, source=str(path))
     return model.to(device).eval(), meta
