@@ -61,12 +61,19 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    # "synthetic" = random latents (benchmarks, smoke tests); otherwise a shard glob/brace pattern.
+    # "synthetic" = seeded random latents (benchmarks, smoke tests); otherwise the folder written by
+    # `lamamba preprocess` (or its manifest.json, or a glob/brace pattern of some of its shards).
     shards: str = "synthetic"
     num_workers: int = field(default=2, metadata=dict(ge=0))
-    shuffle_buffer: int = field(default=1000, metadata=dict(ge=0))
-    seed: int = 0
+    # Virtual streams the epoch is cut into (lamamba_dist/data/loader.py). Must be a multiple of
+    # world_size x max(1, num_workers) for every world size the run may resume on; 0 = that product
+    # on a fresh start, the saved value on resume.
+    num_streams: int = field(default=0, metadata=dict(ge=0))
+    seed: int = 0  # mixed with the training seed: changes the data order alone
+    flip: bool = True  # random choice between the stored latents of the image and of its mirror
     max_bad_samples: int = field(default=100, metadata=dict(ge=0))
+    prefetch_factor: int = field(default=2, metadata=dict(ge=1))
+    synthetic_num_classes: int = field(default=1000, metadata=dict(ge=1))
 
 
 @dataclass

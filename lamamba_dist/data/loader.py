@@ -1,0 +1,490 @@
+"""Resumable, exactly-once latent loader over the shards written by ``lamamba preprocess``.
+
+Design (every choice below is what makes resume exact and world-size independent):
+
+* The data of one epoch is one seeded sequence: the shards in a permutation drawn from
+  (seed, data_seed, epoch), each shard's samples in a permutation drawn from
+  (seed, data_seed, epoch, shard). That sequence of T samples is cut into ``num_streams`` contiguous
+  ranges, stream s getting samples [s*T//N, (s+1)*T//N). A stream runs forever, epoch after epoch
+  (epoch e of stream s = its positions [e*len_s, (e+1)*len_s)), so batches always have their full
+  shape and every sample is visited exactly once per epoch. Streams are virtual: their number does
+  not depend on the number of shards, ranks or workers, so fewer shards than ranks x workers just
+  works (streams share shards); only fewer *samples* than streams is an error.
+* Stream s belongs to DataLoader worker slot ``s % W`` (W = max(1, num_workers)) of rank
+  ``(s // W) % world_size``. A worker's batch is the concatenation, over its k streams in order, of
+  the next micro_batch/k samples of each. The DataLoader serves its workers round-robin, so after
+  b batches on every rank the position of every stream is a pure function of b: ``state_dict()`` on
+  any rank describes all streams (per-stream positions, epoch, seeds), and a loader rebuilt with
+  ``state=`` continues with exactly the next samples, on the same or another world size.
+* The latent is drawn from the stored posterior: a generator seeded by (seed, data_seed, epoch, key)
+  picks the flip (when ``flip``) and eps; ``z = (mean + exp(logvar / 2) * eps) * scale_factor``.
+* Faults never desynchronise ranks: a sample that cannot be used (corrupt or truncated tar, missing
+  member, wrong shape, NaN) is replaced by the next usable sample of the same shard (in this
+  epoch's order), or of the next shard, so positions still advance by exactly one. Each distinct
+  bad sample is counted with its url, key and reason; more than ``max_bad_samples`` on a rank raises.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from lamamba_dist.data.shards import MANIFEST_NAME, npy_load, read_manifest
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class DataError(RuntimeError):
+    """The data cannot be served as configured (bad layout, too many bad samples, mismatched state)."""
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a worker needs, picklable."""
+
+    kind: str  # "shards" | "synthetic"
+    seed: int
+    data_seed: int
+    num_streams: int
+    latent_shape: tuple  # (C, S, S)
+    scale: float
+    flip: bool
+    shards: tuple = ()  # ShardInfo...
+    num_classes: int = 1000
+
+    @property
+    def total(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    def stream_len(self, s: int) -> int:
+        if self.kind == "synthetic":
+            return 1 << 62
+        t, n = self.total, self.num_streams
+        return (s + 1) * t // n - s * t // n
+
+    def stream_start(self, s: int) -> int:
+        return s * self.total // self.num_streams
+
+
+def _hash64(*parts: Any) -> int:
+    h = hashlib.blake2b("|".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def _rng(*parts: Any) -> np.random.Generator:
+    return np.random.default_rng(_hash64(*parts))
+
+
+def resolve_shards(spec: str) -> tuple[dict, list[ShardInfo], Path]:
+    """``spec`` = a shard folder, its manifest.json, or a glob/brace pattern of shards inside one folder."""
+    p = Path(spec)
+    if p.is_dir() or p.name == MANIFEST_NAME:
+        folder = p if p.is_dir() else p.parent
+        man = read_manifest(folder)
+        wanted = None
+    else:
+        import glob
+
+        from braceexpand import braceexpand
+
+        files = sorted({f for pat in braceexpand(spec) for f in glob.glob(pat)})
+        if not files:
+            raise DataError(f"[data] shards = {spec!r}: no shard folder, manifest or shard file matches")
+        folders = {str(Path(f).parent) for f in files}
+        if len(folders) != 1:
+            raise DataError(f"[data] shards = {spec!r}: matches files in several folders ({', '.join(sorted(folders))})")
+        folder = Path(folders.pop())
+        man = read_manifest(folder)
+        wanted = {Path(f).name for f in files}
+        known = {s["name"] for s in man["shards"]}
+        unknown = sorted(wanted - known)
+        if unknown:
+            raise DataError(f"[data] shards = {spec!r}: {unknown[0]} is not listed in {folder / MANIFEST_NAME}")
+    if not man.get("complete", False):
+        log.warning("%s: the preprocessing job has not finished (manifest 'complete' is false); "
+                    "serving the %d shards written so far", folder / MANIFEST_NAME, len(man["shards"]))
+    infos = [ShardInfo(str(folder / s["name"]), int(s["count"])) for s in sorted(man["shards"], key=lambda s: s["name"])
+             if (wanted is None or s["name"] in wanted) and int(s["count"]) > 0]
+    if not infos:
+        raise DataError(f"[data] shards = {spec!r}: the manifest lists no non-empty shard")
+    return man, infos, folder
+
+
+# --------------------------------------------------------------------------- reading shards
+
+
+@dataclass
+class _Bad:
+    key: str
+    reason: str
+
+
+def read_shard(url: str, count: int, latent_shape: tuple) -> list:
+    """Read one shard into a list of ``count`` entries: a dict (mean, logvar, label, key) or a _Bad.
+
+    A truncated or corrupt tar yields the samples read before the damage; the rest are _Bad.
+    """
+    import webdataset as wds
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    groups: list[dict] = []
+    error = None
+    try:
+        stream = wds.gopen(url, "rb")
+    except Exception as e:  # missing file, unreadable pipe...
+        return [_Bad(f"#{i}", f"cannot open shard: {e}") for i in range(count)]
+    try:
+        for item in tar_file_iterator(stream):
+            prefix, suffix = base_plus_ext(item["fname"])
+            if prefix is None:
+                continue
+            if not groups or groups[-1]["__key__"] != prefix:
+                groups.append({"__key__": prefix})
+            groups[-1][suffix.lower()] = item["data"]
+    except Exception as e:  # tarfile.ReadError, EOFError, zlib errors...
+        error = f"tar unreadable after {len(groups)} sample(s): {type(e).__name__}: {e}"
+    finally:
+        try:
+            stream.close()
+        except Exception:
+            pass
+    if error is not None and groups:
+        groups.pop()  # the sample being read when the tar broke may be incomplete
+    out: list = []
+    want = (2,) + tuple(latent_shape)
+    for g in groups[:count]:
+        key = g["__key__"]
+        missing = [m for m in ("mean.npy", "logvar.npy", "cls") if m not in g]
+        if missing:
+            out.append(_Bad(key, f"missing member(s) {', '.join(missing)}"))
+            continue
+        try:
+            mean, logvar = npy_load(g["mean.npy"]), npy_load(g["logvar.npy"])
+            label = int(g["cls"].decode().strip())
+        except Exception as e:
+            out.append(_Bad(key, f"undecodable member: {type(e).__name__}: {e}"))
+            continue
+        if mean.shape != want or logvar.shape != want:
+            out.append(_Bad(key, f"latent shape {mean.shape}/{logvar.shape}, expected {want}"))
+            continue
+        if not (np.isfinite(mean).all() and np.isfinite(logvar).all()):
+            out.append(_Bad(key, "non-finite latent (NaN or inf)"))
+            continue
+        out.append(dict(key=key, mean=mean, logvar=logvar, label=label))
+    if len(groups) > count:
+        log.warning("%s: %d samples in the tar, the manifest says %d; extra samples ignored", url, len(groups), count)
+    reason = error or f"sample missing: the tar holds {len(groups)} samples, the manifest {count}"
+    while len(out) < count:
+        out.append(_Bad(f"#{len(out)}", reason))
+    return out
+
+
+# --------------------------------------------------------------------------- streams (run in workers)
+
+
+class _Reader:
+    """Per-worker: epoch orders, a small shard cache, latent drawing, bad-sample bookkeeping."""
+
+    def __init__(self, plan: Plan, cache_size: int):
+        self.plan = plan
+        self.cache: OrderedDict[int, list] = OrderedDict()
+        self.cache_size = max(2, cache_size)
+        self._orders: OrderedDict[int, tuple] = OrderedDict()
+        self._wperm: dict[tuple[int, int], np.ndarray] = {}
+        self.reported: set = set()
+        self.new_bad: list[dict] = []
+
+    def order(self, epoch: int) -> tuple[np.ndarray, list[int]]:
+        if epoch not in self._orders:
+            perm = _rng("shards", self.plan.seed, self.plan.data_seed, epoch).permutation(len(self.plan.shards))
+            starts = [0]
+            for i in perm:
+                starts.append(starts[-1] + self.plan.shards[i].count)
+            self._orders[epoch] = (perm, starts)
+            while len(self._orders) > 3:
+                self._orders.popitem(last=False)
+                self._wperm = {k: v for k, v in self._wperm.items() if k[0] in self._orders}
+        return self._orders[epoch]
+
+    def within(self, epoch: int, shard: int) -> np.ndarray:
+        k = (epoch, shard)
+        if k not in self._wperm:
+            n = self.plan.shards[shard].count
+            self._wperm[k] = _rng("samples", self.plan.seed, self.plan.data_seed, epoch, shard).permutation(n)
+        return self._wperm[k]
+
+    def shard(self, i: int) -> list:
+        if i in self.cache:
+            self.cache.move_to_end(i)
+            return self.cache[i]
+        info = self.plan.shards[i]
+        entries = read_shard(info.url, info.count, self.plan.latent_shape)
+        self.cache[i] = entries
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return entries
+
+    def _note(self, shard: int, bad: _Bad) -> None:
+        url = self.plan.shards[shard].url
+        if (url, bad.key) not in self.reported:
+            self.reported.add((url, bad.key))
+            self.new_bad.append(dict(url=url, key=bad.key, reason=bad.reason))
+
+    def sample_at(self, epoch: int, g: int) -> dict:
+        """Sample number ``g`` of epoch ``epoch``'s sequence (bad ones replaced deterministically)."""
+        perm, starts = self.order(epoch)
+        p = bisect.bisect_right(starts, g) - 1
+        j = g - starts[p]
+        nshards = len(perm)
+        for dp in range(nshards):
+            sid = int(perm[(p + dp) % nshards])
+            entries = self.shard(sid)
+            w = self.within(epoch, sid)
+            n = len(w)
+            for dj in range(n):
+                e = entries[int(w[(j + dj) % n])]
+                if isinstance(e, _Bad):
+                    self._note(sid, e)
+                    continue
+                return e
+        raise DataError("no usable sample in any shard: every sample is unreadable")
+
+    def draw(self, s: int, pos: int) -> tuple[torch.Tensor, int, str]:
+        plan = self.plan
+        if plan.kind == "synthetic":
+            key = f"synthetic-{s:04d}-{pos:012d}"
+            g = torch.Generator().manual_seed(_hash64("synthetic", plan.seed, plan.data_seed, key))
+            z = torch.randn(plan.latent_shape, generator=g)
+            label = int(torch.randint(plan.num_classes, (1,), generator=g))
+            return z, label, key
+        length = plan.stream_len(s)
+        epoch, off = divmod(pos, length)
+        e = self.sample_at(epoch, plan.stream_start(s) + off)
+        g = torch.Generator().manual_seed(_hash64("latent", plan.seed, plan.data_seed, epoch, e["key"]))
+        f = int(torch.randint(2, (1,), generator=g)) if plan.flip else 0
+        eps = torch.randn(plan.latent_shape, generator=g)
+        mean = torch.from_numpy(e["mean"][f].astype(np.float32))
+        std = torch.from_numpy(np.exp(0.5 * e["logvar"][f].astype(np.float32)))
+        return (mean + std * eps) * plan.scale, e["label"], e["key"]
+
+
+class _RankStreams(torch.utils.data.IterableDataset):
+    """Infinite batches of one rank; each DataLoader worker serves its own slot's streams."""
+
+    def __init__(self, plan: Plan, rank: int, world_size: int, nw: int, per_stream: int,
+                 positions: list[int], rotation: int):
+        super().__init__()
+        self.plan, self.rank, self.world_size, self.nw = plan, rank, world_size, nw
+        self.per_stream, self.positions, self.rotation = per_stream, list(positions), rotation
+
+    def streams_of_slot(self, slot: int) -> list[int]:
+        return [s for s in range(self.plan.num_streams)
+                if s % self.nw == slot and (s // self.nw) % self.world_size == self.rank]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        slot = (wid + self.rotation) % self.nw
+        streams = self.streams_of_slot(slot)
+        pos = {s: self.positions[s] for s in streams}
+        reader = _Reader(self.plan, cache_size=2 * len(streams) + 1)
+        while True:
+            lat, lab, keys = [], [], []
+            for s in streams:
+                for _ in range(self.per_stream):
+                    z, y, k = reader.draw(s, pos[s])
+                    pos[s] += 1
+                    lat.append(z)
+                    lab.append(y)
+                    keys.append(k)
+            bad, reader.new_bad = reader.new_bad, []
+            yield {"latent": torch.stack(lat), "label": torch.tensor(lab, dtype=torch.long), "key": keys, "_bad": bad}
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+class LatentLoader:
+    """Iterable of batches ``{"latent": (B,C,S,S) float32, "label": (B,) long, "key": list[str]}``; infinite.
+
+    ``state_dict()`` describes the global position (all streams, all ranks); pass it back to
+    :func:`build_latent_loader` as ``state=`` to continue with exactly the next samples.
+    Iterating again after a ``break`` also continues where the consumed batches stopped.
+    """
+
+    def __init__(self, plan: Plan, *, rank: int, world_size: int, num_workers: int, micro_batch: int,
+                 positions: list[int], rotation: int, max_bad_samples: int, prefetch_factor: int = 2):
+        self.plan = plan
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.nw = max(1, num_workers)
+        self.micro_batch = micro_batch
+        self.per_stream = micro_batch // (plan.num_streams // (world_size * self.nw))
+        self.max_bad_samples = max_bad_samples
+        self.prefetch_factor = prefetch_factor
+        self._positions = list(positions)
+        self._rotation = rotation
+        self._consumed = 0
+        self.bad_samples: list[dict] = []
+
+    # ---- position bookkeeping (pure functions of the number of batches consumed)
+    def _positions_after(self, b: int) -> list[int]:
+        out = []
+        for s, p in enumerate(self._positions):
+            first = (s % self.nw - self._rotation) % self.nw  # index of this slot's first batch
+            nbatches = 0 if b <= first else (b - first + self.nw - 1) // self.nw
+            out.append(p + nbatches * self.per_stream)
+        return out
+
+    def _fold(self) -> None:
+        self._positions = self._positions_after(self._consumed)
+        self._rotation = (self._rotation + self._consumed) % self.nw
+        self._consumed = 0
+
+    @property
+    def positions(self) -> list[int]:
+        return self._positions_after(self._consumed)
+
+    @property
+    def images_seen(self) -> int:
+        """Images consumed globally (all ranks), counted from the start of the run."""
+        return sum(self.positions)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch every stream has reached (streams differ by at most one sample per epoch)."""
+        if self.plan.kind == "synthetic":
+            return 0
+        return min(p // self.plan.stream_len(s) for s, p in enumerate(self.positions))
+
+    @property
+    def samples_per_epoch(self) -> Optional[int]:
+        return None if self.plan.kind == "synthetic" else self.plan.total
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "kind": self.plan.kind,
+            "seed": self.plan.seed,
+            "data_seed": self.plan.data_seed,
+            "num_streams": self.plan.num_streams,
+            "samples_per_epoch": self.samples_per_epoch,
+            "positions": self.positions,
+            "images_seen": self.images_seen,
+            "epoch": self.epoch,
+            "layout": [self.world_size, self.nw, self.micro_batch],
+            "rotation": (self._rotation + self._consumed) % self.nw,
+        }
+
+    # ---- iteration
+    def _dataset(self) -> _RankStreams:
+        return _RankStreams(self.plan, self.rank, self.world_size, self.nw, self.per_stream,
+                            self._positions, self._rotation)
+
+    def __iter__(self) -> Iterator[dict]:
+        self._fold()
+        ds = self._dataset()
+        if self.num_workers == 0:
+            it = iter(ds)
+        else:
+            it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                                  prefetch_factor=self.prefetch_factor))
+        for batch in it:
+            self._note_bad(batch.pop("_bad"))
+            self._consumed += 1
+            yield batch
+
+    def _note_bad(self, bad: list[dict]) -> None:
+        for b in bad:
+            log.warning("bad sample skipped: %s key %s: %s", b["url"], b["key"], b["reason"])
+        self.bad_samples.extend(bad)
+        if len(self.bad_samples) > self.max_bad_samples:
+            first = self.bad_samples[0]
+            raise DataError(f"{len(self.bad_samples)} bad samples on rank {self.rank}, more than "
+                            f"[data] max_bad_samples = {self.max_bad_samples}; first: {first['url']} key "
+                            f"{first['key']}: {first['reason']}")
+
+
+def _layout_check(n: int, world_size: int, nw: int, micro_batch: int) -> None:
+    if n % (world_size * nw) != 0:
+        raise DataError(f"[data] num_streams = {n} must be divisible by world_size x max(1, num_workers) = "
+                        f"{world_size} x {nw}; set num_streams to a multiple of {world_size * nw} "
+                        f"(a multiple of every world size you may resume on)")
+    k = n // (world_size * nw)
+    if micro_batch % k != 0:
+        raise DataError(f"micro_batch = {micro_batch} must be a multiple of the {k} streams each worker serves "
+                        f"([data] num_streams = {n} / (world_size {world_size} x workers {nw}))")
+
+
+def build_latent_loader(cfg, *, micro_batch: int, rank: int, world_size: int, seed: int, latent_size: int,
+                        state: Optional[dict] = None) -> LatentLoader:
+    """The training data loader of one rank (see the module docstring for the guarantees).
+
+    ``cfg`` is the ``[data]`` section (:class:`lamamba_dist.config.DataConfig`). ``cfg.shards ==
+    "synthetic"`` gives seeded random latents and labels with the same API.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in [0, world_size = {world_size})")
+    if micro_batch < 1:
+        raise DataError(f"micro_batch = {micro_batch}: must be >= 1")
+    nw = max(1, cfg.num_workers)
+    n = cfg.num_streams or (state["num_streams"] if state else world_size * nw)
+    kind = "synthetic" if cfg.shards == "synthetic" else "shards"
+    if kind == "synthetic":
+        plan = Plan(kind, seed, cfg.seed, n, (4, latent_size, latent_size), 1.0, cfg.flip,
+                    num_classes=cfg.synthetic_num_classes)
+    else:
+        man, infos, folder = resolve_shards(cfg.shards)
+        shape = tuple(man["latent_shape"])  # (2, C, S, S)
+        if shape[-1] != latent_size or shape[-2] != latent_size:
+            raise DataError(f"{folder / MANIFEST_NAME}: latents are {shape[-2]}x{shape[-1]} (resolution "
+                            f"{man.get('resolution')}), the model wants {latent_size}x{latent_size}")
+        plan = Plan(kind, seed, cfg.seed, n, tuple(shape[1:]), float(man["scale_factor"]), cfg.flip, tuple(infos))
+        if plan.total < n:
+            raise DataError(f"[data] shards = {cfg.shards!r} holds {plan.total} samples, fewer than "
+                            f"num_streams = {n}: lower num_streams or add data")
+    _layout_check(n, world_size, nw, micro_batch)
+    positions, rotation = [0] * n, 0
+    if state is not None:
+        positions, rotation = _check_state(state, plan, [world_size, nw, micro_batch])
+    return LatentLoader(plan, rank=rank, world_size=world_size, num_workers=cfg.num_workers, micro_batch=micro_batch,
+                        positions=positions, rotation=rotation, max_bad_samples=cfg.max_bad_samples,
+                        prefetch_factor=cfg.prefetch_factor)
+
+
+def _check_state(state: dict, plan: Plan, layout: list) -> tuple[list[int], int]:
+    def bad(msg: str) -> DataError:
+        return DataError(f"cannot resume the data loader: {msg}")
+
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise bad(f"state version {state.get('version') if isinstance(state, dict) else state!r}, expected {STATE_VERSION}")
+    for key, have in (("kind", plan.kind), ("seed", plan.seed), ("data_seed", plan.data_seed),
+                      ("num_streams", plan.num_streams)):
+        if state.get(key) != have:
+            raise bad(f"it was saved with {key} = {state.get(key)!r}, this run has {have!r}")
+    if plan.kind == "shards" and state.get("samples_per_epoch") != plan.total:
+        raise bad(f"it was saved over {state.get('samples_per_epoch')} samples per epoch, the shards now hold {plan.total}")
+    positions = [int(p) for p in state["positions"]]
+    if len(positions) != plan.num_streams or min(positions) < 0:
+        raise bad(f"positions {positions[:8]}... do not match num_streams = {plan.num_streams}")
+    rotation = int(state.get("rotation", 0)) if list(state.get("layout", [])) == layout else 0
+    return positions, rotation
