@@ -100,7 +100,10 @@ class TrainConfig:
     compile: bool = False
     log_every: int = field(default=50, metadata=dict(ge=1))
     sample_every: int = field(default=0, metadata=dict(ge=0))
-    max_nonfinite_in_row: int = field(default=3, metadata=dict(ge=1))
+    max_nonfinite_in_row: int = field(default=3, metadata=dict(ge=1))  # skipped steps in a row -> roll back
+    max_rollbacks: int = field(default=3, metadata=dict(ge=0))  # rollbacks in one run before giving up (exit 1)
+    # Save and exit with EXIT_REQUEUE (3) after this many steps of one invocation (time-boxed jobs, tests); 0 = off.
+    exit_after: int = field(default=0, metadata=dict(ge=0))
 
 
 @dataclass
@@ -108,6 +111,8 @@ class CheckpointConfig:
     dir: str = "runs/default"
     every: int = field(default=5000, metadata=dict(ge=1))
     keep: int = field(default=3, metadata=dict(ge=2))
+    # How a checkpoint is verified before it is resumed from: "hash" (sizes + sha256 of every file) or "size".
+    verify: str = field(default="hash", metadata=dict(choices=("hash", "size")))
 
 
 @dataclass

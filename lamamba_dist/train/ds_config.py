@@ -1,0 +1,72 @@
+"""Build the DeepSpeed config dict from the TOML sections (``[train]`` and ``[optim]``).
+
+Paper recipe (DiT / LaMamba-Diff): AdamW, lr 1e-4 constant, weight decay 0.01 on *all* parameters
+(the official code passes ``model.parameters()`` to ``torch.optim.AdamW`` without groups), betas
+(0.9, 0.999), no gradient clipping, global batch 256.
+
+Optimizer implementation: on CPU torch's AdamW (``"torch_adam": true``, no JIT build); on CUDA
+DeepSpeed's FusedAdam (``adam_w_mode``) unless ``fused_optimizer=False``; with optimizer offload
+DeepSpeed's CPUAdam.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def gradient_accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    per_step = micro_batch * world_size
+    if global_batch % per_step != 0:
+        raise ValueError(
+            f"[train] global_batch = {global_batch} is not a multiple of micro_batch ({micro_batch}) x "
+            f"world size ({world_size}) = {per_step}; choose a micro_batch that divides global_batch / world_size"
+        )
+    return global_batch // per_step
+
+
+def build_ds_config(train, optim, world_size: int, *, on_cuda: bool, load_universal: bool = False) -> dict[str, Any]:
+    """DeepSpeed config for ``deepspeed.initialize`` from a ``TrainConfig`` and an ``OptimConfig``."""
+    accum = gradient_accumulation_steps(train.global_batch, train.micro_batch, world_size)
+    params: dict[str, Any] = {
+        "lr": optim.lr,
+        "betas": list(optim.betas),
+        "eps": optim.eps,
+        "weight_decay": optim.weight_decay,
+    }
+    if not optim.offload_optimizer and not on_cuda:
+        params["torch_adam"] = True  # torch.optim.AdamW: avoids the FusedAdam JIT build on CPU
+    cfg: dict[str, Any] = {
+        "train_batch_size": train.global_batch,
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": accum,
+        "optimizer": {"type": "AdamW", "params": params},
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**12,  # our own status line replaces DeepSpeed's
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "checkpoint": {"load_universal": bool(load_universal)},
+    }
+    if train.precision == "bf16":
+        cfg["bf16"]["check_grad_overflow"] = True
+    if optim.grad_clip > 0:
+        cfg["gradient_clipping"] = optim.grad_clip
+    if train.zero_stage == 3:
+        # Keep parameters partitioned between steps; gathering is done per module in forward.
+        cfg["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
+    if optim.offload_optimizer:
+        if train.zero_stage == 0:
+            raise ValueError("[optim] offload_optimizer = true needs [train] zero_stage >= 1")
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(on_cuda)}
+    if optim.warmup_steps > 0:
+        cfg["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": optim.lr,
+                "warmup_num_steps": optim.warmup_steps,
+                "warmup_type": "linear",
+            },
+        }
+    return cfg

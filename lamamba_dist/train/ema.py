@@ -1,0 +1,165 @@
+"""EMA of the fp32 (master) weights that is exact under every ZeRO stage, without gathering each step.
+
+EMA is elementwise, so each rank keeps the EMA of exactly the slice of each parameter whose fp32 master
+copy it owns, and updates it locally after every optimizer step (no communication):
+
+* ZeRO-1/2 and stage 0 in bf16: DeepSpeed links each module parameter to its fp32 fragment on this rank
+  (``param._hp_mapping``: ``hp_fragment`` and its offset ``lp_fragment_address.start`` in the flat parameter);
+* ZeRO-3: the local fp32 partition (``safe_get_local_fp32_param``), offset ``partition_rank * partition_numel``;
+* stage 0 in fp32 (no partitioning): the module parameter itself, kept on rank 0 only.
+
+The update is DiT's ``ema.mul_(decay).add_(w, alpha=1 - decay)`` in fp32, so the result equals a plain
+PyTorch EMA of the full fp32 weights bit for bit. :meth:`full_state_dict` assembles full tensors (a
+reduction of disjoint slices, exact) for saving, so the saved EMA is independent of the world size;
+:meth:`load_full_state_dict` slices a full EMA back onto whatever partitioning the new run has.
+Parameters with ``requires_grad=False`` are not averaged (they never change).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def local_fp32_fragment(param: torch.nn.Parameter, rank: int, owner_full: bool) -> Optional[tuple[int, torch.Tensor]]:
+    """``(start, flat fp32 view)`` of this rank's slice of ``param``'s master weights, or None if it owns none."""
+    if hasattr(param, "ds_id"):  # ZeRO-3 partitioned parameter
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        part_numel = param.partition_numel()
+        prank = param._z3_optimizer._get_param_partition_rank(param)
+        start = prank * part_numel
+        real = min(part_numel, max(0, param.ds_numel - start))
+        if real == 0:
+            return None
+        local = safe_get_local_fp32_param(param)
+        return start, local.reshape(-1)[:real]
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is not None:
+        return mapping.lp_fragment_address.start, mapping.get_hp_fragment().reshape(-1)
+    if hasattr(param, "_hp_mapping"):  # linked, but this rank holds no fragment of it
+        return None
+    # Not partitioned (stage 0, fp32): every rank has the full parameter; one owner keeps the EMA.
+    if not owner_full:
+        return None
+    return 0, param.detach().reshape(-1)
+
+
+class ZeroEMA:
+    """EMA of a (possibly DeepSpeed-wrapped) model's trainable parameters, sliced like the fp32 master weights."""
+
+    def __init__(self, module: torch.nn.Module, decay: float, rank: int = 0):
+        self.module = module
+        self.decay = float(decay)
+        self.rank = rank
+        self.names: list[str] = []
+        self.params: dict[str, torch.nn.Parameter] = {}
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                self.names.append(name)
+                self.params[name] = p
+        self.shadow: dict[str, tuple[int, torch.Tensor]] = {}
+        self.reset_from_weights()
+
+    # ------------------------------------------------------------------ local slices
+    def _fragment(self, name: str):
+        return local_fp32_fragment(self.params[name], self.rank, owner_full=(self.rank == 0))
+
+    @staticmethod
+    def full_shape(p: torch.nn.Parameter) -> torch.Size:
+        return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+    def reset_from_weights(self) -> None:
+        """EMA := current weights (DiT initialises the EMA as a copy of the model)."""
+        self.shadow.clear()
+        for name in self.names:
+            frag = self._fragment(name)
+            if frag is not None:
+                start, t = frag
+                self.shadow[name] = (start, t.detach().float().clone())
+
+    @torch.no_grad()
+    def update(self, decay: Optional[float] = None) -> None:
+        d = self.decay if decay is None else float(decay)
+        for name in self.names:
+            if name not in self.shadow:
+                continue
+            start, w = self._fragment(name)
+            s = self.shadow[name][1]
+            s.mul_(d).add_(w.float(), alpha=1.0 - d)
+
+    # ------------------------------------------------------------------ full tensors (collective)
+    @torch.no_grad()
+    def _assemble(self, get_local, dst: Optional[int]) -> dict[str, torch.Tensor]:
+        """Full fp32 tensors from disjoint per-rank slices (sum of zero-filled buffers: exact)."""
+        dist = _dist()
+        out: dict[str, torch.Tensor] = {}
+        # Bucket parameters into ~64M-element flat buffers to keep the number of collectives small.
+        bucket: list[str] = []
+        size = 0
+        limit = 64 << 20
+
+        def flush():
+            nonlocal bucket, size
+            if not bucket:
+                return
+            numels = [int(torch.Size(self.full_shape(self.params[n])).numel()) for n in bucket]
+            device = next(iter(v[1] for v in self.shadow.values()), torch.zeros(0)).device
+            flat = torch.zeros(sum(numels), dtype=torch.float32, device=device)
+            off = 0
+            for n, k in zip(bucket, numels):
+                loc = get_local(n)
+                if loc is not None:
+                    start, t = loc
+                    flat[off + start: off + start + t.numel()].copy_(t.to(flat.device, torch.float32))
+                off += k
+            if dist is not None and dist.get_world_size() > 1:
+                if dst is None:
+                    dist.all_reduce(flat)
+                else:
+                    dist.reduce(flat, dst=dst)
+            off = 0
+            for n, k in zip(bucket, numels):
+                out[n] = flat[off: off + k].view(self.full_shape(self.params[n])).cpu().clone()
+                off += k
+            bucket, size = [], 0
+
+        for name in self.names:
+            k = int(torch.Size(self.full_shape(self.params[name])).numel())
+            if size and size + k > limit:
+                flush()
+            bucket.append(name)
+            size += k
+        flush()
+        return out
+
+    def full_state_dict(self, dst: Optional[int] = 0) -> dict[str, torch.Tensor]:
+        """Full fp32 EMA tensors (valid on ``dst``, or on every rank when ``dst`` is None). Collective."""
+        return self._assemble(lambda n: self.shadow.get(n), dst)
+
+    def full_master_weights(self, dst: Optional[int] = 0) -> dict[str, torch.Tensor]:
+        """Full fp32 master weights of the trainable parameters, assembled the same way. Collective."""
+        return self._assemble(self._fragment, dst)
+
+    @torch.no_grad()
+    def load_full_state_dict(self, full: dict[str, torch.Tensor], source: str = "EMA") -> None:
+        missing = [n for n in self.names if n not in full]
+        if missing:
+            raise KeyError(f"{source}: missing EMA tensor(s) {', '.join(missing[:5])}")
+        self.shadow.clear()
+        for name in self.names:
+            frag = self._fragment(name)
+            if frag is None:
+                continue
+            start, t = frag
+            src = full[name]
+            if tuple(src.shape) != tuple(self.full_shape(self.params[name])):
+                raise ValueError(f"{source}: {name} has shape {tuple(src.shape)}, the model {tuple(self.full_shape(self.params[name]))}")
+            self.shadow[name] = (start, src.reshape(-1)[start: start + t.numel()].to(t.device, torch.float32).clone())

@@ -1,0 +1,207 @@
+"""What the user sees: a rank-0 status line per interval, the same in ``stats.jsonl``, and wandb.
+
+wandb is optional and can never stop or stall training: it is imported lazily, every call is guarded,
+``init`` runs with a timeout, and the mode is chosen up front (``WANDB_MODE`` if set; otherwise online only
+when an API key exists *and* the wandb server answers a 3 s TCP probe; offline otherwise). If online
+init fails it falls back to offline; if that fails too, wandb is switched off with one warning. The run id
+is created once, stored in every checkpoint and reused on resume (``resume="allow"``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+# Peak dense bf16 TFLOP/s per GPU used for MFU. H100/H200: the ~790 TFLOP/s that ANCHORS.md uses (the
+# achievable dense bf16 matmul rate; the datasheet says 989), so MFU figures compare with the anchors.
+PEAK_BF16_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_tflops(precision: str) -> Optional[float]:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+    except Exception:  # pragma: no cover
+        return None
+    for key, val in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return val if precision == "bf16" else val / 2  # TF32 tensor cores: half the bf16 rate
+    return None
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def fmt_num(x: Any, spec: str) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-" if x is None else str(x)
+    return format(x, spec)
+
+
+def status_line(rec: dict) -> str:
+    """One dense line: step, kimg, loss, grad norm, lr, img/s, TFLOP/s, MFU, peak memory, data-wait share."""
+    parts = [
+        f"step {rec['step']:>8d}",
+        f"kimg {rec['images_seen'] / 1000:>9.1f}",
+        f"loss {fmt_num(rec.get('loss'), '.4f')}",
+        f"gnorm {fmt_num(rec.get('grad_norm'), '.3f')}",
+        f"lr {fmt_num(rec.get('lr'), '.2e')}",
+        f"img/s {fmt_num(rec.get('img_per_s'), '.1f')}",
+        f"TFLOP/s/gpu {fmt_num(rec.get('tflops_per_gpu'), '.1f')}",
+        f"MFU {fmt_num(None if rec.get('mfu') is None else 100 * rec['mfu'], '.1f')}%",
+        f"mem {fmt_num(rec.get('peak_mem_gib'), '.1f')}GiB",
+        f"data-wait {fmt_num(None if rec.get('data_wait') is None else 100 * rec['data_wait'], '.0f')}%",
+    ]
+    if rec.get("skipped"):
+        parts.append(f"skipped {rec['skipped']}")
+    return " | ".join(parts)
+
+
+class JsonlWriter:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, rec: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True, default=str) + "\n")
+
+
+def _wandb_reachable(timeout: float = 3.0) -> bool:
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    u = urlparse(url)
+    host = u.hostname or "api.wandb.ai"
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _have_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        n = netrc.netrc()
+        host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+        return n.authenticators(host) is not None
+    except Exception:
+        return False
+
+
+def choose_wandb_mode() -> str:
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("offline", "online", "disabled", "dryrun", "run"):
+        return {"dryrun": "offline", "run": "online"}.get(env, env)
+    if not _have_api_key():
+        return "offline"
+    return "online" if _wandb_reachable() else "offline"
+
+
+def _call_with_timeout(fn, timeout: float):
+    """Run ``fn`` in a daemon thread; (True, result) or (False, exception-or-None on timeout)."""
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["r"] = fn()
+        except BaseException as e:  # noqa: BLE001 - wandb raises many types
+            box["e"] = e
+
+    th = threading.Thread(target=target, daemon=True, name="wandb-call")
+    th.start()
+    th.join(timeout)
+    if th.is_alive():
+        return False, None
+    if "e" in box:
+        return False, box["e"]
+    return True, box.get("r")
+
+
+class WandbLogger:
+    """Guarded wandb run (rank 0 only). ``self.run is None`` when wandb is off or failed."""
+
+    def __init__(self, log_cfg, run_dir: Path, run_id: str, config: dict, log=print, init_timeout: float = 90.0):
+        self.run = None
+        self.mode = "disabled"
+        self.run_id = run_id
+        self._log = log
+        try:
+            import wandb  # noqa: F401
+        except Exception as e:
+            log(f"wandb: not available ({e.__class__.__name__}); continuing without it")
+            return
+        mode = choose_wandb_mode()
+        if mode == "disabled":
+            return
+        wdir = Path(os.environ.get("WANDB_DIR", run_dir))
+        wdir.mkdir(parents=True, exist_ok=True)
+        tried = [mode] + (["offline"] if mode == "online" else [])
+        for m in tried:
+            ok, res = _call_with_timeout(lambda m=m: self._init(log_cfg, wdir, run_id, config, m, init_timeout),
+                                         init_timeout + 10)
+            if ok and res is not None:
+                self.run, self.mode = res, m
+                log(f"wandb: run {run_id} ({m}) in {wdir}")
+                return
+            log(f"wandb: {m} init failed ({res!r}); " + ("trying offline" if m == "online" else "continuing without wandb"))
+
+    @staticmethod
+    def _init(log_cfg, wdir, run_id, config, mode, timeout):
+        import wandb
+
+        settings = wandb.Settings(init_timeout=timeout, silent=True, console="off")
+        return wandb.init(
+            project=log_cfg.project, entity=log_cfg.entity or None, name=log_cfg.run_name or None,
+            id=run_id, resume="allow", dir=str(wdir), config=config, mode=mode, settings=settings,
+        )
+
+    def log(self, rec: dict, step: int) -> None:
+        if self.run is None:
+            return
+        try:
+            data = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.run.log(data, step=step)
+        except Exception as e:  # never let wandb stop training
+            self._log(f"wandb: log failed ({e!r}); switching wandb off")
+            self.run = None
+
+    def finish(self, timeout: float = 60.0) -> None:
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        ok, res = _call_with_timeout(run.finish, timeout)
+        if not ok:
+            self._log(f"wandb: finish did not complete ({res!r}); local files are kept in {run.dir if hasattr(run, 'dir') else '?'}")
+
+
+class Throughput:
+    """Timers for img/s and the data-wait share between two log points."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.t0 = time.perf_counter()
+        self.images = 0
+        self.data_wait = 0.0
+        self.steps = 0
+
+    def snapshot(self) -> dict:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return {"dt": dt, "img_per_s": self.images / dt, "data_wait": min(self.data_wait / dt, 1.0), "steps": self.steps}

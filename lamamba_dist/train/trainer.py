@@ -1,0 +1,658 @@
+"""The training loop: DeepSpeed engine, diffusion loss, EMA, checkpoints, resume, signals, logging.
+
+One ``Trainer`` per process (rank). ``run_training(cfg)`` is the whole job:
+
+1. join the process group from the environment (torchrun / deepspeed launcher / submitit set RANK,
+   WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; a plain ``python`` call becomes a 1-rank group);
+2. find the newest complete checkpoint under ``[checkpoint] dir`` (rank 0 verifies sizes and hashes,
+   falls back past damaged ones with a warning, broadcasts the choice);
+3. if it was written on another world size, convert it to a DeepSpeed universal checkpoint and load it
+   with ``load_universal`` for that one load (elastic resume);
+4. train: per micro-batch the RNG is reseeded from (seed, step, rank, micro-batch, rollbacks), so
+   noise, timesteps and class dropout depend only on the position in the run, never on history;
+5. at every step boundary the ranks all-reduce (loss sum, non-finite flag, stop flag): a non-finite loss
+   on any rank makes every rank skip the optimizer step (batch keys logged); ``max_nonfinite_in_row``
+   skipped steps in a row roll back to the last checkpoint; a stop request saves and returns
+   ``EXIT_REQUEUE``.
+
+Data position is the loader state (images seen); it is not rewound on rollback (the offending batches
+are not replayed: the RNG salt changes too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from lamamba_dist.train import checkpoint as ckpt
+from lamamba_dist.train.signals import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, StopSignals, stop_reason, stop_requested
+
+log = logging.getLogger("lamamba.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or continue (bad checkpoint for this config, persistent NaNs...)."""
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_dist_env() -> None:
+    """Make a plain single-process call look like a 1-rank launch."""
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+
+
+def micro_seed(seed: int, step: int, rank: int, micro: int, salt: int) -> int:
+    h = hashlib.blake2b(f"lamamba/{seed}/{step}/{rank}/{micro}/{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    try:
+        import numpy as np
+
+        st["numpy"] = np.random.get_state()
+    except Exception:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    if "numpy" in st:
+        import numpy as np
+
+        np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(st["cuda"])
+        except Exception:  # different GPU count per node: per-step reseeding makes this harmless
+            pass
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+# --------------------------------------------------------------------------- fault injection (tests)
+
+
+def _fault(point: str, step: int) -> None:
+    """Test hook: ``LAMAMBA_FAULT=point:step[:rank]`` SIGKILLs this process at that point (rank 0 default)."""
+    spec = os.environ.get("LAMAMBA_FAULT")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] != point or int(parts[1]) != step:
+        return
+    if int(os.environ.get("RANK", "0")) != (int(parts[2]) if len(parts) > 2 else 0):
+        return
+    import signal
+
+    sys.stderr.write(f"[fault injection] SIGKILL at {point} step {step}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, cfg):
+        import deepspeed
+        import torch.distributed as dist
+
+        from lamamba_dist.config import to_dict
+
+        self.cfg = cfg
+        self.tcfg, self.ocfg, self.ccfg = cfg.train, cfg.optim, cfg.checkpoint
+        ensure_dist_env()
+        if self.tcfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        self.on_cuda = torch.cuda.is_available()
+        if self.on_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        else:
+            self.device = torch.device("cpu")
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
+        self.dist = dist
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.run_dir = Path(self.ccfg.dir)
+        self.cfg_dict = to_dict(cfg)
+
+        # ---------------------------------------------------------- find the checkpoint to resume from
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_tmp(self.run_dir, log=self.info)
+            found = ckpt.find_latest(self.run_dir, hashes=self.ccfg.verify == "hash", warn=self.warn)
+            resume = str(found) if found else None
+        else:
+            resume = None
+        resume = self._bcast(resume)
+        self.resume_dir: Optional[Path] = Path(resume) if resume else None
+        self.state: dict[str, Any] = ckpt.read_trainer_state(self.resume_dir) if self.resume_dir else {}
+        if self.state:
+            self._check_compatible(self.state)
+        saved_world = int(self.state.get("world_size", self.world)) if self.state else self.world
+        partitioned = self.tcfg.zero_stage > 0 or self.tcfg.precision == "bf16"
+        self.elastic = bool(self.state) and saved_world != self.world and partitioned
+        universal_dir = None
+        if self.elastic:
+            universal_dir = self._to_universal(self.resume_dir, saved_world)
+
+        # ---------------------------------------------------------- model, engine, objective
+        from lamamba_dist.diffusion import create_diffusion
+        from lamamba_dist.models import create_model
+        from lamamba_dist.train.ds_config import build_ds_config
+
+        m = cfg.model
+        torch.manual_seed(self.tcfg.seed)  # identical initial weights on every rank
+        model = create_model(m.name, resolution=m.resolution, num_classes=m.num_classes, class_dropout=m.class_dropout,
+                             learn_sigma=m.learn_sigma, grad_checkpointing=m.grad_checkpointing,
+                             scan_backend=m.scan_backend, attn_backend=m.attn_backend)
+        self.latent_size = int(model.latent_size)
+        self.ds_config = build_ds_config(self.tcfg, self.ocfg, self.world, on_cuda=self.on_cuda,
+                                         load_universal=universal_dir is not None)
+        self.accum = self.ds_config["gradient_accumulation_steps"]
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                    config=self.ds_config)
+        self.diffusion = create_diffusion(cfg.diffusion)
+
+        from lamamba_dist.train.ema import ZeroEMA
+
+        self.ema = ZeroEMA(self.engine.module, self.ocfg.ema_decay, rank=self.rank)
+
+        # ---------------------------------------------------------- training state
+        self.step = 0
+        self.images_seen = 0
+        self.rollbacks = 0
+        self.skipped_total = 0
+        self.nonfinite_in_row = 0
+        self.last_saved_step: Optional[int] = None
+        self.last_ckpt_dir: Optional[Path] = None
+        self.run_id = self.state.get("wandb_run_id") if self.state else None
+        loader_state = None
+        if self.state:
+            loader_state = self._load(self.resume_dir, universal_dir)
+            self.info(f"resumed from {self.resume_dir} (step {self.step}, {self.images_seen} images seen"
+                      + (f", elastic {saved_world} -> {self.world} ranks" if saved_world != self.world else "") + ")")
+        if self.run_id is None:
+            from lamamba_dist.train.monitor import new_run_id
+
+            self.run_id = self._bcast(new_run_id() if self.is_main else None)
+
+        from lamamba_dist.data import build_latent_loader
+
+        self.loader = build_latent_loader(cfg.data, micro_batch=self.tcfg.micro_batch, rank=self.rank,
+                                          world_size=self.world, seed=self.tcfg.seed, latent_size=self.latent_size,
+                                          state=loader_state)
+        self.flops_per_image = self._flops_per_image()
+
+    # ------------------------------------------------------------------ small helpers
+    def info(self, msg: str) -> None:
+        if self.is_main:
+            self._print(msg)
+
+    def warn(self, msg: str) -> None:
+        self._print(f"WARNING: {msg}")
+
+    def _print(self, msg: str) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(f"[lamamba train r{getattr(self, 'rank', 0)}] {msg}", file=sys.stderr)
+        except Exception:  # pragma: no cover
+            print(msg, file=sys.stderr, flush=True)
+
+    def _bcast(self, obj):
+        if self.dist.get_world_size() == 1:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _check_compatible(self, st: dict) -> None:
+        m = self.cfg.model
+        saved = st.get("model", {})
+        for key in ("name", "resolution", "num_classes", "learn_sigma"):
+            if key in saved and saved[key] != getattr(m, key):
+                raise TrainingError(f"{self.resume_dir}: checkpoint was trained with [model] {key} = {saved[key]!r}, "
+                                    f"the config says {getattr(m, key)!r}; use another [checkpoint] dir")
+        if st.get("zero_stage") != self.tcfg.zero_stage:
+            raise TrainingError(f"{self.resume_dir}: checkpoint was written with [train] zero_stage = {st.get('zero_stage')}, "
+                                f"the config says {self.tcfg.zero_stage}; DeepSpeed cannot switch ZeRO stage on resume")
+        if st.get("global_batch") not in (None, self.tcfg.global_batch):
+            self.warn(f"[train] global_batch changed from {st['global_batch']} to {self.tcfg.global_batch} on resume")
+
+    def _to_universal(self, step_dir: Path, saved_world: int) -> Path:
+        """Convert ``step_dir``'s DeepSpeed state to a universal checkpoint (rank 0), return the load dir."""
+        out_root = self.run_dir / ".universal" / step_dir.name
+        out = out_root / f"{ckpt.DS_TAG}_universal"
+        if self.is_main:
+            done = out_root / "DONE"
+            if not done.is_file():
+                import shutil
+
+                shutil.rmtree(out_root, ignore_errors=True)
+                out_root.mkdir(parents=True, exist_ok=True)
+                self.info(f"elastic resume: {saved_world} -> {self.world} ranks, converting {step_dir.name} "
+                          "to a DeepSpeed universal checkpoint")
+                cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                       "--input_folder", str(step_dir / ckpt.DS_DIR / ckpt.DS_TAG), "--output_folder", str(out),
+                       "--num_extract_workers", "1", "--num_merge_workers", "1"]
+                if self.tcfg.zero_stage in (1, 2) or self.tcfg.zero_stage == 0:
+                    cmd.append("--inject_missing_state")
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    tail = (res.stdout + res.stderr)[-3000:]
+                    self._bcast_error = f"universal checkpoint conversion failed (rc {res.returncode}):\n{tail}"
+                else:
+                    ckpt.atomic_write_text(done, "ok\n")
+        err = self._bcast(getattr(self, "_bcast_error", None))
+        if err:
+            raise TrainingError(err)
+        return out_root
+
+    def _flops_per_image(self) -> Optional[float]:
+        try:
+            from lamamba_dist.flops import model_stats
+
+            st = model_stats(self.cfg.model.name, self.cfg.model.resolution, num_classes=self.cfg.model.num_classes)
+            return 6.0 * st["gmacs"] * 1e9
+        except Exception as e:  # MFU is informative only
+            self.info(f"model FLOPs unknown ({e}); TFLOP/s and MFU not reported")
+            return None
+
+    # ------------------------------------------------------------------ checkpoint load
+    def _load(self, step_dir: Path, universal_dir: Optional[Path]) -> Optional[dict]:
+        from lamamba_dist.weights import load_weights
+
+        st = ckpt.read_trainer_state(step_dir)
+        load_dir, tag = (universal_dir, f"{ckpt.DS_TAG}_universal") if universal_dir else (step_dir / ckpt.DS_DIR, ckpt.DS_TAG)
+        path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise TrainingError(f"{step_dir}: DeepSpeed found no checkpoint in {load_dir}/{tag}")
+        # load_universal applies to this one load only: later checkpoints are ordinary ones.
+        self.engine._config.load_universal_checkpoint = False
+        ema_sd, _ = load_weights(step_dir / ckpt.EMA_FILE)
+        self.ema.load_full_state_dict(ema_sd, source=str(step_dir / ckpt.EMA_FILE))
+        self.step = int(st["step"])
+        self.images_seen = int(st["images_seen"])
+        self.rollbacks = int(st.get("rollbacks", 0))
+        self.skipped_total = int(st.get("skipped_steps", 0))
+        self.last_saved_step = self.step
+        self.last_ckpt_dir = step_dir
+        loader_state = st.get("loader_state")
+        if int(st.get("world_size", -1)) == self.world:
+            rs_path = ckpt.rank_state_path(step_dir, self.rank)
+            rs = torch.load(rs_path, map_location="cpu", weights_only=False)
+            set_rng_state(rs["rng"])
+            loader_state = rs.get("loader_state", loader_state)
+        return loader_state
+
+    # ------------------------------------------------------------------ checkpoint save
+    def _inference_extras(self) -> dict[str, torch.Tensor]:
+        """Frozen parameters and persistent buffers (full tensors), which the EMA does not cover."""
+        module = self.engine.module
+        frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+        out: dict[str, torch.Tensor] = {}
+        if frozen:
+            if hasattr(frozen[0][1], "ds_id"):
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None):
+                    out.update({n: p.detach().float().cpu().clone() for n, p in frozen})
+            else:
+                out.update({n: p.detach().float().cpu().clone() for n, p in frozen})
+        params = {n for n, _ in module.named_parameters()}
+        for k, v in module.state_dict().items():
+            if k not in params:
+                out[k] = v.detach().cpu().clone()
+        return out
+
+    def _meta(self, ema: bool) -> dict:
+        m = self.cfg.model
+        return {"model": m.name, "resolution": m.resolution, "num_classes": m.num_classes, "learn_sigma": m.learn_sigma,
+                "class_dropout": m.class_dropout, "step": self.step, "images_seen": self.images_seen, "ema": ema,
+                "ema_decay": self.ocfg.ema_decay, "run_id": self.run_id}
+
+    def save(self) -> Path:
+        """Collective: every rank writes its part, rank 0 marks the folder complete and publishes it."""
+        from lamamba_dist.weights import save_weights
+
+        t0 = time.perf_counter()
+        nonce = self._bcast(os.urandom(4).hex() if self.is_main else None)
+        tmp = ckpt.new_tmp_dir(self.run_dir, self.step, nonce)
+        if self.is_main:
+            tmp.mkdir(parents=True, exist_ok=False)
+        self.dist.barrier()
+        self.engine.save_checkpoint(str(tmp / ckpt.DS_DIR), tag=ckpt.DS_TAG, client_state={"lamamba_step": self.step})
+        ema_sd = self.ema.full_state_dict(dst=0)
+        raw_sd = self.ema.full_master_weights(dst=0)
+        extras = self._inference_extras()
+        loader_state = _jsonable(self.loader.state_dict())
+        rs_path = ckpt.rank_state_path(tmp, self.rank)
+        rs_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"rng": rng_state(), "loader_state": loader_state, "rank": self.rank, "world_size": self.world}, rs_path)
+        if self.is_main:
+            save_weights(tmp / ckpt.EMA_FILE, {**extras, **ema_sd}, self._meta(ema=True))
+            save_weights(tmp / ckpt.RAW_FILE, {**extras, **raw_sd}, self._meta(ema=False))
+            state = {
+                "format": ckpt.FORMAT_VERSION, "step": self.step, "images_seen": self.images_seen,
+                "world_size": self.world, "zero_stage": self.tcfg.zero_stage, "precision": self.tcfg.precision,
+                "global_batch": self.tcfg.global_batch, "micro_batch": self.tcfg.micro_batch,
+                "model": {"name": self.cfg.model.name, "resolution": self.cfg.model.resolution,
+                          "num_classes": self.cfg.model.num_classes, "learn_sigma": self.cfg.model.learn_sigma},
+                "wandb_run_id": self.run_id, "loader_state": loader_state, "rollbacks": self.rollbacks,
+                "skipped_steps": self.skipped_total, "config": self.cfg_dict, "config_source": self.cfg.source,
+                "ds_global_steps": int(self.engine.global_steps), "time": time.time(),
+            }
+            (tmp / ckpt.STATE_FILE).write_text(json.dumps(_jsonable(state), indent=1, sort_keys=True))
+        self.dist.barrier()
+        # Hash the files in parallel: file i is hashed by rank i % world.
+        files = self._bcast(ckpt.list_files(tmp) if self.is_main else None)
+        mine = ckpt.digest_files(tmp, [f for i, f in enumerate(files) if i % self.world == self.rank])
+        parts: list = [None] * self.world
+        if self.world > 1:
+            self.dist.all_gather_object(parts, mine)
+        else:
+            parts = [mine]
+        _fault("save_before_marker", self.step)
+        final = None
+        if self.is_main:
+            digests = {k: v for p in parts for k, v in p.items()}
+            ckpt.write_marker(tmp, digests, self.step)
+            final = ckpt.publish(tmp, self.run_dir, self.step)
+            ckpt.prune(self.run_dir, self.ccfg.keep, log=self.info)
+        final = Path(self._bcast(str(final) if final else None))
+        self.dist.barrier()
+        self.last_saved_step = self.step
+        self.last_ckpt_dir = final
+        self.info(f"saved {final} in {time.perf_counter() - t0:.1f}s")
+        return final
+
+    # ------------------------------------------------------------------ non-finite handling
+    def _skip_next_optimizer_step(self) -> None:
+        """Make the coming ``engine.step()`` discard the accumulated gradients without updating anything.
+
+        Uses each DeepSpeed optimizer's own overflow path (the one fp16 loss scaling uses), so gradient
+        buffers are cleared the way DeepSpeed expects; the engine then counts a skipped step.
+        """
+        opt = self.engine.optimizer
+        cls = type(opt).__name__
+        if cls == "DeepSpeedZeroOptimizer":  # ZeRO-1/2
+            orig_flag, orig_check = opt.check_grad_overflow, opt.check_overflow
+
+            def check_overflow(*a, **k):
+                opt.overflow = True
+                opt.check_grad_overflow, opt.check_overflow = orig_flag, orig_check
+
+            opt.check_grad_overflow, opt.check_overflow = True, check_overflow
+        elif cls == "DeepSpeedZeroOptimizer_Stage3":
+            orig = opt._overflow_check_and_loss_scale_update
+
+            def forced(update_scale=True):
+                opt._overflow_check_and_loss_scale_update = orig
+                opt.overflow = True
+                return opt._loss_scale_update_and_overflow_cleanup() if update_scale else True
+
+            opt._overflow_check_and_loss_scale_update = forced
+        elif cls == "BF16_Optimizer":
+            orig_step = opt.step
+
+            def skipped_step(closure=None):
+                opt.step = orig_step
+                opt.overflow = True
+                opt._global_grad_norm = float("inf")
+                opt.clear_hp_grads()
+                opt.clear_lp_grads()
+
+            opt.step = skipped_step
+        else:  # plain torch optimizer (stage 0, fp32): the engine zeroes the grads after step()
+            orig_step = opt.step
+
+            def skipped_step(*a, **k):
+                opt.step = orig_step
+                opt.overflow = True
+
+            opt.step = skipped_step
+
+    def _clear_overflow_attr(self) -> None:
+        opt = self.engine.optimizer
+        if type(opt).__name__ not in ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3", "BF16_Optimizer"):
+            if "overflow" in vars(opt):
+                del opt.overflow
+
+    def _rollback(self) -> None:
+        if self.last_ckpt_dir is None:
+            raise TrainingError(f"{self.nonfinite_in_row} non-finite steps in a row and no checkpoint to roll back to")
+        self.warn(f"{self.nonfinite_in_row} non-finite steps in a row: rolling back to {self.last_ckpt_dir.name} "
+                  "(data position kept: the offending batches are not replayed)")
+        rollbacks = self.rollbacks + 1
+        skipped = self.skipped_total
+        images_now, loader = self.images_seen, self.loader
+        uni = None
+        st = ckpt.read_trainer_state(self.last_ckpt_dir)
+        if int(st.get("world_size", self.world)) != self.world:
+            uni = self._to_universal(self.last_ckpt_dir, int(st["world_size"]))
+            self.engine._config.load_universal_checkpoint = True
+        self._load(self.last_ckpt_dir, uni)
+        self.loader = loader  # keep going forward in the data
+        self.rollbacks, self.skipped_total, self.nonfinite_in_row = rollbacks, skipped, 0
+        self._images_discarded = getattr(self, "_images_discarded", 0) + images_now - self.images_seen
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        from tqdm import tqdm
+
+        from lamamba_dist.train.monitor import JsonlWriter, Throughput, WandbLogger, peak_tflops, status_line
+
+        t = self.tcfg
+        stats = JsonlWriter(self.run_dir / "stats.jsonl") if self.is_main else None
+        wb = None
+        if self.is_main and self.cfg.logging.wandb:
+            wb = WandbLogger(self.cfg.logging, self.run_dir, self.run_id, self.cfg_dict, log=self.info)
+        peak = peak_tflops(t.precision)
+        steps_this_run = 0
+        it = iter(self.loader)
+        meter = Throughput()
+        loss_acc = torch.zeros((), dtype=torch.float64)
+        n_acc = 0
+        bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, desc="train", unit="step",
+                   dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
+        if self.on_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        if self.is_main:
+            self.info(f"{self.cfg.model.name} @ {self.cfg.model.resolution}px, ZeRO-{t.zero_stage}, {t.precision}, "
+                      f"{self.world} rank(s), global batch {t.global_batch} = {t.micro_batch} x {self.accum} accum x "
+                      f"{self.world}, run dir {self.run_dir}")
+        self.engine.train()
+        code = EXIT_OK
+        try:
+            while self.step < t.steps:
+                _fault("step", self.step)
+                local_bad = 0.0
+                bad_keys: list[str] = []
+                loss_sum = torch.zeros((), dtype=torch.float64)
+                for micro in range(self.accum):
+                    tw = time.perf_counter()
+                    batch = next(it)
+                    meter.data_wait += time.perf_counter() - tw
+                    s = micro_seed(t.seed, self.step, self.rank, micro, self.rollbacks)
+                    torch.manual_seed(s)  # class dropout inside the model, anything else drawing from torch
+                    gen = torch.Generator(device=self.device).manual_seed(s)
+                    x0 = batch["latent"].to(self.device, non_blocking=True).float()
+                    y = batch["label"].to(self.device, non_blocking=True).long()
+                    tt = self.diffusion.sample_t(x0.shape[0], self.device, generator=gen)
+                    noise = torch.randn(x0.shape, generator=gen, device=self.device, dtype=x0.dtype)
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+                        losses = self.diffusion.training_losses(self.engine, x0, tt, model_kwargs={"y": y}, noise=noise)
+                    loss = losses["loss"].float().mean()
+                    if not torch.isfinite(loss):
+                        local_bad = 1.0
+                        bad_keys.extend(str(k) for k in batch.get("key", []))
+                    loss_sum += loss.detach().double().cpu()
+                    if micro == self.accum - 1:
+                        # One collective per step: (loss sum, non-finite flag, stop flag).
+                        flags = torch.tensor([loss_sum.item(), local_bad, 1.0 if stop_requested() else 0.0],
+                                             dtype=torch.float64)
+                        if self.world > 1:
+                            flags = flags.to(self.device)
+                            self.dist.all_reduce(flags)
+                            flags = flags.cpu()
+                        step_bad = flags[1].item() > 0
+                        stop = flags[2].item() > 0
+                        if step_bad:
+                            self._skip_next_optimizer_step()
+                    self.engine.backward(loss)
+                    self.engine.step()
+                applied = self.engine.was_step_applied() and not step_bad
+                self._clear_overflow_attr()
+                self.step += 1
+                steps_this_run += 1
+                self.images_seen += t.global_batch
+                meter.images += t.global_batch
+                meter.steps += 1
+                bar.update(1)
+                if applied:
+                    self.ema.update()
+                    self.nonfinite_in_row = 0
+                    loss_acc += flags[0] / (self.accum * self.world)
+                    n_acc += 1
+                else:
+                    self.skipped_total += 1
+                    self.nonfinite_in_row += 1
+                    gathered: list = [None] * self.world
+                    if self.world > 1:
+                        self.dist.all_gather_object(gathered, bad_keys)
+                    else:
+                        gathered = [bad_keys]
+                    keys = [k for g in gathered for k in g]
+                    self.warn(f"step {self.step}: non-finite loss or gradient, optimizer step skipped "
+                              f"({self.nonfinite_in_row} in a row); batch keys: {keys[:32]}"
+                              + (" ..." if len(keys) > 32 else "")) if self.is_main else None
+                    if stats:
+                        stats.write({"event": "nonfinite", "step": self.step, "images_seen": self.images_seen,
+                                     "keys": keys, "in_row": self.nonfinite_in_row, "time": time.time()})
+                    if self.nonfinite_in_row >= t.max_nonfinite_in_row:
+                        if self.rollbacks >= t.max_rollbacks:
+                            self.warn(f"giving up after {self.rollbacks} rollbacks")
+                            code = EXIT_FAILURE
+                            break
+                        self._rollback()
+                        bar.n = self.step
+                        continue
+
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    snap = meter.snapshot()
+                    gnorm = self.engine.get_global_grad_norm()
+                    rec = {
+                        "step": self.step, "images_seen": self.images_seen,
+                        "loss": (loss_acc / max(n_acc, 1)).item() if n_acc else None,
+                        "grad_norm": float(gnorm) if gnorm is not None else None,
+                        "lr": float(self.engine.get_lr()[0]), "img_per_s": snap["img_per_s"],
+                        "sec_per_step": snap["dt"] / max(snap["steps"], 1), "data_wait": snap["data_wait"],
+                        "skipped": self.skipped_total, "world_size": self.world, "time": time.time(),
+                    }
+                    if self.flops_per_image:
+                        rec["tflops_per_gpu"] = snap["img_per_s"] * self.flops_per_image / self.world / 1e12
+                        rec["mfu"] = rec["tflops_per_gpu"] / peak if peak else None
+                    if self.on_cuda:
+                        rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    else:
+                        import resource
+
+                        rec["peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                    if self.is_main:
+                        bar.write(status_line(rec), file=sys.stderr)
+                        stats.write(rec)
+                        if wb:
+                            wb.log(rec, self.step)
+                    loss_acc.zero_()
+                    n_acc = 0
+                    meter.reset()
+
+                if stop:
+                    self.info(f"stop requested ({stop_reason() or 'another rank'}): saving at step {self.step}")
+                    self.save()
+                    code = EXIT_REQUEUE
+                    break
+                if self.step % self.ccfg.every == 0 or self.step == t.steps:
+                    self.save()
+                if t.exit_after and steps_this_run >= t.exit_after and self.step < t.steps:
+                    if self.last_saved_step != self.step:
+                        self.save()
+                    self.info(f"[train] exit_after = {t.exit_after} steps reached: exiting for requeue")
+                    code = EXIT_REQUEUE
+                    break
+            else:
+                if self.last_saved_step != self.step:
+                    self.save()
+        finally:
+            bar.close()
+            if wb:
+                wb.finish()
+        return code
+
+    def close(self) -> None:
+        try:
+            self.engine.destroy()
+        except Exception:  # pragma: no cover
+            pass
+        try:
+            self.dist.barrier()
+        except Exception:  # pragma: no cover
+            pass
+
+
+def run_training(cfg) -> int:
+    """See :func:`lamamba_dist.train.run_training`."""
+    import torch.distributed as dist
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    with StopSignals():
+        trainer = Trainer(cfg)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
+            if dist.is_initialized():
+                dist.destroy_process_group()
