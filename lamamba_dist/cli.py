@@ -18,9 +18,12 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("flops", "lamamba_dist.flops", "parameters and forward multiply-adds of a model"),
     ("models", "lamamba_dist.models.registry", "list the registered model sizes"),
     ("convert-official", "lamamba_dist.convert", "import a checkpoint of the official LaMamba-Diff code"),
+    ("bench", "lamamba_dist.bench", "training-step img/s, memory and MFU of several models measured in one run"),
     ("sample", "lamamba_dist.sample", "sample images (PNGs, grid, ADM npz) from weights or a run, on one or many ranks"),
     ("eval", "lamamba_dist.evaluate", "FID, sFID, IS, precision and recall of a sample npz against a reference batch"),
     ("bench-sample", "lamamba_dist.bench_sample", "images/s of DDPM+CFG sampling for several models in one run"),
+    ("train", "lamamba_dist.train.cli", "train or resume (rerun the same command) with DeepSpeed ZeRO; exit 3 = saved on signal, requeue"),
+    ("export", "lamamba_dist.train.export", "write a run's EMA (or raw) weights as one safetensors file"),
 ]
 
 

@@ -1,0 +1,178 @@
+"""`lamamba bench`: training-step throughput of several models measured in one process.
+
+Each step is a full training step: bf16 autocast (fp32 on CPU unless asked), fp32 master weights, AdamW
+(fused on CUDA), the real diffusion loss (MSE + VLB) on random latents and labels, backward, optimizer step.
+Models run one after another in the same mode (eager vs eager, compiled vs compiled); warm-up steps are
+excluded from the timing; the first model in the list is the baseline of the reported ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 matrix peak used for MFU (the device notes' working figure for an H200 / H100 SXM).
+PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0}
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, val in PEAK_TFLOPS.items():
+        if key in name:
+            return val
+    return None
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int, device: torch.device,
+                precision: str, compile_model: bool, grad_checkpointing: bool = False,
+                scan_backend: str = "auto", attn_backend: str = "auto", peak_tflops: float | None = None) -> dict:
+    from lamamba_dist.diffusion import create_diffusion
+    from lamamba_dist.flops import train_flops_per_image
+    from lamamba_dist.models import create_model
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    model = create_model(name, resolution=resolution, grad_checkpointing=grad_checkpointing,
+                         scan_backend=scan_backend, attn_backend=attn_backend).to(device)
+    model.train()
+    diffusion = create_diffusion()
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
+    fwd = torch.compile(model) if compile_model else model
+    s = model.latent_size
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, 4, s, s, device=device, generator=g)
+    y = torch.randint(0, 1000, (batch,), device=device, generator=g)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step():
+        t = diffusion.sample_t(batch, device)
+        with amp:
+            loss = diffusion.training_losses(fwd, x, t, model_kwargs=dict(y=y))["loss"].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    loss = step()
+    _sync(device)
+    first_step_s = time.perf_counter() - t_start
+    for _ in range(max(warmup - 1, 0)):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    step_s = elapsed / steps
+    img_s = batch / step_s
+    flops_img = train_flops_per_image(name, resolution)
+    tflops = img_s * flops_img / 1e12
+    res = dict(model=name, resolution=resolution, batch=batch, steps=steps, warmup=warmup, precision=precision,
+               compiled=compile_model, grad_checkpointing=grad_checkpointing,
+               img_per_s=img_s, step_ms=step_s * 1e3, model_tflops_per_s=tflops,
+               mfu=(tflops / peak_tflops) if peak_tflops else None,
+               train_gflops_per_img=flops_img / 1e9, time_to_first_step_s=first_step_s,
+               final_loss=float(loss.detach()),
+               peak_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
+               params=sum(p.numel() for p in model.parameters()))
+    del model, opt, fwd, x, y, loss
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def environment_info(device: torch.device) -> dict:
+    info = dict(torch=torch.__version__, python=platform.python_version(), device=str(device),
+                hostname=platform.node())
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+        from lamamba_dist.ops import fused_available
+
+        info["fused_scan"] = fused_available()
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def run_bench(models: list[str], resolution: int, batch: int, steps: int, warmup: int, device: str | None = None,
+              precision: str | None = None, compile_model: bool = False, grad_checkpointing: bool = False,
+              peak_tflops: float | None = None) -> dict:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    peak = peak_tflops or device_peak_tflops(dev)
+    results = []
+    for name in models:
+        results.append(bench_model(name, resolution, batch, steps, warmup, dev, precision, compile_model,
+                                   grad_checkpointing, peak_tflops=peak))
+    base = results[0]
+    for r in results:
+        r["img_per_s_ratio_to_first"] = r["img_per_s"] / base["img_per_s"]
+        if r["peak_gib"] is not None and base["peak_gib"]:
+            r["peak_memory_ratio_to_first"] = r["peak_gib"] / base["peak_gib"]
+    return dict(results=results, baseline=base["model"], peak_tflops=peak, environment=environment_info(dev))
+
+
+def add_parser(sub, name: str, help_text: str):
+    p = sub.add_parser(name, help=help_text, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="DiT-XL/2,LaMamba-XL",
+                   help="comma-separated registry names; the first is the baseline of the ratios")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per model (the first included)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (same mode for all)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None, help="override the device's bf16 peak used for MFU")
+    p.add_argument("--out", default=None, help="write the JSON here (always printed)")
+    p.set_defaults(func=_run)
+    return p
+
+
+def _run(args) -> int:
+    from lamamba_dist.cli import CLIError
+    from lamamba_dist.models import MODELS
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in MODELS]
+    if bad or not models:
+        raise CLIError(f"unknown model(s) {bad}; valid names: {', '.join(MODELS)}")
+    if args.batch < 1 or args.steps < 1:
+        raise CLIError("--batch and --steps must be >= 1")
+    out = run_bench(models, args.resolution, args.batch, args.steps, args.warmup, args.device, args.precision,
+                    args.compile, args.grad_checkpointing, args.peak_tflops)
+    text = json.dumps(out, indent=2)
+    print(text)
+    for r in out["results"]:
+        mem = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "n/a"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"# {r['model']:12s} {r['img_per_s']:9.1f} img/s  x{r['img_per_s_ratio_to_first']:.2f}  "
+              f"peak {mem}  MFU {mfu}  first step {r['time_to_first_step_s']:.1f}s")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
