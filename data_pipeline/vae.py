@@ -1,0 +1,174 @@
+"""The VAE encoder used by preprocessing, and its throughput benchmark (no Ray needed).
+
+Batch-invariant by construction: every forward pass has the same shape (``encode_batch`` images and
+their mirrors; a short last batch is padded), and the encoder has no cross-sample operation
+(GroupNorm and the mid-block attention are per sample), so a sample's latents do not depend on
+which other samples share its batch. That is what makes a killed-and-rerun preprocessing job
+produce byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+# The sd-vae-ft-mse architecture (its config.json), for random-init benchmarks.
+SD_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512), act_fn="silu", sample_size=256, scaling_factor=0.18215,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+
+
+class VaeError(ValueError):
+    pass
+
+
+def load_vae(vae: str | None, device: str = "cpu", dtype: str = "fp32"):
+    """AutoencoderKL from a local folder or hub id; ``None`` = random-init sd-vae-ft-mse architecture."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    if vae is None:
+        torch.manual_seed(0)
+        model = AutoencoderKL(**SD_VAE_CONFIG)
+    else:
+        try:
+            model = AutoencoderKL.from_pretrained(vae)
+        except Exception as e:
+            hint = "" if Path(vae).exists() else " (not a local folder; the hub may be unreachable: pass a downloaded folder)"
+            raise VaeError(f"cannot load the VAE {vae!r}{hint}: {type(e).__name__}: {e}") from None
+    model.decoder = None  # encoding only: frees half the weights
+    model.post_quant_conv = None
+    return model.to(device=device, dtype=getattr(torch, DTYPES[dtype])).eval().requires_grad_(False)
+
+
+def vae_identity(vae: str) -> dict:
+    """What the manifest records about the VAE: its id, and the sha256 of local weights."""
+    out: dict[str, Any] = {"vae": vae}
+    p = Path(vae)
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
+        if files:
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f.read_bytes())
+            out["vae_weights_sha256"] = h.hexdigest()
+    return out
+
+
+class VaeEncoder:
+    """uint8 images (B, R, R, 3) -> posterior (mean, logvar) of image and mirror, float16 (B, 2, C, R/8, R/8)."""
+
+    def __init__(self, vae: str | None, device: str = "cpu", dtype: str = "fp32", encode_batch: int = 16,
+                 threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device, self.encode_batch = device, encode_batch
+        self.model = load_vae(vae, device, dtype)
+        self.dtype = next(self.model.parameters()).dtype
+        self.scaling_factor = float(self.model.config.scaling_factor)
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        n = len(images)
+        means, logvars = [], []
+        for i in range(0, n, self.encode_batch):
+            chunk = images[i:i + self.encode_batch]
+            m = len(chunk)
+            x = torch.from_numpy(np.ascontiguousarray(chunk)).permute(0, 3, 1, 2).contiguous()  # (m, 3, R, R) uint8
+            if m < self.encode_batch:  # fixed shape: batch-invariant results
+                x = torch.cat([x, x.new_zeros((self.encode_batch - m,) + x.shape[1:])])
+            x = torch.cat([x, x.flip(-1)]).contiguous()  # (2b, 3, R, R): images, then their mirrors
+            x = x.to(self.device, non_blocking=True).to(self.dtype) / 127.5 - 1.0
+            with torch.inference_mode():
+                dist = self.model.encode(x).latent_dist
+            mean = dist.mean.float().cpu().numpy()
+            logvar = dist.logvar.float().cpu().numpy()
+            b = self.encode_batch
+            means.append(np.stack([mean[:m], mean[b:b + m]], axis=1).astype(np.float16))
+            logvars.append(np.stack([logvar[:m], logvar[b:b + m]], axis=1).astype(np.float16))
+        return np.concatenate(means), np.concatenate(logvars)
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def bench_vae(resolution: int = 256, batch: int = 64, dtype: str = "bf16", vae: str | None = None,
+              device: str | None = None, warmup: int = 3, iters: int = 10) -> dict:
+    """Images/s of the posterior encode (image + mirror = 2 forward images per image), no Ray."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    enc = VaeEncoder(vae, device=device, dtype=dtype, encode_batch=batch)
+    images = np.random.default_rng(0).integers(0, 256, (batch, resolution, resolution, 3), dtype=np.uint8)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        enc.encode(images)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        enc.encode(images)
+    sync()
+    dt = time.perf_counter() - t0
+    out = {
+        "resolution": resolution, "batch": batch, "dtype": dtype, "device": device,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "vae": vae or "random-init sd-vae-ft-mse architecture",
+        "iters": iters, "seconds": dt, "images_per_s": batch * iters / dt,
+        "note": "each image is encoded twice (image and its horizontal mirror); includes host->device copy and "
+                "device->host fp16 latents",
+    }
+    if device.startswith("cuda"):
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def add_parser(sub, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description="Measure VAE posterior-encode throughput (images/s) "
+                       "of the preprocessing step, without Ray. Random-init sd-vae-ft-mse weights unless --vae.")
+    p.add_argument("--resolution", type=int, default=256, choices=(256, 512))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    p.add_argument("--vae", default=None, help="local AutoencoderKL folder or hub id (default: random init)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", default=None, help="write the JSON result here too")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from lamamba_dist.cli import CLIError
+
+    if args.batch < 1 or args.iters < 1 or args.warmup < 0:
+        raise CLIError("--batch and --iters must be >= 1, --warmup >= 0")
+    try:
+        res = bench_vae(args.resolution, args.batch, args.dtype, args.vae, args.device, args.warmup, args.iters)
+    except VaeError as e:
+        raise CLIError(str(e)) from None
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
