@@ -27,6 +27,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("preprocess", "data_pipeline.preprocess", "encode an ImageNet-style folder into VAE-latent WebDataset shards with Ray (rerun resumes)"),
     ("bench-loader", "lamamba_dist.data.bench", "latent loader samples/s per worker on CPU (JSON)"),
     ("bench-vae", "data_pipeline.vae", "VAE posterior-encode images/s of preprocessing, without Ray (JSON)"),
+    ("submit", "cluster.commands", "submit a training job to Slurm (submitit): one task per GPU, requeue + resume on preemption"),
+    ("status", "cluster.commands", "state, requeues, events, logs and checkpoints of a `lamamba submit` job folder"),
+    ("cancel", "cluster.commands", "cancel the Slurm job of a job folder (--save: checkpoint first, no requeue)"),
 ]
 
 
