@@ -24,8 +24,13 @@ def gradient_accumulation_steps(global_batch: int, micro_batch: int, world_size:
     return global_batch // per_step
 
 
-def build_ds_config(train, optim, world_size: int, *, on_cuda: bool, load_universal: bool = False) -> dict[str, Any]:
-    """DeepSpeed config for ``deepspeed.initialize`` from a ``TrainConfig`` and an ``OptimConfig``."""
+def build_ds_config(train, optim, world_size: int, *, on_cuda: bool, load_universal: bool = False,
+                    num_params: int = 0) -> dict[str, Any]:
+    """DeepSpeed config for ``deepspeed.initialize`` from a ``TrainConfig`` and an ``OptimConfig``.
+
+    ``num_params`` bounds the ZeRO communication buckets on CPU: DeepSpeed's default (5e8 elements)
+    is allocated afresh per micro-step there, which costs seconds per step for a tiny model.
+    """
     accum = gradient_accumulation_steps(train.global_batch, train.micro_batch, world_size)
     params: dict[str, Any] = {
         "lr": optim.lr,
@@ -50,6 +55,12 @@ def build_ds_config(train, optim, world_size: int, *, on_cuda: bool, load_univer
     }
     if train.precision == "bf16":
         cfg["bf16"]["check_grad_overflow"] = True
+    if not on_cuda and num_params > 0 and train.zero_stage > 0:
+        bucket = int(min(5e8, max(1 << 20, num_params)))
+        cfg["zero_optimization"].update({"reduce_bucket_size": bucket, "allgather_bucket_size": bucket})
+        if train.zero_stage == 3:
+            cfg["zero_optimization"].update({"stage3_prefetch_bucket_size": bucket,
+                                             "stage3_param_persistence_threshold": 0})
     if optim.grad_clip > 0:
         cfg["gradient_clipping"] = optim.grad_clip
     if train.zero_stage == 3:

@@ -189,7 +189,8 @@ class Trainer:
                              scan_backend=m.scan_backend, attn_backend=m.attn_backend)
         self.latent_size = int(model.latent_size)
         self.ds_config = build_ds_config(self.tcfg, self.ocfg, self.world, on_cuda=self.on_cuda,
-                                         load_universal=universal_dir is not None)
+                                         load_universal=universal_dir is not None,
+                                         num_params=sum(p.numel() for p in model.parameters()))
         self.accum = self.ds_config["gradient_accumulation_steps"]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                     config=self.ds_config)

@@ -1,0 +1,78 @@
+"""``lamamba train`` and ``lamamba export``: thin entry points over :mod:`lamamba_dist.train`."""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(sub, name: str, help_text: str):
+    p = sub.add_parser(
+        name, help=help_text,
+        description="Train (or resume: rerun the same command) under torchrun, the deepspeed launcher, Slurm or plain "
+                    "python. Resumes from the newest complete checkpoint under [checkpoint] dir by itself, also on a "
+                    "different number of ranks. Exit codes: 0 done, 3 stopped by SIGUSR2/SIGTERM after saving "
+                    "(requeue and rerun), 1 failed, 2 bad input.",
+    )
+    p.add_argument("--config", required=True, help="experiment TOML (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (TOML syntax), e.g. --set train.steps=1000; repeatable")
+    p.add_argument("--dry-run", action="store_true",
+                   help="parse the config, build the model on the meta device and the DeepSpeed config, then exit")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from lamamba_dist.cli import CLIError
+    from lamamba_dist.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise CLIError(str(e)) from None
+    if args.dry_run:
+        from lamamba_dist.train.dryrun import dry_run
+
+        try:
+            print(dry_run(cfg))
+        except (ValueError, KeyError) as e:
+            raise CLIError(f"{args.config}: {e}") from None
+        return 0
+    from lamamba_dist.train import run_training
+    from lamamba_dist.train.trainer import TrainingError
+
+    try:
+        return run_training(cfg)
+    except TrainingError as e:
+        print(f"lamamba train: error: {e}", file=sys.stderr)
+        return 1
+
+
+def add_export_parser(sub, name: str, help_text: str):
+    p = sub.add_parser(
+        name, help=help_text,
+        description="Write the EMA (default) or raw fp32 weights of a run's newest complete checkpoint (or of one "
+                    "step_XXXXXXXX folder) as one safetensors file for `lamamba sample --weights`.",
+    )
+    p.add_argument("run_dir", help="run directory ([checkpoint] dir) or one step_XXXXXXXX folder")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--raw", action="store_true", help="export the raw (non-EMA) fp32 weights")
+    p.set_defaults(func=run_export)
+    return p
+
+
+def run_export(args) -> int:
+    from lamamba_dist.cli import CLIError
+    from lamamba_dist.train.checkpoint import CheckpointError, load_inference_weights
+    from lamamba_dist.weights import save_weights
+
+    try:
+        sd, meta = load_inference_weights(args.run_dir, ema=not args.raw)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    meta = {k: v for k, v in meta.items() if k != "checkpoint"} | {"source_checkpoint": meta.get("checkpoint")}
+    path = save_weights(args.out, sd, meta)
+    n = sum(v.numel() for v in sd.values())
+    print(f"wrote {path}: {meta['model']} @ {meta['resolution']}px, step {meta.get('step')}, "
+          f"{'raw' if args.raw else 'EMA'} weights, {n / 1e6:.2f}M values")
+    return 0
