@@ -185,7 +185,14 @@ def load_vae(path_or_id: str, device):
         if local.exists():
             vae = AutoencoderKL.from_pretrained(str(local), low_cpu_mem_usage=False)
         else:
-            vae = AutoencoderKL.from_pretrained(path_or_id, low_cpu_mem_usage=False)
+            # The local cache first (fast, works offline); the hub only when HF_HUB_OFFLINE is not set.
+            offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+            try:
+                vae = AutoencoderKL.from_pretrained(path_or_id, low_cpu_mem_usage=False, local_files_only=True)
+            except Exception:
+                if offline:
+                    raise
+                vae = AutoencoderKL.from_pretrained(path_or_id, low_cpu_mem_usage=False)
     except Exception as e:
         where = "local folder" if local.exists() else "hub id (no such local folder)"
         raise _cli_error(
