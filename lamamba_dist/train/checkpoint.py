@@ -167,11 +167,15 @@ def publish(tmp_dir: Path, run_dir: Path, step: int) -> Path:
 
 
 def prune(run_dir: Path, keep: int, log: Callable[[str], None] = lambda s: None) -> list[Path]:
-    """Delete complete checkpoints beyond the newest ``keep`` (never the only valid one)."""
+    """Delete the oldest complete checkpoints so that the newest ``keep`` intact ones remain.
+
+    Only folders whose files match the sizes in their marker count towards ``keep``; damaged ones are
+    left in place (reported when a resume skips them), so pruning never leaves fewer than ``keep`` usable.
+    """
     keep = max(int(keep), 1)
-    found = list_checkpoints(run_dir)
+    valid = [(s, p) for s, p in list_checkpoints(run_dir) if verify_checkpoint(p, hashes=False) is None]
     removed = []
-    for _, path in found[:-keep] if len(found) > keep else []:
+    for _, path in valid[:-keep] if len(valid) > keep else []:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
         log(f"removed old checkpoint {path.name}")

@@ -8,8 +8,11 @@ One ``Trainer`` per process (rank). ``run_training(cfg)`` is the whole job:
    falls back past damaged ones with a warning, broadcasts the choice);
 3. if it was written on another world size, convert it to a DeepSpeed universal checkpoint and load it
    with ``load_universal`` for that one load (elastic resume);
-4. train: per micro-batch the RNG is reseeded from (seed, step, rank, micro-batch, rollbacks), so
-   noise, timesteps and class dropout depend only on the position in the run, never on history;
+4. train: each sample's timestep, noise and class-dropout draw come from a CPU generator seeded by
+   (seed, step, sample key, rollbacks), so they depend neither on history nor on the world size or the
+   device: a resize changes the losses only by reduction order. (Class dropout is therefore applied
+   here, and the model's own ``LabelEmbedder`` dropout is switched off; its null row stays.) The global
+   torch RNG is also reseeded per (seed, step, rank, micro-batch) for anything else that draws from it;
 5. at every step boundary the ranks all-reduce (loss sum, non-finite flag, stop flag): a non-finite loss
    on any rank makes every rank skip the optimizer step (batch keys logged); ``max_nonfinite_in_row``
    skipped steps in a row roll back to the last checkpoint; a stop request saves and returns
@@ -72,6 +75,22 @@ def micro_seed(seed: int, step: int, rank: int, micro: int, salt: int) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
+def sample_seed(seed: int, step: int, key: str, salt: int) -> int:
+    h = hashlib.blake2b(f"lamamba-sample/{seed}/{step}/{key}/{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def per_sample_draws(keys, shape, num_timesteps: int, seed: int, step: int, salt: int):
+    """(t, noise, u) per sample from CPU generators keyed by the sample: world-size and device independent."""
+    ts, noises, us = [], [], []
+    for k in keys:
+        g = torch.Generator().manual_seed(sample_seed(seed, step, str(k), salt))
+        ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        us.append(torch.rand(1, generator=g))
+        noises.append(torch.randn(tuple(shape), generator=g))
+    return torch.cat(ts), torch.stack(noises), torch.cat(us)
+
+
 def rng_state() -> dict:
     st = {"torch": torch.get_rng_state(), "python": random.getstate()}
     try:
@@ -106,21 +125,40 @@ def _jsonable(x: Any) -> Any:
 # --------------------------------------------------------------------------- fault injection (tests)
 
 
-def _fault(point: str, step: int) -> None:
-    """Test hook: ``LAMAMBA_FAULT=point:step[:rank]`` SIGKILLs this process at that point (rank 0 default)."""
+def _fault_hit(point: str, step: int) -> bool:
+    """Test hook: ``LAMAMBA_FAULT=point:step[:rank][,point:step[:rank]...]`` (rank 0 by default).
+
+    Points: ``step`` (SIGKILL before training step ``step + 1``), ``save_before_marker`` (SIGKILL after
+    the files of the step-``step`` checkpoint are written, before its completion marker), ``nan`` (the
+    latents of the batches of step ``step + 1`` on that rank become NaN; ``step`` may be ``a-b``).
+    """
     spec = os.environ.get("LAMAMBA_FAULT")
     if not spec:
-        return
-    parts = spec.split(":")
-    if parts[0] != point or int(parts[1]) != step:
-        return
-    if int(os.environ.get("RANK", "0")) != (int(parts[2]) if len(parts) > 2 else 0):
-        return
-    import signal
+        return False
+    rank = int(os.environ.get("RANK", "0"))
+    for item in spec.split(","):
+        parts = item.split(":")
+        if parts[0] != point:
+            continue
+        lo, _, hi = parts[1].partition("-")
+        if int(lo) <= step <= int(hi or lo) and rank == (int(parts[2]) if len(parts) > 2 else 0):
+            if (point, step) in _FAULTS_FIRED:  # each fault fires once per process (a rollback re-runs steps)
+                return False
+            _FAULTS_FIRED.add((point, step))
+            return True
+    return False
 
-    sys.stderr.write(f"[fault injection] SIGKILL at {point} step {step}\n")
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+
+_FAULTS_FIRED: set = set()
+
+
+def _fault(point: str, step: int) -> None:
+    if _fault_hit(point, step):
+        import signal
+
+        sys.stderr.write(f"[fault injection] SIGKILL at {point} step {step}\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- trainer
@@ -188,6 +226,14 @@ class Trainer:
                              learn_sigma=m.learn_sigma, grad_checkpointing=m.grad_checkpointing,
                              scan_backend=m.scan_backend, attn_backend=m.attn_backend)
         self.latent_size = int(model.latent_size)
+        # Class dropout is drawn per sample by the trainer (world-size independent); switch the model's off.
+        from lamamba_dist.models.common import LabelEmbedder
+
+        embedders = [mod for mod in model.modules() if isinstance(mod, LabelEmbedder)]
+        self.class_dropout = float(embedders[0].dropout_prob) if embedders else 0.0
+        self.null_class = int(m.num_classes)
+        for mod in embedders:
+            mod.dropout_prob = 0.0
         self.ds_config = build_ds_config(self.tcfg, self.ocfg, self.world, on_cuda=self.on_cuda,
                                          load_universal=universal_dir is not None,
                                          num_params=sum(p.numel() for p in model.parameters()))
@@ -517,13 +563,19 @@ class Trainer:
                     tw = time.perf_counter()
                     batch = next(it)
                     meter.data_wait += time.perf_counter() - tw
-                    s = micro_seed(t.seed, self.step, self.rank, micro, self.rollbacks)
-                    torch.manual_seed(s)  # class dropout inside the model, anything else drawing from torch
-                    gen = torch.Generator(device=self.device).manual_seed(s)
-                    x0 = batch["latent"].to(self.device, non_blocking=True).float()
-                    y = batch["label"].to(self.device, non_blocking=True).long()
-                    tt = self.diffusion.sample_t(x0.shape[0], self.device, generator=gen)
-                    noise = torch.randn(x0.shape, generator=gen, device=self.device, dtype=x0.dtype)
+                    torch.manual_seed(micro_seed(t.seed, self.step, self.rank, micro, self.rollbacks))
+                    lat = batch["latent"]
+                    if _fault_hit("nan", self.step):
+                        lat = torch.full_like(lat, float("nan"))
+                    tt, noise, u = per_sample_draws(batch["key"], lat.shape[1:], self.diffusion.num_timesteps,
+                                                    t.seed, self.step, self.rollbacks)
+                    y = batch["label"].long()
+                    if self.class_dropout > 0:
+                        y = torch.where(u < self.class_dropout, torch.full_like(y, self.null_class), y)
+                    x0 = lat.to(self.device, non_blocking=True).float()
+                    y = y.to(self.device, non_blocking=True)
+                    tt = tt.to(self.device, non_blocking=True)
+                    noise = noise.to(self.device, non_blocking=True)
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
                         losses = self.diffusion.training_losses(self.engine, x0, tt, model_kwargs={"y": y}, noise=noise)
                     loss = losses["loss"].float().mean()

@@ -1,0 +1,144 @@
+"""Multi-process training on CPU (2 ranks under torchrun, gloo, fp32, deterministic): the acceptance tests of
+issue 5. Each test launches `lamamba train` with LaMamba-debug at 32 px, global batch 8, 6 steps; uninterrupted
+reference runs are shared through a module fixture. Faults are injected with LAMAMBA_FAULT (see trainer.py).
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from train_helpers import (assert_same_tensors, launch, losses, optimizer_tensors, step_dir, weights)
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted 2-rank runs of STEPS steps, one per ZeRO stage, built on first use."""
+    cache: dict[int, Path] = {}
+
+    def get(stage: int) -> Path:
+        if stage not in cache:
+            d = tmp_path_factory.mktemp(f"ref_zero{stage}")
+            res = launch(d, 2, (f"train.steps={STEPS}", "checkpoint.every=3", f"train.zero_stage={stage}", "train.log_every=1"))
+            assert res.returncode == 0, res.log
+            cache[stage] = d
+        return cache[stage]
+
+    return get
+
+
+def assert_equivalent(run: Path, ref: Path, exact: bool = True):
+    """Same losses at every logged step, same final weights, EMA and optimizer state."""
+    lr, lf = losses(run), losses(ref)
+    assert sorted(lr) == sorted(lf) == list(range(1, STEPS + 1))
+    for s in lf:
+        for v in lr[s]:
+            if exact:
+                assert v == lf[s][0], f"step {s}: loss {v!r} != uninterrupted {lf[s][0]!r}"
+            else:
+                assert abs(v - lf[s][0]) <= 1e-5 * abs(lf[s][0]), f"step {s}: loss {v!r} vs {lf[s][0]!r}"
+    a, b = step_dir(run, STEPS), step_dir(ref, STEPS)
+    tol = dict(exact=exact, rtol=1e-4, atol=1e-6)
+    assert_same_tensors(weights(a / "model.safetensors"), weights(b / "model.safetensors"), "weights", **tol)
+    assert_same_tensors(weights(a / "ema.safetensors"), weights(b / "ema.safetensors"), "EMA", **tol)
+    if exact:
+        assert_same_tensors(optimizer_tensors(a), optimizer_tensors(b), "optimizer state")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path, reference, stage):
+    """ZeRO-1/2/3: 6 steps uninterrupted == 4 steps, SIGKILL (checkpoint at 3), rerun of the same command."""
+    sets = (f"train.steps={STEPS}", "checkpoint.every=3", f"train.zero_stage={stage}", "train.log_every=1")
+    res = launch(tmp_path, 2, sets, env={"LAMAMBA_FAULT": "step:4"})
+    assert res.returncode != 0 and "SIGKILL at step step 4" in res.stderr, res.log
+    assert not step_dir(tmp_path, 6).exists() and step_dir(tmp_path, 3).is_dir()
+    res = launch(tmp_path, 2, sets)
+    assert res.returncode == 0, res.log
+    assert "resumed from" in res.stderr and "step_00000003" in res.stderr, res.log
+    assert_equivalent(tmp_path, reference(stage))
+
+
+def test_sigkill_during_save_and_damaged_checkpoints_fall_back(tmp_path, reference):
+    sets = (f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=2", "train.zero_stage=2", "train.log_every=1")
+    # 1. killed after the step-4 files are written, before the completion marker.
+    res = launch(tmp_path, 2, sets, env={"LAMAMBA_FAULT": "save_before_marker:4"})
+    assert res.returncode != 0 and "SIGKILL at save_before_marker" in res.stderr, res.log
+    leftovers = [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert leftovers and not step_dir(tmp_path, 4).exists(), sorted(p.name for p in tmp_path.iterdir())
+    # 2. the rerun resumes from step 2, removes the leftovers and reaches the uninterrupted result.
+    res = launch(tmp_path, 2, sets)
+    assert res.returncode == 0, res.log
+    assert "resumed from" in res.stderr and "step_00000002" in res.stderr, res.log
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert_equivalent(tmp_path, reference(2))
+    # 3. newest checkpoint truncated: the rerun warns, resumes from step 4 and re-does steps 5-6 identically.
+    victim = sorted((step_dir(tmp_path, 6) / "ds" / "state").glob("*optim_states.pt"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    res = launch(tmp_path, 2, sets)
+    assert res.returncode == 0, res.log
+    assert "step_00000006 is not usable" in res.stderr and "truncated" in res.stderr, res.log
+    assert "resumed from" in res.stderr and "step_00000004" in res.stderr, res.log
+    assert_equivalent(tmp_path, reference(2))
+    # 4. a file missing from the newest checkpoint: same fallback.
+    (step_dir(tmp_path, 6) / "rank_state" / "rank_00001.pt").unlink()
+    res = launch(tmp_path, 2, sets + ("train.steps=6",))
+    assert res.returncode == 0, res.log
+    assert "file missing: rank_state/rank_00001.pt" in res.stderr and "step_00000004" in res.stderr, res.log
+
+
+@pytest.mark.parametrize("stage,first,second", [(3, 2, 1), (2, 1, 2)], ids=["zero3_2to1", "zero2_1to2"])
+def test_elastic_resume_on_another_world_size(tmp_path, reference, stage, first, second):
+    """Saved on `first` ranks, resumed on `second`: parameters, Adam moments, EMA and data position survive,
+    so the losses and weights match the uninterrupted 2-rank run up to reduction order."""
+    sets = (f"train.steps={STEPS}", "checkpoint.every=3", f"train.zero_stage={stage}", "train.log_every=1")
+    res = launch(tmp_path, first, sets + ("train.exit_after=3",))
+    assert "exit_after = 3 steps reached" in res.stderr, res.log
+    state = json.loads((step_dir(tmp_path, 3) / "trainer_state.json").read_text())
+    assert state["world_size"] == first and state["images_seen"] == 24
+    res = launch(tmp_path, second, sets)
+    assert res.returncode == 0, res.log
+    assert f"elastic {first} -> {second} ranks" in res.stderr, res.log
+    final = json.loads((step_dir(tmp_path, STEPS) / "trainer_state.json").read_text())
+    assert final["world_size"] == second and final["images_seen"] == 8 * STEPS
+    assert final["loader_state"]["images_seen"] == 8 * STEPS
+    # A lost Adam state or EMA would show up as a large jump at step 4; reduction order only as ~1e-7.
+    assert_equivalent(tmp_path, reference(2 if stage == 2 else 3), exact=False)
+
+
+def test_wandb_with_bogus_key_and_no_network_completes_offline_and_keeps_run_id(tmp_path):
+    env = {"WANDB_API_KEY": "bogus" * 8, "WANDB_BASE_URL": "http://127.0.0.1:9"}  # port 9: nothing listens
+    sets = ("train.steps=4", "checkpoint.every=2", "train.exit_after=2", "logging.wandb=true", "train.log_every=1")
+    res = launch(tmp_path, 1, sets, env=env, drop_env=("WANDB_MODE", "WANDB_DIR"))
+    assert "exit_after = 2 steps reached" in res.stderr, res.log
+    run_id = json.loads((step_dir(tmp_path, 2) / "trainer_state.json").read_text())["wandb_run_id"]
+    assert run_id and f"wandb: run {run_id} (offline)" in res.stderr, res.log
+    res = launch(tmp_path, 1, sets, env=env, drop_env=("WANDB_MODE", "WANDB_DIR"))
+    assert res.returncode == 0, res.log
+    assert json.loads((step_dir(tmp_path, 4) / "trainer_state.json").read_text())["wandb_run_id"] == run_id
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith(run_id) for r in runs), runs
+
+
+def test_nonfinite_loss_skips_the_step_then_rolls_back(tmp_path):
+    """NaN latents on rank 1 only: both ranks skip step 4 (weights, EMA and Adam state unchanged), keys are
+    logged; two NaN steps in a row (6, 7) roll back to the step-5 checkpoint and training still finishes."""
+    sets = ("train.steps=8", "checkpoint.every=1", "checkpoint.keep=20", "train.zero_stage=2",
+            "train.max_nonfinite_in_row=2", "train.log_every=1")
+    res = launch(tmp_path, 2, sets, env={"LAMAMBA_FAULT": "nan:3:1,nan:5-6:1"})
+    assert res.returncode == 0, res.log
+    a, b = step_dir(tmp_path, 3), step_dir(tmp_path, 4)
+    assert_same_tensors(weights(a / "model.safetensors"), weights(b / "model.safetensors"), "weights after a skipped step")
+    assert_same_tensors(weights(a / "ema.safetensors"), weights(b / "ema.safetensors"), "EMA after a skipped step")
+    assert_same_tensors(optimizer_tensors(a), optimizer_tensors(b), "optimizer after a skipped step")
+    events = [json.loads(l) for l in (tmp_path / "stats.jsonl").read_text().splitlines() if '"event"' in l]
+    assert [e["step"] for e in events] == [4, 6, 7]
+    assert all(e["keys"] and all(k.startswith("synthetic-") for k in e["keys"]) for e in events)
+    assert "rolling back to step_00000005" in res.stderr, res.log
+    st = json.loads((step_dir(tmp_path, 8) / "trainer_state.json").read_text())
+    assert st["step"] == 8 and st["rollbacks"] == 1
+    assert all(v.isfinite().all() for v in weights(step_dir(tmp_path, 8) / "model.safetensors").values())

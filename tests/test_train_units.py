@@ -1,0 +1,133 @@
+"""Fast single-process tests of the training package: checkpoint folders, DeepSpeed config, shipped configs."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lamamba_dist.config import load_config
+from lamamba_dist.train import EXIT_REQUEUE, clear_stop_request, request_stop, stop_requested
+from lamamba_dist.train import checkpoint as ckpt
+from lamamba_dist.train.ds_config import build_ds_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_checkpoint(run_dir: Path, step: int, payload: bytes = b"x" * 100) -> Path:
+    """A checkpoint written through the real write path (tmp folder, marker, publish)."""
+    tmp = ckpt.new_tmp_dir(run_dir, step, "abc")
+    (tmp / "ds" / "state").mkdir(parents=True)
+    (tmp / "ds" / "state" / "optim.pt").write_bytes(payload + bytes([step]))
+    (tmp / ckpt.STATE_FILE).write_text(json.dumps({"step": step}))
+    ckpt.write_marker(tmp, ckpt.digest_files(tmp, ckpt.list_files(tmp)), step)
+    return ckpt.publish(tmp, run_dir, step)
+
+
+def test_newest_complete_checkpoint_is_chosen_and_unfinished_saves_ignored(tmp_path):
+    for s in (10, 20):
+        fake_checkpoint(tmp_path, s)
+    # An interrupted save: files but no marker, under the final name (as if renamed by hand) and under a tmp name.
+    (tmp_path / "step_00000030").mkdir()
+    (tmp_path / "step_00000030" / ckpt.STATE_FILE).write_text("{}")
+    (tmp_path / "step_00000040.tmp-zz").mkdir()
+    warnings = []
+    assert ckpt.find_latest(tmp_path, warn=warnings.append) == tmp_path / "step_00000020"
+    assert len(warnings) == 1 and "step_00000030" in warnings[0] and "did not finish" in warnings[0]
+    assert (tmp_path / "latest").read_text().strip() == "step_00000020"
+    removed = ckpt.remove_stale_tmp(tmp_path)
+    assert [p.name for p in removed] == ["step_00000040.tmp-zz"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "remove", "flip", "marker"])
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage):
+    fake_checkpoint(tmp_path, 1)
+    newest = fake_checkpoint(tmp_path, 2)
+    f = newest / "ds" / "state" / "optim.pt"
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[:10])
+    elif damage == "remove":
+        f.unlink()
+    elif damage == "flip":  # same size, different content: only the hash sees it
+        b = bytearray(f.read_bytes())
+        b[0] ^= 0xFF
+        f.write_bytes(bytes(b))
+    else:
+        (newest / ckpt.MARKER).write_text("{not json")
+    warnings = []
+    assert ckpt.find_latest(tmp_path, hashes=True, warn=warnings.append) == tmp_path / "step_00000001"
+    assert len(warnings) == 1 and "step_00000002" in warnings[0]
+    expected = {"truncate": "truncated", "remove": "missing", "flip": "sha256", "marker": "unreadable"}[damage]
+    assert expected in warnings[0]
+    if damage == "flip":  # size-only verification cannot see a flipped byte
+        assert ckpt.find_latest(tmp_path, hashes=False, warn=warnings.append) == newest
+
+
+def test_prune_keeps_the_newest_intact_checkpoints(tmp_path):
+    for s in (1, 2, 3, 4):
+        fake_checkpoint(tmp_path, s)
+    (tmp_path / "step_00000004" / "ds" / "state" / "optim.pt").write_bytes(b"")  # damaged newest
+    removed = ckpt.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == ["step_00000001"]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_"))
+    assert left == ["step_00000002", "step_00000003", "step_00000004"]
+
+
+def test_marker_refuses_unlisted_files(tmp_path):
+    tmp = ckpt.new_tmp_dir(tmp_path, 5, "q")
+    tmp.mkdir(parents=True)
+    (tmp / "a").write_text("a")
+    (tmp / "b").write_text("b")
+    with pytest.raises(ckpt.CheckpointError, match="without a digest"):
+        ckpt.write_marker(tmp, ckpt.digest_files(tmp, ["a"]), 5)
+
+
+def test_resolve_checkpoint_errors_name_the_path(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="no such run directory"):
+        ckpt.resolve_checkpoint(tmp_path / "nope")
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        ckpt.resolve_checkpoint(tmp_path)
+
+
+def test_stop_request_flag():
+    clear_stop_request()
+    assert not stop_requested()
+    request_stop("test")
+    assert stop_requested()
+    clear_stop_request()
+    assert EXIT_REQUEUE == 3
+
+
+def test_ds_config_follows_the_paper_recipe_and_batch_layout():
+    cfg = load_config(ROOT / "configs" / "debug.toml")
+    ds = build_ds_config(cfg.train, cfg.optim, world_size=2, on_cuda=False)
+    assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 2
+    opt = ds["optimizer"]
+    assert opt["type"] == "AdamW" and opt["params"]["lr"] == 1e-4 and opt["params"]["weight_decay"] == 0.01
+    assert opt["params"]["betas"] == [0.9, 0.999] and opt["params"]["torch_adam"] is True
+    assert "gradient_clipping" not in ds and "scheduler" not in ds  # constant LR, no clipping
+    gpu = build_ds_config(cfg.train, cfg.optim, world_size=8, on_cuda=True) if cfg.train.global_batch % 16 == 0 else None
+    assert gpu is None or "torch_adam" not in gpu["optimizer"]["params"]
+    with pytest.raises(ValueError, match="not a multiple"):
+        build_ds_config(cfg.train, cfg.optim, world_size=3, on_cuda=False)
+
+
+CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_parses_and_dry_run_builds(path):
+    from lamamba_dist.train.dryrun import dry_run
+
+    cfg = load_config(path)
+    summary = dry_run(cfg)  # model on the meta device: no memory for XL
+    assert cfg.model.name in summary
+
+
+def test_expected_configs_exist():
+    names = {p.stem for p in CONFIGS}
+    want = {"debug", "demo", "dit_xl2_256", "dit_xl2_512"} | {f"lamamba_{s}_{r}" for s in "SBLX" if s != "X" for r in (256, 512)}
+    want |= {"lamamba_XL_256", "lamamba_XL_512"}
+    assert want <= names, sorted(want - names)
