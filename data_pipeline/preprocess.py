@@ -12,7 +12,9 @@ What a user can rely on:
   manifest is rewritten atomically. A rerun of the same command keeps the shards whose sha256 matches
   the manifest and encodes only the rest, so a killed job is finished by running it again; the result
   is byte-identical to an uninterrupted run (the encoder is batch-invariant, see data_pipeline/vae.py,
-  and no latent is sampled here). A rerun with other settings or another source is refused.
+  and no latent is sampled here; CPU actors always run one torch thread, whose results do not depend on
+  the machine). Byte-identity needs the same kind of encode device (CPU, or one GPU model) for both
+  runs. A rerun with other settings or another source is refused.
 * **Bad images** are converted where possible (CMYK, greyscale, palette, alpha -> RGB; small images
   upscaled) and listed with the conversion; unreadable, truncated and too-small ones are skipped and
   listed with the reason.
@@ -275,22 +277,29 @@ def _ray_init(st: Settings):
     return True
 
 
-def _encoder_layout(st: Settings) -> tuple[int, dict, str, int]:
-    """(actors, per-actor resources, device, torch threads) for the cluster Ray is connected to."""
+def _encoder_layout(st: Settings) -> tuple[int, dict, str, int, float]:
+    """(actors, per-actor resources, device, torch threads, CPUs per decode task) for the connected cluster.
+
+    The decode tasks' CPU request always differs from the actors': Ray Data fuses a task stage into the
+    next actor stage when their resource requests are equal, and decoding would then run serially
+    inside the encoder actors instead of beside them.
+    """
     import ray
 
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 1))
     if gpus > 0:
         n = st.num_actors or gpus
-        return n, {"num_gpus": 1, "num_cpus": 1}, "cuda", max(1, int(cpus // max(1, n)) // 2)
-    n = st.num_actors or max(1, int(cpus) // 4)
-    # Leave at least half of the CPUs to the decode tasks: whole-CPU actors that take every core
-    # starve the read tasks and the pipeline hangs (ENVIRONMENT.md).
-    per = max(0.5, min(4.0, cpus / (2 * n)))
+        return n, {"num_gpus": 1, "num_cpus": 1}, "cuda", max(1, int(cpus // max(1, n)) // 2), 1.0
+    # One torch thread per CPU actor, always: CPU convolution results depend (by an ulp) on the thread
+    # count, and the shard bytes must not depend on the machine. Parallelism comes from more actors.
+    # Leave at least half of the CPUs to the decode tasks: actors that take every core starve the
+    # read tasks and the pipeline hangs (ENVIRONMENT.md); hence 0.5 CPU per actor on small machines.
+    n = st.num_actors or max(1, int(cpus) // 2)
+    per = 1.0 if n <= cpus / 2 else 0.5
     if cpus <= 2:
         per = 0.5
-    return n, {"num_cpus": per}, "cpu", max(1, int(per))
+    return n, {"num_cpus": per}, "cpu", 1, (0.75 if per == 0.5 else 0.5)
 
 
 def run_preprocess(st: Settings) -> dict:
@@ -351,11 +360,11 @@ def _run_ray(st: Settings, folder: str, rows: list[dict], writer: ShardWriter, t
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
-        n_actors, res, device, threads = _encoder_layout(st)
+        n_actors, res, device, threads, decode_cpus = _encoder_layout(st)
         blocks = max(1, math.ceil(len(rows) / max(8, st.encode_batch)))
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
         ds = ds.map_batches(decode_batch, fn_kwargs=dict(folder=folder, resolution=st.resolution, min_side=st.min_side),
-                            batch_size=max(8, st.encode_batch), num_cpus=0.5)
+                            batch_size=max(8, st.encode_batch), num_cpus=decode_cpus)
         ds = ds.map_batches(EncodeActor, fn_constructor_kwargs=dict(vae=st.vae, device=device, dtype=st.dtype,
                                                                     encode_batch=st.encode_batch, threads=threads),
                             batch_size=st.encode_batch, compute=ray.data.ActorPoolStrategy(size=n_actors), **res)
@@ -389,7 +398,7 @@ def add_parser(sub, name: str, help_text: str) -> None:
     p.add_argument("--encode-batch", type=int, default=16, help="images per VAE forward (x2 with mirrors)")
     p.add_argument("--address", default=None, help="existing Ray cluster (e.g. auto or ray://host:10001); "
                    "default: start a local one")
-    p.add_argument("--num-actors", type=int, default=0, help="encoder actors (default: one per GPU, else CPUs/4)")
+    p.add_argument("--num-actors", type=int, default=0, help="encoder actors (default: one per GPU, else CPUs/2)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     p.add_argument("--object-store-memory", type=int, default=None, help="bytes, local cluster only")
     p.add_argument("--no-progress", action="store_true")

@@ -36,7 +36,9 @@ def load_vae(vae: str | None, device: str = "cpu", dtype: str = "fp32"):
     """AutoencoderKL from a local folder or hub id; ``None`` = random-init sd-vae-ft-mse architecture."""
     import torch
     from diffusers import AutoencoderKL
+    from diffusers.utils import logging as dlogging
 
+    dlogging.set_verbosity_error()  # "accelerate not found" / "keep in float32" notices are not actionable here
     if vae is None:
         torch.manual_seed(0)
         model = AutoencoderKL(**SD_VAE_CONFIG)
@@ -69,13 +71,23 @@ class VaeEncoder:
     """uint8 images (B, R, R, 3) -> posterior (mean, logvar) of image and mirror, float16 (B, 2, C, R/8, R/8)."""
 
     def __init__(self, vae: str | None, device: str = "cpu", dtype: str = "fp32", encode_batch: int = 16,
-                 threads: int | None = None):
+                 threads: int | None = None, deterministic: bool = True):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
+        if device.startswith("cuda"):
+            # Deterministic kernels (no autotuning) so that reruns write identical bytes; --fast in bench-vae
+            # measures what autotuning and channels-last would add.
+            torch.backends.cudnn.benchmark = not deterministic
+            torch.backends.cudnn.deterministic = deterministic
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.device, self.encode_batch = device, encode_batch
         self.model = load_vae(vae, device, dtype)
+        self.channels_last = not deterministic and device.startswith("cuda")
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.dtype = next(self.model.parameters()).dtype
         self.scaling_factor = float(self.model.config.scaling_factor)
 
@@ -92,6 +104,8 @@ class VaeEncoder:
                 x = torch.cat([x, x.new_zeros((self.encode_batch - m,) + x.shape[1:])])
             x = torch.cat([x, x.flip(-1)]).contiguous()  # (2b, 3, R, R): images, then their mirrors
             x = x.to(self.device, non_blocking=True).to(self.dtype) / 127.5 - 1.0
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 dist = self.model.encode(x).latent_dist
             mean = dist.mean.float().cpu().numpy()
@@ -106,16 +120,12 @@ class VaeEncoder:
 
 
 def bench_vae(resolution: int = 256, batch: int = 64, dtype: str = "bf16", vae: str | None = None,
-              device: str | None = None, warmup: int = 3, iters: int = 10) -> dict:
+              device: str | None = None, warmup: int = 3, iters: int = 10, fast: bool = False) -> dict:
     """Images/s of the posterior encode (image + mirror = 2 forward images per image), no Ray."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    enc = VaeEncoder(vae, device=device, dtype=dtype, encode_batch=batch)
+    enc = VaeEncoder(vae, device=device, dtype=dtype, encode_batch=batch, deterministic=not fast)
     images = np.random.default_rng(0).integers(0, 256, (batch, resolution, resolution, 3), dtype=np.uint8)
 
     def sync():
@@ -134,6 +144,7 @@ def bench_vae(resolution: int = 256, batch: int = 64, dtype: str = "bf16", vae: 
         "resolution": resolution, "batch": batch, "dtype": dtype, "device": device,
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "vae": vae or "random-init sd-vae-ft-mse architecture",
+        "mode": "fast (cudnn autotune, channels-last)" if fast else "as preprocessing (deterministic kernels, NCHW)",
         "iters": iters, "seconds": dt, "images_per_s": batch * iters / dt,
         "note": "each image is encoded twice (image and its horizontal mirror); includes host->device copy and "
                 "device->host fp16 latents",
@@ -153,6 +164,8 @@ def add_parser(sub, name: str, help_text: str) -> None:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--fast", action="store_true", help="cudnn autotuning + channels-last instead of the "
+                   "deterministic kernels preprocessing uses")
     p.add_argument("--out", default=None, help="write the JSON result here too")
     p.set_defaults(func=_run_bench)
 
@@ -163,7 +176,7 @@ def _run_bench(args) -> int:
     if args.batch < 1 or args.iters < 1 or args.warmup < 0:
         raise CLIError("--batch and --iters must be >= 1, --warmup >= 0")
     try:
-        res = bench_vae(args.resolution, args.batch, args.dtype, args.vae, args.device, args.warmup, args.iters)
+        res = bench_vae(args.resolution, args.batch, args.dtype, args.vae, args.device, args.warmup, args.iters, args.fast)
     except VaeError as e:
         raise CLIError(str(e)) from None
     text = json.dumps(res, indent=1)

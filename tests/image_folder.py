@@ -20,7 +20,7 @@ PLANTED_CONVERTED = {
 }
 
 
-def make_image_folder(root: Path, per_class: int = 4, classes: int = 3, seed: int = 0) -> Path:
+def make_image_folder(root: Path, per_class: int = 4, classes: int = 3, seed: int = 0, size: int = 80) -> Path:
     """root/train/n0000000{c}/img{i}.JPEG plus the planted files; returns root."""
     from PIL import Image
 
@@ -30,11 +30,13 @@ def make_image_folder(root: Path, per_class: int = 4, classes: int = 3, seed: in
         d = train / f"n{c:08d}"
         d.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            h, w = int(rng.integers(80, 140)), int(rng.integers(80, 140))
-            arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            h, w = int(rng.integers(size, size + 60)), int(rng.integers(size, size + 60))
+            yy, xx = np.mgrid[0:h, 0:w]
+            base = np.stack([(xx * (c + 1) * 7) % 256, (yy * (i + 2) * 5) % 256, (xx + yy) % 256], -1)
+            arr = np.clip(base + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(d / f"img{i}.JPEG", quality=90)
     d0, d1, d2 = (train / f"n{c:08d}" for c in range(3))
-    rgb = rng.integers(0, 256, (90, 100, 3), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (size + 10, size + 20, 3), dtype=np.uint8)
     Image.fromarray(rgb).convert("CMYK").save(d0 / "cmyk.JPEG")
     Image.fromarray(rgb[..., 0]).save(d2 / "grey.JPEG")
     Image.fromarray(np.concatenate([rgb, rgb[..., :1]], -1), "RGBA").save(d2 / "alpha.png")
