@@ -15,7 +15,7 @@ import torch
 from lamamba_dist.config import DataConfig
 from lamamba_dist.data import DataError, build_latent_loader
 from lamamba_dist.data.shards import encode_sample, write_tar_atomic
-from tests.latent_shards import make_shards
+from latent_shards import make_shards
 
 S = 4
 

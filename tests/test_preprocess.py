@@ -17,7 +17,7 @@ import pytest
 
 from data_pipeline.images import SourceError, center_crop_arr, load_image, scan_source, split_folder
 from data_pipeline.preprocess import PreprocessError, Settings, plan_shards, run_preprocess
-from tests.image_folder import PLANTED_CONVERTED, PLANTED_SKIPPED, make_image_folder, make_tiny_vae
+from image_folder import PLANTED_CONVERTED, PLANTED_SKIPPED, make_image_folder, make_tiny_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 # Not `python -m lamamba_dist.cli`: run as __main__, its CLIError is another class than the one commands raise.
