@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("bench-sample", "lamamba_dist.bench_sample", "images/s of DDPM+CFG sampling for several models in one run"),
     ("train", "lamamba_dist.train.cli", "train or resume (rerun the same command) with DeepSpeed ZeRO; exit 3 = saved on signal, requeue"),
     ("export", "lamamba_dist.train.export", "write a run's EMA (or raw) weights as one safetensors file"),
+    ("demo", "lamamba_dist.demo", "end-to-end CPU demo: shapes dataset, tiny VAE, Ray preprocessing, 2-rank DeepSpeed training, sample grid"),
     ("preprocess", "data_pipeline.preprocess", "encode an ImageNet-style folder into VAE-latent WebDataset shards with Ray (rerun resumes)"),
     ("bench-loader", "lamamba_dist.data.bench", "latent loader samples/s per worker on CPU (JSON)"),
     ("bench-vae", "data_pipeline.vae", "VAE posterior-encode images/s of preprocessing, without Ray (JSON)"),

@@ -131,3 +131,23 @@ def test_expected_configs_exist():
     want = {"debug", "demo", "dit_xl2_256", "dit_xl2_512"} | {f"lamamba_{s}_{r}" for s in "SBLX" if s != "X" for r in (256, 512)}
     want |= {"lamamba_XL_256", "lamamba_XL_512"}
     assert want <= names, sorted(want - names)
+
+
+@pytest.mark.slow
+def test_ema_under_zero_equals_plain_pytorch_ema():
+    """ZeRO-3 (fp32) and ZeRO-2 / stage 0 (bf16, fp32 master fragments): ZeroEMA == full-tensor EMA, bitwise."""
+    import subprocess
+    import sys
+
+    from train_helpers import train_env
+
+    setups = ["3-fp32", "2-bf16", "0-fp32", "1-fp32"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "ema_zero_script.py"), *setups]
+    res = subprocess.run(cmd, cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    import re
+
+    for s in setups:
+        for r in (0, 1):
+            assert re.search(rf"^EMA_OK zero{s} \d+ rank{r}$", res.stdout, re.M), (s, r, res.stdout)

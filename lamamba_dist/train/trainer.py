@@ -271,6 +271,7 @@ class Trainer:
                                           world_size=self.world, seed=self.tcfg.seed, latent_size=self.latent_size,
                                           state=loader_state)
         self.flops_per_image = self._flops_per_image()
+        self.vae_meta = self._vae_meta()
 
     # ------------------------------------------------------------------ small helpers
     def info(self, msg: str) -> None:
@@ -337,6 +338,19 @@ class Trainer:
             raise TrainingError(err)
         return out_root
 
+    def _vae_meta(self) -> dict:
+        """The VAE the latents were made with (from the shard manifest), so samplers decode with the right one."""
+        if self.cfg.data.shards == "synthetic":
+            return {}
+        try:
+            from lamamba_dist.data.loader import resolve_shards
+
+            man = resolve_shards(self.cfg.data.shards)[0]
+            out = {"vae": man.get("vae"), "vae_scale": man.get("scale_factor")}
+            return {k: v for k, v in out.items() if v is not None}
+        except Exception:  # informative only
+            return {}
+
     def _flops_per_image(self) -> Optional[float]:
         try:
             from lamamba_dist.flops import model_stats
@@ -399,7 +413,7 @@ class Trainer:
         m = self.cfg.model
         return {"model": m.name, "resolution": m.resolution, "num_classes": m.num_classes, "learn_sigma": m.learn_sigma,
                 "class_dropout": m.class_dropout, "step": self.step, "images_seen": self.images_seen, "ema": ema,
-                "ema_decay": self.ocfg.ema_decay, "run_id": self.run_id}
+                "ema_decay": self.ocfg.ema_decay, "run_id": self.run_id, **self.vae_meta}
 
     def save(self) -> Path:
         """Collective: every rank writes its part, rank 0 marks the folder complete and publishes it."""
