@@ -231,7 +231,7 @@ def test_create_diffusion_config_and_overrides():
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-@pytest.mark.parametrize("steps", [1000, 25])
+@pytest.mark.parametrize("steps", [1000, 25, 1])
 def test_oracle_sampling_returns_the_data_point(sampler, steps):
     torch.manual_seed(0)
     x0 = torch.randn(1, 4, 4, 4).clamp(-2, 2)

@@ -127,11 +127,12 @@ class GaussianDiffusion:
 
         # q(x_{t-1} | x_t, x_0)
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        # beta~_0 = 0, so the log is clipped to beta~_1 at t = 0 (IDDPM).
+        # beta~_0 = 0, so the log is clipped to beta~_1 at t = 0 (IDDPM). A 1-step process has no beta~_1:
+        # use beta_0 (only the t = 0 step exists, which adds no noise).
         self.posterior_log_variance_clipped = (
             np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
             if len(self.posterior_variance) > 1
-            else np.array([], dtype=np.float64)
+            else np.log(betas)
         )
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
@@ -220,7 +221,7 @@ class GaussianDiffusion:
             eps = model_output[:, :C] if model_output.shape[1] != C else model_output
             if self.var_type == "fixed_large":
                 # beta_t, with beta~_1 at t = 0 for a better decoder log-likelihood (IDDPM).
-                var = np.append(self.posterior_variance[1], self.betas[1:])
+                var = np.append(self.posterior_variance[1], self.betas[1:]) if self.num_timesteps > 1 else self.betas
                 variance, log_variance = var, np.log(var)
             else:
                 variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
