@@ -11,10 +11,11 @@ Design (every choice below is what makes resume exact and world-size independent
   not depend on the number of shards, ranks or workers, so fewer shards than ranks x workers just
   works (streams share shards); only fewer *samples* than streams is an error.
 * Stream s belongs to DataLoader worker slot ``s % W`` (W = max(1, num_workers)) of rank
-  ``(s // W) % world_size``. A worker's batch is the concatenation, over its k streams in order, of
-  the next micro_batch/k samples of each. The DataLoader serves its workers round-robin, so after
-  b batches on every rank the position of every stream is a pure function of b: ``state_dict()`` on
-  any rank describes all streams (per-stream positions, epoch, seeds), and a loader rebuilt with
+  ``(s // W) % world_size``. A worker fills its batches one sample at a time, always from the stream
+  of its k that is least advanced (ties: lowest stream id), i.e. round-robin from an even start. The
+  DataLoader serves its workers round-robin, so after b batches on every rank the position of every
+  stream is a pure function of b (a closed-form "water filling", :func:`_waterfill`): ``state_dict()``
+  on any rank describes all streams (per-stream positions, epoch, seeds), and a loader rebuilt with
   ``state=`` continues with exactly the next samples, on the same or another world size.
 * The latent is drawn from the stored posterior: a generator seeded by (seed, data_seed, epoch, key)
   picks the flip (when ``flip``) and eps; ``z = (mean + exp(logvar / 2) * eps) * scale_factor``.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 import logging
 import math
 from collections import OrderedDict
@@ -288,35 +290,59 @@ class _Reader:
         return (mean + std * eps) * plan.scale, e["label"], e["key"]
 
 
+def streams_of(num_streams: int, nw: int, world_size: int, rank: int, slot: int) -> list[int]:
+    return [s for s in range(num_streams) if s % nw == slot and (s // nw) % world_size == rank]
+
+
+def _waterfill(positions: dict[int, int], draws: int) -> dict[int, int]:
+    """Positions after ``draws`` picks of the least advanced stream (ties: lowest id), in closed form."""
+    if draws == 0 or not positions:
+        return dict(positions)
+
+    def cost(level: int) -> int:
+        return sum(max(0, level - p) for p in positions.values())
+
+    lo, hi = min(positions.values()), min(positions.values()) + draws  # cost(lo) = 0 <= draws <= cost(hi)
+    while lo < hi:  # largest level with cost(level) <= draws
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= draws else (lo, mid - 1)
+    out = {s: max(p, lo) for s, p in positions.items()}
+    extra = draws - cost(lo)  # < number of streams at level lo: they get one more, lowest ids first
+    for s in sorted(s for s, p in out.items() if p == lo)[:extra]:
+        out[s] += 1
+    return out
+
+
 class _RankStreams(torch.utils.data.IterableDataset):
     """Infinite batches of one rank; each DataLoader worker serves its own slot's streams."""
 
-    def __init__(self, plan: Plan, rank: int, world_size: int, nw: int, per_stream: int,
+    def __init__(self, plan: Plan, rank: int, world_size: int, nw: int, micro_batch: int,
                  positions: list[int], rotation: int):
         super().__init__()
         self.plan, self.rank, self.world_size, self.nw = plan, rank, world_size, nw
-        self.per_stream, self.positions, self.rotation = per_stream, list(positions), rotation
+        self.micro_batch, self.positions, self.rotation = micro_batch, list(positions), rotation
 
     def streams_of_slot(self, slot: int) -> list[int]:
-        return [s for s in range(self.plan.num_streams)
-                if s % self.nw == slot and (s // self.nw) % self.world_size == self.rank]
+        return streams_of(self.plan.num_streams, self.nw, self.world_size, self.rank, slot)
+
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         wid = info.id if info is not None else 0
         slot = (wid + self.rotation) % self.nw
         streams = self.streams_of_slot(slot)
-        pos = {s: self.positions[s] for s in streams}
-        reader = _Reader(self.plan, cache_size=2 * len(streams) + 1)
+        heap = [(self.positions[s], s) for s in streams]  # least advanced stream first
+        heapq.heapify(heap)
+        reader = _Reader(self.plan, cache_size=len(streams) + 2)
         while True:
             lat, lab, keys = [], [], []
-            for s in streams:
-                for _ in range(self.per_stream):
-                    z, y, k = reader.draw(s, pos[s])
-                    pos[s] += 1
-                    lat.append(z)
-                    lab.append(y)
-                    keys.append(k)
+            for _ in range(self.micro_batch):
+                p, s = heapq.heappop(heap)
+                z, y, k = reader.draw(s, p)
+                heapq.heappush(heap, (p + 1, s))
+                lat.append(z)
+                lab.append(y)
+                keys.append(k)
             bad, reader.new_bad = reader.new_bad, []
             yield {"latent": torch.stack(lat), "label": torch.tensor(lab, dtype=torch.long), "key": keys, "_bad": bad}
 
@@ -338,7 +364,6 @@ class LatentLoader:
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.nw = max(1, num_workers)
         self.micro_batch = micro_batch
-        self.per_stream = micro_batch // (plan.num_streams // (world_size * self.nw))
         self.max_bad_samples = max_bad_samples
         self.prefetch_factor = prefetch_factor
         self._positions = list(positions)
@@ -348,11 +373,15 @@ class LatentLoader:
 
     # ---- position bookkeeping (pure functions of the number of batches consumed)
     def _positions_after(self, b: int) -> list[int]:
-        out = []
-        for s, p in enumerate(self._positions):
-            first = (s % self.nw - self._rotation) % self.nw  # index of this slot's first batch
+        """Every stream's position after every rank consumed ``b`` more batches (ranks run in lockstep)."""
+        out = list(self._positions)
+        for q in range(self.nw):
+            first = (q - self._rotation) % self.nw  # index of slot q's first batch
             nbatches = 0 if b <= first else (b - first + self.nw - 1) // self.nw
-            out.append(p + nbatches * self.per_stream)
+            for r in range(self.world_size):
+                streams = streams_of(self.plan.num_streams, self.nw, self.world_size, r, q)
+                for s, p in _waterfill({s: out[s] for s in streams}, nbatches * self.micro_batch).items():
+                    out[s] = p
         return out
 
     def _fold(self) -> None:
@@ -397,7 +426,7 @@ class LatentLoader:
 
     # ---- iteration
     def _dataset(self) -> _RankStreams:
-        return _RankStreams(self.plan, self.rank, self.world_size, self.nw, self.per_stream,
+        return _RankStreams(self.plan, self.rank, self.world_size, self.nw, self.micro_batch,
                             self._positions, self._rotation)
 
     def __iter__(self) -> Iterator[dict]:
@@ -424,15 +453,11 @@ class LatentLoader:
                             f"{first['key']}: {first['reason']}")
 
 
-def _layout_check(n: int, world_size: int, nw: int, micro_batch: int) -> None:
+def _layout_check(n: int, world_size: int, nw: int) -> None:
     if n % (world_size * nw) != 0:
         raise DataError(f"[data] num_streams = {n} must be divisible by world_size x max(1, num_workers) = "
                         f"{world_size} x {nw}; set num_streams to a multiple of {world_size * nw} "
-                        f"(a multiple of every world size you may resume on)")
-    k = n // (world_size * nw)
-    if micro_batch % k != 0:
-        raise DataError(f"micro_batch = {micro_batch} must be a multiple of the {k} streams each worker serves "
-                        f"([data] num_streams = {n} / (world_size {world_size} x workers {nw}))")
+                        f"(and of world_size x workers for every world size you may resume on)")
 
 
 def build_latent_loader(cfg, *, micro_batch: int, rank: int, world_size: int, seed: int, latent_size: int,
@@ -462,7 +487,7 @@ def build_latent_loader(cfg, *, micro_batch: int, rank: int, world_size: int, se
         if plan.total < n:
             raise DataError(f"[data] shards = {cfg.shards!r} holds {plan.total} samples, fewer than "
                             f"num_streams = {n}: lower num_streams or add data")
-    _layout_check(n, world_size, nw, micro_batch)
+    _layout_check(n, world_size, nw)
     positions, rotation = [0] * n, 0
     if state is not None:
         positions, rotation = _check_state(state, plan, [world_size, nw, micro_batch])
