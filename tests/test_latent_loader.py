@@ -60,8 +60,6 @@ def test_resume_exact_when_micro_batch_is_not_a_multiple_of_streams(tmp_path, wo
     cfg = cfg_for(tmp_path, num_streams=4, num_workers=workers)
     kw = dict(micro_batch=micro, rank=0, world_size=1, seed=2, latent_size=S)
     ref = take(build_latent_loader(cfg, **kw), 10)
-    first_epoch = [k for b in ref for k in b["key"]][:24]
-    assert len(set(first_epoch)) == 24  # no repeat inside the first epoch
     for cut in (1, 2, 3):
         ld = build_latent_loader(cfg, **kw)
         got = take(ld, cut)
