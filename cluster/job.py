@@ -13,8 +13,9 @@ requeue. Each run ("incarnation") of the job:
 4. on ``EXIT_REQUEUE`` (every rank saved at a step boundary) rank 0 decides, in :meth:`TrainJob.checkpoint`
    (submitit's ``Checkpointable`` protocol), whether the job comes back:
 
-   - preempted (``scontrol show job`` has a ``PreemptTime``): Slurm requeues it by itself (PreemptMode=REQUEUE);
-   - time limit or a manual ``scancel --signal USR2``: rank 0 runs ``scontrol requeue``;
+   - preempted (``scontrol show job`` has a ``PreemptTime``), time limit, or a manual ``scancel --signal USR2``:
+     rank 0 runs ``scontrol requeue`` (Slurm's PreemptMode=REQUEUE only requeues a job it had to kill; one that
+     saved and ended within its GraceTime would count as completed);
    - the requeue limit (``SLURM_RESTART_COUNT >= max_requeues``) or ``lamamba cancel --save`` reached: no requeue
      (a preempted job is cancelled so that Slurm does not requeue it); rerunning ``lamamba submit`` resumes.
 
@@ -212,7 +213,9 @@ class TrainJob:
 
         reason = self.stop_reason()
         restarts = restart_count()
-        self.event("stop", reason=reason, signals=self._signals,
+        from lamamba_dist.train.signals import stop_reason
+
+        self.event("stop", reason=reason, trainer=stop_reason() or (self._signals[0] if self._signals else ""),
                    seconds=round(time.time() - self._started, 1))
         delayed = self.checkpoint()
         if delayed is None:
@@ -234,8 +237,7 @@ class TrainJob:
             delayed.set_timeout(self.time_min, self.max_requeues)
             with temporary_save_path(paths.submitted_pickle) as tmp:
                 delayed.dump(tmp)
-        if reason == "preempted":
-            self.event("requeue", by="slurm (PreemptMode=REQUEUE)")
-        else:
-            slurm.requeue(self.job_id)
-            self.event("requeue", by="scontrol requeue")
+        # Requeue explicitly in every case: a preempted job that ends by itself within its GraceTime is
+        # COMPLETED for Slurm, not requeued (PreemptMode=REQUEUE only requeues jobs it has to kill).
+        slurm.requeue(self.job_id)
+        self.event("requeue", by="scontrol requeue")
