@@ -43,11 +43,15 @@ def load_vae(vae: str | None, device: str = "cpu", dtype: str = "fp32"):
         torch.manual_seed(0)
         model = AutoencoderKL(**SD_VAE_CONFIG)
     else:
+        looks_local = Path(vae).expanduser().is_absolute() or vae.startswith((".", "~")) or vae.count("/") > 1
+        if looks_local and not Path(vae).expanduser().exists():
+            raise VaeError(f"cannot load the VAE: folder not found: {vae}")
         try:
-            model = AutoencoderKL.from_pretrained(vae)
+            model = AutoencoderKL.from_pretrained(str(Path(vae).expanduser()) if looks_local else vae)
         except Exception as e:
             hint = "" if Path(vae).exists() else " (not a local folder; the hub may be unreachable: pass a downloaded folder)"
-            raise VaeError(f"cannot load the VAE {vae!r}{hint}: {type(e).__name__}: {e}") from None
+            msg = " ".join(str(e).split())  # one line
+            raise VaeError(f"cannot load the VAE {vae!r}{hint}: {type(e).__name__}: {msg}") from None
     model.decoder = None  # encoding only: frees half the weights
     model.post_quant_conv = None
     return model.to(device=device, dtype=getattr(torch, DTYPES[dtype])).eval().requires_grad_(False)
