@@ -127,6 +127,7 @@ def validate_request(req: SubmitRequest, cfg, partitions: Optional[dict[str, slu
         if "=" not in kv or not kv.split("=", 1)[0].isidentifier():
             raise SubmitError(f"--env {kv!r}: expected NAME=VALUE")
 
+    name = _validate_partition(req, partitions) if partitions is not None else req.partition
     # The batch layout must fit the world size, or the trainer fails after waiting in the queue.
     from lamamba_dist.train.ds_config import gradient_accumulation_steps
 
@@ -144,8 +145,10 @@ def validate_request(req: SubmitRequest, cfg, partitions: Optional[dict[str, slu
         raise SubmitError(f"{cfg.source}: [model] name = {cfg.model.name!r} is not a registered model; "
                           f"choose from: {', '.join(names)}")
 
-    if partitions is None:
-        return req.partition
+    return name
+
+
+def _validate_partition(req: SubmitRequest, partitions: dict[str, slurm.Partition]) -> str:
     if not partitions:
         raise SubmitError("sinfo lists no partitions: is slurmctld up?")
     name = req.partition
@@ -175,7 +178,7 @@ def validate_request(req: SubmitRequest, cfg, partitions: Optional[dict[str, slu
         raise SubmitError(f"--mem {req.mem_gb} GB: partition {name!r} nodes have at most "
                           f"{p.max_mem_mb_per_node / 1024:.1f} GB")
     if p.time_limit_min is not None and req.time_min > p.time_limit_min:
-        raise SubmitError(f"--time {req.time_min} min exceeds partition {name!r}'s limit of {p.time_limit_min} min")
+        raise SubmitError(f"--time {req.time_min} min exceeds the time limit of partition {name!r} ({p.time_limit_min} min)")
     return name
 
 
