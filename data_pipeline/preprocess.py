@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -69,7 +69,6 @@ class Settings:
     object_store_memory: Optional[int] = None
     num_cpus: Optional[int] = None  # only for a local cluster started here
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -108,7 +107,8 @@ def _settings_record(st: Settings, folder: Path, classes: list[str], images: lis
     }
 
 
-_MUST_MATCH = ("format_version", "source", "split", "resolution", "vae", "vae_weights_sha256", "scale_factor",
+# Not "source": the same listing moved to another path may be continued.
+_MUST_MATCH = ("format_version", "split", "resolution", "vae", "vae_weights_sha256", "scale_factor",
                "encode_dtype", "shard_size", "order_seed", "min_side", "num_images", "file_list_sha256")
 
 
@@ -184,7 +184,6 @@ class ShardWriter:
         self.record, self.done, self.key_width = record, dict(done), key_width
         self.pending: dict[int, dict[int, dict]] = collections.defaultdict(dict)
         self.delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
-        self.started = time.time()
 
     def key(self, index: int) -> str:
         im = self.images[index]
@@ -304,9 +303,7 @@ def _encoder_layout(st: Settings) -> tuple[int, dict, str, int, float]:
 
 def run_preprocess(st: Settings) -> dict:
     """Run (or finish) the job; returns the final manifest."""
-    from tqdm import tqdm
-
-    from data_pipeline.vae import VaeError, load_vae, vae_identity
+    from data_pipeline.vae import VaeError, load_vae
 
     if st.resolution % 8 != 0 or st.resolution < 16:
         raise PreprocessError(f"resolution {st.resolution}: must be a multiple of 8 and >= 16")
@@ -325,6 +322,56 @@ def run_preprocess(st: Settings) -> dict:
         raise PreprocessError(str(e)) from None
     out = Path(st.out)
     out.mkdir(parents=True, exist_ok=True)
+    with _OutputLock(out):
+        return _run_locked(st, out, folder, classes, images, scale)
+
+
+class _OutputLock:
+    """One job per output folder: OUT/.lock holds the driver's host:pid; a lock of a dead local process is taken over."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+
+    def __enter__(self):
+        import socket
+
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.path.read_text().strip() if self.path.exists() else ""
+                host, _, pid = owner.partition(":")
+                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                    self.path.unlink(missing_ok=True)  # left by a killed job
+                    continue
+                raise PreprocessError(f"{self.path}: another preprocess job ({owner or 'unknown'}) is writing this "
+                                      f"folder; delete the lock file if that job is gone") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            return self
+        raise PreprocessError(f"{self.path}: cannot take the lock")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _run_locked(st: Settings, out: Path, folder: Path, classes: list[str], images: list[SourceImage],
+                scale: float) -> dict:
+    from tqdm import tqdm
+
+    from data_pipeline.vae import vae_identity
+
     record = _settings_record(st, folder, classes, images, scale, vae_identity(st.vae))
     old = _check_existing(out / MANIFEST_NAME, record)
     plan = plan_shards(len(images), st.shard_size, st.order_seed)
@@ -361,7 +408,7 @@ def _run_ray(st: Settings, folder: str, rows: list[dict], writer: ShardWriter, t
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         n_actors, res, device, threads, decode_cpus = _encoder_layout(st)
-        blocks = max(1, math.ceil(len(rows) / max(8, st.encode_batch)))
+        blocks = max(1, math.ceil(len(rows) / max(128, st.encode_batch)))
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
         ds = ds.map_batches(decode_batch, fn_kwargs=dict(folder=folder, resolution=st.resolution, min_side=st.min_side),
                             batch_size=max(8, st.encode_batch), num_cpus=decode_cpus)

@@ -98,10 +98,29 @@ def test_encoder_batch_invariant_and_flip_layout(assets):
 
 
 def test_rerun_with_other_settings_is_refused(assets, tmp_path):
+    from data_pipeline.preprocess import _settings_record
+    from data_pipeline.vae import vae_identity
+
     src, vae = assets
-    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "resolution": 512}))
-    with pytest.raises(PreprocessError, match="was made with source = None"):
+    st = Settings(src=str(src), out=str(tmp_path), resolution=64, vae=str(vae))
+    classes, images, _ = scan_source(src / "train")
+    record = _settings_record(st, src / "train", classes, images, 0.18215, vae_identity(str(vae)))
+    (tmp_path / "manifest.json").write_text(json.dumps({**record, "resolution": 512}))
+    with pytest.raises(PreprocessError, match="was made with resolution = 512, this run has 64"):
+        run_preprocess(st)
+    (tmp_path / "manifest.json").write_text(json.dumps({**record, "file_list_sha256": "0" * 64}))
+    with pytest.raises(PreprocessError, match="was made with file_list_sha256"):
+        run_preprocess(st)
+
+
+def test_one_job_per_output_folder(assets, tmp_path):
+    import socket
+
+    src, vae = assets
+    (tmp_path / ".lock").write_text(f"{socket.gethostname()}:{os.getpid()}")  # a live process holds it
+    with pytest.raises(PreprocessError, match="another preprocess job"):
         run_preprocess(Settings(src=str(src), out=str(tmp_path), resolution=64, vae=str(vae)))
+    assert (tmp_path / ".lock").exists()
 
 
 def test_cli_clear_errors(tmp_path):
