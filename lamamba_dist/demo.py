@@ -5,7 +5,8 @@
    0 red disc, 1 green square, 2 blue triangle, 3 yellow cross.
 2. **VAE**: a tiny diffusers ``AutoencoderKL`` (downsampling 8, 4 latent channels: the same interface as
    SD's VAE) trained for a minute or two on those images, saved with ``save_pretrained``; its
-   ``scaling_factor`` is set to 1 / std of the latents. (A randomly initialised VAE would decode noise.)
+   ``scaling_factor`` is set to 1 / std of the latents; the posterior std starts small (e^-4) so that
+   reconstruction is learned from the first steps. (A randomly initialised VAE would decode noise.)
 3. **Preprocessing**: the real Ray job (``data_pipeline.preprocess``) encodes the folder into latent shards.
 4. **Training**: ``lamamba train`` with DeepSpeed ZeRO-2 on 2 CPU ranks (torchrun, gloo, fp32), from
    ``configs/demo.toml``, checkpointing as usual.
@@ -93,14 +94,14 @@ def load_images(folder: Path) -> "torch.Tensor":  # noqa: F821
 
 def tiny_vae_config(res: int) -> dict:
     return dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64), act_fn="silu", sample_size=res, scaling_factor=1.0,
+        block_out_channels=(8, 16, 32, 64), act_fn="silu", sample_size=res, scaling_factor=1.0,
     )
 
 
-def train_vae(images_dir: Path, out: Path, res: int, seconds: float, seed: int = 0, log=print) -> float:
-    """Train a tiny AutoencoderKL for ``seconds`` (L1 + MSE reconstruction, small KL); returns its scaling factor."""
+def train_vae(images_dir: Path, out: Path, res: int, steps: int, seed: int = 0, log=print) -> float:
+    """Train a tiny AutoencoderKL for ``steps`` steps (L1 + MSE reconstruction, small KL); returns its scaling factor."""
     import torch
     from diffusers import AutoencoderKL
     from diffusers.utils import logging as dlogging
@@ -113,12 +114,13 @@ def train_vae(images_dir: Path, out: Path, res: int, seconds: float, seed: int =
     torch.manual_seed(seed)
     x_all = load_images(images_dir)
     vae = AutoencoderKL(**tiny_vae_config(res))
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    with torch.no_grad():  # start with a small posterior std (e^-4): early on, unit noise would drown the signal
+        vae.quant_conv.bias[4:].fill_(-8.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=5e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    t_end = time.monotonic() + seconds
-    step, bar = 0, tqdm(desc="vae", unit="step", file=sys.stderr, mininterval=2.0)
-    while time.monotonic() < t_end:
-        idx = torch.randint(0, x_all.shape[0], (32,), generator=g)
+    step, bar = 0, tqdm(total=steps, desc="vae", unit="step", file=sys.stderr, mininterval=2.0)
+    while step < steps:
+        idx = torch.randint(0, x_all.shape[0], (16,), generator=g)
         x = x_all[idx]
         post = vae.encode(x).latent_dist
         z = post.sample(generator=g)
@@ -158,7 +160,7 @@ def _env() -> dict:
     return env
 
 
-def run_demo(out: Path, *, per_class: int, vae_seconds: float, steps: int | None, nproc: int, sample_steps: int,
+def run_demo(out: Path, *, per_class: int, vae_steps: int, steps: int | None, nproc: int, sample_steps: int,
              cfg_scale: float, log=print) -> Path:
     from lamamba_dist.cli import CLIError
     from lamamba_dist.config import load_config
@@ -176,7 +178,7 @@ def run_demo(out: Path, *, per_class: int, vae_seconds: float, steps: int | None
     log(f"[1/5] {n} procedural images ({len(CLASSES)} classes: {', '.join(CLASSES)}) in {out / 'images'}")
 
     t = time.monotonic()
-    scale = train_vae(out / "images", out / "vae", res, vae_seconds, log=log)
+    scale = train_vae(out / "images", out / "vae", res, vae_steps, log=log)
     timings["vae"] = time.monotonic() - t
     log(f"[2/5] tiny AutoencoderKL in {out / 'vae'} (scaling factor {scale:.4f})")
 
@@ -252,7 +254,7 @@ def add_parser(sub, name: str, help_text: str):
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--per-class", type=int, default=300, help="procedural images per class (default 300)")
-    p.add_argument("--vae-seconds", type=float, default=90.0, help="VAE training time budget (default 90 s)")
+    p.add_argument("--vae-steps", type=int, default=700, help="VAE training steps, batch 16 (default 700, ~2 min)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: [train] steps of configs/demo.toml)")
     p.add_argument("--nproc", type=int, default=2, help="CPU ranks (default 2)")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (default 50)")
@@ -270,6 +272,6 @@ def _run(args) -> int:
     def log(msg):
         print(f"[lamamba demo] {msg}", file=sys.stderr, flush=True)
 
-    run_demo(Path(args.out), per_class=args.per_class, vae_seconds=args.vae_seconds, steps=args.steps,
+    run_demo(Path(args.out), per_class=args.per_class, vae_steps=args.vae_steps, steps=args.steps,
              nproc=args.nproc, sample_steps=args.sample_steps, cfg_scale=args.cfg_scale, log=log)
     return 0

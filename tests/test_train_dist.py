@@ -142,3 +142,64 @@ def test_nonfinite_loss_skips_the_step_then_rolls_back(tmp_path):
     st = json.loads((step_dir(tmp_path, 8) / "trainer_state.json").read_text())
     assert st["step"] == 8 and st["rollbacks"] == 1
     assert all(v.isfinite().all() for v in weights(step_dir(tmp_path, 8) / "model.safetensors").values())
+
+
+def _rank_pids(parent: int) -> dict[int, int]:
+    """RANK -> pid of the torchrun workers below ``parent`` (read from /proc)."""
+    out, todo = {}, [parent]
+    while todo:
+        pid = todo.pop()
+        try:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        for k in map(int, kids):
+            todo.append(k)
+            try:
+                env = Path(f"/proc/{k}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for e in env:
+                if e.startswith(b"RANK="):
+                    out[int(e[5:])] = k
+    return out
+
+
+@pytest.mark.parametrize("sig", ["SIGUSR2", "SIGTERM"])
+def test_signal_saves_on_every_rank_and_exits_for_requeue(tmp_path, sig):
+    """The signal reaches rank 1 only: both ranks agree at the next step boundary, save one complete
+    checkpoint and exit with EXIT_REQUEUE (3); rerunning the command continues from it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from train_helpers import DEBUG_CONFIG, ROOT, train_env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lamamba_dist.cli",
+           "train", "--config", str(DEBUG_CONFIG), "--set", f'checkpoint.dir="{tmp_path}"', "--set", "train.steps=500",
+           "--set", "checkpoint.every=1000", "--set", "train.log_every=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stats = tmp_path / "stats.jsonl"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (stats.is_file() and len(stats.read_text().splitlines()) >= 2):
+            time.sleep(0.5)
+        pids = _rank_pids(proc.pid)
+        assert set(pids) == {0, 1}, pids
+        import os
+
+        os.kill(pids[1], getattr(signal, sig))
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = err[-6000:]
+    assert f"stop requested (signal {sig}" in err or "stop requested" in err, log
+    assert "exitcode  : 3" in err or proc.returncode == 3, log  # torchrun reports the workers' exit code 3
+    saved = sorted(p.name for p in tmp_path.glob("step_*"))
+    assert len(saved) == 1 and (tmp_path / saved[0] / "COMPLETE.json").is_file(), saved
+    step = int(saved[0].split("_")[1])
+    assert 2 <= step < 500
+    res = launch(tmp_path, 2, (f"train.steps={step + 1}", "checkpoint.every=1000"))
+    assert res.returncode == 0 and f"step_{step:08d}" in res.stderr, res.log

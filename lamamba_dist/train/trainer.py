@@ -254,6 +254,8 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.last_saved_step: Optional[int] = None
         self.last_ckpt_dir: Optional[Path] = None
+        self.saved: list[tuple[int, Path]] = []  # checkpoints of this process (and the resumed one), oldest first
+        self.streak_start = 0  # first step of the current run of non-finite steps
         self.run_id = self.state.get("wandb_run_id") if self.state else None
         loader_state = None
         if self.state:
@@ -381,6 +383,8 @@ class Trainer:
         self.skipped_total = int(st.get("skipped_steps", 0))
         self.last_saved_step = self.step
         self.last_ckpt_dir = step_dir
+        if not any(p == step_dir for _, p in self.saved):
+            self.saved.append((self.step, step_dir))
         loader_state = st.get("loader_state")
         if int(st.get("world_size", -1)) == self.world:
             rs_path = ckpt.rank_state_path(step_dir, self.rank)
@@ -467,6 +471,7 @@ class Trainer:
         self.dist.barrier()
         self.last_saved_step = self.step
         self.last_ckpt_dir = final
+        self.saved = [(s, p) for s, p in self.saved if p != final] + [(self.step, final)]
         self.info(f"saved {final} in {time.perf_counter() - t0:.1f}s")
         return final
 
@@ -523,8 +528,13 @@ class Trainer:
                 del opt.overflow
 
     def _rollback(self) -> None:
-        if self.last_ckpt_dir is None:
-            raise TrainingError(f"{self.nonfinite_in_row} non-finite steps in a row and no checkpoint to roll back to")
+        # The newest checkpoint written before the non-finite streak began (one written during it may
+        # hold weights damaged by a step that DeepSpeed could not skip).
+        target = [p for s, p in self.saved if s < self.streak_start and (p / ckpt.MARKER).is_file()]
+        if not target:
+            raise TrainingError(f"{self.nonfinite_in_row} non-finite steps in a row and no checkpoint from before "
+                                f"step {self.streak_start} to roll back to")
+        self.last_ckpt_dir = target[-1]
         self.warn(f"{self.nonfinite_in_row} non-finite steps in a row: rolling back to {self.last_ckpt_dir.name} "
                   "(data position kept: the offending batches are not replayed)")
         rollbacks = self.rollbacks + 1
@@ -627,6 +637,8 @@ class Trainer:
                 else:
                     self.skipped_total += 1
                     self.nonfinite_in_row += 1
+                    if self.nonfinite_in_row == 1:
+                        self.streak_start = self.step
                     gathered: list = [None] * self.world
                     if self.world > 1:
                         self.dist.all_gather_object(gathered, bad_keys)
