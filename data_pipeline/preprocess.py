@@ -462,6 +462,9 @@ def _run_cli(args) -> int:
                   shard_size=args.shard_size, order_seed=args.order_seed, min_side=args.min_side, dtype=args.dtype,
                   encode_batch=args.encode_batch, address=args.address, num_actors=args.num_actors,
                   object_store_memory=args.object_store_memory, num_cpus=args.num_cpus, progress=not args.no_progress)
+    if args.address and (args.num_cpus or args.object_store_memory):
+        raise CLIError("--num-cpus and --object-store-memory size a local Ray cluster; with --address the "
+                       "cluster's own resources are used")
     try:
         man = run_preprocess(st)
     except PreprocessError as e:
