@@ -65,9 +65,10 @@ class DataConfig:
     # `lamamba preprocess` (or its manifest.json, or a glob/brace pattern of some of its shards).
     shards: str = "synthetic"
     num_workers: int = field(default=2, metadata=dict(ge=0))
-    # Virtual streams the epoch is cut into (lamamba_dist/data/loader.py). Must be a multiple of
-    # world_size x max(1, num_workers) for every world size the run may resume on; 0 = that product
-    # on a fresh start, the saved value on resume.
+    # Virtual streams the epoch is cut into (lamamba_dist/data/loader.py). Must be divisible by every
+    # world size the run may use; with global_batch % num_streams == 0 the global batches are identical
+    # on any world size (e.g. 64 for batch 256 on 1-64 GPUs). 0 = world_size on a fresh start, the
+    # saved value on resume.
     num_streams: int = field(default=0, metadata=dict(ge=0))
     seed: int = 0  # mixed with the training seed: changes the data order alone
     flip: bool = True  # random choice between the stored latents of the image and of its mirror

@@ -122,19 +122,47 @@ def test_exactly_once_epoch_two_ranks_two_workers(tmp_path):
     assert sorted(keys2) == sorted(all_keys) and keys2 != keys
 
 
-def test_elastic_resume_two_ranks_to_one(tmp_path):
-    all_keys = make_shards(tmp_path, [8, 8, 8, 8])
-    # 2 ranks x 1 worker, 2 samples/rank/step, 3 steps -> 12 images; then 1 rank x 2 workers to the epoch end.
-    keys, loaders = epoch_keys(tmp_path, 32, world_size=2, workers=1, micro=2, batches=3)
-    state = loaders[0].state_dict()
-    assert state["images_seen"] == 12
-    more, _ = epoch_keys(tmp_path, 32, world_size=1, workers=2, micro=2, state=state, batches=10)
-    assert sorted(keys + more) == sorted(all_keys)
-    # And the global batches after the resume are those an uninterrupted 2-rank run would see next (as sets per step:
-    # the 1-rank run's two consecutive micro-batches = one 2-rank step).
-    ref, _ = epoch_keys(tmp_path, 32, world_size=2, workers=1, micro=2, batches=8)
-    ref_steps = [set(ref[i:i + 2] + ref[16 + i:16 + i + 2]) for i in range(0, 16, 2)]  # rank0 then rank1 batches
-    assert set(more[0:2] + more[2:4]) == ref_steps[3]
+def global_steps(folder, world_size, workers, micro, accum, steps, state=None, seed=1, num_streams=4):
+    """Per global step: {key: latent} over all ranks and accumulation micro-steps; and rank 0's final state."""
+    cfg = cfg_for(folder, num_workers=workers, num_streams=num_streams)
+    its, loaders = [], []
+    for r in range(world_size):
+        ld = build_latent_loader(cfg, micro_batch=micro, rank=r, world_size=world_size, seed=seed, latent_size=S,
+                                 state=state)
+        loaders.append(ld)
+        its.append(iter(ld))
+    out = []
+    for _ in range(steps):
+        step = {}
+        for it in its:
+            for _ in range(accum):
+                b = next(it)
+                step.update(zip(b["key"], b["latent"]))
+        out.append(step)
+    states = [ld.state_dict() for ld in loaders]
+    assert all(st == states[0] for st in states), "every rank must describe the same global position"
+    return out, states[0]
+
+
+def assert_steps_equal(a, b):
+    assert [sorted(x) for x in a] == [sorted(y) for y in b]
+    for x, y in zip(a, b):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_elastic_resume_keeps_global_batches(tmp_path):
+    # 40 samples, N = 4 streams, global batch G = 8 (G % N == 0): a global step is the next 2 samples of every stream.
+    all_keys = make_shards(tmp_path, [13, 11, 9, 7])
+    ref, _ = global_steps(tmp_path, world_size=2, workers=2, micro=4, accum=1, steps=8)
+    assert sorted(k for st in ref[:5] for k in st) == sorted(all_keys)  # 5 steps = one epoch, each sample once
+    head, state = global_steps(tmp_path, world_size=2, workers=2, micro=4, accum=1, steps=3)
+    assert state["images_seen"] == 24
+    assert_steps_equal(head, ref[:3])
+    # resume on 1 rank (2 x accumulation, 2 workers) and on 4 ranks (micro 2, no workers): same global batches
+    tail1, _ = global_steps(tmp_path, world_size=1, workers=2, micro=4, accum=2, steps=5, state=state)
+    tail4, _ = global_steps(tmp_path, world_size=4, workers=0, micro=2, accum=1, steps=5, state=state)
+    assert_steps_equal(tail1, ref[3:])
+    assert_steps_equal(tail4, ref[3:])
 
 
 def test_latent_is_drawn_from_stored_posterior(tmp_path):
@@ -189,8 +217,8 @@ def test_layout_and_state_errors(tmp_path):
     kw = dict(rank=0, world_size=1, seed=0, latent_size=S)
     with pytest.raises(DataError, match="fewer than num_streams = 4"):
         build_latent_loader(cfg_for(tmp_path, num_streams=4), micro_batch=4, **kw)
-    with pytest.raises(DataError, match="divisible by world_size"):
-        build_latent_loader(cfg_for(tmp_path, num_streams=3), micro_batch=4, **kw)
+    with pytest.raises(DataError, match="num_streams = 3 must be divisible by world_size = 2"):
+        build_latent_loader(cfg_for(tmp_path, num_streams=3), micro_batch=4, **{**kw, "world_size": 2})
     with pytest.raises(DataError, match="latents are 4x4"):
         build_latent_loader(cfg_for(tmp_path, num_streams=1), micro_batch=1, **{**kw, "latent_size": 32})
     ld = build_latent_loader(cfg_for(tmp_path, num_streams=1, num_workers=0), micro_batch=1, **kw)

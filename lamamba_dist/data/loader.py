@@ -8,15 +8,21 @@ Design (every choice below is what makes resume exact and world-size independent
   ranges, stream s getting samples [s*T//N, (s+1)*T//N). A stream runs forever, epoch after epoch
   (epoch e of stream s = its positions [e*len_s, (e+1)*len_s)), so batches always have their full
   shape and every sample is visited exactly once per epoch. Streams are virtual: their number does
-  not depend on the number of shards, ranks or workers, so fewer shards than ranks x workers just
-  works (streams share shards); only fewer *samples* than streams is an error.
-* Stream s belongs to DataLoader worker slot ``s % W`` (W = max(1, num_workers)) of rank
-  ``(s // W) % world_size``. A worker fills its batches one sample at a time, always from the stream
-  of its k that is least advanced (ties: lowest stream id), i.e. round-robin from an even start. The
-  DataLoader serves its workers round-robin, so after b batches on every rank the position of every
-  stream is a pure function of b (a closed-form "water filling", :func:`_waterfill`): ``state_dict()``
-  on any rank describes all streams (per-stream positions, epoch, seeds), and a loader rebuilt with
-  ``state=`` continues with exactly the next samples, on the same or another world size.
+  not depend on the number of shards or workers, so fewer shards than ranks x workers just works
+  (streams share shards); only fewer *samples* than streams is an error.
+* Rank r owns the streams s with ``s % world_size == r`` and fills its batches one sample at a time,
+  always from its least advanced stream (ties: lowest stream id). That rule is memoryless: the
+  next samples depend only on the current per-stream positions, and the positions after D draws
+  have a closed form (:func:`_waterfill`). So ``state_dict()`` on any rank describes all streams
+  (ranks run in lockstep), and a loader rebuilt with ``state=`` continues with exactly the next
+  samples, whatever the world size, micro-batch or number of workers.
+* When the global batch G is a multiple of N, a global step (all ranks, all accumulation
+  micro-steps) is exactly "the next G/N samples of every stream", for any world size: an elastic
+  resume sees the same global batches as an uninterrupted run.
+* DataLoader workers split a rank's *batches*, not its streams: worker w builds the rank's batches
+  j = w, w + W, ... (W workers), each from the closed-form positions at its start. Each worker
+  therefore reads all the shards of the rank's streams (memory ~ streams per rank x shard size per
+  worker); samples are decoded only when drawn.
 * The latent is drawn from the stored posterior: a generator seeded by (seed, data_seed, epoch, key)
   picks the flip (when ``flip``) and eps; ``z = (mean + exp(logvar / 2) * eps) * scale_factor``.
 * Faults never desynchronise ranks: a sample that cannot be used (corrupt or truncated tar, missing
@@ -141,8 +147,8 @@ class _Bad:
     reason: str
 
 
-def read_shard(url: str, count: int, latent_shape: tuple) -> list:
-    """Read one shard into a list of ``count`` entries: a dict (mean, logvar, label, key) or a _Bad.
+def read_shard(url: str, count: int) -> list:
+    """Read one shard into a list of ``count`` entries: the sample's raw members (a dict) or a _Bad.
 
     A truncated or corrupt tar yields the samples read before the damage; the rest are _Bad.
     """
@@ -173,32 +179,31 @@ def read_shard(url: str, count: int, latent_shape: tuple) -> list:
     if error is not None and groups:
         groups.pop()  # the sample being read when the tar broke may be incomplete
     out: list = []
-    want = (2,) + tuple(latent_shape)
     for g in groups[:count]:
-        key = g["__key__"]
         missing = [m for m in ("mean.npy", "logvar.npy", "cls") if m not in g]
-        if missing:
-            out.append(_Bad(key, f"missing member(s) {', '.join(missing)}"))
-            continue
-        try:
-            mean, logvar = npy_load(g["mean.npy"]), npy_load(g["logvar.npy"])
-            label = int(g["cls"].decode().strip())
-        except Exception as e:
-            out.append(_Bad(key, f"undecodable member: {type(e).__name__}: {e}"))
-            continue
-        if mean.shape != want or logvar.shape != want:
-            out.append(_Bad(key, f"latent shape {mean.shape}/{logvar.shape}, expected {want}"))
-            continue
-        if not (np.isfinite(mean).all() and np.isfinite(logvar).all()):
-            out.append(_Bad(key, "non-finite latent (NaN or inf)"))
-            continue
-        out.append(dict(key=key, mean=mean, logvar=logvar, label=label))
+        out.append(_Bad(g["__key__"], f"missing member(s) {', '.join(missing)}") if missing else g)
     if len(groups) > count:
         log.warning("%s: %d samples in the tar, the manifest says %d; extra samples ignored", url, len(groups), count)
     reason = error or f"sample missing: the tar holds {len(groups)} samples, the manifest {count}"
     while len(out) < count:
         out.append(_Bad(f"#{len(out)}", reason))
     return out
+
+
+def parse_sample(g: dict, latent_shape: tuple):
+    """Raw members -> dict(key, mean, logvar, label), or a _Bad naming what is wrong."""
+    key = g["__key__"]
+    try:
+        mean, logvar = npy_load(g["mean.npy"]), npy_load(g["logvar.npy"])
+        label = int(g["cls"].decode().strip())
+    except Exception as e:
+        return _Bad(key, f"undecodable member: {type(e).__name__}: {e}")
+    want = (2,) + tuple(latent_shape)
+    if mean.shape != want or logvar.shape != want:
+        return _Bad(key, f"latent shape {mean.shape}/{logvar.shape}, expected {want}")
+    if not (np.isfinite(mean).all() and np.isfinite(logvar).all()):
+        return _Bad(key, "non-finite latent (NaN or inf)")
+    return dict(key=key, mean=mean, logvar=logvar, label=label)
 
 
 # --------------------------------------------------------------------------- streams (run in workers)
@@ -240,7 +245,7 @@ class _Reader:
             self.cache.move_to_end(i)
             return self.cache[i]
         info = self.plan.shards[i]
-        entries = read_shard(info.url, info.count, self.plan.latent_shape)
+        entries = read_shard(info.url, info.count)
         self.cache[i] = entries
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
@@ -264,7 +269,10 @@ class _Reader:
             w = self.within(epoch, sid)
             n = len(w)
             for dj in range(n):
-                e = entries[int(w[(j + dj) % n])]
+                i = int(w[(j + dj) % n])
+                e = entries[i]
+                if isinstance(e, dict) and "__key__" in e:  # raw: decode and check once
+                    e = entries[i] = parse_sample(e, self.plan.latent_shape)
                 if isinstance(e, _Bad):
                     self._note(sid, e)
                     continue
@@ -290,8 +298,8 @@ class _Reader:
         return (mean + std * eps) * plan.scale, e["label"], e["key"]
 
 
-def streams_of(num_streams: int, nw: int, world_size: int, rank: int, slot: int) -> list[int]:
-    return [s for s in range(num_streams) if s % nw == slot and (s // nw) % world_size == rank]
+def streams_of(num_streams: int, world_size: int, rank: int) -> list[int]:
+    return [s for s in range(num_streams) if s % world_size == rank]
 
 
 def _waterfill(positions: dict[int, int], draws: int) -> dict[int, int]:
@@ -313,38 +321,44 @@ def _waterfill(positions: dict[int, int], draws: int) -> dict[int, int]:
     return out
 
 
-class _RankStreams(torch.utils.data.IterableDataset):
-    """Infinite batches of one rank; each DataLoader worker serves its own slot's streams."""
+def _draws(positions: dict[int, int], n: int) -> list[tuple[int, int]]:
+    """The next ``n`` (stream, position) draws of the least-advanced-first rule."""
+    heap = [(p, s) for s, p in positions.items()]
+    heapq.heapify(heap)
+    out = []
+    for _ in range(n):
+        p, s = heapq.heappop(heap)
+        out.append((s, p))
+        heapq.heappush(heap, (p + 1, s))
+    return out
 
-    def __init__(self, plan: Plan, rank: int, world_size: int, nw: int, micro_batch: int,
-                 positions: list[int], rotation: int):
+
+class _RankStreams(torch.utils.data.IterableDataset):
+    """Infinite batches of one rank; worker w of W builds the rank's batches w, w + W, w + 2W..."""
+
+    def __init__(self, plan: Plan, rank: int, world_size: int, nw: int, micro_batch: int, positions: list[int]):
         super().__init__()
         self.plan, self.rank, self.world_size, self.nw = plan, rank, world_size, nw
-        self.micro_batch, self.positions, self.rotation = micro_batch, list(positions), rotation
-
-    def streams_of_slot(self, slot: int) -> list[int]:
-        return streams_of(self.plan.num_streams, self.nw, self.world_size, self.rank, slot)
-
+        self.micro_batch, self.positions = micro_batch, list(positions)
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         wid = info.id if info is not None else 0
-        slot = (wid + self.rotation) % self.nw
-        streams = self.streams_of_slot(slot)
-        heap = [(self.positions[s], s) for s in streams]  # least advanced stream first
-        heapq.heapify(heap)
+        streams = streams_of(self.plan.num_streams, self.world_size, self.rank)
+        base = {s: self.positions[s] for s in streams}
         reader = _Reader(self.plan, cache_size=len(streams) + 2)
+        j = wid
         while True:
+            start = _waterfill(base, j * self.micro_batch)
             lat, lab, keys = [], [], []
-            for _ in range(self.micro_batch):
-                p, s = heapq.heappop(heap)
+            for s, p in _draws(start, self.micro_batch):
                 z, y, k = reader.draw(s, p)
-                heapq.heappush(heap, (p + 1, s))
                 lat.append(z)
                 lab.append(y)
                 keys.append(k)
             bad, reader.new_bad = reader.new_bad, []
             yield {"latent": torch.stack(lat), "label": torch.tensor(lab, dtype=torch.long), "key": keys, "_bad": bad}
+            j += self.nw
 
 
 # --------------------------------------------------------------------------- the loader
@@ -359,7 +373,7 @@ class LatentLoader:
     """
 
     def __init__(self, plan: Plan, *, rank: int, world_size: int, num_workers: int, micro_batch: int,
-                 positions: list[int], rotation: int, max_bad_samples: int, prefetch_factor: int = 2):
+                 positions: list[int], max_bad_samples: int, prefetch_factor: int = 2):
         self.plan = plan
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.nw = max(1, num_workers)
@@ -367,26 +381,22 @@ class LatentLoader:
         self.max_bad_samples = max_bad_samples
         self.prefetch_factor = prefetch_factor
         self._positions = list(positions)
-        self._rotation = rotation
         self._consumed = 0
         self.bad_samples: list[dict] = []
+        self._bad_seen: set = set()
 
     # ---- position bookkeeping (pure functions of the number of batches consumed)
     def _positions_after(self, b: int) -> list[int]:
         """Every stream's position after every rank consumed ``b`` more batches (ranks run in lockstep)."""
         out = list(self._positions)
-        for q in range(self.nw):
-            first = (q - self._rotation) % self.nw  # index of slot q's first batch
-            nbatches = 0 if b <= first else (b - first + self.nw - 1) // self.nw
-            for r in range(self.world_size):
-                streams = streams_of(self.plan.num_streams, self.nw, self.world_size, r, q)
-                for s, p in _waterfill({s: out[s] for s in streams}, nbatches * self.micro_batch).items():
-                    out[s] = p
+        for r in range(self.world_size):
+            streams = streams_of(self.plan.num_streams, self.world_size, r)
+            for s, p in _waterfill({s: out[s] for s in streams}, b * self.micro_batch).items():
+                out[s] = p
         return out
 
     def _fold(self) -> None:
         self._positions = self._positions_after(self._consumed)
-        self._rotation = (self._rotation + self._consumed) % self.nw
         self._consumed = 0
 
     @property
@@ -420,14 +430,12 @@ class LatentLoader:
             "positions": self.positions,
             "images_seen": self.images_seen,
             "epoch": self.epoch,
-            "layout": [self.world_size, self.nw, self.micro_batch],
-            "rotation": (self._rotation + self._consumed) % self.nw,
+            "layout": {"world_size": self.world_size, "num_workers": self.num_workers, "micro_batch": self.micro_batch},
         }
 
     # ---- iteration
     def _dataset(self) -> _RankStreams:
-        return _RankStreams(self.plan, self.rank, self.world_size, self.nw, self.micro_batch,
-                            self._positions, self._rotation)
+        return _RankStreams(self.plan, self.rank, self.world_size, self.nw, self.micro_batch, self._positions)
 
     def __iter__(self) -> Iterator[dict]:
         self._fold()
@@ -444,8 +452,11 @@ class LatentLoader:
 
     def _note_bad(self, bad: list[dict]) -> None:
         for b in bad:
+            if (b["url"], b["key"]) in self._bad_seen:  # several workers may meet the same one
+                continue
+            self._bad_seen.add((b["url"], b["key"]))
             log.warning("bad sample skipped: %s key %s: %s", b["url"], b["key"], b["reason"])
-        self.bad_samples.extend(bad)
+            self.bad_samples.append(b)
         if len(self.bad_samples) > self.max_bad_samples:
             first = self.bad_samples[0]
             raise DataError(f"{len(self.bad_samples)} bad samples on rank {self.rank}, more than "
@@ -453,11 +464,12 @@ class LatentLoader:
                             f"{first['key']}: {first['reason']}")
 
 
-def _layout_check(n: int, world_size: int, nw: int) -> None:
-    if n % (world_size * nw) != 0:
-        raise DataError(f"[data] num_streams = {n} must be divisible by world_size x max(1, num_workers) = "
-                        f"{world_size} x {nw}; set num_streams to a multiple of {world_size * nw} "
-                        f"(and of world_size x workers for every world size you may resume on)")
+def _layout_check(n: int, world_size: int) -> None:
+    if n % world_size != 0:
+        raise DataError(f"[data] num_streams = {n} must be divisible by world_size = {world_size}; set it to a "
+                        f"multiple of every world size the run may use (e.g. 64), and of nothing larger than "
+                        f"the global batch divides (global_batch % num_streams == 0 keeps global batches identical "
+                        f"across world sizes)")
 
 
 def build_latent_loader(cfg, *, micro_batch: int, rank: int, world_size: int, seed: int, latent_size: int,
@@ -471,8 +483,7 @@ def build_latent_loader(cfg, *, micro_batch: int, rank: int, world_size: int, se
         raise DataError(f"rank {rank} is not in [0, world_size = {world_size})")
     if micro_batch < 1:
         raise DataError(f"micro_batch = {micro_batch}: must be >= 1")
-    nw = max(1, cfg.num_workers)
-    n = cfg.num_streams or (state["num_streams"] if state else world_size * nw)
+    n = cfg.num_streams or (state["num_streams"] if state else world_size)
     kind = "synthetic" if cfg.shards == "synthetic" else "shards"
     if kind == "synthetic":
         plan = Plan(kind, seed, cfg.seed, n, (4, latent_size, latent_size), 1.0, cfg.flip,
@@ -487,16 +498,16 @@ def build_latent_loader(cfg, *, micro_batch: int, rank: int, world_size: int, se
         if plan.total < n:
             raise DataError(f"[data] shards = {cfg.shards!r} holds {plan.total} samples, fewer than "
                             f"num_streams = {n}: lower num_streams or add data")
-    _layout_check(n, world_size, nw)
-    positions, rotation = [0] * n, 0
+    _layout_check(n, world_size)
+    positions = [0] * n
     if state is not None:
-        positions, rotation = _check_state(state, plan, [world_size, nw, micro_batch])
+        positions = _check_state(state, plan)
     return LatentLoader(plan, rank=rank, world_size=world_size, num_workers=cfg.num_workers, micro_batch=micro_batch,
-                        positions=positions, rotation=rotation, max_bad_samples=cfg.max_bad_samples,
+                        positions=positions, max_bad_samples=cfg.max_bad_samples,
                         prefetch_factor=cfg.prefetch_factor)
 
 
-def _check_state(state: dict, plan: Plan, layout: list) -> tuple[list[int], int]:
+def _check_state(state: dict, plan: Plan) -> list[int]:
     def bad(msg: str) -> DataError:
         return DataError(f"cannot resume the data loader: {msg}")
 
@@ -511,5 +522,4 @@ def _check_state(state: dict, plan: Plan, layout: list) -> tuple[list[int], int]
     positions = [int(p) for p in state["positions"]]
     if len(positions) != plan.num_streams or min(positions) < 0:
         raise bad(f"positions {positions[:8]}... do not match num_streams = {plan.num_streams}")
-    rotation = int(state.get("rotation", 0)) if list(state.get("layout", [])) == layout else 0
-    return positions, rotation
+    return positions
