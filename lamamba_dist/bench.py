@@ -54,7 +54,11 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
     diffusion = create_diffusion()
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
-    fwd = torch.compile(model) if compile_model else model
+    if compile_model:
+        from lamamba_dist.models.compile import compile_blocks
+
+        compile_blocks(model)
+    fwd = model
     s = model.latent_size
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 4, s, s, device=device, generator=g)
@@ -145,7 +149,8 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per model (the first included)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile every model (same mode for all)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the blocks of every model (regional compilation, same mode for all)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's bf16 peak used for MFU")
     p.add_argument("--out", default=None, help="write the JSON here (always printed)")

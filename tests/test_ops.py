@@ -202,3 +202,10 @@ def test_sdpa_window_attention_matches_reference_on_gpu(dtype, shifted, e):
     for a, b in zip(grads, grads_r):
         scale = b.abs().max().clamp(min=1.0)
         assert ((a.float() - b).abs().max() / scale).item() < (1e-4 if dtype == torch.float32 else 5e-2)
+
+
+def test_cross_scan_merge_custom_backward_passes_gradcheck():
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(cross_scan, (x,))
+    y = torch.randn(1, 4, 2, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: cross_merge(t, 3), (y,))

@@ -135,7 +135,7 @@ class WindowAttention(nn.Module):
     def attention_bias(self, device) -> torch.Tensor:
         """(nW' , h, N, N): relative-position bias (+ the shift mask for shifted windows)."""
         w, hds = self.window_size, self.num_heads
-        idx = relative_position_index(w).to(device)
+        idx = relative_position_index(w, device)
         bias = self.relative_position_bias_table[idx.reshape(-1)].view(w * w, w * w, hds).permute(2, 0, 1)
         bias = bias.unsqueeze(0)  # (1, h, N, N)
         if self.shift:

@@ -74,24 +74,61 @@ def _check_square(x: torch.Tensor) -> int:
     return h
 
 
+def _scan_gather(flat: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+    """(B, D, L) -> (B, 4, D, L) contiguous: out[:, k, :, s] = flat[:, :, paths[k, s]]."""
+    b, d, length = flat.shape
+    return torch.gather(flat.unsqueeze(1).expand(b, 4, d, length), -1,
+                        paths.view(1, 4, 1, length).expand(b, 4, d, length))
+
+
+def _merge_gather(y: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """(B, 4, D, L) -> (B, D, L): sum_k y[:, k, :, inverse[k, p]]."""
+    b, _, d, length = y.shape
+    return torch.gather(y, -1, inverse.view(1, 4, 1, length).expand(b, 4, d, length)).sum(dim=1)
+
+
+class _CrossScan(torch.autograd.Function):
+    """The paths are permutations, so the adjoint of a gather along them is a gather along the inverse:
+    no scatter_add (atomics) in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, flat, paths, inverse):
+        ctx.save_for_backward(inverse)
+        return _scan_gather(flat, paths)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _merge_gather(grad, inverse), None, None
+
+
+class _CrossMerge(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, paths, inverse):
+        ctx.save_for_backward(paths)
+        return _merge_gather(y, inverse)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (paths,) = ctx.saved_tensors
+        return _scan_gather(grad, paths), None, None
+
+
 def cross_scan(x: torch.Tensor) -> torch.Tensor:
-    """(B, D, N, N) -> (B, 4, D, N*N): the map read along the four snake paths (one gather)."""
+    """(B, D, N, N) -> (B, 4, D, N*N) contiguous: the map read along the four snake paths (one gather)."""
     n = _check_square(x)
     b, d = x.shape[:2]
-    paths, _ = snake_tables(n, x.device)
-    flat = x.reshape(b, d, n * n)
-    out = flat.index_select(-1, paths.reshape(-1))  # (B, D, 4L), path-major
-    return out.view(b, d, 4, n * n).transpose(1, 2)  # (B, 4, D, L)
+    paths, inverse = snake_tables(n, x.device)
+    return _CrossScan.apply(x.reshape(b, d, n * n), paths, inverse)
 
 
 def cross_merge(y: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, 4, D, N*N) -> (B, D, N*N): y[b,d,p] = sum_k Y_k[b,d,inv_k(p)]."""
+    """(B, 4, D, N*N) -> (B, D, N*N): y[b,d,p] = sum_k Y_k[b,d,inv_k(p)] (one gather + sum)."""
     b, k, d, length = y.shape
     if k != 4 or length != n * n:
         raise ValueError(f"cross_merge expects (B, 4, D, {n * n}), got {tuple(y.shape)}")
-    _, inverse = snake_tables(n, y.device)
-    gathered = torch.gather(y, -1, inverse.view(1, 4, 1, length).expand(b, 4, d, length))
-    return gathered.sum(dim=1)
+    paths, inverse = snake_tables(n, y.device)
+    return _CrossMerge.apply(y, paths, inverse)
 
 
 # ----------------------------------------------------------------------------- references

@@ -33,9 +33,21 @@ def window_reverse(windows: torch.Tensor, w: int, h: int, wd: int) -> torch.Tens
     return rearrange(windows, "(b nh nw) (a c) ch -> b (nh a) (nw c) ch", nh=h // w, nw=wd // w, a=w, c=w)
 
 
+_INDEX: dict = {}
+
+
+def relative_position_index(w: int, device="cpu") -> torch.Tensor:
+    """(w², w²) int64: idx = (ra - rb + w - 1) * (2w - 1) + (ca - cb + w - 1); cached per (w, device)."""
+    key = (w, str(device))
+    hit = _INDEX.get(key)
+    if hit is None:
+        hit = _relative_position_index_cpu(w).to(device)
+        _INDEX[key] = hit
+    return hit
+
+
 @functools.lru_cache(maxsize=None)
-def relative_position_index(w: int) -> torch.Tensor:
-    """(w², w²) int64: idx = (ra - rb + w - 1) * (2w - 1) + (ca - cb + w - 1)."""
+def _relative_position_index_cpu(w: int) -> torch.Tensor:
     coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)  # (2, w²)
     rel = coords[:, :, None] - coords[:, None, :] + (w - 1)  # (2, w², w²)
     return rel[0] * (2 * w - 1) + rel[1]
