@@ -34,6 +34,7 @@ Design (every choice below is what makes resume exact and world-size independent
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import heapq
 import logging
@@ -80,7 +81,7 @@ class Plan:
     shards: tuple = ()  # ShardInfo...
     num_classes: int = 1000
 
-    @property
+    @functools.cached_property
     def total(self) -> int:
         return sum(s.count for s in self.shards)
 

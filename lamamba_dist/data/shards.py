@@ -49,7 +49,23 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_NPY_HEADERS: dict[bytes, tuple] = {}
+
+
 def npy_load(data: bytes) -> np.ndarray:
+    """np.load of an .npy member; headers already seen skip numpy's (slow, ast-based) header parser."""
+    if data[:6] == b"\x93NUMPY" and data[6:7] == b"\x01" and len(data) >= 10:
+        hlen = int.from_bytes(data[8:10], "little")
+        header = data[10:10 + hlen]
+        known = _NPY_HEADERS.get(header)
+        if known is not None:
+            dtype, shape, count = known
+            arr = np.frombuffer(data, dtype=dtype, count=count, offset=10 + hlen)
+            return arr.reshape(shape)
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        if b"'fortran_order': False" in header and len(_NPY_HEADERS) < 64:  # C order only
+            _NPY_HEADERS[header] = (arr.dtype, arr.shape, arr.size)
+        return arr
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
