@@ -16,8 +16,9 @@ requeue. Each run ("incarnation") of the job:
    - preempted (``scontrol show job`` has a ``PreemptTime``), time limit, or a manual ``scancel --signal USR2``:
      rank 0 runs ``scontrol requeue`` (Slurm's PreemptMode=REQUEUE only requeues a job it had to kill; one that
      saved and ended within its GraceTime would count as completed);
-   - the requeue limit (``SLURM_RESTART_COUNT >= max_requeues``) or ``lamamba cancel --save`` reached: no requeue
-     (a preempted job is cancelled so that Slurm does not requeue it); rerunning ``lamamba submit`` resumes.
+   - the requeue limit (``SLURM_RESTART_COUNT >= max_requeues``) or ``lamamba cancel --save`` reached: no requeue;
+     rerunning ``lamamba submit`` resumes. (A run that Slurm requeued by itself past the limit, e.g. a preempted
+     job it had to kill after GraceTime, ends at start without training.)
 
 Rank 0 appends one JSON line per event to ``JOB_DIR/events.jsonl`` (start, stop, requeue, finished, failed).
 """
@@ -177,6 +178,12 @@ class TrainJob:
             signal.signal(s, self._on_signal)
         env = export_dist_env()
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        if restart_count() > self.max_requeues:
+            # Slurm requeued the job by itself (a preempted job it had to kill, a node failure) past the limit.
+            self.event("not_requeued", reason=f"requeue limit exceeded ({restart_count()} of --max-requeues "
+                                              f"{self.max_requeues}); not training")
+            raise RuntimeError(f"requeue limit exceeded ({restart_count()} > --max-requeues {self.max_requeues}); "
+                               "rerun the same `lamamba submit` command to continue")
         self.event("start", world_size=int(env["WORLD_SIZE"]), master=f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
                    checkpoint_dir=self.cfg.checkpoint.dir)
         from lamamba_dist.train import EXIT_OK, EXIT_REQUEUE
@@ -222,8 +229,6 @@ class TrainJob:
             why = "lamamba cancel --save" if reason == "cancel --save" else \
                 f"requeue limit reached ({restarts} of --max-requeues {self.max_requeues})"
             self.event("not_requeued", reason=why)
-            if reason == "preempted":  # PreemptMode=REQUEUE would bring it back: end it for good.
-                slurm.cancel(self.job_id)
             if reason != "cancel --save":
                 raise RuntimeError(f"{why}: the newest checkpoint under {self.cfg.checkpoint.dir} is complete; "
                                    "rerun the same `lamamba submit` command to continue")

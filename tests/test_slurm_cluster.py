@@ -299,3 +299,56 @@ def test_preemption_drill_requeues_resumes_and_matches_an_uninterrupted_run(refe
         assert a.keys() == b.keys()
         diff = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a if not bool((a[k] == b[k]).all())}
         assert not diff, f"{name}: {len(diff)} tensors differ, max {max(diff.values()):.3e}"
+
+
+# --------------------------------------------------------------------------- (c) no requeue: cancel --save, limit
+
+
+@pytest.mark.timeout(900)
+def test_cancel_save_and_requeue_limit_end_the_job_with_a_checkpoint(slurm_cluster, tmp_path):
+    """`lamamba cancel --save` saves and ends without requeue; past --max-requeues a preempted job saves and ends."""
+    from lamamba_dist.cli import main as cli_main
+
+    cfg = _write_config(tmp_path)
+    run_dir, job_dir = tmp_path / "run", tmp_path / "job"
+    req = launcher.SubmitRequest(
+        config=str(cfg), overrides=[f'checkpoint.dir="{run_dir}"'], time_min=10, signal_delay_s=60,
+        tasks_per_node=2, partition="low", job_dir=str(job_dir), max_requeues=0, entry="slurm_entry:run_training",
+        env=[f"PYTHONPATH={REPO / 'tests'}", "LAMAMBA_DRILL_STEP_SLEEP=0.5"],
+    )
+    saved_steps = []
+    preemptor = None
+    for attempt, how in enumerate(["cancel --save", "preempted"]):
+        job_id = launcher.submit(req).job_id
+        try:
+            start = _wait(f"job {job_id} to start", lambda: [e for e in _events(job_dir)
+                                                            if e["event"] == "start" and e["job_id"] == job_id],
+                          300, job_dir)[0]
+            _wait(f"job {job_id} to train", lambda: [r for r in _stats(run_dir) if r["time"] > start["time"]],
+                  300, job_dir)
+            if how == "cancel --save":
+                assert cli_main(["cancel", str(job_dir), "--save"]) == 0
+            else:
+                preemptor = _preempt(job_dir)
+            _wait_job_gone(job_id, job_dir, timeout=300)
+        finally:
+            subprocess.run(["scancel", job_id], capture_output=True)
+        mine = [e for e in _events(job_dir) if e["job_id"] == job_id]
+        assert [e["event"] for e in mine] == ["start", "stop", "not_requeued"], _diagnose(job_dir)
+        assert mine[1]["reason"] == how
+        runs = slurm.job_history(job_id)
+        assert len(runs) == 1, runs  # never requeued
+        saved = _final_step_dir(run_dir)
+        saved_steps.append(int(saved.name.split("_")[1]))
+        assert 0 < saved_steps[-1] < STEPS
+        assert max(r["step"] for r in _stats(run_dir)) == saved_steps[-1]  # saved exactly where it stopped
+        if how == "cancel --save":
+            assert runs[0]["State"] == "COMPLETED"
+            assert "requeue limit" not in mine[2]["reason"]
+        else:
+            assert runs[0]["State"] == "FAILED"  # rank 0 reports the limit as an error
+            assert mine[2]["reason"] == "requeue limit reached (0 of --max-requeues 0)"
+    # The second job resumed from the first one's checkpoint.
+    assert saved_steps[1] > saved_steps[0]
+    if preemptor:
+        subprocess.run(["scancel", preemptor], capture_output=True)
