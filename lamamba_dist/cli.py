@@ -84,4 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module: under `python -m lamamba_dist.cli` this file is `__main__`, and the
+    # CLIError that subcommands import from `lamamba_dist.cli` would otherwise not be the one caught above.
+    from lamamba_dist.cli import main as _main
+
+    sys.exit(_main())

@@ -112,6 +112,9 @@ def train_vae(images_dir: Path, out: Path, res: int, steps: int, seed: int = 0, 
     from tqdm import tqdm
 
     torch.manual_seed(seed)
+    # One thread: on a small shared machine more threads than free cores makes each step ~20x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     x_all = load_images(images_dir)
     vae = AutoencoderKL(**tiny_vae_config(res))
     with torch.no_grad():  # start with a small posterior std (e^-4): early on, unit noise would drown the signal
@@ -141,6 +144,7 @@ def train_vae(images_dir: Path, out: Path, res: int, steps: int, seed: int = 0, 
         scale = float(1.0 / lat.std())
         rec = vae.decode(vae.encode(x_all[:256]).latent_dist.mean).sample
         err = (rec - x_all[:256]).abs().mean().item()
+    torch.set_num_threads(threads)
     vae.register_to_config(scaling_factor=scale)
     vae.save_pretrained(out)
     (out / "DONE").write_text("ok\n")
@@ -188,7 +192,15 @@ def run_demo(out: Path, *, per_class: int, vae_steps: int, steps: int | None, np
     st = Settings(src=str(out / "images"), out=str(out / "latents"), resolution=res, vae=str(out / "vae"),
                   shard_size=max(64, n // 4), num_cpus=2, num_actors=1, object_store_memory=200 << 20,
                   encode_batch=32)
-    run_preprocess(st)
+    import ray
+
+    # A private local cluster: a bare ray.init() would attach to any Ray cluster already running on the machine.
+    ray.init(address="local", num_cpus=2, object_store_memory=200 << 20, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        run_preprocess(st)
+    finally:
+        ray.shutdown()
     timings["preprocess"] = time.monotonic() - t
     log(f"[3/5] Ray preprocessing -> {out / 'latents'}")
 
