@@ -272,7 +272,8 @@ def _ray_init(st: Settings):
             kw["object_store_memory"] = st.object_store_memory
         if st.num_cpus:
             kw["num_cpus"] = st.num_cpus
-        ray.init(**kw)
+        # "local": always a new cluster; a bare ray.init() would join whatever /tmp/ray/ray_current_cluster names.
+        ray.init(address="local", **kw)
     return True
 
 
