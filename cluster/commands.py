@@ -159,14 +159,17 @@ def run_status(args) -> int:
     if args.json:
         print(json.dumps(st, indent=1, sort_keys=True))
         return 0
-    print(f"job {st['job_id']}  state {st['state'] or 'unknown'}  restarts {st['restarts'] if st['restarts'] is not None else '?'}"
+    print(f"job {st['job_id']}  state {st['state'] or 'unknown (not in squeue/sacct)'}  restarts {st['restarts'] if st['restarts'] is not None else '?'}"
           f"  partition {st['partition']}  ranks {st['world_size']}")
     if st.get("slurm_error"):
         print(f"  (slurm: {st['slurm_error']})")
     for i, r in enumerate(st["runs"]):
         print(f"  run {i}: {r.get('State', '?'):<12} {r.get('Start', '?')} -> {r.get('End', '?')} "
               f"({r.get('Elapsed', '?')}) on {r.get('NodeList', '?')}")
-    for e in st["events"][-8:]:
+    mine = [e for e in st["events"] if str(e.get("job_id")) == str(st["job_id"])]
+    if len(mine) < len(st["events"]):
+        print(f"  ({len(st['events']) - len(mine)} event(s) of earlier jobs of this folder in events.jsonl)")
+    for e in mine[-8:]:
         extra = {k: v for k, v in e.items() if k not in ("time", "event", "job_id", "host")}
         print(f"  event {e.get('event')}: {json.dumps(extra, sort_keys=True)}")
     print(f"  checkpoints in {st['checkpoint_dir']}: {', '.join(st['checkpoints'][-3:]) or 'none yet'}")
