@@ -53,6 +53,24 @@ def test_bench_vae_gpu_bf16():
     assert res["images_per_s"] > 0 and res["peak_memory_gib"] > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_encoder_batch_invariant_on_gpu(dtype):
+    """Byte-identical reruns on GPU need a sample's latents not to depend on its batch neighbours."""
+    import numpy as np
+
+    from data_pipeline.vae import VaeEncoder
+
+    enc = VaeEncoder(None, device="cuda", dtype=dtype, encode_batch=8)
+    x = np.random.default_rng(0).integers(0, 256, (11, 256, 256, 3), dtype=np.uint8)
+    mean, logvar = enc.encode(x)
+    for i in (0, 5, 10):
+        m1, l1 = enc.encode(x[i:i + 1])
+        assert np.array_equal(m1[0], mean[i]) and np.array_equal(l1[0], logvar[i]), i
+    again, _ = enc.encode(x)
+    assert np.array_equal(again, mean)
+
+
 def test_shard_pattern_selects_a_subset(tmp_path):
     from lamamba_dist.config import DataConfig
     from lamamba_dist.data import DataError, build_latent_loader

@@ -109,9 +109,10 @@ def epoch_keys(folder, counts_total, world_size, workers, micro, state=None, bat
     return keys, loaders
 
 
-def test_exactly_once_epoch_two_ranks_two_workers(tmp_path):
-    # 3 shards for 2 ranks x 2 workers: fewer shards than readers is fine (streams share shards).
-    all_keys = make_shards(tmp_path, [10, 10, 4])
+@pytest.mark.parametrize("counts", [[10, 10, 4], [24]])
+def test_exactly_once_epoch_two_ranks_two_workers(tmp_path, counts):
+    # 3 shards, or a single one, for 2 ranks x 2 workers: fewer shards than readers is fine (streams share shards).
+    all_keys = make_shards(tmp_path, counts)
     keys, loaders = epoch_keys(tmp_path, 24, world_size=2, workers=2, micro=3)
     assert sorted(keys) == sorted(all_keys)
     states = [ld.state_dict() for ld in loaders]
