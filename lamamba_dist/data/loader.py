@@ -20,7 +20,7 @@ Design (every choice below is what makes resume exact and world-size independent
   micro-steps) is exactly "the next G/N samples of every stream", for any world size: an elastic
   resume sees the same global batches as an uninterrupted run.
 * DataLoader workers split a rank's *batches*, not its streams: worker w builds the rank's batches
-  j = w, w + W, ... (W workers), each from the closed-form positions at its start. Each worker
+  j = w, w + nw, ... (nw = max(1, num_workers)), each from the closed-form positions at its start. Each worker
   therefore reads all the shards of the rank's streams (memory ~ streams per rank x shard size per
   worker); samples are decoded only when drawn.
 * The latent is drawn from the stored posterior: a generator seeded by (seed, data_seed, epoch, key)
@@ -38,7 +38,6 @@ import functools
 import hashlib
 import heapq
 import logging
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
