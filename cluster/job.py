@@ -128,7 +128,7 @@ class TrainJob:
             os.fsync(f.fileno())
 
     def _on_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal API
-        from lamamba_dist.train import request_stop
+        from lamamba_dist.train.signals import request_stop  # already imported by __call__: no import here
 
         name = signal.Signals(signum).name
         self._signals.append(name)
@@ -174,6 +174,8 @@ class TrainJob:
     # ------------------------------------------------------------------ the job
     def __call__(self) -> dict:
         self._started = time.time()
+        import lamamba_dist.train.signals  # noqa: F401 - before the handler can run (no import inside a handler)
+
         for s in (signal.SIGUSR2, signal.SIGTERM):
             signal.signal(s, self._on_signal)
         env = export_dist_env()
