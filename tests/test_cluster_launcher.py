@@ -297,3 +297,29 @@ def test_master_port_changes_between_runs_of_a_job():
     ports = {master_port("123", r) for r in range(10)}
     assert len(ports) == 10 and all(20000 <= p < 60000 for p in ports)
     assert master_port("123", 3) == master_port("123", 3)
+
+
+def test_dry_run_without_slurm_checks_the_config_and_prints_the_script(config, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(slurm, "available", lambda: False)
+    job_dir = tmp_path / "job"
+    rc = cli_main(["submit", "--config", str(config), "--tasks-per-node", "2", "--partition", "cpu", "--time", "30",
+                   "--set", "train.micro_batch=4", "--job-dir", str(job_dir), "--python", "python3", "--dry-run"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "partition and resources were not checked" in captured.err
+    _check_golden("sbatch_cpu_1x2.sh", _normalise(captured.out, job_dir))
+    rc = cli_main(["submit", "--config", str(config), "--tasks-per-node", "3", "--time", "30", "--dry-run"])
+    assert rc == 2 and "world size (3)" in capsys.readouterr().err  # static checks still run
+
+
+@pytest.mark.parametrize("record, reason", [
+    ("JobId=5 JobState=RUNNING TimeLimit=00:10:00 RunTime=00:01:00 PreemptTime=2026-11-28T10:00:00", "preempted"),
+    ("JobId=5 JobState=RUNNING TimeLimit=00:10:00 RunTime=00:08:30 PreemptTime=None", "time limit"),
+    ("JobId=5 JobState=RUNNING TimeLimit=1-00:00:00 RunTime=01:00:00 PreemptTime=None", "signal"),
+])
+def test_stop_reason_reads_slurms_job_record(tmp_path, fake_slurm, monkeypatch, record, reason):
+    (fake_slurm.parent / "fakebin" / "scontrol").write_text(f"#!/bin/bash\necho '{record}'\n")
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    job = TrainJob(cfg=None, job_dir=str(tmp_path), max_requeues=3, time_min=10, signal_delay_s=120)
+    assert job.stop_reason() == reason
+    (tmp_path / STOP_FILE).write_text("x")
+    assert job.stop_reason() == "cancel --save"
