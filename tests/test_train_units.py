@@ -108,8 +108,8 @@ def test_ds_config_follows_the_paper_recipe_and_batch_layout():
     assert opt["type"] == "AdamW" and opt["params"]["lr"] == 1e-4 and opt["params"]["weight_decay"] == 0.01
     assert opt["params"]["betas"] == [0.9, 0.999] and opt["params"]["torch_adam"] is True
     assert "gradient_clipping" not in ds and "scheduler" not in ds  # constant LR, no clipping
-    gpu = build_ds_config(cfg.train, cfg.optim, world_size=8, on_cuda=True) if cfg.train.global_batch % 16 == 0 else None
-    assert gpu is None or "torch_adam" not in gpu["optimizer"]["params"]
+    gpu = build_ds_config(cfg.train, cfg.optim, world_size=4, on_cuda=True)
+    assert gpu["optimizer"]["params"]["fused"] is True and gpu["gradient_accumulation_steps"] == 1
     with pytest.raises(ValueError, match="not a multiple"):
         build_ds_config(cfg.train, cfg.optim, world_size=3, on_cuda=False)
 
