@@ -24,6 +24,7 @@ from lamamba_dist.ops import (
     relative_position_index,
     selective_scan,
     shift_attention_mask,
+    snake_tables,
     window_attention_core,
     window_partition,
     window_reverse,
@@ -61,8 +62,14 @@ class LaMambaArch:
 class SS2D(nn.Module):
     """VMamba v2 selective-scan 2D over the four snake paths (spec §3). Channels-last in and out."""
 
-    def __init__(self, dim: int, d_state: int = 1, ssm_ratio: float = 2.0, d_conv: int = 3, scan_backend: str = "auto"):
+    def __init__(self, dim: int, d_state: int = 1, ssm_ratio: float = 2.0, d_conv: int = 3, scan_backend: str = "auto",
+                 resolution: int | None = None):
         super().__init__()
+        if resolution is not None:  # snake tables as non-persistent buffers: built once, follow .to(device)
+            dev = torch.get_default_device()  # the construction context (cpu, or meta for counting)
+            paths, inverse = snake_tables(resolution)
+            self.register_buffer("scan_paths", paths.to(dev, copy=True), persistent=False)
+            self.register_buffer("scan_inverse", inverse.to(dev, copy=True), persistent=False)
         d_inner = int(ssm_ratio * dim)
         rank = math.ceil(dim / 16)  # dt_rank "auto" is computed from C, not D
         k = 4
@@ -98,7 +105,9 @@ class SS2D(nn.Module):
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, H, W, D) each: first D -> x, last D -> z
         z = F.silu(z)
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))  # (B, D, H, W)
-        xs = cross_scan(x)  # (B, 4, D, L)
+        tables = (self.scan_paths, self.scan_inverse) if hasattr(self, "scan_paths") and self.scan_paths.numel() == length \
+            else None
+        xs = cross_scan(x, tables)  # (B, 4, D, L)
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight.to(xs.dtype))  # (B, 4, R+2N, L)
         dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight.to(xs.dtype))  # (B, 4, D, L)
@@ -107,7 +116,7 @@ class SS2D(nn.Module):
             xs.reshape(b, k * d, length), dts.reshape(b, k * d, length), a, bs, cs,
             self.Ds.float(), self.dt_projs_bias.float().reshape(-1), delta_softplus=True, backend=self.scan_backend,
         )  # (B, 4D, L)
-        y = cross_merge(ys.view(b, k, d, length), h)  # (B, D, L): sum of the four directions
+        y = cross_merge(ys.view(b, k, d, length), h, tables)  # (B, D, L): sum of the four directions
         y = y.transpose(1, 2).reshape(b, h, w, d)
         y = self.out_norm(y).to(u.dtype) * z
         return self.out_proj(y)
@@ -131,16 +140,21 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
+        # Geometry as non-persistent buffers (recomputed, never saved): constants to torch.compile.
+        dev = torch.get_default_device()
+        self.register_buffer("rel_index", relative_position_index(window_size).reshape(-1).to(dev, copy=True),
+                             persistent=False)
+        if shift:
+            self.register_buffer("shift_mask", shift_attention_mask(resolution, window_size, shift, "cpu").to(dev, copy=True),
+                                 persistent=False)
 
-    def attention_bias(self, device) -> torch.Tensor:
-        """(nW' , h, N, N): relative-position bias (+ the shift mask for shifted windows)."""
+    def attention_bias(self, device=None) -> torch.Tensor:
+        """(nW', h, N, N): relative-position bias (+ the shift mask for shifted windows)."""
         w, hds = self.window_size, self.num_heads
-        idx = relative_position_index(w, device)
-        bias = self.relative_position_bias_table[idx.reshape(-1)].view(w * w, w * w, hds).permute(2, 0, 1)
+        bias = self.relative_position_bias_table[self.rel_index].view(w * w, w * w, hds).permute(2, 0, 1)
         bias = bias.unsqueeze(0)  # (1, h, N, N)
         if self.shift:
-            mask = shift_attention_mask(self.resolution, w, self.shift, device)  # (nW, N, N)
-            bias = bias + mask.unsqueeze(1).to(bias.dtype)
+            bias = bias + self.shift_mask.unsqueeze(1).to(bias.dtype)  # (nW, h, N, N)
         return bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +196,7 @@ class LaMambaBlock(nn.Module):
         super().__init__()
         self.condition_projection = nn.Linear(cond_dim, dim) if project_condition else nn.Identity()
         self.norm = nn.LayerNorm(dim)
-        self.op = SS2D(dim, arch.d_state, arch.ssm_ratio, arch.d_conv, scan_backend)
+        self.op = SS2D(dim, arch.d_state, arch.ssm_ratio, arch.d_conv, scan_backend, resolution)
         self.norm_swin = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, arch.num_heads, resolution, arch.window_size, shift, attn_backend)
         self.norm2 = nn.LayerNorm(dim)

@@ -42,11 +42,11 @@ def snake_path_coords(n: int, k: int) -> list[tuple[int, int]]:
 
 @functools.lru_cache(maxsize=None)
 def _tables_cpu(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    paths = torch.empty(4, n * n, dtype=torch.long)
+    paths = torch.empty(4, n * n, dtype=torch.long, device="cpu")  # explicit: immune to a device context
     for k in range(4):
-        paths[k] = torch.tensor([r * n + c for r, c in snake_path_coords(n, k)], dtype=torch.long)
+        paths[k] = torch.tensor([r * n + c for r, c in snake_path_coords(n, k)], dtype=torch.long, device="cpu")
     inverse = torch.empty_like(paths)
-    steps = torch.arange(n * n)
+    steps = torch.arange(n * n, device="cpu")
     for k in range(4):
         inverse[k, paths[k]] = steps  # inv_k[path_k(s)] = s
     return paths, inverse
@@ -63,6 +63,8 @@ def snake_tables(n: int, device: torch.device | str = "cpu") -> tuple[torch.Tens
     if hit is None:
         paths, inverse = _tables_cpu(n)
         hit = (paths.to(device), inverse.to(device))
+        if device.type == "meta":
+            return hit
         _DEVICE_TABLES[key] = hit
     return hit
 
@@ -114,20 +116,24 @@ class _CrossMerge(torch.autograd.Function):
         return _scan_gather(grad, paths), None, None
 
 
-def cross_scan(x: torch.Tensor) -> torch.Tensor:
-    """(B, D, N, N) -> (B, 4, D, N*N) contiguous: the map read along the four snake paths (one gather)."""
+def cross_scan(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, D, N, N) -> (B, 4, D, N*N) contiguous: the map read along the four snake paths (one gather).
+
+    ``tables`` = (paths, inverse) already on x's device (modules keep them as buffers, so compiled
+    graphs see constants); otherwise they come from the per-(N, device) cache.
+    """
     n = _check_square(x)
     b, d = x.shape[:2]
-    paths, inverse = snake_tables(n, x.device)
+    paths, inverse = tables if tables is not None else snake_tables(n, x.device)
     return _CrossScan.apply(x.reshape(b, d, n * n), paths, inverse)
 
 
-def cross_merge(y: torch.Tensor, n: int) -> torch.Tensor:
+def cross_merge(y: torch.Tensor, n: int, tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(B, 4, D, N*N) -> (B, D, N*N): y[b,d,p] = sum_k Y_k[b,d,inv_k(p)] (one gather + sum)."""
     b, k, d, length = y.shape
     if k != 4 or length != n * n:
         raise ValueError(f"cross_merge expects (B, 4, D, {n * n}), got {tuple(y.shape)}")
-    paths, inverse = snake_tables(n, y.device)
+    paths, inverse = tables if tables is not None else snake_tables(n, y.device)
     return _CrossMerge.apply(y, paths, inverse)
 
 

@@ -18,8 +18,6 @@ break) when it imports and the tensors are on CUDA, the reference otherwise.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -55,8 +53,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, delta_bias=None, delta_s
 # ----------------------------------------------------------------------------- fused kernel
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_module():
+def _load_cuda_module():
     """mamba-ssm's compiled kernel module, or None (it only exists in a CUDA build of mamba-ssm)."""
     try:
         import selective_scan_cuda  # noqa: F401  (installed by the mamba-ssm wheel, top level)
@@ -64,6 +61,14 @@ def _cuda_module():
         return selective_scan_cuda
     except Exception:
         return None
+
+
+# Resolved once at import: a plain global is a constant to torch.compile (no tracing of the import).
+_SCAN_CUDA = _load_cuda_module()
+
+
+def _cuda_module():
+    return _SCAN_CUDA
 
 
 def fused_available() -> bool:

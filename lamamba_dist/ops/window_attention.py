@@ -9,7 +9,9 @@ for the attention maths on windows:
     backend "flash"      flash-attn, when installed (additive bias unsupported by it, so only used when
                          the caller passes no bias; otherwise falls back to SDPA)
     backend "reference"  explicit softmax(q k^T * scale + bias) v
-    backend "auto"       sdpa
+    backend "auto"       sdpa where a fused kernel takes the shape (CPU; CUDA with head_dim % 8 == 0),
+                         the explicit path otherwise (CUDA's fused kernels refuse e.g. head_dim 20 and
+                         SDPA would fall back to its slower math kernel)
 """
 
 from __future__ import annotations
@@ -48,14 +50,15 @@ def relative_position_index(w: int, device="cpu") -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _relative_position_index_cpu(w: int) -> torch.Tensor:
-    coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)  # (2, w²)
+    ar = torch.arange(w, device="cpu")
+    coords = torch.stack(torch.meshgrid(ar, ar, indexing="ij")).flatten(1)  # (2, w²)
     rel = coords[:, :, None] - coords[:, None, :] + (w - 1)  # (2, w², w²)
     return rel[0] * (2 * w - 1) + rel[1]
 
 
 @functools.lru_cache(maxsize=None)
 def _shift_mask_cpu(r: int, w: int, s: int) -> torch.Tensor:
-    bands = torch.zeros(r, dtype=torch.long)
+    bands = torch.zeros(r, dtype=torch.long, device="cpu")
     bands[r - w: r - s] = 1
     bands[r - s:] = 2
     region = (bands[:, None] * 3 + bands[None, :]).view(1, r, r, 1).float()
@@ -95,6 +98,8 @@ def window_attention_core(q, k, v, bias, num_windows: int, backend: str = "auto"
     """
     bw, h, n, e = q.shape
     scale = e ** -0.5
+    if backend == "auto" and q.is_cuda and e % 8:
+        backend = "reference"
     if backend == "reference":
         attn = (q * scale) @ k.transpose(-2, -1)  # (B*nW, h, N, N)
         if bias is not None:
