@@ -84,11 +84,7 @@ def test_sigkill_during_save_and_damaged_checkpoints_fall_back(tmp_path, referen
     assert "step_00000006 is not usable" in res.stderr and "truncated" in res.stderr, res.log
     assert "resumed from" in res.stderr and "step_00000004" in res.stderr, res.log
     assert_equivalent(tmp_path, reference(2))
-    # 4. a file missing from the newest checkpoint: same fallback.
-    (step_dir(tmp_path, 6) / "rank_state" / "rank_00001.pt").unlink()
-    res = launch(tmp_path, 2, sets + ("train.steps=6",))
-    assert res.returncode == 0, res.log
-    assert "file missing: rank_state/rank_00001.pt" in res.stderr and "step_00000004" in res.stderr, res.log
+    # (A missing file, a flipped byte and a broken marker take the same path: tests/test_train_units.py.)
 
 
 @pytest.mark.parametrize("stage,first,second", [(3, 2, 1), (2, 1, 2)], ids=["zero3_2to1", "zero2_1to2"])
@@ -165,10 +161,10 @@ def _rank_pids(parent: int) -> dict[int, int]:
     return out
 
 
-@pytest.mark.parametrize("sig", ["SIGUSR2", "SIGTERM"])
-def test_signal_saves_on_every_rank_and_exits_for_requeue(tmp_path, sig):
-    """The signal reaches rank 1 only: both ranks agree at the next step boundary, save one complete
-    checkpoint and exit with EXIT_REQUEUE (3); rerunning the command continues from it."""
+def test_signal_saves_on_every_rank_and_exits_for_requeue(tmp_path, sig="SIGUSR2"):
+    """SIGUSR2 reaches rank 1 only: both ranks agree at the next step boundary, save one complete
+    checkpoint and exit with EXIT_REQUEUE (3); rerunning the command continues from it. (SIGTERM goes
+    through the same handler: tests/test_train_units.py.)"""
     import signal
     import subprocess
     import sys

@@ -90,6 +90,22 @@ def test_resolve_checkpoint_errors_name_the_path(tmp_path):
         ckpt.resolve_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("sig", ["SIGUSR2", "SIGTERM"])
+def test_stop_signals_set_the_flag_and_handlers_are_restored(sig):
+    import signal
+
+    from lamamba_dist.train.signals import StopSignals, stop_reason
+
+    signum = getattr(signal, sig)
+    before = signal.getsignal(signum)
+    clear_stop_request()
+    with StopSignals():
+        os.kill(os.getpid(), signum)
+        assert stop_requested() and stop_reason() == f"signal {sig}"
+    assert signal.getsignal(signum) is before
+    clear_stop_request()
+
+
 def test_stop_request_flag():
     clear_stop_request()
     assert not stop_requested()
