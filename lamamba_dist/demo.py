@@ -20,7 +20,6 @@ shards are reused, training resumes from its newest checkpoint, sampling reruns.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys

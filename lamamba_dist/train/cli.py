@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
-
 def add_parser(sub, name: str, help_text: str):
     p = sub.add_parser(
         name, help=help_text,
@@ -38,14 +35,15 @@ def run(args) -> int:
         except (ValueError, KeyError) as e:
             raise CLIError(f"{args.config}: {e}") from None
         return 0
+    from lamamba_dist.data import DataError
     from lamamba_dist.train import run_training
+    from lamamba_dist.train.checkpoint import CheckpointError
     from lamamba_dist.train.trainer import TrainingError
 
     try:
         return run_training(cfg)
-    except TrainingError as e:
-        print(f"lamamba train: error: {e}", file=sys.stderr)
-        return 1
+    except (TrainingError, CheckpointError, DataError) as e:  # bad config, data or checkpoint for this config
+        raise CLIError(str(e)) from None
 
 
 def add_export_parser(sub, name: str, help_text: str):

@@ -33,7 +33,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -234,9 +233,12 @@ class Trainer:
         self.null_class = int(m.num_classes)
         for mod in embedders:
             mod.dropout_prob = 0.0
-        self.ds_config = build_ds_config(self.tcfg, self.ocfg, self.world, on_cuda=self.on_cuda,
-                                         load_universal=universal_dir is not None,
-                                         num_params=sum(p.numel() for p in model.parameters()))
+        try:
+            self.ds_config = build_ds_config(self.tcfg, self.ocfg, self.world, on_cuda=self.on_cuda,
+                                             load_universal=universal_dir is not None,
+                                             num_params=sum(p.numel() for p in model.parameters()))
+        except ValueError as e:
+            raise TrainingError(f"{cfg.source}: {e}") from None
         self.accum = self.ds_config["gradient_accumulation_steps"]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                     config=self.ds_config)
@@ -656,7 +658,12 @@ class Trainer:
                             self.warn(f"giving up after {self.rollbacks} rollbacks")
                             code = EXIT_FAILURE
                             break
-                        self._rollback()
+                        try:
+                            self._rollback()
+                        except TrainingError as e:
+                            self.warn(str(e))
+                            code = EXIT_FAILURE
+                            break
                         bar.n = self.step
                         continue
 
