@@ -208,7 +208,9 @@ class Trainer:
         if self.state:
             self._check_compatible(self.state)
         saved_world = int(self.state.get("world_size", self.world)) if self.state else self.world
-        partitioned = self.tcfg.zero_stage > 0 or self.tcfg.precision == "bf16"
+        # Optimizer state split across ranks (ZeRO, DeepSpeed's bf16 optimizer) shows as *_optim_states.pt
+        # files; without them (stage 0) the state is whole and loads on any world size as it is.
+        partitioned = bool(self.state) and any((self.resume_dir / ckpt.DS_DIR / ckpt.DS_TAG).glob("*_optim_states.pt"))
         self.elastic = bool(self.state) and saved_world != self.world and partitioned
         universal_dir = None
         if self.elastic:
