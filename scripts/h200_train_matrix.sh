@@ -38,11 +38,13 @@ train "$OUT/resume" 2 false 60 50
 train "$OUT/resume" 2 false 70 50 2>&1 | tee "$OUT/resume.log" | grep -E "resumed from|saved" || true
 grep -q "resumed from .*step_00000060" "$OUT/resume.log" && echo '{"resume": "ok"}' || echo '{"resume": "FAILED"}'
 summary "$OUT/resume" "xl256-zero2-bf16-resume"
+rm -rf "$OUT"/resume/step_*   # ~13 GB per XL checkpoint (DeepSpeed state + fp32 EMA + fp32 weights)
 # 2. the matrix.
 for zero in 0 1 2 3; do
   for gc in false true; do
     d="$OUT/z${zero}_gc${gc}"
     if train "$d" $zero $gc $STEPS 100000 > "$d.log" 2>&1; then summary "$d" "xl256-zero${zero}-gc${gc}-micro${MICRO}"
     else echo "{\"run\": \"xl256-zero${zero}-gc${gc}\", \"error\": \"see $d.log\"}"; fi
+    rm -rf "$d"/step_*
   done
 done
