@@ -31,6 +31,9 @@ stamp=.venv/.lamamba-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "== installing lamamba-dist[data,train,cluster,dev]"
   .venv/bin/pip install -q -c constraints-cpu.txt -e '.[data,train,cluster,dev]'
+  # torch-fidelity (the Inception of `lamamba eval`) without its torchvision dependency, whose PyPI wheel
+  # does not load against the CPU torch; lamamba_dist.evaluate needs only its torchvision-free module.
+  .venv/bin/pip install -q --no-deps -c constraints-cpu.txt 'torch-fidelity>=0.3'
   touch "$stamp"
 fi
 .venv/bin/python -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed'"
