@@ -1,0 +1,90 @@
+"""Package foundation: FLOP accounting, strict TOML config, the CLI, and `lamamba bench` on CPU."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lamamba_dist.cli import main as cli_main
+from lamamba_dist.config import ConfigError, load_config
+from lamamba_dist.flops import model_stats
+
+
+@pytest.mark.parametrize("name,res,gmacs", [
+    ("LaMamba-XL", 256, 45.6),   # official code, torch.utils.flop_counter / 2 (ANCHORS.md)
+    ("LaMamba-XL", 512, 181.6),
+    ("DiT-XL/2", 256, 118.6),
+    ("DiT-XL/2", 512, 524.5),
+])
+def test_forward_macs_match_the_measured_anchors(name, res, gmacs):
+    got = model_stats(name, res)["gmacs"]
+    assert abs(got - gmacs) / gmacs < 0.01, (name, res, got)
+
+
+def test_flops_cli_json(capsys):
+    assert cli_main(["flops", "--model", "DiT-S/2", "--resolution", "256", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"] == 32_963_360 and 5.0 < out["gmacs"] < 7.0  # DiT-S/2: 6.06 GFLOPs (MACs) in the paper
+    assert cli_main(["flops", "--model", "Nope"]) == 2
+    err = capsys.readouterr().err
+    assert "LaMamba-XL" in err and "DiT-XL/2" in err
+
+
+def test_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "lamamba_dist.cli", "--help"], capture_output=True, text=True, check=True)
+    for cmd in ("train", "sample", "eval", "preprocess", "flops", "bench", "convert-official", "demo", "submit"):
+        assert cmd in out.stdout, cmd
+    bad = subprocess.run([sys.executable, "-m", "lamamba_dist.cli", "frobnicate"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown command" in bad.stderr
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "exp.toml"
+    p.write_text(text)
+    return p
+
+
+def test_config_sections_are_typed_and_defaults_apply(tmp_path):
+    cfg = load_config(_write(tmp_path, '[model]\nname = "LaMamba-XL"\nresolution = 512\n[optim]\nlr = 2\n'))
+    assert cfg.model.name == "LaMamba-XL" and cfg.model.resolution == 512
+    assert cfg.optim.lr == 2.0 and isinstance(cfg.optim.lr, float)  # ints accepted for floats
+    assert cfg.train.zero_stage == 2  # default
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('[model]\nnmae = "x"\n', "nmae"),                           # unknown key
+    ('[modle]\nname = "x"\n', "modle"),                          # unknown section
+    ('[train]\nzero_stage = "two"\n', "zero_stage"),             # wrong type
+    ('[train]\nzero_stage = 4\n', "zero_stage"),                 # out of range
+    ('[optim]\nlr = -1.0\n', "lr"),                              # out of range
+    ('[model]\nresolution = 300\n', "resolution"),               # not a choice
+    ('[train]\nglobal_batch = 10\nmicro_batch = 4\n', "global_batch"),  # cross-field
+    ('[model\nname = 1\n', "not valid TOML"),
+])
+def test_config_errors_name_the_file_and_key(tmp_path, text, needle):
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert needle in str(e.value) and str(p) in str(e.value)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_bench_runs_on_cpu_with_debug_models(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = cli_main(["bench", "--models", "DiT-debug/2,LaMamba-debug", "--resolution", "32", "--batch", "2",
+                   "--steps", "1", "--warmup", "1", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["baseline"] == "DiT-debug/2"
+    r0, r1 = data["results"]
+    assert r0["img_per_s_ratio_to_first"] == 1.0 and r1["img_per_s_ratio_to_first"] > 0
+    for r in (r0, r1):
+        assert r["img_per_s"] > 0 and r["train_gflops_per_img"] > 0 and r["time_to_first_step_s"] > 0
+        assert r["final_loss"] == r["final_loss"]  # finite, not NaN
+    assert data["environment"]["torch"]
+    assert cli_main(["bench", "--models", "LaMamba-XXL"]) == 2
