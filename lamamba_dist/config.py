@@ -98,9 +98,8 @@ class TrainConfig:
     zero_stage: int = field(default=2, metadata=dict(choices=(0, 1, 2, 3)))
     seed: int = 0
     deterministic: bool = False
-    compile: bool = False
+    compile: bool = False  # regional torch.compile of every block (lamamba_dist.models.compile); ZeRO 0-2
     log_every: int = field(default=50, metadata=dict(ge=1))
-    sample_every: int = field(default=0, metadata=dict(ge=0))
     max_nonfinite_in_row: int = field(default=3, metadata=dict(ge=1))  # skipped steps in a row -> roll back
     max_rollbacks: int = field(default=3, metadata=dict(ge=0))  # rollbacks in one run before giving up (exit 1)
     # Save and exit with EXIT_REQUEUE (3) after this many steps of one invocation (time-boxed jobs, tests); 0 = off.

@@ -235,6 +235,13 @@ class Trainer:
         self.null_class = int(m.num_classes)
         for mod in embedders:
             mod.dropout_prob = 0.0
+        if self.tcfg.compile:
+            if self.tcfg.zero_stage == 3:
+                raise TrainingError(f"{cfg.source}: [train] compile = true is not supported with zero_stage = 3 "
+                                    "(ZeRO-3 gathers parameters in module hooks that compiled blocks would bypass)")
+            from lamamba_dist.models.compile import compile_blocks
+
+            compile_blocks(model)  # regional torch.compile of each block, in place (state-dict keys unchanged)
         try:
             self.ds_config = build_ds_config(self.tcfg, self.ocfg, self.world, on_cuda=self.on_cuda,
                                              load_universal=universal_dir is not None,
