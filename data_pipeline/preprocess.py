@@ -39,8 +39,9 @@ from typing import Any, Optional
 import numpy as np
 
 from data_pipeline.images import SourceError, SourceImage, file_list_digest, load_image, scan_source, split_folder
-from lamamba_dist.data.shards import (FORMAT_VERSION, MANIFEST_NAME, encode_sample, sample_key, sha256_file,
-                                      shard_name, write_json_atomic, write_tar_atomic)
+from lamamba_dist.data.shards import (FORMAT_VERSION, MANIFEST_NAME, encode_sample, sample_key, shard_name,
+                                      write_json_atomic, write_tar_atomic)
+from lamamba_dist.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 

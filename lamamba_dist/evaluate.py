@@ -25,7 +25,6 @@ Nothing is downloaded: the Inception weights come from ``--inception PATH`` (or 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+from lamamba_dist.hashing import sha256_file
 
 IS_SPLIT_SIZE = 5000
 PR_NEIGHBOURHOOD = 3
@@ -198,7 +199,7 @@ class InceptionV3Features(FeatureExtractor):
 
         # mixed_6/conv of the TF graph = the 1x1 branch of Mixed_6d (17x17x192, after its ReLU).
         self.net.Mixed_6d.branch1x1.register_forward_hook(hook)
-        self.info = {"name": self.name, "weights": str(p.resolve()), "weights_sha256": _sha256(p)}
+        self.info = {"name": self.name, "weights": str(p.resolve()), "weights_sha256": sha256_file(p)}
 
     def __call__(self, images):
         import torch
@@ -210,17 +211,6 @@ class InceptionV3Features(FeatureExtractor):
 
 
 # --------------------------------------------------------------------------- npz handling
-
-
-def _sha256(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def open_batch(path: str | Path, what: str):
@@ -296,9 +286,9 @@ def evaluate(samples_path: str | Path, ref_path: str | Path, extractor: FeatureE
         "num_reference": int(len(r_arr)),
         "resolution": int(s_arr.shape[1]),
         "samples": str(samples_path.resolve()),
-        "samples_sha256": _sha256(samples_path),
+        "samples_sha256": sha256_file(samples_path),
         "reference": str(ref_path.resolve()),
-        "reference_sha256": _sha256(ref_path),
+        "reference_sha256": sha256_file(ref_path),
         "reference_statistics": "stored in the reference npz" if ref_has_stats else "computed from its images",
         "feature_extractor": dict(getattr(extractor, "info", {}) or {"name": getattr(extractor, "name", type(extractor).__name__)}),
         "metric_definitions": "ADM evaluator: FID on pool_3, sFID on mixed_6/conv[:7], IS splits of 5000, "

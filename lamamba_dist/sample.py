@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from lamamba_dist.hashing import sha256_file
+
 DEFAULT_VAE_SCALE = 0.18215
 SAMPLERS = ("ddpm", "ddim")
 
@@ -103,17 +105,6 @@ def state_dict_sha256(sd: dict) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: str | Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
 def load_sampling_model(weights: Optional[str], checkpoint: Optional[str], ema: Optional[bool], device) -> tuple[Any, dict, dict]:
     """Model (eval mode, on ``device``), its metadata, and provenance fields for sample_info.json."""
     from lamamba_dist.models import create_model, load_state_dict_strict
@@ -137,7 +128,7 @@ def load_sampling_model(weights: Optional[str], checkpoint: Optional[str], ema: 
                 f"{p} holds {'EMA' if file_ema else 'raw (non-EMA)'} weights but --{'ema' if ema else 'no-ema'} was given; "
                 "export the other weights or drop the flag"
             )
-        prov.update(source="weights", weights=str(p.resolve()), weights_file_sha256=file_sha256(p),
+        prov.update(source="weights", weights=str(p.resolve()), weights_file_sha256=sha256_file(p),
                     ema=None if file_ema is None else bool(file_ema))
     else:
         p = Path(checkpoint)

@@ -8,35 +8,15 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k model`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
-export PIP_CACHE_DIR="$ROOT/.cache/pip"
-export TORCH_EXTENSIONS_DIR="$ROOT/.cache/torch_extensions"
-export DS_ACCELERATOR=cpu
-export WANDB_MODE="${WANDB_MODE:-offline}"
+source scripts/_venv.sh
 export WANDB_DIR="$ROOT/.cache/wandb"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-PY=python3
-command -v "$PY" >/dev/null || PY=python
-
-if [ ! -x .venv/bin/python ]; then
-  echo "== creating .venv"
-  "$PY" -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
-fi
-if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
-  echo "== installing torch 2.13.0 (CPU)"
-  .venv/bin/pip install -q torch==2.13.0 -c constraints-cpu.txt
-fi
-stamp=.venv/.lamamba-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "== installing lamamba-dist[data,train,cluster,dev]"
-  .venv/bin/pip install -q -c constraints-cpu.txt -e '.[data,train,cluster,dev]'
-  # torch-fidelity (the Inception of `lamamba eval`) without its torchvision dependency, whose PyPI wheel
-  # does not load against the CPU torch; lamamba_dist.evaluate needs only its torchvision-free module.
+lamamba_venv data,train,cluster,dev
+# torch-fidelity (the Inception of `lamamba eval`) without its torchvision dependency, whose PyPI wheel
+# does not load against the CPU torch; lamamba_dist.evaluate needs only its torchvision-free module.
+if ! .venv/bin/python -c "import torch_fidelity" 2>/dev/null; then
   .venv/bin/pip install -q --no-deps -c constraints-cpu.txt 'torch-fidelity>=0.3'
-  touch "$stamp"
 fi
-.venv/bin/python -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed'"
 
 if [ -x cluster/slurm_harness.sh ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

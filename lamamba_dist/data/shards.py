@@ -122,16 +122,6 @@ def write_tar_atomic(path: str | Path, members: Iterable[tuple[str, bytes]]) -> 
     return hw.sha.hexdigest(), hw.size
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
-
-
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

@@ -23,7 +23,6 @@ marker, is skipped with a warning naming the problem, and the previous one is us
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,8 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
+
+from lamamba_dist.hashing import sha256_file
 
 MARKER = "COMPLETE.json"
 STATE_FILE = "trainer_state.json"
@@ -60,17 +61,6 @@ def rank_state_path(step_dir: Path, rank: int) -> Path:
 
 
 # --------------------------------------------------------------------------- files and hashes
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def list_files(root: Path) -> list[str]:
