@@ -88,3 +88,22 @@ def test_bench_runs_on_cpu_with_debug_models(tmp_path, capsys):
         assert r["final_loss"] == r["final_loss"]  # finite, not NaN
     assert data["environment"]["torch"]
     assert cli_main(["bench", "--models", "LaMamba-XXL"]) == 2
+
+
+@pytest.mark.slow
+def test_cpu_install_pulls_no_cuda_package(tmp_path):
+    """Resolve `pip install -e .[data,train,cluster]` against the installed CPU torch: no CUDA wheel may appear."""
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed", "--report", str(report),
+         "-c", str(root / "constraints-cpu.txt"), "-e", f"{root}[data,train,cluster]"],
+        capture_output=True, text=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    assert "torch" in names and "deepspeed" in names
+    cuda = sorted(n for n in names if n.startswith(("nvidia-", "triton", "mamba-ssm", "causal-conv1d", "flash-attn")))
+    assert not cuda, f"a CPU install would pull CUDA packages: {cuda}"
