@@ -97,11 +97,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
                final_loss=float(loss.detach()),
                peak_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
                params=sum(p.numel() for p in model.parameters()))
-    del model, opt, fwd, x, y, loss
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return res
+    return res  # model, optimizer and activations are freed with this frame
 
 
 def environment_info(device: torch.device) -> dict:
@@ -131,6 +127,9 @@ def run_bench(models: list[str], resolution: int, batch: int, steps: int, warmup
     for name in models:
         results.append(bench_model(name, resolution, batch, steps, warmup, dev, precision, compile_model,
                                    grad_checkpointing, peak_tflops=peak))
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     base = results[0]
     for r in results:
         r["img_per_s_ratio_to_first"] = r["img_per_s"] / base["img_per_s"]

@@ -9,7 +9,6 @@ registry, and load strictly, so that any missing, unexpected or mis-shaped key i
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import pickle
 import re

@@ -8,7 +8,6 @@ The fused selective scan is a registered custom op, so the graphs carry no break
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 

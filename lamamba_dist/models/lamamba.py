@@ -148,7 +148,7 @@ class WindowAttention(nn.Module):
             self.register_buffer("shift_mask", shift_attention_mask(resolution, window_size, shift, "cpu").to(dev, copy=True),
                                  persistent=False)
 
-    def attention_bias(self, device=None) -> torch.Tensor:
+    def attention_bias(self) -> torch.Tensor:
         """(nW', h, N, N): relative-position bias (+ the shift mask for shifted windows)."""
         w, hds = self.window_size, self.num_heads
         bias = self.relative_position_bias_table[self.rel_index].view(w * w, w * w, hds).permute(2, 0, 1)
@@ -166,7 +166,7 @@ class WindowAttention(nn.Module):
         bw, n, _ = win.shape
         qkv = self.qkv(win).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B*nW, h, N, e)
-        out = window_attention_core(q, k, v, self.attention_bias(x.device), (h // ws) * (w // ws), self.attn_backend)
+        out = window_attention_core(q, k, v, self.attention_bias(), (h // ws) * (w // ws), self.attn_backend)
         out = self.proj(out.transpose(1, 2).reshape(bw, n, c))
         x = window_reverse(out, ws, h, w)
         if s:
