@@ -191,15 +191,7 @@ def remove_stale_tmp(run_dir: Path, log: Callable[[str], None] = lambda s: None)
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of folders that carry a completion marker, oldest first (not verified)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    out = []
-    for p in run_dir.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / MARKER).is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+    return [(step, p) for step, p in list_step_dirs(run_dir) if (p / MARKER).is_file()]
 
 
 def list_step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
