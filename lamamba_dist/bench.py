@@ -77,6 +77,12 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
     loss = step()
     _sync(device)
     first_step_s = time.perf_counter() - t_start
+    compile_info = None
+    if compile_model:
+        from torch._dynamo.utils import counters
+
+        compile_info = dict(unique_graphs=int(counters["stats"]["unique_graphs"]),
+                            graph_breaks=int(sum(counters["graph_break"].values())))
     for _ in range(max(warmup - 1, 0)):
         step()
     _sync(device)
@@ -94,7 +100,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
                img_per_s=img_s, step_ms=step_s * 1e3, model_tflops_per_s=tflops,
                mfu=(tflops / peak_tflops) if peak_tflops else None,
                train_gflops_per_img=flops_img / 1e9, time_to_first_step_s=first_step_s,
-               final_loss=float(loss.detach()),
+               final_loss=float(loss.detach()), compile=compile_info,
                peak_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
                params=sum(p.numel() for p in model.parameters()))
     return res  # model, optimizer and activations are freed with this frame

@@ -19,7 +19,11 @@ ap.add_argument("--compile", action="store_true")
 args = ap.parse_args()
 torch.backends.cuda.matmul.allow_tf32 = True
 m = create_model(args.model, resolution=args.resolution).cuda().train()
-fwd = torch.compile(m) if args.compile else m
+if args.compile:
+    from lamamba_dist.models.compile import compile_blocks
+
+    compile_blocks(m)
+fwd = m
 opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
 diff = create_diffusion()
 s = m.latent_size

@@ -145,6 +145,24 @@ def test_window_attention_sdpa_matches_reference_with_grads(shifted):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("r,w,s", [(8, 4, 0), (8, 4, 2), (16, 8, 4), (4, 4, 0)])
+def test_window_token_order_equals_roll_then_partition(r, w, s):
+    from lamamba_dist.ops import permute_tokens, window_partition, window_reverse, window_token_order
+
+    g = torch.Generator().manual_seed(r + w + s)
+    x = torch.randn(3, r, r, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    order, inverse = window_token_order(r, w, s)
+    assert sorted(order.tolist()) == list(range(r * r)) and (order[inverse] == torch.arange(r * r)).all()
+    ref = window_partition(torch.roll(x, shifts=(-s, -s), dims=(1, 2)), w)
+    win = permute_tokens(x.reshape(3, r * r, 5), order, inverse).view_as(ref)
+    assert torch.equal(win, ref)
+    back = permute_tokens(win.reshape(3, r * r, 5), inverse, order).view(3, r, r, 5)
+    assert torch.equal(back, torch.roll(window_reverse(ref, w, r, r), shifts=(s, s), dims=(1, 2)))
+    assert torch.equal(back, x)
+    # gather-only backward is the exact adjoint of the permutation
+    torch.autograd.gradcheck(lambda t: permute_tokens(t, order, inverse), (x.reshape(3, r * r, 5),))
+
+
 def test_shift_mask_regions_and_relative_index():
     m = shift_attention_mask(8, 4, 2, "cpu")
     assert m.shape == (4, 16, 16)

@@ -25,9 +25,9 @@ from lamamba_dist.ops import (
     selective_scan,
     shift_attention_mask,
     snake_tables,
+    permute_tokens,
     window_attention_core,
-    window_partition,
-    window_reverse,
+    window_token_order,
 )
 
 
@@ -108,9 +108,11 @@ class SS2D(nn.Module):
         tables = (self.scan_paths, self.scan_inverse) if hasattr(self, "scan_paths") and self.scan_paths.numel() == length \
             else None
         xs = cross_scan(x, tables)  # (B, 4, D, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight.to(xs.dtype))  # (B, 4, R+2N, L)
+        # Batched over (B, K) with the weights broadcast: xs is read in place (an einsum over k would
+        # permute it into a (K, B*L, D) copy first).
+        x_dbl = torch.matmul(self.x_proj_weight.to(xs.dtype), xs)  # (K, R+2N, D) @ (B, K, D, L) -> (B, K, R+2N, L)
         dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight.to(xs.dtype))  # (B, 4, D, L)
+        dts = torch.matmul(self.dt_projs_weight.to(xs.dtype), dts)  # (K, D, R) @ (B, K, R, L) -> (B, K, D, L)
         a = -torch.exp(self.A_logs.float())  # (4D, N)
         ys = selective_scan(
             xs.reshape(b, k * d, length), dts.reshape(b, k * d, length), a, bs, cs,
@@ -147,6 +149,10 @@ class WindowAttention(nn.Module):
         if shift:
             self.register_buffer("shift_mask", shift_attention_mask(resolution, window_size, shift, "cpu").to(dev, copy=True),
                                  persistent=False)
+        # Cyclic shift + window partition as one token permutation (and its inverse for the way back).
+        order, inverse = window_token_order(resolution, window_size, shift)
+        self.register_buffer("token_order", order.to(dev, copy=True), persistent=False)
+        self.register_buffer("token_inverse", inverse.to(dev, copy=True), persistent=False)
 
     def attention_bias(self) -> torch.Tensor:
         """(nW', h, N, N): relative-position bias (+ the shift mask for shifted windows)."""
@@ -159,19 +165,19 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
-        ws, s = self.window_size, self.shift
-        if s:
-            x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
-        win = window_partition(x, ws)  # (B*nW, N, C)
-        bw, n, _ = win.shape
+        if h != self.resolution or w != self.resolution:
+            raise ValueError(f"window attention built for a {self.resolution}x{self.resolution} map, got {h}x{w}")
+        ws = self.window_size
+        n = ws * ws
+        bw = b * (h // ws) * (w // ws)
+        # roll(-shift) + window partition in one gather: (B, H*W, C) -> (B*nW, N, C)
+        win = permute_tokens(x.reshape(b, h * w, c), self.token_order, self.token_inverse).view(bw, n, c)
         qkv = self.qkv(win).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B*nW, h, N, e)
         out = window_attention_core(q, k, v, self.attention_bias(), (h // ws) * (w // ws), self.attn_backend)
         out = self.proj(out.transpose(1, 2).reshape(bw, n, c))
-        x = window_reverse(out, ws, h, w)
-        if s:
-            x = torch.roll(x, shifts=(s, s), dims=(1, 2))
-        return x
+        # window reverse + roll(+shift) in one gather
+        return permute_tokens(out.view(b, h * w, c), self.token_inverse, self.token_order).view(b, h, w, c)
 
 
 class Mlp(nn.Module):

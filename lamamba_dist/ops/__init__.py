@@ -3,15 +3,18 @@
 from lamamba_dist.ops.cross_scan import cross_merge, cross_merge_reference, cross_scan, cross_scan_reference, snake_tables
 from lamamba_dist.ops.selective_scan import fused_available, selective_scan, selective_scan_reference
 from lamamba_dist.ops.window_attention import (
+    permute_tokens,
     relative_position_index,
     shift_attention_mask,
     window_attention_core,
     window_partition,
     window_reverse,
+    window_token_order,
 )
 
 __all__ = [
     "cross_scan", "cross_merge", "cross_scan_reference", "cross_merge_reference", "snake_tables",
     "selective_scan", "selective_scan_reference", "fused_available",
     "relative_position_index", "shift_attention_mask", "window_attention_core", "window_partition", "window_reverse",
+    "permute_tokens", "window_token_order",
 ]

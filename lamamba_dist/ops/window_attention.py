@@ -9,9 +9,15 @@ for the attention maths on windows:
     backend "flash"      flash-attn, when installed (additive bias unsupported by it, so only used when
                          the caller passes no bias; otherwise falls back to SDPA)
     backend "reference"  explicit softmax(q k^T * scale + bias) v
-    backend "auto"       sdpa where a fused kernel takes the shape (CPU; CUDA with head_dim % 8 == 0),
-                         the explicit path otherwise (CUDA's fused kernels refuse e.g. head_dim 20 and
-                         SDPA would fall back to its slower math kernel)
+    backend "auto"       sdpa; on CUDA a head_dim that is not a multiple of 8 (LaMamba-XL's stage 0 has
+                         20) is zero-padded to the next multiple of 8 first, since CUDA's fused kernels
+                         refuse it and SDPA would fall back to its slow math kernel. Zero columns in
+                         q and k add nothing to q.k, zero columns in v give zero outputs that are
+                         sliced off, and the scale stays head_dim^-0.5: the result is the same function.
+
+``window_token_order`` folds the cyclic shift and the window partition into one permutation of the tokens,
+so that (shift + partition) and (reverse + unshift) are one gather each (``permute_tokens``), with a
+gather along the inverse permutation as the backward (no scatter).
 """
 
 from __future__ import annotations
@@ -81,6 +87,47 @@ def shift_attention_mask(r: int, w: int, s: int, device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+def _window_order_cpu(r: int, w: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    grid = torch.arange(r * r, device="cpu").view(1, r, r, 1)
+    if s:
+        grid = torch.roll(grid, shifts=(-s, -s), dims=(1, 2))
+    order = window_partition(grid, w).reshape(-1).clone()  # token index taken by each window slot
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(r * r, device="cpu")
+    return order, inverse
+
+
+def window_token_order(r: int, w: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse), each (r*r,) int64 on the CPU: window slot j of the shifted, partitioned map holds
+    token order[j] of the row-major r x r map, i.e. ``window_partition(roll(x, -s), w)`` equals
+    ``x.view(B, r*r, C)[:, order].view(B * nW, w*w, C)``; ``inverse`` undoes it."""
+    return _window_order_cpu(r, w, s)
+
+
+def _take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x.index_select(1, index)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """x (B, L, C) -> x[:, order]; backward is a gather along the inverse permutation (no index_add)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return _take_tokens(x, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _take_tokens(grad, inverse), None, None
+
+
+def permute_tokens(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """(B, L, C) -> (B, L, C) with token j = x[:, order[j]]; ``inverse`` must be order's inverse permutation."""
+    return _PermuteTokens.apply(x, order, inverse)
+
+
+@functools.lru_cache(maxsize=None)
 def _flash_attn_func():
     try:
         from flash_attn import flash_attn_func
@@ -98,8 +145,6 @@ def window_attention_core(q, k, v, bias, num_windows: int, backend: str = "auto"
     """
     bw, h, n, e = q.shape
     scale = e ** -0.5
-    if backend == "auto" and q.is_cuda and e % 8:
-        backend = "reference"
     if backend == "reference":
         attn = (q * scale) @ k.transpose(-2, -1)  # (B*nW, h, N, N)
         if bias is not None:
@@ -116,4 +161,8 @@ def window_attention_core(q, k, v, bias, num_windows: int, backend: str = "auto"
         nb = bias.shape[0]
         # (B*nW, h, N, N) view of the bias broadcast over the batch (a copy only when nW' > 1).
         mask = bias.to(q.dtype).unsqueeze(0).expand(bw // nb, nb, h, n, n).reshape(bw, h, n, n)
+    pad = -e % 8 if q.is_cuda else 0
+    if pad:  # see the module docstring: same function, but a fused kernel takes it
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :e]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Perf investigation on one H200 (issue 7): GPU parity tests, eager and compiled `lamamba bench` with compile
+# statistics, then a profile of the compiled LaMamba step. Writes logs under $1 (default /tmp/probe).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+O=${1:-/tmp/probe}; mkdir -p "$O"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
+PY=${PYTHON:-python3}
+RES=${RES:-256}; BATCH=${BATCH:-64}
+if [ "${TESTS:-1}" = 1 ]; then
+  timeout 100 $PY -m pytest -q -x -m gpu tests/test_ops.py tests/test_gpu_model.py 2>&1 | tail -4 | tee "$O/gpu_tests.log"
+fi
+if [ "${EAGER:-1}" = 1 ]; then
+  timeout 120 $PY -m lamamba_dist.cli bench --models DiT-XL/2,LaMamba-XL --resolution $RES --batch $BATCH --steps 10 \
+    --warmup 3 --out "$O/eager_$RES.json" 2>&1 | grep "^#" | tee "$O/eager.log"
+fi
+if [ "${COMPILED:-1}" = 1 ]; then
+  # LaMamba first: its time to first step is paid on a cold inductor cache
+  timeout ${CTIMEOUT:-300} $PY -m lamamba_dist.cli bench --models LaMamba-XL,DiT-XL/2 --resolution $RES --batch $BATCH \
+    --steps 10 --warmup 3 --compile --out "$O/compiled_$RES.json" > "$O/compiled.log" 2>&1
+  grep "^#" "$O/compiled.log"; grep -E '"unique_graphs"|"time_to_first' "$O/compiled.log"
+  tail -3 "$O/compiled.log"
+fi
+if [ "${PROFILE:-1}" = 1 ]; then
+  timeout 120 $PY scripts/profile_step.py --model LaMamba-XL --resolution $RES --batch $BATCH --rows 40 ${PCOMPILE:---compile} \
+    > "$O/profile.log" 2>&1
+  grep -v -i warn "$O/profile.log" | grep -E "kernel launches|Self CUDA" | tee "$O/profile_short.txt"
+fi
