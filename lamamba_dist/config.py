@@ -46,6 +46,10 @@ class ModelConfig:
     # "auto": fused kernels on CUDA when importable, references otherwise.
     scan_backend: str = field(default="auto", metadata=dict(choices=("auto", "fused", "reference")))
     attn_backend: str = field(default="auto", metadata=dict(choices=("auto", "sdpa", "flash", "reference")))
+    # Architecture fields replacing the registry's for ``name`` (``create_model(**arch_overrides)``), e.g.
+    # ``arch_overrides = { base_width = 384, num_heads = 16 }``: a config-only model (configs/lamamba_XXL_256.toml).
+    # Saved in checkpoints and weight files, so resume, export and sampling rebuild the same model.
+    arch_overrides: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -266,8 +270,24 @@ def validate(cfg: ExperimentConfig) -> None:
     t = cfg.train
     if t.global_batch % t.micro_batch != 0:
         raise ConfigError(f"{src}: [train] global_batch = {t.global_batch} is not a multiple of micro_batch = {t.micro_batch}")
+    for k, v in cfg.model.arch_overrides.items():
+        if isinstance(v, dict):
+            raise ConfigError(f"{src}: [model] arch_overrides.{k}: expected a value, got a table")
     if cfg.model.resolution % 8 != 0:
         raise ConfigError(f"{src}: [model] resolution = {cfg.model.resolution}: must be a multiple of 8 (VAE factor)")
+
+
+def arch_overrides(model_cfg) -> dict:
+    """``[model] arch_overrides`` as ``create_model`` keyword arguments (TOML arrays become tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in (model_cfg.arch_overrides or {}).items()}
+
+
+def model_kwargs(model_cfg) -> dict:
+    """Every ``create_model`` keyword argument of a ``[model]`` section except the name."""
+    m = model_cfg
+    return dict(resolution=m.resolution, num_classes=m.num_classes, class_dropout=m.class_dropout,
+                learn_sigma=m.learn_sigma, grad_checkpointing=m.grad_checkpointing, scan_backend=m.scan_backend,
+                attn_backend=m.attn_backend, **arch_overrides(m))
 
 
 def to_dict(cfg: Any) -> dict:
@@ -277,5 +297,6 @@ def to_dict(cfg: Any) -> dict:
         if f.metadata.get("internal"):
             continue
         v = getattr(cfg, f.name)
-        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
+        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else
+                                                                         dict(v) if isinstance(v, dict) else v)
     return out

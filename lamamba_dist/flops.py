@@ -14,14 +14,23 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def _hashable(v):
+    return tuple(_hashable(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def model_stats(name: str, resolution: int, num_classes: int = 1000, arch_overrides: dict | None = None) -> dict:
+    """{"params": int, "gmacs": float} for one image's forward pass (``arch_overrides``: as ``create_model``'s)."""
+    arch = tuple(sorted((k, _hashable(v)) for k, v in (arch_overrides or {}).items()))
+    return dict(_model_stats(name, resolution, num_classes, arch))
+
+
 @functools.lru_cache(maxsize=None)
-def model_stats(name: str, resolution: int, num_classes: int = 1000) -> dict:
-    """{"params": int, "gmacs": float} for one image's forward pass."""
+def _model_stats(name: str, resolution: int, num_classes: int, arch: tuple) -> dict:
     from lamamba_dist.models import create_model
 
     with torch.device("meta"):
         model = create_model(name, resolution=resolution, num_classes=num_classes,
-                             scan_backend="reference", attn_backend="reference").eval()
+                             scan_backend="reference", attn_backend="reference", **dict(arch)).eval()
         s = model.latent_size
         x = torch.empty(1, model.in_channels, s, s)
         t = torch.zeros(1, dtype=torch.long)
@@ -33,9 +42,10 @@ def model_stats(name: str, resolution: int, num_classes: int = 1000) -> dict:
     return {"model": name, "resolution": resolution, "params": params, "gmacs": counter.get_total_flops() / 2 / 1e9}
 
 
-def train_flops_per_image(name: str, resolution: int) -> float:
+def train_flops_per_image(name: str, resolution: int, num_classes: int = 1000,
+                          arch_overrides: dict | None = None) -> float:
     """Model FLOPs of one training step per image: forward + backward = 3 x forward, 2 FLOPs per MAC."""
-    return 6.0 * model_stats(name, resolution)["gmacs"] * 1e9
+    return 6.0 * model_stats(name, resolution, num_classes, arch_overrides)["gmacs"] * 1e9
 
 
 def add_parser(sub, name: str, help_text: str):

@@ -154,8 +154,9 @@ def load_sampling_model(weights: Optional[str], checkpoint: Optional[str], ema: 
         if k not in meta:
             raise _cli_error(f"{p}: metadata lacks {k!r}")
     try:
+        arch = {k: tuple(v) if isinstance(v, list) else v for k, v in (meta.get("arch_overrides") or {}).items()}
         model = create_model(meta["model"], resolution=int(meta["resolution"]), num_classes=int(meta["num_classes"]),
-                             learn_sigma=bool(meta.get("learn_sigma", True)))
+                             learn_sigma=bool(meta.get("learn_sigma", True)), **arch)
         load_state_dict_strict(model, sd, source=str(p))
     except (KeyError, ValueError) as e:
         raise _cli_error(str(e).strip("'\"")) from None

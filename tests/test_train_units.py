@@ -145,7 +145,7 @@ def test_every_shipped_config_parses_and_dry_run_builds(path):
 def test_expected_configs_exist():
     names = {p.stem for p in CONFIGS}
     want = {"debug", "demo", "dit_xl2_256", "dit_xl2_512"} | {f"lamamba_{s}_{r}" for s in "SBLX" if s != "X" for r in (256, 512)}
-    want |= {"lamamba_XL_256", "lamamba_XL_512"}
+    want |= {"lamamba_XL_256", "lamamba_XL_512", "lamamba_XXL_256"}
     assert want <= names, sorted(want - names)
 
 

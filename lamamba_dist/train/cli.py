@@ -32,7 +32,7 @@ def run(args) -> int:
 
         try:
             print(dry_run(cfg))
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:  # TypeError: an arch_overrides key the model lacks
             raise CLIError(f"{args.config}: {e}") from None
         return 0
     from lamamba_dist.data import DataError

@@ -121,6 +121,14 @@ def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
+def _universal_workers() -> int:
+    """Processes for ``ds_to_universal`` (``LAMAMBA_UNIVERSAL_WORKERS``; default: 1 per 4 cores, at most 8)."""
+    env = os.environ.get("LAMAMBA_UNIVERSAL_WORKERS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(8, (os.cpu_count() or 1) // 4))
+
+
 # --------------------------------------------------------------------------- fault injection (tests)
 
 
@@ -163,8 +171,34 @@ def _fault(point: str, step: int) -> None:
 # --------------------------------------------------------------------------- trainer
 
 
+def build_model(cfg, device: Optional[torch.device] = None) -> torch.nn.Module:
+    """The model of ``[model]`` from the registry (``arch_overrides`` included), seeded by ``[train] seed``.
+
+    ``device=None`` builds on the CPU, as training does (identical initial weights on every rank and every
+    machine). Another device builds there directly (much faster for XL-size models; same seed, but the
+    device's RNG stream, so other initial weights): what ``lamamba bench-train`` uses.
+    """
+    from lamamba_dist.config import model_kwargs
+    from lamamba_dist.models import create_model
+
+    m = cfg.model
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    try:
+        if device is None or device.type == "cpu":
+            return create_model(m.name, **model_kwargs(m))
+        with torch.device(device):
+            return create_model(m.name, **model_kwargs(m))
+    except (KeyError, ValueError, TypeError) as e:  # unknown name or arch_overrides field, bad geometry
+        raise TrainingError(f"{cfg.source}: [model]: {e}") from None
+
+
 class Trainer:
-    def __init__(self, cfg):
+    def __init__(self, cfg, *, resume: bool = True, init_on_device: bool = False):
+        """Join the process group, find the checkpoint to resume from, build model, engine, EMA and loader.
+
+        ``resume=False`` (benchmarks): no checkpoint is looked for and nothing is written under
+        ``[checkpoint] dir``. ``init_on_device=True``: build the model on this rank's GPU (:func:`build_model`).
+        """
         import deepspeed
         import torch.distributed as dist
 
@@ -195,15 +229,15 @@ class Trainer:
         self.cfg_dict = to_dict(cfg)
 
         # ---------------------------------------------------------- find the checkpoint to resume from
-        if self.is_main:
+        found_dir = None
+        if self.is_main and resume:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_tmp(self.run_dir, log=self.info)
             found = ckpt.find_latest(self.run_dir, hashes=self.ccfg.verify == "hash", warn=self.warn)
-            resume = str(found) if found else None
-        else:
-            resume = None
-        resume = self._bcast(resume)
-        self.resume_dir: Optional[Path] = Path(resume) if resume else None
+            found_dir = str(found) if found else None
+        if resume:
+            found_dir = self._bcast(found_dir)
+        self.resume_dir: Optional[Path] = Path(found_dir) if found_dir else None
         self.state: dict[str, Any] = ckpt.read_trainer_state(self.resume_dir) if self.resume_dir else {}
         if self.state:
             self._check_compatible(self.state)
@@ -218,14 +252,10 @@ class Trainer:
 
         # ---------------------------------------------------------- model, engine, objective
         from lamamba_dist.diffusion import create_diffusion
-        from lamamba_dist.models import create_model
         from lamamba_dist.train.ds_config import build_ds_config
 
         m = cfg.model
-        torch.manual_seed(self.tcfg.seed)  # identical initial weights on every rank
-        model = create_model(m.name, resolution=m.resolution, num_classes=m.num_classes, class_dropout=m.class_dropout,
-                             learn_sigma=m.learn_sigma, grad_checkpointing=m.grad_checkpointing,
-                             scan_backend=m.scan_backend, attn_backend=m.attn_backend)
+        model = build_model(cfg, self.device if init_on_device else None)
         self.latent_size = int(model.latent_size)
         # Class dropout is drawn per sample by the trainer (world-size independent); switch the model's off.
         from lamamba_dist.models.common import LabelEmbedder
@@ -270,9 +300,11 @@ class Trainer:
         self.run_id = self.state.get("wandb_run_id") if self.state else None
         loader_state = None
         if self.state:
+            t0 = time.perf_counter()
             loader_state = self._load(self.resume_dir, universal_dir)
             self.info(f"resumed from {self.resume_dir} (step {self.step}, {self.images_seen} images seen"
-                      + (f", elastic {saved_world} -> {self.world} ranks" if saved_world != self.world else "") + ")")
+                      + (f", elastic {saved_world} -> {self.world} ranks" if saved_world != self.world else "")
+                      + f") in {time.perf_counter() - t0:.1f}s")
         if self.run_id is None:
             from lamamba_dist.train.monitor import new_run_id
 
@@ -310,12 +342,18 @@ class Trainer:
         return box[0]
 
     def _check_compatible(self, st: dict) -> None:
+        from lamamba_dist.config import to_dict
+
         m = self.cfg.model
         saved = st.get("model", {})
         for key in ("name", "resolution", "num_classes", "learn_sigma"):
             if key in saved and saved[key] != getattr(m, key):
                 raise TrainingError(f"{self.resume_dir}: checkpoint was trained with [model] {key} = {saved[key]!r}, "
                                     f"the config says {getattr(m, key)!r}; use another [checkpoint] dir")
+        if "arch_overrides" in saved and saved["arch_overrides"] != to_dict(m)["arch_overrides"]:
+            raise TrainingError(f"{self.resume_dir}: checkpoint was trained with [model] arch_overrides = "
+                                f"{saved['arch_overrides']!r}, the config says {m.arch_overrides!r}; use another "
+                                "[checkpoint] dir")
         if st.get("zero_stage") != self.tcfg.zero_stage:
             raise TrainingError(f"{self.resume_dir}: checkpoint was written with [train] zero_stage = {st.get('zero_stage')}, "
                                 f"the config says {self.tcfg.zero_stage}; DeepSpeed cannot switch ZeRO stage on resume")
@@ -337,15 +375,17 @@ class Trainer:
                           "to a DeepSpeed universal checkpoint")
                 cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                        "--input_folder", str(step_dir / ckpt.DS_DIR / ckpt.DS_TAG), "--output_folder", str(out),
-                       "--num_extract_workers", "1", "--num_merge_workers", "1"]
+                       "--num_extract_workers", str(_universal_workers()), "--num_merge_workers", str(_universal_workers())]
                 if self.tcfg.zero_stage in (1, 2) or self.tcfg.zero_stage == 0:
                     cmd.append("--inject_missing_state")
+                t0 = time.perf_counter()
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:
                     tail = (res.stdout + res.stderr)[-3000:]
                     self._bcast_error = f"universal checkpoint conversion failed (rc {res.returncode}):\n{tail}"
                 else:
                     ckpt.atomic_write_text(done, "ok\n")
+                    self.info(f"universal checkpoint written in {time.perf_counter() - t0:.1f}s")
         err = self._bcast(getattr(self, "_bcast_error", None))
         if err:
             raise TrainingError(err)
@@ -368,7 +408,8 @@ class Trainer:
         try:
             from lamamba_dist.flops import model_stats
 
-            st = model_stats(self.cfg.model.name, self.cfg.model.resolution, num_classes=self.cfg.model.num_classes)
+            m = self.cfg.model
+            st = model_stats(m.name, m.resolution, num_classes=m.num_classes, arch_overrides=m.arch_overrides)
             return 6.0 * st["gmacs"] * 1e9
         except Exception as e:  # MFU is informative only
             self.info(f"model FLOPs unknown ({e}); TFLOP/s and MFU not reported")
@@ -427,6 +468,7 @@ class Trainer:
     def _meta(self, ema: bool) -> dict:
         m = self.cfg.model
         return {"model": m.name, "resolution": m.resolution, "num_classes": m.num_classes, "learn_sigma": m.learn_sigma,
+                "arch_overrides": self.cfg_dict["model"]["arch_overrides"],
                 "class_dropout": m.class_dropout, "step": self.step, "images_seen": self.images_seen, "ema": ema,
                 "ema_decay": self.ocfg.ema_decay, "run_id": self.run_id, **self.vae_meta}
 
@@ -456,7 +498,8 @@ class Trainer:
                 "world_size": self.world, "zero_stage": self.tcfg.zero_stage, "precision": self.tcfg.precision,
                 "global_batch": self.tcfg.global_batch, "micro_batch": self.tcfg.micro_batch,
                 "model": {"name": self.cfg.model.name, "resolution": self.cfg.model.resolution,
-                          "num_classes": self.cfg.model.num_classes, "learn_sigma": self.cfg.model.learn_sigma},
+                          "num_classes": self.cfg.model.num_classes, "learn_sigma": self.cfg.model.learn_sigma,
+                          "arch_overrides": self.cfg_dict["model"]["arch_overrides"]},
                 "wandb_run_id": self.run_id, "loader_state": loader_state, "rollbacks": self.rollbacks,
                 "skipped_steps": self.skipped_total, "config": self.cfg_dict, "config_source": self.cfg.source,
                 "ds_global_steps": int(self.engine.global_steps), "time": time.time(),
@@ -561,6 +604,66 @@ class Trainer:
         self.rollbacks, self.skipped_total, self.nonfinite_in_row = rollbacks, skipped, 0
         self._images_discarded = getattr(self, "_images_discarded", 0) + images_now - self.images_seen
 
+    # ------------------------------------------------------------------ one step
+    def train_step(self, it, meter=None) -> dict:
+        """One optimizer step of the training loop (``lamamba train`` and ``lamamba bench-train`` both run this).
+
+        ``accum`` micro-batches from the loader iterator ``it``: per-sample draws, forward with the diffusion loss
+        under autocast, backward; the one collective per step (loss sum, non-finite flag, stop flag); on the last
+        micro-batch ``engine.step()``, skipped on every rank when any rank saw a non-finite loss; then the EMA
+        update when the step was applied. ``self.step`` is left to the caller. Returns ``{"applied": bool,
+        "loss_sum": float (sum of the micro-batch mean losses over micro-batches and ranks), "stop": bool,
+        "bad_keys": [sample keys of this rank's non-finite micro-batches]}``.
+        """
+        t = self.tcfg
+        local_bad = 0.0
+        bad_keys: list[str] = []
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for micro in range(self.accum):
+            tw = time.perf_counter()
+            batch = next(it)
+            if meter is not None:
+                meter.data_wait += time.perf_counter() - tw
+            torch.manual_seed(micro_seed(t.seed, self.step, self.rank, micro, self.rollbacks))
+            lat = batch["latent"]
+            if _fault_hit("nan", self.step):
+                lat = torch.full_like(lat, float("nan"))
+            tt, noise, u = per_sample_draws(batch["key"], lat.shape[1:], self.diffusion.num_timesteps,
+                                            t.seed, self.step, self.rollbacks)
+            y = batch["label"].long()
+            if self.class_dropout > 0:
+                y = torch.where(u < self.class_dropout, torch.full_like(y, self.null_class), y)
+            x0 = lat.to(self.device, non_blocking=True).float()
+            y = y.to(self.device, non_blocking=True)
+            tt = tt.to(self.device, non_blocking=True)
+            noise = noise.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+                losses = self.diffusion.training_losses(self.engine, x0, tt, model_kwargs={"y": y}, noise=noise)
+            loss = losses["loss"].float().mean()
+            if not torch.isfinite(loss):
+                local_bad = 1.0
+                bad_keys.extend(str(k) for k in batch.get("key", []))
+            loss_sum += loss.detach().double().cpu()
+            if micro == self.accum - 1:
+                # One collective per step: (loss sum, non-finite flag, stop flag).
+                flags = torch.tensor([loss_sum.item(), local_bad, 1.0 if stop_requested() else 0.0],
+                                     dtype=torch.float64)
+                if self.world > 1:
+                    flags = flags.to(self.device)
+                    self.dist.all_reduce(flags)
+                    flags = flags.cpu()
+                step_bad = flags[1].item() > 0
+                stop = flags[2].item() > 0
+                if step_bad:
+                    self._skip_next_optimizer_step()
+            self.engine.backward(loss)
+            self.engine.step()
+        applied = self.engine.was_step_applied() and not step_bad
+        self._clear_overflow_attr()
+        if applied:
+            self.ema.update()
+        return {"applied": applied, "loss_sum": flags[0].item(), "stop": stop, "bad_keys": bad_keys}
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
         from tqdm import tqdm
@@ -591,49 +694,8 @@ class Trainer:
         try:
             while self.step < t.steps:
                 _fault("step", self.step)
-                local_bad = 0.0
-                bad_keys: list[str] = []
-                loss_sum = torch.zeros((), dtype=torch.float64)
-                for micro in range(self.accum):
-                    tw = time.perf_counter()
-                    batch = next(it)
-                    meter.data_wait += time.perf_counter() - tw
-                    torch.manual_seed(micro_seed(t.seed, self.step, self.rank, micro, self.rollbacks))
-                    lat = batch["latent"]
-                    if _fault_hit("nan", self.step):
-                        lat = torch.full_like(lat, float("nan"))
-                    tt, noise, u = per_sample_draws(batch["key"], lat.shape[1:], self.diffusion.num_timesteps,
-                                                    t.seed, self.step, self.rollbacks)
-                    y = batch["label"].long()
-                    if self.class_dropout > 0:
-                        y = torch.where(u < self.class_dropout, torch.full_like(y, self.null_class), y)
-                    x0 = lat.to(self.device, non_blocking=True).float()
-                    y = y.to(self.device, non_blocking=True)
-                    tt = tt.to(self.device, non_blocking=True)
-                    noise = noise.to(self.device, non_blocking=True)
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
-                        losses = self.diffusion.training_losses(self.engine, x0, tt, model_kwargs={"y": y}, noise=noise)
-                    loss = losses["loss"].float().mean()
-                    if not torch.isfinite(loss):
-                        local_bad = 1.0
-                        bad_keys.extend(str(k) for k in batch.get("key", []))
-                    loss_sum += loss.detach().double().cpu()
-                    if micro == self.accum - 1:
-                        # One collective per step: (loss sum, non-finite flag, stop flag).
-                        flags = torch.tensor([loss_sum.item(), local_bad, 1.0 if stop_requested() else 0.0],
-                                             dtype=torch.float64)
-                        if self.world > 1:
-                            flags = flags.to(self.device)
-                            self.dist.all_reduce(flags)
-                            flags = flags.cpu()
-                        step_bad = flags[1].item() > 0
-                        stop = flags[2].item() > 0
-                        if step_bad:
-                            self._skip_next_optimizer_step()
-                    self.engine.backward(loss)
-                    self.engine.step()
-                applied = self.engine.was_step_applied() and not step_bad
-                self._clear_overflow_attr()
+                res = self.train_step(it, meter)
+                applied, stop, bad_keys = res["applied"], res["stop"], res["bad_keys"]
                 self.step += 1
                 steps_this_run += 1
                 self.images_seen += t.global_batch
@@ -641,9 +703,8 @@ class Trainer:
                 meter.steps += 1
                 bar.update(1)
                 if applied:
-                    self.ema.update()
                     self.nonfinite_in_row = 0
-                    loss_acc += flags[0] / (self.accum * self.world)
+                    loss_acc += res["loss_sum"] / (self.accum * self.world)
                     n_acc += 1
                 else:
                     self.skipped_total += 1

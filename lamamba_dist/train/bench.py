@@ -1,0 +1,672 @@
+"""`lamamba bench-train`: the trainer's real training step, measured for a list of configurations in ONE launch.
+
+One process group (torchrun with N ranks, or a plain call = a 1-rank group, as ``lamamba train``) runs every
+configuration of a matrix one after another. Each configuration is built by the trainer itself
+(:class:`lamamba_dist.train.trainer.Trainer` with ``resume=False``: the registry model with its
+``arch_overrides``, the DeepSpeed config of ds_config.py, bf16, activation checkpointing flag, synthetic latents
+from the real loader) and stepped with :meth:`Trainer.train_step` (per-sample draws, diffusion loss, backward,
+the per-step all-reduce, ``engine.step()``, EMA update). No checkpoint is written and wandb stays off.
+Between configurations the engine is destroyed and memory freed (``gc.collect()``, ``empty_cache()``, peak
+statistics reset).
+
+Timing: ``--warmup`` optimizer steps, then ``--steps`` timed ones between two ``torch.cuda.synchronize()`` +
+barrier pairs (wall clock on CPU); the slowest rank's time counts. Global batch = micro x accum x world size.
+A configuration that fails (CUDA OOM, an impossible setting) becomes a row with ``"error"``; every rank learns
+of a failure at the end of the build and of the measurement (one ``all_gather_object`` each), so the ranks
+stay in step when they fail together, as OOMs under ZeRO do (every rank runs the same shapes). A failure on one
+rank alone in the middle of a collective cannot be recovered in-process: the launch then hangs until NCCL's
+timeout (wrap launches in ``timeout``; the JSON is rewritten after every row, so finished rows survive).
+
+``--fit-batch``: per configuration, peak memory (``max_memory_allocated``, max over ranks) at the
+``--fit-probes`` micro-batches on one engine, a straight line ``peak = static + per_sample * micro`` through
+them, the largest micro-batch under the GPU's memory minus ``--fit-margin-gib``, then a verification run at
+that micro-batch (stepping down by 10% per OOM, on a rebuilt engine), whose throughput is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+# Short matrix axis names -> config keys. Any "section.key" works as an axis too.
+AXES = {
+    "zero": "train.zero_stage",
+    "gc": "model.grad_checkpointing",
+    "micro": "train.micro_batch",
+    "model": "model.name",
+    "res": "model.resolution",
+    "precision": "train.precision",
+}
+SPECIAL_AXES = ("config", "accum")
+GIB = 2**30
+# Test hook: LAMAMBA_BENCH_FAKE_MEMORY="static,per_sample[,quadratic]" (GiB) makes the peak memory of a step
+# static + per_sample * micro + quadratic * micro^2 and raises an OOM above --gpu-memory-gib (CPU tests of --fit-batch).
+FAKE_MEMORY_ENV = "LAMAMBA_BENCH_FAKE_MEMORY"
+
+
+# --------------------------------------------------------------------------- matrix
+
+
+def parse_matrix(spec: str) -> list[dict[str, str]]:
+    """``"zero=1,2;gc=false,true"`` -> the cartesian product as dicts (first axis slowest), values as written."""
+    axes: list[tuple[str, list[str]]] = []
+    for part in spec.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise ValueError(f"matrix axis {part!r}: expected name=value[,value...]")
+        name, values = part.split("=", 1)
+        name = name.strip()
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not name or not vals:
+            raise ValueError(f"matrix axis {part!r}: expected name=value[,value...]")
+        if name not in AXES and name not in SPECIAL_AXES and "." not in name:
+            raise ValueError(f"matrix axis {name!r}: use one of {', '.join([*AXES, *SPECIAL_AXES])} or section.key")
+        if any(name == n for n, _ in axes):
+            raise ValueError(f"matrix axis {name!r} given twice")
+        axes.append((name, vals))
+    if not axes:
+        return [{}]
+    return [dict(zip([n for n, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
+
+
+def expand(configs: list[str], matrices: list[str]) -> list[tuple[str, dict[str, str]]]:
+    """(config path, combo) per row: each matrix in order; a matrix without a ``config`` axis runs on every --config."""
+    rows: list[tuple[str, dict[str, str]]] = []
+    for spec in matrices or [""]:
+        combos = parse_matrix(spec)
+        if any("config" in c for c in combos):
+            rows += [(c["config"], {k: v for k, v in c.items() if k != "config"}) for c in combos]
+        else:
+            if not configs:
+                raise ValueError(f"matrix {spec!r} has no config axis and no --config was given")
+            rows += [(path, c) for path in configs for c in combos]
+    return rows
+
+
+# --------------------------------------------------------------------------- fit arithmetic (pure)
+
+
+def fit_memory(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares line ``peak = static + per_sample * micro`` through ``(micro, peak)`` points (>= 2 micros)."""
+    if len({b for b, _ in points}) < 2:
+        raise ValueError(f"need peaks at two different micro-batches, got {points}")
+    n = len(points)
+    mb = sum(b for b, _ in points) / n
+    mp = sum(p for _, p in points) / n
+    per = sum((b - mb) * (p - mp) for b, p in points) / sum((b - mb) ** 2 for b, _ in points)
+    return mp - per * mb, per
+
+
+def predict_micro_batch(static: float, per_sample: float, budget: float, multiple: int = 1,
+                        max_batch: Optional[int] = None) -> int:
+    """Largest micro-batch ``b`` (a multiple of ``multiple`` when possible) with ``static + per_sample * b <= budget``.
+
+    0 when not even one sample fits; ``max_batch`` (if given) caps the answer, also when memory barely grows.
+    """
+    if budget < static + max(per_sample, 0.0):
+        return 0
+    if per_sample <= 0:
+        b = max_batch if max_batch else 1 << 20
+    else:
+        b = int(math.floor((budget - static) / per_sample + 1e-9))
+    if max_batch:
+        b = min(b, max_batch)
+    if multiple > 1 and b >= multiple:
+        b -= b % multiple
+    return max(b, 0)
+
+
+def step_down(b: int, multiple: int = 1, factor: float = 0.9) -> int:
+    """The next micro-batch to try after an OOM at ``b``: about ``factor * b``, a multiple of ``multiple`` when it can
+    be, always smaller than ``b`` (0 when ``b`` is 1)."""
+    nxt = min(int(b * factor), b - 1)
+    if multiple > 1 and nxt >= multiple:
+        nxt -= nxt % multiple
+    return max(nxt, 0)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def _short_error(e: BaseException) -> str:
+    msg = f"{type(e).__name__}: {e}".strip().replace("\n", " ")
+    return msg if len(msg) <= 600 else msg[:600] + " ..."
+
+
+def _is_oom(msg: Optional[str]) -> bool:
+    return bool(msg) and ("OutOfMemoryError" in msg or "out of memory" in msg.lower())
+
+
+def model_label(cfg) -> str:
+    m = cfg.model
+    if not m.arch_overrides:
+        return m.name
+    return m.name + "[" + ",".join(f"{k}={v}" for k, v in sorted(m.arch_overrides.items())) + "]"
+
+
+class BenchTrain:
+    """One per process: owns the process group and runs the rows one after another."""
+
+    def __init__(self, args):
+        import deepspeed
+        import torch
+        import torch.distributed as dist
+
+        from lamamba_dist.train.trainer import ensure_dist_env
+
+        self.args = args
+        ensure_dist_env()
+        self.on_cuda = torch.cuda.is_available()
+        if self.on_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
+        self.dist = dist
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.trainer = None
+        self.results: list[dict] = []
+        self.scratch = tempfile.mkdtemp(prefix="lamamba_bench_train_")  # [checkpoint] dir: never written (no resume)
+        fake = os.environ.get(FAKE_MEMORY_ENV)
+        self.fake_memory = [float(x) for x in fake.split(",")] if fake else None
+        if self.fake_memory is not None:
+            self.fake_memory += [0.0] * (3 - len(self.fake_memory))
+        self._fake_peak = 0.0
+        self._micro = 0
+        if args.gpu_memory_gib:
+            self.capacity_gib = float(args.gpu_memory_gib)
+        elif self.on_cuda:
+            self.capacity_gib = torch.cuda.get_device_properties(self.device).total_memory / GIB
+        else:
+            self.capacity_gib = None
+        if args.peak_tflops:
+            self.peak_tflops = args.peak_tflops
+        else:
+            try:
+                from lamamba_dist.bench import device_peak_tflops
+            except ImportError:  # pragma: no cover
+                from lamamba_dist.train.monitor import peak_tflops as _pt
+
+                def device_peak_tflops(_dev):
+                    return _pt("bf16")
+            self.peak_tflops = device_peak_tflops(self.device)
+        self.environment = self._environment()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _environment(self) -> dict:
+        import torch
+
+        env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                               "hostname": platform.node(), "world_size": self.world, "device": self.device.type,
+                               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               "command": self._command(), "peak_tflops": self.peak_tflops,
+                               "gpu_memory_gib": self.capacity_gib}
+        try:
+            import deepspeed
+
+            env["deepspeed"] = deepspeed.__version__
+        except Exception:  # pragma: no cover
+            pass
+        if self.on_cuda:
+            env.update(gpu=torch.cuda.get_device_name(self.device), cuda=torch.version.cuda,
+                       gpus_visible=torch.cuda.device_count())
+            try:
+                env["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+            except Exception:  # pragma: no cover
+                pass
+        try:
+            from lamamba_dist.ops import fused_available
+
+            env["fused_scan"] = bool(fused_available())
+        except Exception:  # pragma: no cover
+            pass
+        return env
+
+    def _command(self) -> str:
+        """How to rerun this launch (argv after the program, behind the launcher for this world size)."""
+        import shlex
+
+        launcher = ("python3 -m lamamba_dist.cli" if self.world == 1 else
+                    f"python3 -m torch.distributed.run --standalone --nproc_per_node {self.world} -m lamamba_dist.cli")
+        args = sys.argv[1:]
+        if "bench-train" not in args:  # called as a library
+            return launcher + " bench-train ..."
+        return launcher + " " + shlex.join(args[args.index("bench-train"):])
+
+    def _write(self) -> None:
+        if not self.is_main:
+            return
+        out = {"environment": self.environment,
+               "settings": {k: v for k, v in vars(self.args).items() if k != "func"},
+               "results": self.results}
+        text = json.dumps(out, indent=1, default=str)
+        if self.args.out:
+            path = Path(self.args.out)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text + "\n")
+            tmp.replace(path)
+
+    def _agree(self, local: dict) -> list[dict]:
+        """Collective: every rank's ``local`` dict, on every rank."""
+        if self.world == 1:
+            return [local]
+        out: list = [None] * self.world
+        self.dist.all_gather_object(out, local)
+        return out
+
+    @staticmethod
+    def _first_error(parts: list[dict]) -> Optional[str]:
+        errs = [f"rank {r}: {p['error']}" if len(parts) > 1 else p["error"] for r, p in enumerate(parts) if p.get("error")]
+        return errs[0] if errs else None
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _free(self) -> None:
+        """Destroy the engine of the current trainer (if any) and give its memory back."""
+        import torch
+
+        tr, self.trainer = self.trainer, None
+        if tr is not None:
+            try:
+                tr.engine.destroy()
+            except Exception:  # pragma: no cover
+                pass
+            tr.engine = tr.ema = tr.loader = tr.diffusion = None
+            del tr
+        gc.collect()
+        if self.on_cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    # ------------------------------------------------------------------ config of one row
+    def make_config(self, path: str, combo: dict[str, str], micro: Optional[int] = None):
+        """The experiment config of one row (raises ConfigError). Global batch = micro x accum x world size."""
+        from lamamba_dist.config import load_config
+
+        sets = ['data.shards="synthetic"', "logging.wandb=false", f'checkpoint.dir="{self.scratch}"',
+                *self.args.overrides]
+        for axis, value in combo.items():
+            if axis not in ("accum", "micro"):
+                sets.append(f"{AXES.get(axis, axis)}={value}")
+        try:
+            accum = int(combo.get("accum", self.args.accum))
+            if micro is None:
+                micro = int(combo["micro"]) if "micro" in combo else self.args.micro_batch
+        except ValueError:
+            raise ValueError(f"matrix {combo}: micro and accum must be integers") from None
+        if micro is None:  # the config's own (valid together with its global batch)
+            micro = load_config(path, sets).train.micro_batch
+        return load_config(path, sets + [f"train.micro_batch={micro}",
+                                         f"train.global_batch={micro * accum * self.world}"])
+
+    def _row_base(self, path: str, combo: dict[str, str], cfg=None) -> dict:
+        row: dict[str, Any] = {"config": Path(path).stem, "matrix": dict(combo), "world_size": self.world}
+        if cfg is not None:
+            t = cfg.train
+            row.update(model=model_label(cfg), resolution=cfg.model.resolution, zero_stage=t.zero_stage,
+                       grad_checkpointing=cfg.model.grad_checkpointing, precision=t.precision,
+                       micro_batch=t.micro_batch, accum=t.global_batch // (t.micro_batch * self.world),
+                       global_batch=t.global_batch)
+        return row
+
+    # ------------------------------------------------------------------ build + measure (collective)
+    def _build(self, cfg) -> tuple[Optional[str], float]:
+        """Build a Trainer for ``cfg`` into ``self.trainer``; returns (agreed error, seconds)."""
+        from lamamba_dist.train.trainer import Trainer
+
+        t0 = time.perf_counter()
+        err = None
+        try:
+            self.trainer = Trainer(cfg, resume=False, init_on_device=self.args.init_on == "device")
+        except Exception as e:  # noqa: BLE001 - every failure becomes an error row
+            err = _short_error(e)
+        build_s = time.perf_counter() - t0
+        err = self._first_error(self._agree({"error": err}))
+        if err:
+            self._free()
+        return err, build_s
+
+    def _use_micro_batch(self, micro: int) -> None:
+        """Feed the current engine micro-batches of ``micro`` samples (fit probes; the engine does not depend on it)."""
+        from lamamba_dist.data import build_latent_loader
+
+        tr = self.trainer
+        tr.loader = build_latent_loader(tr.cfg.data, micro_batch=micro, rank=self.rank, world_size=self.world,
+                                        seed=tr.tcfg.seed, latent_size=tr.latent_size)
+        self._micro = micro
+
+    def _step(self, it) -> dict:
+        import torch
+
+        if self.fake_memory is not None:
+            a, b, c = self.fake_memory
+            peak = a + b * self._micro + c * self._micro**2
+            if self.capacity_gib is not None and peak > self.capacity_gib:
+                raise torch.cuda.OutOfMemoryError(f"fake: {peak:.2f} GiB needed at micro-batch {self._micro}, "
+                                                  f"{self.capacity_gib:.2f} GiB available")
+            self._fake_peak = max(self._fake_peak, peak)
+        from lamamba_dist.train.trainer import _fault_hit
+
+        if _fault_hit("bench_oom", len(self.results)):  # test hook: LAMAMBA_FAULT=bench_oom:ROW[:RANK]
+            raise torch.cuda.OutOfMemoryError(f"planted OOM (LAMAMBA_FAULT) in row {len(self.results)}")
+        res = self.trainer.train_step(it)
+        self.trainer.step += 1
+        return res
+
+    def _peak(self) -> tuple[Optional[float], Optional[float]]:
+        import torch
+
+        if self.fake_memory is not None:
+            return self._fake_peak, None
+        if self.on_cuda:
+            return (torch.cuda.max_memory_allocated(self.device) / GIB,
+                    torch.cuda.max_memory_reserved(self.device) / GIB)
+        return None, None
+
+    def _measure(self, warmup: int, steps: int) -> dict:
+        """Collective: warm-up + timed steps on ``self.trainer``; every rank gets the merged result."""
+        import torch
+
+        local: dict[str, Any] = {"error": None}
+        tr = self.trainer
+        it = None
+        try:
+            self._fake_peak = 0.0
+            if self.on_cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+            it = iter(tr.loader)
+            skipped = 0
+            t0 = time.perf_counter()
+            for i in range(warmup):
+                skipped += not self._step(it)["applied"]
+                if i == 0:
+                    self._sync()
+                    local["first_step_s"] = time.perf_counter() - t0
+            self._sync()
+            if self.world > 1:
+                self.dist.barrier()
+            t0 = time.perf_counter()
+            loss = None
+            for _ in range(steps):
+                res = self._step(it)
+                skipped += not res["applied"]
+                loss = res["loss_sum"] / (tr.accum * self.world)
+            self._sync()
+            local["elapsed"] = time.perf_counter() - t0
+            local["peak_gib"], local["peak_reserved_gib"] = self._peak()
+            local["loss"] = loss
+            local["skipped"] = skipped
+        except Exception as e:  # noqa: BLE001 - OOM and friends become error rows
+            local = {"error": _short_error(e)}
+        finally:
+            if it is not None:
+                it.close()  # stops the loader's worker processes
+            del it
+        if local["error"]:
+            self._free()  # this rank's memory back before the (small) collective below
+        parts = self._agree(local)
+        err = self._first_error(parts)
+        if err:
+            self._free()
+            return {"error": err}
+        peaks = [p["peak_gib"] for p in parts if p.get("peak_gib") is not None]
+        reserved = [p["peak_reserved_gib"] for p in parts if p.get("peak_reserved_gib") is not None]
+        return {"elapsed": max(p["elapsed"] for p in parts), "first_step_s": parts[0].get("first_step_s"),
+                "peak_gib": max(peaks) if peaks else None, "peak_reserved_gib": max(reserved) if reserved else None,
+                "loss": parts[0]["loss"], "skipped_steps": parts[0]["skipped"]}
+
+    def _throughput(self, m: dict, micro: int, accum: int, steps: int) -> dict:
+        per_step = m["elapsed"] / steps
+        img_s = micro * accum * self.world / per_step
+        out = {"img_per_s_per_gpu": img_s / self.world, "img_per_s": img_s, "step_ms": per_step * 1e3,
+               "peak_gib": m["peak_gib"], "peak_reserved_gib": m["peak_reserved_gib"],
+               "first_step_s": m["first_step_s"], "final_loss": m["loss"], "skipped_steps": m["skipped_steps"],
+               "model_tflops_per_gpu": None, "mfu": None}
+        fpi = getattr(self.trainer, "flops_per_image", None) if self.trainer is not None else None
+        if fpi:
+            out["model_tflops_per_gpu"] = img_s / self.world * fpi / 1e12
+            out["mfu"] = out["model_tflops_per_gpu"] / self.peak_tflops if self.peak_tflops else None
+        return out
+
+    # ------------------------------------------------------------------ rows
+    def run_row(self, path: str, combo: dict[str, str]) -> dict:
+        from lamamba_dist.config import ConfigError
+
+        t_row = time.perf_counter()
+        try:
+            cfg = self.make_config(path, combo)
+        except (ConfigError, ValueError) as e:  # identical on every rank: no collective needed
+            return {**self._row_base(path, combo), "error": _short_error(e), "error_kind": "config"}
+        row = self._row_base(path, combo, cfg)
+        row.update(steps=self.args.steps, warmup=self.args.warmup)
+        self._micro = cfg.train.micro_batch
+        row["memory_before_gib"] = self._allocated_gib()  # > 0: something of an earlier row was not freed
+        err, row["build_s"] = self._build(cfg)
+        if not err:
+            row["params"] = sum(p.numel() for p in self.trainer.engine.module.parameters())
+            m = self._measure(self.args.warmup, self.args.steps)
+            err = m.get("error")
+            if not err:
+                row.update(self._throughput(m, row["micro_batch"], row["accum"], self.args.steps))
+        self._free()
+        if err:
+            row.update(error=err, error_kind="oom" if _is_oom(err) else "error")
+        row["memory_after_free_gib"] = self._allocated_gib()
+        row["wall_s"] = time.perf_counter() - t_row
+        return row
+
+    def _allocated_gib(self) -> Optional[float]:
+        import torch
+
+        return torch.cuda.memory_allocated(self.device) / GIB if self.on_cuda else None
+
+    def fit_row(self, path: str, combo: dict[str, str]) -> dict:
+        """Largest micro-batch of one configuration: probes, straight-line fit, verified prediction."""
+        from lamamba_dist.config import ConfigError
+
+        a = self.args
+        t_row = time.perf_counter()
+        probes = sorted({int(x) for x in a.fit_probes.split(",") if x.strip()})
+        try:
+            if len(probes) < 2:
+                raise ValueError(f"--fit-probes {a.fit_probes!r}: give at least two different micro-batches")
+            cfg = self.make_config(path, combo, micro=probes[0])
+        except (ConfigError, ValueError) as e:
+            return {**self._row_base(path, combo), "fit": True, "error": _short_error(e), "error_kind": "config"}
+        row = self._row_base(path, combo, cfg)
+        accum = row["accum"]
+        row.update(fit=True, capacity_gib=self.capacity_gib, margin_gib=a.fit_margin_gib, probes=[], attempts=[])
+        if self.capacity_gib is None:
+            row.update(error="--fit-batch needs a GPU (or --gpu-memory-gib with the fake-memory test hook)",
+                       error_kind="config")
+            return row
+
+        def fail(msg: str) -> dict:
+            self._free()
+            row.update(error=msg, error_kind="oom" if _is_oom(msg) else "error",
+                       memory_after_free_gib=self._allocated_gib(), wall_s=time.perf_counter() - t_row)
+            return row
+
+        self._micro = probes[0]
+        row["memory_before_gib"] = self._allocated_gib()
+        err, row["build_s"] = self._build(cfg)
+        if err:
+            return fail(f"build: {err}")
+        for b in probes:
+            self._use_micro_batch(b)
+            m = self._measure(0, a.fit_probe_steps)
+            if m.get("error"):
+                return fail(f"probe at micro-batch {b}: {m['error']}")
+            row["probes"].append({"micro_batch": b, "peak_gib": m["peak_gib"],
+                                  "img_per_s_per_gpu": b * accum * a.fit_probe_steps / m["elapsed"]})
+        static, per = fit_memory([(p["micro_batch"], p["peak_gib"]) for p in row["probes"]])
+        budget = self.capacity_gib - a.fit_margin_gib
+        pred = predict_micro_batch(static, per, budget, a.fit_multiple, a.fit_max_batch)
+        row.update(static_gib=static, per_sample_gib=per, budget_gib=budget, predicted_micro_batch=pred)
+        b = pred
+        for _ in range(a.fit_tries):
+            if b < 1:
+                break
+            if self.trainer is None:  # rebuilt after an OOM: the old engine's state is not trusted
+                self._micro = b
+                err, _ = self._build(self.make_config(path, combo, micro=b))
+                if err:
+                    row["attempts"].append({"micro_batch": b, "ok": False, "error": f"build: {err}"})
+                    b = step_down(b, a.fit_multiple)
+                    continue
+            self._use_micro_batch(b)
+            m = self._measure(1, a.fit_verify_steps)
+            if m.get("error"):
+                row["attempts"].append({"micro_batch": b, "ok": False, "error": m["error"]})
+                self._free()
+                b = step_down(b, a.fit_multiple)
+                continue
+            if m["peak_gib"] is not None and m["peak_gib"] > budget:  # ran, but inside the margin: not a fit
+                row["attempts"].append({"micro_batch": b, "ok": False, "peak_gib": m["peak_gib"],
+                                        "error": f"peak {m['peak_gib']:.2f} GiB above the budget {budget:.2f} GiB"})
+                b = step_down(b, a.fit_multiple)
+                continue
+            row["attempts"].append({"micro_batch": b, "ok": True, "peak_gib": m["peak_gib"]})
+            row.update(fit_micro_batch=b, micro_batch=b, global_batch=b * accum * self.world,
+                       steps=a.fit_verify_steps, warmup=1, **self._throughput(m, b, accum, a.fit_verify_steps))
+            if m["peak_gib"] is not None:
+                row["headroom_gib"] = self.capacity_gib - m["peak_gib"]
+            break
+        self._free()
+        if "fit_micro_batch" not in row:
+            row.update(fit_micro_batch=None, error=f"no verified micro-batch (predicted {pred}; "
+                       f"attempts {[x['micro_batch'] for x in row['attempts']]})", error_kind="fit")
+        row["memory_after_free_gib"] = self._allocated_gib()
+        row["wall_s"] = time.perf_counter() - t_row
+        return row
+
+    def run(self, rows: list[tuple[str, dict[str, str]]]) -> list[dict]:
+        self._write()
+        for path, combo in rows:
+            row = self.fit_row(path, combo) if self.args.fit_batch else self.run_row(path, combo)
+            self.results.append(row)
+            self._write()
+            if self.is_main:
+                print(summary_line(row), flush=True)
+        return self.results
+
+    def close(self) -> None:
+        self._free()
+        try:
+            os.rmdir(self.scratch)
+        except OSError:
+            pass
+        if self.dist.is_initialized():
+            try:
+                self.dist.barrier()
+            finally:
+                self.dist.destroy_process_group()
+
+
+def _fmt(x, spec: str, unit: str = "") -> str:
+    return "n/a" if x is None else f"{format(x, spec)}{unit}"
+
+
+def summary_line(r: dict) -> str:
+    """One short line per configuration."""
+    head = (f"{r.get('model', r['config'])} {r.get('resolution', '?')}px ZeRO-{r.get('zero_stage', '?')} "
+            f"gc={'on' if r.get('grad_checkpointing') else 'off'} micro {r.get('micro_batch', '?')} "
+            f"x{r['world_size']} GPU")
+    if r.get("fit"):
+        fit = (f" | fit: static {_fmt(r.get('static_gib'), '.1f')} GiB + {_fmt(r.get('per_sample_gib'), '.3f')} "
+               f"GiB/sample -> predicted {r.get('predicted_micro_batch')}, verified {r.get('fit_micro_batch')}")
+    else:
+        fit = ""
+    if r.get("error"):
+        return f"[bench-train] {head}: ERROR {r['error'][:200]}{fit}"
+    return (f"[bench-train] {head}: {r['img_per_s_per_gpu']:.1f} img/s/GPU ({r['img_per_s']:.1f} total), "
+            f"{r['step_ms']:.0f} ms/step, peak {_fmt(r.get('peak_gib'), '.1f', ' GiB')}, "
+            f"MFU {_fmt(None if r.get('mfu') is None else 100 * r['mfu'], '.1f', '%')}{fit}")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_parser(sub, name: str, help_text: str):
+    p = sub.add_parser(name, help=help_text, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", default=[], metavar="TOML",
+                   help="experiment TOML (repeatable: a matrix without a config axis runs on each)")
+    p.add_argument("--matrix", action="append", default=[], metavar="SPEC",
+                   help='axes "name=v1,v2;name=v1,..." (cartesian product, repeatable: rows in order). Names: '
+                        + ", ".join(f"{k} ({v})" for k, v in AXES.items())
+                        + ', accum, config (a TOML path), or any section.key. Example: "zero=1,2,3;gc=false,true"')
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value for every row (TOML syntax), as for `lamamba train`")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="per-GPU micro-batch for rows without a micro axis (default: the config's)")
+    p.add_argument("--accum", type=int, default=1,
+                   help="gradient accumulation steps: global batch = micro x accum x world size (default 1)")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per configuration")
+    p.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps before them (>= 1)")
+    p.add_argument("--out", default=None, help="JSON file (rank 0), rewritten after every configuration")
+    p.add_argument("--init-on", choices=("device", "cpu"), default="device",
+                   help="build the model on the GPU (default: fast; other initial weights than training's CPU "
+                        "build, same seed) or on the CPU as `lamamba train` does")
+    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak used for MFU (default: by GPU name)")
+    g = p.add_argument_group("largest micro-batch per configuration (--fit-batch)")
+    g.add_argument("--fit-batch", action="store_true",
+                   help="fit peak = static + per_sample x micro from two probes, verify the largest micro-batch "
+                        "under the GPU memory minus the margin (10%% smaller per OOM) and report its throughput")
+    g.add_argument("--fit-probes", default="16,32", help="micro-batches measured for the fit (default 16,32)")
+    g.add_argument("--fit-probe-steps", type=int, default=2, help="steps per probe (the first allocates Adam state)")
+    g.add_argument("--fit-verify-steps", type=int, default=2, help="timed steps at the predicted micro-batch")
+    g.add_argument("--fit-margin-gib", type=float, default=8.0,
+                   help="memory kept free below the GPU's total (allocator slack, CUDA context, NCCL); default 8")
+    g.add_argument("--fit-multiple", type=int, default=4, help="round micro-batches down to a multiple of this")
+    g.add_argument("--fit-max-batch", type=int, default=1024, help="never try more than this micro-batch")
+    g.add_argument("--fit-tries", type=int, default=4, help="verification attempts (OOM -> 10%% smaller)")
+    g.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="memory per GPU to fit into (default: the device's total)")
+    p.set_defaults(func=_run)
+    return p
+
+
+def _run(args) -> int:
+    import logging
+
+    from lamamba_dist.cli import CLIError
+
+    try:
+        rows = expand(args.config, args.matrix)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    for path in {p for p, _ in rows}:
+        if not Path(path).is_file():
+            raise CLIError(f"config file not found: {path}")
+    if args.steps < 1 or args.warmup < 1 or args.accum < 1 or (args.micro_batch is not None and args.micro_batch < 1):
+        raise CLIError("--steps, --warmup, --accum and --micro-batch must be >= 1")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    bench = BenchTrain(args)
+    try:
+        if bench.is_main:
+            print(f"[bench-train] {len(rows)} configuration(s) on {bench.world} rank(s), "
+                  f"{bench.environment.get('gpu', bench.device.type)}", flush=True)
+        bench.run(rows)
+    finally:
+        bench.close()
+    return 0
