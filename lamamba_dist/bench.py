@@ -31,6 +31,14 @@ def device_peak_tflops(device: torch.device) -> float | None:
     return None
 
 
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -81,8 +89,12 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
     if compile_model:
         from torch._dynamo.utils import counters
 
+        from torch._dynamo.utils import compile_times
+
+        names, secs = compile_times(repr="csv", aggregate=True)
         compile_info = dict(unique_graphs=int(counters["stats"]["unique_graphs"]),
-                            graph_breaks=int(sum(counters["graph_break"].values())))
+                            graph_breaks=int(sum(counters["graph_break"].values())),
+                            seconds={n: float(v) for n, v in zip(names, secs) if _is_number(v)})
     for _ in range(max(warmup - 1, 0)):
         step()
     _sync(device)
@@ -131,6 +143,7 @@ def run_bench(models: list[str], resolution: int, batch: int, steps: int, warmup
     peak = peak_tflops or device_peak_tflops(dev)
     results = []
     for name in models:
+        print(f"# bench {name}: building, first step ...", flush=True)
         results.append(bench_model(name, resolution, batch, steps, warmup, dev, precision, compile_model,
                                    grad_checkpointing, peak_tflops=peak))
         gc.collect()

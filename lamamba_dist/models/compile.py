@@ -18,7 +18,7 @@ def block_types() -> tuple[type, ...]:
     return (LaMambaBlock, DiTBlock)
 
 
-def compile_blocks(model: nn.Module, mode: str | None = None, fullgraph: bool = True) -> nn.Module:
+def compile_blocks(model: nn.Module, mode: str | None = None, fullgraph: bool = True, backend: str = "inductor") -> nn.Module:
     """Compile every transformer/LaMamba block of ``model`` in place; returns the model."""
     import torch._dynamo
 
@@ -28,8 +28,21 @@ def compile_blocks(model: nn.Module, mode: str | None = None, fullgraph: bool = 
     n = 0
     for m in model.modules():
         if isinstance(m, block_types()):
-            m.compile(mode=mode, fullgraph=fullgraph, dynamic=False)
+            m.compile(backend=backend, mode=mode, fullgraph=fullgraph, dynamic=False)
             n += 1
     if n == 0:
         raise ValueError(f"{type(model).__name__} has no blocks to compile")
     return model
+
+
+def use_compile_cache(path) -> str:
+    """Keep torch.compile's caches (inductor FX graphs, AOT autograd, Triton kernels) in ``path`` unless
+    TORCHINDUCTOR_CACHE_DIR is already set: a run directory on shared storage makes every restart after a
+    preemption, on any node, load the compiled blocks instead of compiling them again. Returns the dir used."""
+    import os
+    from pathlib import Path
+
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(path).resolve())
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]

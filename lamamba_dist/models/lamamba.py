@@ -146,22 +146,22 @@ class WindowAttention(nn.Module):
         dev = torch.get_default_device()
         self.register_buffer("rel_index", relative_position_index(window_size).reshape(-1).to(dev, copy=True),
                              persistent=False)
-        if shift:
-            self.register_buffer("shift_mask", shift_attention_mask(resolution, window_size, shift, "cpu").to(dev, copy=True),
-                                 persistent=False)
+        # The additive shift mask, all zeros for unshifted blocks: both kinds of block then run the same code
+        # on the same shapes, so regional compilation builds one graph for the pair instead of two.
+        n_win = (resolution // window_size) ** 2
+        mask = shift_attention_mask(resolution, window_size, shift, "cpu") if shift else \
+            torch.zeros(n_win, window_size ** 2, window_size ** 2, device="cpu")
+        self.register_buffer("shift_mask", mask.to(dev, copy=True), persistent=False)
         # Cyclic shift + window partition as one token permutation (and its inverse for the way back).
         order, inverse = window_token_order(resolution, window_size, shift)
         self.register_buffer("token_order", order.to(dev, copy=True), persistent=False)
         self.register_buffer("token_inverse", inverse.to(dev, copy=True), persistent=False)
 
     def attention_bias(self) -> torch.Tensor:
-        """(nW', h, N, N): relative-position bias (+ the shift mask for shifted windows)."""
+        """(nW, h, N, N): relative-position bias + the shift mask (zeros for unshifted windows)."""
         w, hds = self.window_size, self.num_heads
         bias = self.relative_position_bias_table[self.rel_index].view(w * w, w * w, hds).permute(2, 0, 1)
-        bias = bias.unsqueeze(0)  # (1, h, N, N)
-        if self.shift:
-            bias = bias + self.shift_mask.unsqueeze(1).to(bias.dtype)  # (nW, h, N, N)
-        return bias
+        return bias.unsqueeze(0) + self.shift_mask.unsqueeze(1).to(bias.dtype)  # (nW, h, N, N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
@@ -365,7 +365,9 @@ class LaMambaDiff(nn.Module):
             h = self._run_blocks(stage, h, c)
             skips.append(h)  # taken before downsampling
             if i < 2:
-                h = stage.downsample(h)
+                # fp32 residual stream in every stage (under autocast the merge's Linear returns bf16): one
+                # input dtype per block shape, so regional compilation builds one graph per block shape.
+                h = stage.downsample(h).float()
         h = h + self._run_blocks(self.mid_layer, h, c)  # extra outer residual around the bottleneck
         for j, stage in enumerate(self.layers_up):
             if j >= 2:

@@ -269,8 +269,10 @@ class Trainer:
             if self.tcfg.zero_stage == 3:
                 raise TrainingError(f"{cfg.source}: [train] compile = true is not supported with zero_stage = 3 "
                                     "(ZeRO-3 gathers parameters in module hooks that compiled blocks would bypass)")
-            from lamamba_dist.models.compile import compile_blocks
+            from lamamba_dist.models.compile import compile_blocks, use_compile_cache
 
+            cache = use_compile_cache(Path(self.ccfg.dir) / ".compile_cache")
+            self.info(f"torch.compile cache: {cache} (reused by every restart)")
             compile_blocks(model)  # regional torch.compile of each block, in place (state-dict keys unchanged)
         try:
             self.ds_config = build_ds_config(self.tcfg, self.ocfg, self.world, on_cuda=self.on_cuda,
