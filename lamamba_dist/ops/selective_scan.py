@@ -11,9 +11,10 @@ Shapes (mamba-ssm's convention, grouped B/C as VMamba uses them):
 For step s with h_{-1} = 0:  Δ = softplus(delta + bias);  h_s = exp(Δ A) h_{s-1} + Δ B_s u_s;
 y_s = C_s · h_s + D u_s.  The result has u's dtype; the state is always computed in fp32.
 
-``selective_scan`` is the one dispatch point: mamba-ssm's ``selective_scan_cuda`` kernel (registered as
-the custom op ``lamamba::selective_scan_fwd/bwd`` so torch.compile traces through it without a graph
-break) when it imports and the tensors are on CUDA, the reference otherwise.
+``selective_scan`` is the one dispatch point: on CUDA the Triton kernel specialised for d_state 1
+(scan_triton.py, custom ops ``lamamba::scan1_fwd/bwd``) when triton imports and N == 1, else mamba-ssm's
+``selective_scan_cuda`` kernel (registered as the custom op ``lamamba::selective_scan_fwd/bwd``) when it
+imports; the reference otherwise. Both custom ops let torch.compile trace through without a graph break.
 """
 
 from __future__ import annotations
@@ -137,12 +138,45 @@ def selective_scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus: bool 
     return out
 
 
+def _load_triton_module():
+    """scan_triton (the N = 1 Triton kernels), or None where triton does not import (CPU CI)."""
+    try:
+        from lamamba_dist.ops import scan_triton
+
+        return scan_triton
+    except Exception:
+        return None
+
+
+# Resolved once at import, like _SCAN_CUDA. Under TRITON_INTERPRET=1 (set before this import) the kernels
+# also run on CPU tensors, which is how they are tested without a GPU.
+_SCAN_TRITON = _load_triton_module()
+
+
+def triton_available() -> bool:
+    return _SCAN_TRITON is not None
+
+
+def selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = True):
+    """The Triton kernel for d_state N = 1 (A of shape (dim, 1)). Inputs of any float dtype; the output has
+    u's dtype and every grad its input's dtype."""
+    if _SCAN_TRITON is None:
+        raise RuntimeError("the triton selective scan needs triton (it ships with CUDA builds of torch)")
+    return _SCAN_TRITON.selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+BACKENDS = ("auto", "triton", "fused", "reference")
+
+
 def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = True, backend: str = "auto"):
-    """The dispatch point. backend: "auto" (fused on CUDA when available), "fused" or "reference"."""
+    """The dispatch point. backend: "auto" (on CUDA: triton for N == 1 when triton imports, else fused when
+    mamba-ssm's kernel imports; the reference otherwise), "triton", "fused" or "reference"."""
     if backend == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if backend == "triton" or (backend == "auto" and u.is_cuda and _SCAN_TRITON is not None and A.shape[1] == 1):
+        return selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend == "fused" or (backend == "auto" and u.is_cuda and _cuda_module() is not None):
         return selective_scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend != "auto":
-        raise ValueError(f"unknown scan backend {backend!r}; choose auto, fused or reference")
+        raise ValueError(f"unknown scan backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)

@@ -1,0 +1,378 @@
+"""Selective scan for d_state N = 1 in Triton: forward and backward, bandwidth-bound and deterministic.
+
+LaMamba-Diff's SS2D always runs the Mamba recurrence with one state per channel, so the scan of a
+(batch, channel) row is a scalar first-order linear recurrence along L:
+
+    x = delta + bias;  dt = softplus(x) (x itself for x > 20, torch's threshold);  a_s = exp(dt_s A)
+    h_s = a_s h_{s-1} + dt_s B_s u_s   (h_{-1} = 0);   y_s = C_s h_s + D u_s
+
+Layout (mamba-ssm's convention, see selective_scan.py): u, delta (batch, dim, L); A (dim, 1) fp32;
+B, C (batch, G, 1, L), channel c in group c // (dim // G); D, delta_bias (dim,) fp32.
+
+Kernels. One program owns SUB_D channels of one batch row (all in one group, so the B/C rows are loaded
+once and broadcast) and walks L in chunks of CHUNK steps (one chunk whenever L <= 4096), carrying the
+state between chunks. The scans are ``tl.associative_scan`` in fp32:
+
+* forward: pairs (a, b) with (a1, b1) . (a2, b2) = (a1 a2, a2 b1 + b2), so h = cumprod(a) h0 + scan(b).
+  It writes y (u's dtype) and, per row, the state entering each chunk (batch, dim, n_chunks) fp32:
+  4 bytes per row and chunk, so the backward recomputes h rather than reading a stored h (a stored fp32
+  h would add 4 bytes per element written and 4 read, +80% over the 10 bytes/element of the bf16
+  backward's u, delta, gy reads and gu, gdelta writes).
+* backward, per chunk from the last: recompute h from the chunk's entry state, then the reverse scan
+  gh_s = C_s gy_s + a_{s+1} gh_{s+1}. The a_{s+1} is one step ahead of the element, and a register
+  tile cannot be shifted, so the reverse scan runs over triples describing a segment [s..t]:
+  (a_s, prod_{r=s+1..t} a_r, sum_{k=s..t} prod_{r=s+1..k} a_r c_k) with c = C gy; element s is
+  (a_s, 1, c_s). Composition (lo = [s..m], hi = [m+1..t]): (fa_lo, al_lo fa_hi al_hi,
+  be_lo + al_lo fa_hi be_hi). Then gh_s = be_s + al_s P, with P = a gh at the first step of the next
+  chunk (0 after the last). No division, no shifted reload.
+  The recomputation of h also scans triples, (prod a, a_t h_{t-1}, b_t) per segment, so that a_s h_{s-1}
+  comes out directly: mamba-ssm's kernel takes it as h_s - dt_s B_s u_s, which cancels catastrophically
+  when a_s is small (large dt |A|) and spoils gA and gdelta there. Then
+      gu = gh dt B + gy D;   gdt = gh (B u + A a h_{s-1});   gdelta = gdt sigmoid(x) (1 for x > 20)
+      gA = sum gh dt a h_{s-1};  gD = sum gy u;  gbias = sum gdelta;  gB = sum_group gh dt u;  gC = sum_group gy h
+  The sums are written per program to fp32 buffers (per (batch, row) for gA/gD/gbias, per
+  (batch, channel block, step) for gB/gC) and reduced by torch afterwards: no atomics, deterministic.
+  When L fits one chunk a program covers NSUB sub-blocks of SUB_D channels (up to 64 channels), summing
+  gB/gC in registers, so the partial buffers cost ~8 bytes per step per 64 channels.
+
+Exposed as the custom ops ``lamamba::scan1_fwd`` / ``lamamba::scan1_bwd`` (fake kernels + autograd), so
+torch.compile traces through without a graph break, and as ``selective_scan_triton``.
+
+Importing this module imports triton: selective_scan.py imports it guarded. Under TRITON_INTERPRET=1
+(set before this module is imported) the kernels run on CPU tensors through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_CHUNK = 4096  # longest L scanned as one tile; longer sequences are chunked with a carried state
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _fwd_combine(a1, b1, a2, b2):
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _fwd_prev_combine(p1, q1, b1, p2, q2, b2):
+    # segment [s..t] as (prod a, a_t h_{t-1} given h_{s-1} = 0, b_t): a_t h_{t-1} = p h_{s-1} + q, h_t = that + b_t
+    return p1 * p2, p2 * (q1 + b1) + q2, b2
+
+
+@triton.jit
+def _rev_combine(fa_hi, al_hi, be_hi, fa_lo, al_lo, be_lo):
+    # reverse=True scans the flipped sequence: the carry (first operand) is the later segment [m+1..t],
+    # the second operand the earlier one [s..m].
+    t = al_lo * fa_hi
+    return fa_lo, t * al_hi, be_lo + t * be_hi
+
+
+@triton.jit
+def _dt_and_slope(x, SOFTPLUS: tl.constexpr):
+    """dt = softplus(x) with torch's threshold 20, and d dt / dx."""
+    if SOFTPLUS:
+        z = tl.exp(tl.minimum(x, 20.0))
+        w = 1.0 + z
+        # log1p(z) = log(w) + log(1 + (z - (w - 1)) / w); the correction matters only for w < 2, where
+        # z - (w - 1) is exact and dividing it by w changes it by less than its own rounding.
+        lp = tl.log(w) + tl.where(w < 2.0, z - (w - 1.0), 0.0)
+        dt = tl.where(x > 20.0, x, lp)
+        slope = tl.where(x > 20.0, 1.0, z / w)
+    else:
+        dt = x
+        slope = tl.full(x.shape, 1.0, tl.float32)
+    return dt, slope
+
+
+@triton.jit
+def _scan1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, state_ptr,
+                      dim, L, rep, n_groups,
+                      SOFTPLUS: tl.constexpr, SUB_D: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+    pid = tl.program_id(0)
+    n_blk = dim // SUB_D
+    b = pid // n_blk
+    d0 = (pid % n_blk) * SUB_D
+    g = d0 // rep
+    rows = d0 + tl.arange(0, SUB_D)
+    cols = tl.arange(0, CHUNK)
+    row_id = (b * dim + rows).to(tl.int64)
+    row_off = row_id * L
+    bc_off = (b * n_groups + g).to(tl.int64) * L
+    A = tl.load(A_ptr + rows)
+    Dv = tl.load(D_ptr + rows)
+    bias = tl.load(bias_ptr + rows)
+    h0 = tl.zeros([SUB_D], dtype=tl.float32)
+    for c in range(NCHUNK):
+        l = c * CHUNK + cols
+        lmask = l < L
+        mask = (rows[:, None] < dim) & lmask[None, :]
+        offs = row_off[:, None] + l[None, :]
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
+        Bv = tl.load(B_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
+        dt, _slope = _dt_and_slope(x, SOFTPLUS)
+        a = tl.exp(dt * A[:, None])
+        bu = dt * Bv[None, :] * u
+        ap, hs = tl.associative_scan((a, bu), axis=1, combine_fn=_fwd_combine)
+        h = ap * h0[:, None] + hs
+        y = h * Cv[None, :] + Dv[:, None] * u
+        tl.store(state_ptr + row_id * NCHUNK + c, h0)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        # the state leaving a full chunk (only chunks before the last, which are full, carry one on)
+        h0 = tl.sum(tl.where(cols[None, :] == CHUNK - 1, h, 0.0), axis=1)
+
+
+@triton.jit
+def _scan1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, gy_ptr, state_ptr,
+                      gu_ptr, gdelta_ptr, gA_ptr, gD_ptr, gbias_ptr, gB_ptr, gC_ptr,
+                      dim, L, rep, n_groups,
+                      SOFTPLUS: tl.constexpr, SUB_D: tl.constexpr, NSUB: tl.constexpr,
+                      CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+    # NSUB > 1 only when NCHUNK == 1 (the launcher checks): the gB/gC partials of a program then live in
+    # registers across its sub-blocks; with several chunks each chunk's partial row is stored directly.
+    DBLK: tl.constexpr = SUB_D * NSUB
+    pid = tl.program_id(0)
+    n_blk = dim // DBLK
+    b = pid // n_blk
+    j = pid % n_blk
+    g = (j * DBLK) // rep
+    cols = tl.arange(0, CHUNK)
+    bc_off = (b * n_groups + g).to(tl.int64) * L
+    part_off = (b * n_blk + j).to(tl.int64) * L
+    accB = tl.zeros([CHUNK], dtype=tl.float32)
+    accC = tl.zeros([CHUNK], dtype=tl.float32)
+    for sub in range(NSUB):
+        rows = j * DBLK + sub * SUB_D + tl.arange(0, SUB_D)
+        row_id = (b * dim + rows).to(tl.int64)
+        row_off = row_id * L
+        A = tl.load(A_ptr + rows)
+        Dv = tl.load(D_ptr + rows)
+        bias = tl.load(bias_ptr + rows)
+        p_next = tl.zeros([SUB_D], dtype=tl.float32)  # a gh at the first step of the following chunk
+        sum_a = tl.zeros([SUB_D], dtype=tl.float32)
+        sum_d = tl.zeros([SUB_D], dtype=tl.float32)
+        sum_bias = tl.zeros([SUB_D], dtype=tl.float32)
+        for ci in range(NCHUNK):
+            c = NCHUNK - 1 - ci
+            l = c * CHUNK + cols
+            lmask = l < L
+            mask = (rows[:, None] < dim) & lmask[None, :]
+            offs = row_off[:, None] + l[None, :]
+            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
+            gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            Bv = tl.load(B_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
+            Cv = tl.load(C_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
+            h0 = tl.load(state_ptr + row_id * NCHUNK + c)
+            dt, slope = _dt_and_slope(x, SOFTPLUS)
+            a = tl.exp(dt * A[:, None])
+            bu = dt * Bv[None, :] * u
+            zeros = tl.zeros([SUB_D, CHUNK], dtype=tl.float32)
+            ap, q, _b = tl.associative_scan((a, zeros, bu), axis=1, combine_fn=_fwd_prev_combine)
+            ah_prev = ap * h0[:, None] + q  # a_s h_{s-1}, without the cancellation of h_s - dt_s B_s u_s
+            h = ah_prev + bu
+            cg = Cv[None, :] * gy
+            ones = tl.full([SUB_D, CHUNK], 1.0, tl.float32)
+            _fa, al, be = tl.associative_scan((a, ones, cg), axis=1, combine_fn=_rev_combine, reverse=True)
+            gh = be + al * p_next[:, None]
+            p_next = tl.sum(tl.where(cols[None, :] == 0, a * gh, 0.0), axis=1)
+            gdt = gh * (Bv[None, :] * u + A[:, None] * ah_prev)
+            gdelta = gdt * slope
+            gu = gh * dt * Bv[None, :] + gy * Dv[:, None]
+            tl.store(gu_ptr + offs, gu.to(gu_ptr.dtype.element_ty), mask=mask)
+            tl.store(gdelta_ptr + offs, gdelta.to(gdelta_ptr.dtype.element_ty), mask=mask)
+            # masked steps have u = gy = 0, hence gh = 0: they add nothing to the sums below
+            sum_a += tl.sum(gh * dt * ah_prev, axis=1)
+            sum_d += tl.sum(gy * u, axis=1)
+            sum_bias += tl.sum(gdelta, axis=1)
+            part_b = tl.sum(gh * dt * u, axis=0)
+            part_c = tl.sum(gy * h, axis=0)
+            if NCHUNK == 1:
+                accB += part_b
+                accC += part_c
+            else:
+                tl.store(gB_ptr + part_off + l, part_b, mask=lmask)
+                tl.store(gC_ptr + part_off + l, part_c, mask=lmask)
+        tl.store(gA_ptr + row_id, sum_a)
+        tl.store(gD_ptr + row_id, sum_d)
+        tl.store(gbias_ptr + row_id, sum_bias)
+    if NCHUNK == 1:
+        lmask1 = cols < L
+        tl.store(gB_ptr + part_off + cols, accB, mask=lmask1)
+        tl.store(gC_ptr + part_off + cols, accC, mask=lmask1)
+
+
+# ----------------------------------------------------------------------------- launch configuration
+
+
+def default_chunk(length: int) -> int:
+    """Steps per tile: the next power of two of L up to MAX_CHUNK (then L is chunked)."""
+    return min(triton.next_power_of_2(max(int(length), 1)), MAX_CHUNK)
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap dividing n (>= 1)."""
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def _fwd_config(rep: int, chunk: int, sub_d=None, num_warps=None):
+    sub_d = sub_d or _pow2_divisor(rep, max(1, 2048 // chunk))
+    if rep % sub_d:
+        raise ValueError(f"sub_d={sub_d} must divide the group size {rep}")
+    tile = sub_d * chunk
+    num_warps = num_warps or (4 if tile <= 1024 else 8 if tile <= 4096 else 16)
+    return sub_d, num_warps
+
+
+def _bwd_config(rep: int, chunk: int, n_chunks: int, sub_d=None, nsub=None, num_warps=None):
+    sub_d = sub_d or _pow2_divisor(rep, max(1, 1024 // chunk))
+    if rep % sub_d:
+        raise ValueError(f"sub_d={sub_d} must divide the group size {rep}")
+    if nsub is None:
+        nsub = 1 if n_chunks > 1 else _pow2_divisor(rep // sub_d, max(1, 64 // sub_d))
+    if n_chunks > 1 and nsub != 1:
+        raise ValueError("several sub-blocks per program need L to fit one chunk")
+    if rep % (sub_d * nsub):
+        raise ValueError(f"sub_d*nsub={sub_d * nsub} must divide the group size {rep}")
+    tile = sub_d * chunk
+    num_warps = num_warps or (4 if tile <= 512 else 8 if tile <= 2048 else 16)
+    return sub_d, nsub, num_warps
+
+
+def _check(u, delta, A, B, C, D, bias):
+    batch, dim, length = u.shape
+    if A.shape != (dim, 1):
+        raise ValueError(f"the triton scan is for d_state 1: A must be ({dim}, 1), got {tuple(A.shape)}")
+    groups = B.shape[1]
+    if B.shape != (batch, groups, 1, length) or C.shape != B.shape or dim % groups:
+        raise ValueError(f"B, C must be (batch, G, 1, L) with G dividing dim; got {tuple(B.shape)}, {tuple(C.shape)}")
+    if delta.shape != u.shape or D.shape != (dim,) or bias.shape != (dim,):
+        raise ValueError("delta must match u; D and delta_bias must be (dim,)")
+    return batch, dim, length, groups
+
+
+def scan1_fwd_launch(u, delta, A, B, C, D, bias, delta_softplus=True, chunk=None, sub_d=None, num_warps=None):
+    """Runs the forward kernel: (y in u's dtype, entry state of every chunk (batch, dim, n_chunks) fp32).
+    All tensors contiguous, on one device; A/D/bias fp32."""
+    batch, dim, length, groups = _check(u, delta, A, B, C, D, bias)
+    chunk = chunk or default_chunk(length)
+    n_chunks = triton.cdiv(length, chunk)
+    rep = dim // groups
+    sub_d, num_warps = _fwd_config(rep, chunk, sub_d, num_warps)
+    y = torch.empty_like(u)
+    states = torch.empty(batch, dim, n_chunks, device=u.device, dtype=torch.float32)
+    grid = (batch * (dim // sub_d),)
+    _scan1_fwd_kernel[grid](u, delta, A, B, C, D, bias, y, states, dim, length, rep, groups,
+                            SOFTPLUS=bool(delta_softplus), SUB_D=sub_d, CHUNK=chunk, NCHUNK=n_chunks,
+                            num_warps=num_warps)
+    return y, states
+
+
+def scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, delta_softplus=True, chunk=None,
+                     sub_d=None, nsub=None, num_warps=None):
+    """Runs the backward kernel and the deterministic torch reductions: the 7 input grads, each in its
+    input's dtype."""
+    batch, dim, length, groups = _check(u, delta, A, B, C, D, bias)
+    chunk = chunk or default_chunk(length)
+    n_chunks = triton.cdiv(length, chunk)
+    if states.shape != (batch, dim, n_chunks):
+        raise ValueError(f"states {tuple(states.shape)} do not match chunk={chunk}")
+    rep = dim // groups
+    sub_d, nsub, num_warps = _bwd_config(rep, chunk, n_chunks, sub_d, nsub, num_warps)
+    n_blk = dim // (sub_d * nsub)
+    gu = torch.empty_like(u)
+    gdelta = torch.empty_like(delta)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    gA_part = torch.empty(batch, dim, **f32)
+    gD_part = torch.empty(batch, dim, **f32)
+    gbias_part = torch.empty(batch, dim, **f32)
+    gB_part = torch.empty(batch, n_blk, length, **f32)
+    gC_part = torch.empty(batch, n_blk, length, **f32)
+    _scan1_bwd_kernel[(batch * n_blk,)](
+        u, delta, A, B, C, D, bias, gy, states, gu, gdelta, gA_part, gD_part, gbias_part, gB_part, gC_part,
+        dim, length, rep, groups,
+        SOFTPLUS=bool(delta_softplus), SUB_D=sub_d, NSUB=nsub, CHUNK=chunk, NCHUNK=n_chunks, num_warps=num_warps)
+    per_group = n_blk // groups
+    gB = gB_part.view(batch, groups, per_group, length).sum(2).unsqueeze(2).to(B.dtype)
+    gC = gC_part.view(batch, groups, per_group, length).sum(2).unsqueeze(2).to(C.dtype)
+    gA = gA_part.sum(0).unsqueeze(1).to(A.dtype)
+    return gu, gdelta, gA, gB, gC, gD_part.sum(0).to(D.dtype), gbias_part.sum(0).to(bias.dtype)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("lamamba::scan1_fwd", mutates_args=())
+def _scan1_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+               D: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool,
+               chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return scan1_fwd_launch(u, delta, A, B, C, D, delta_bias, delta_softplus, chunk)
+
+
+@_scan1_fwd.register_fake
+def _(u, delta, A, B, C, D, delta_bias, delta_softplus, chunk):
+    batch, dim, length = u.shape
+    return torch.empty_like(u), u.new_empty(batch, dim, (length + chunk - 1) // chunk, dtype=torch.float32)
+
+
+@torch.library.custom_op("lamamba::scan1_bwd", mutates_args=())
+def _scan1_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+               D: torch.Tensor, delta_bias: torch.Tensor, dout: torch.Tensor, states: torch.Tensor,
+               delta_softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, torch.Tensor, torch.Tensor]:
+    return scan1_bwd_launch(u, delta, A, B, C, D, delta_bias, dout.contiguous(), states, delta_softplus, chunk)
+
+
+@_scan1_bwd.register_fake
+def _(u, delta, A, B, C, D, delta_bias, dout, states, delta_softplus, chunk):
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), torch.empty_like(D), torch.empty_like(delta_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, delta_bias, delta_softplus, chunk = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[1])
+    ctx.delta_softplus = delta_softplus
+    ctx.chunk = chunk
+
+
+def _backward(ctx, dout, dstates):
+    u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
+    grads = _scan1_bwd(u, delta, A, B, C, D, delta_bias, dout, states, ctx.delta_softplus, ctx.chunk)
+    return (*grads, None, None)
+
+
+_scan1_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus: bool = True, chunk=None):
+    """The N = 1 selective scan through the Triton kernels (custom op with autograd).
+
+    u, delta: (batch, dim, L) fp32 or bf16 (any float dtype; the output has u's dtype); A: (dim, 1);
+    B, C: (batch, G, 1, L); D, delta_bias: (dim,) (None = zeros). A, D, delta_bias are used in fp32;
+    grads come back in each input's dtype. ``chunk`` (a power of two) overrides the tile length along L.
+    """
+    dim = u.shape[1]
+    if D is None:
+        D = u.new_zeros(dim, dtype=torch.float32)
+    if delta_bias is None:
+        delta_bias = u.new_zeros(dim, dtype=torch.float32)
+    chunk = int(chunk or default_chunk(u.shape[2]))
+    if chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two, got {chunk}")
+    out, _ = _scan1_fwd(u.contiguous(), delta.contiguous(), A.float().contiguous(), B.contiguous(), C.contiguous(),
+                        D.float().contiguous(), delta_bias.float().contiguous(), bool(delta_softplus), chunk)
+    return out

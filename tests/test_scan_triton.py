@@ -1,0 +1,239 @@
+"""The Triton selective scan for d_state 1 (lamamba_dist/ops/scan_triton.py) against a float64 restatement of
+the recurrence: forward and all seven gradients.
+
+* GPU tests (``-m gpu``): fp32 and bf16, L in {64, 1024, 4096}, the chunked-L path, softplus pass-through,
+  determinism, dispatch, and torch.compile(fullgraph=True) through the custom ops.
+* A CPU test that runs the same kernels under Triton's interpreter (TRITON_INTERPRET=1, which must be set
+  before triton's jit decorators run, hence a subprocess running this file), skipped where triton is not
+  installed (CI has no triton). Outputs are poisoned with NaN first to prove every element is written.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lamamba_dist.ops.selective_scan import selective_scan, selective_scan_reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = "u delta A B C D bias".split()
+
+
+def _inputs(batch, groups, d, length, dtype, device, seed=0, bias_shift=-2.0):
+    g = torch.Generator().manual_seed(seed)
+    dim = groups * d
+    mk = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
+    u = mk(batch, dim, length).to(device, dtype)
+    delta = mk(batch, dim, length, scale=0.5).to(device, dtype)
+    A = -torch.exp(mk(dim, 1, scale=0.5)).to(device)
+    B = mk(batch, groups, 1, length).to(device, dtype)
+    C = mk(batch, groups, 1, length).to(device, dtype)
+    D = mk(dim).to(device)
+    bias = (mk(dim, scale=0.5) + bias_shift).to(device)
+    return [t.requires_grad_() for t in (u, delta, A, B, C, D, bias)]
+
+
+def _scan64(u, delta, A, B, C, D, bias, delta_softplus=True):
+    """h_s = exp(dt A) h_{s-1} + dt B u, y = C h + D u, in float64 (a loop over L, vectorised over rows)."""
+    u, delta, A, B, C, D, bias = (t.double() for t in (u, delta, A, B, C, D, bias))
+    batch, dim, length = u.shape
+    rep = dim // B.shape[1]
+    x = delta + bias[:, None]
+    dt = torch.nn.functional.softplus(x) if delta_softplus else x
+    Bf = B[:, :, 0].repeat_interleave(rep, dim=1)
+    Cf = C[:, :, 0].repeat_interleave(rep, dim=1)
+    a = torch.exp(dt * A)
+    bu = dt * Bf * u
+    h = u.new_zeros(batch, dim)
+    ys = []
+    for s in range(length):
+        h = a[..., s] * h + bu[..., s]
+        ys.append(h * Cf[..., s])
+    return torch.stack(ys, -1) + D[:, None] * u
+
+
+def _compare(args, out, grads, gy, delta_softplus=True, fwd_tol=1e-5, grad_tol=1e-5, label=""):
+    """Relative max errors (scaled by the reference's max magnitude) of out and the 7 grads vs float64."""
+    ref_args = [a.detach().double().requires_grad_() for a in args]
+    ref = _scan64(*ref_args, delta_softplus=delta_softplus)
+    ref_grads = torch.autograd.grad(ref, ref_args, gy.double())
+    errs = {"y": ((out.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-6)).item()}
+    for name, a, arg, r in zip(NAMES, grads, args, ref_grads):
+        assert a.dtype == arg.dtype and a.shape == arg.shape, (name, a.dtype, arg.dtype, a.shape, arg.shape)
+        assert torch.isfinite(a).all(), name
+        errs[name] = ((a.double() - r).abs().max() / r.abs().max().clamp(min=1e-6)).item()
+    print(label, " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    assert out.dtype == args[0].dtype and torch.isfinite(out).all()
+    assert errs["y"] < fwd_tol, (label, errs)
+    bad = {k: v for k, v in errs.items() if k != "y" and v > grad_tol}
+    assert not bad, (label, bad)
+
+
+def _run_case(batch, groups, d, length, dtype, device, chunk=None, delta_softplus=True, bias_shift=-2.0,
+              fwd_tol=1e-5, grad_tol=1e-5, seed=0, **cfg):
+    from lamamba_dist.ops import scan_triton as st
+
+    args = _inputs(batch, groups, d, length, dtype, device, seed=seed, bias_shift=bias_shift)
+    if cfg:  # launch-config overrides: call the launchers directly
+        u, delta, A, B, C, D, bias = (a.detach() for a in args)
+        chunk = chunk or st.default_chunk(length)
+        out, states = st.scan1_fwd_launch(u, delta, A, B, C, D, bias, delta_softplus, chunk,
+                                          sub_d=cfg.get("sub_d"), num_warps=cfg.get("num_warps"))
+        gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+        grads = st.scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, delta_softplus, chunk, **cfg)
+    else:
+        out = st.selective_scan_triton(*args, delta_softplus=delta_softplus, chunk=chunk)
+        gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+        grads = torch.autograd.grad(out, args, gy)
+    label = f"{dtype} L={length} chunk={chunk} softplus={delta_softplus} bias_shift={bias_shift} {cfg}"
+    _compare(args, out, grads, gy, delta_softplus, fwd_tol, grad_tol, label)
+    return out, grads
+
+
+# fp32 inputs: fp32 math in the kernel vs float64. bf16 inputs: the output and gu/gdelta/gB/gC are rounded to
+# bf16 (relative 2^-9), everything else is fp32 on the same (bf16-valued) inputs.
+FP32_TOL = dict(fwd_tol=2e-5, grad_tol=5e-5)
+BF16_TOL = dict(fwd_tol=1e-2, grad_tol=2e-2)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _triton_or_skip():
+    from lamamba_dist.ops.selective_scan import triton_available
+
+    if not triton_available():
+        pytest.skip("triton does not import")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [64, 1024, 4096])
+def test_triton_scan_matches_float64_on_gpu(dtype, length):
+    _triton_or_skip()
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    _run_case(2, 4, 32, length, dtype, "cuda", **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length,chunk", [(4096, 1024), (3000, 512), (200, 64)])
+def test_triton_scan_chunked_length_on_gpu(length, chunk):
+    _triton_or_skip()
+    _run_case(2, 4, 16, length, torch.float32, "cuda", chunk=chunk, **FP32_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [dict(bias_shift=19.0), dict(delta_softplus=False, bias_shift=2.0),
+                                dict(sub_d=1, nsub=1), dict(sub_d=2, nsub=4, num_warps=2)])
+def test_triton_scan_variants_on_gpu(kw):
+    _triton_or_skip()
+    _run_case(2, 4, 8, 333, torch.float32, "cuda", **kw, **FP32_TOL)
+
+
+@pytest.mark.gpu
+def test_triton_scan_odd_group_size_and_real_width_on_gpu():
+    _triton_or_skip()
+    _run_case(2, 4, 3, 100, torch.float32, "cuda", **FP32_TOL)  # group of 3 channels: one channel a program
+    _run_case(1, 4, 640, 256, torch.bfloat16, "cuda", **BF16_TOL)  # the model's width at one stage
+
+
+@pytest.mark.gpu
+def test_triton_scan_is_deterministic_and_auto_dispatches_to_it():
+    _triton_or_skip()
+    from lamamba_dist.ops.selective_scan import selective_scan_triton
+
+    args = _inputs(4, 4, 64, 1024, torch.bfloat16, "cuda")
+    runs = []
+    for backend in ("triton", "triton", "auto"):
+        out = selective_scan(*args, backend=backend)
+        runs.append([out, *torch.autograd.grad(out.float().square().sum(), args)])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    torch.testing.assert_close(selective_scan_triton(*args), runs[0][0], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_triton_scan_under_torch_compile_fullgraph():
+    _triton_or_skip()
+    args = _inputs(2, 4, 32, 256, torch.bfloat16, "cuda")
+
+    def step(u, delta, A, B, C, D, bias):
+        y = selective_scan(u * 1.0, delta, A, B, C, D, bias, delta_softplus=True, backend="triton")
+        return (y.float() * 0.5).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(*args)
+    grads = torch.autograd.grad(loss, args)
+    loss_e = step(*args)
+    grads_e = torch.autograd.grad(loss_e, args)
+    torch.testing.assert_close(loss, loss_e, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, grads_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- CPU (Triton's interpreter)
+
+
+def _interpreter_cases():
+    """Small shapes (the interpreter runs each program in numpy, slowly). Outputs of the launchers are
+    poisoned: every torch.empty/empty_like made while a kernel runs is NaN-filled first."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(fn):
+        def make(*a, **k):
+            t = fn(*a, **k)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return make
+
+    torch.empty, torch.empty_like = poisoned(real_empty), poisoned(real_empty_like)
+    try:
+        f32, bf16 = torch.float32, torch.bfloat16
+        _run_case(2, 4, 2, 64, f32, "cpu", **FP32_TOL)
+        _run_case(2, 4, 2, 200, f32, "cpu", **FP32_TOL)  # L not a power of two
+        _run_case(2, 4, 2, 200, f32, "cpu", chunk=64, **FP32_TOL)  # chunked L, ragged last chunk
+        _run_case(2, 4, 2, 256, f32, "cpu", chunk=64, **FP32_TOL)  # chunked L, full chunks
+        _run_case(2, 4, 2, 100, bf16, "cpu", **BF16_TOL)
+        _run_case(2, 4, 2, 100, bf16, "cpu", chunk=32, **BF16_TOL)
+        _run_case(1, 2, 4, 50, f32, "cpu", bias_shift=19.0, **FP32_TOL)  # softplus passes x > 20 through
+        _run_case(1, 2, 4, 50, f32, "cpu", delta_softplus=False, bias_shift=2.0, **FP32_TOL)
+        _run_case(1, 2, 8, 40, f32, "cpu", sub_d=2, nsub=2, **FP32_TOL)  # two programs per group, 2 sub-blocks
+        _run_case(1, 2, 8, 40, f32, "cpu", sub_d=1, nsub=8, **FP32_TOL)
+        _run_case(1, 4, 3, 30, f32, "cpu", **FP32_TOL)  # group of 3 channels
+        _run_case(1, 1, 4, 30, f32, "cpu", **FP32_TOL)  # one group
+        # the dispatch: backend="triton" runs the kernels on CPU tensors under the interpreter
+        args = _inputs(1, 4, 2, 20, f32, "cpu")
+        ref = selective_scan_reference(*args)
+        torch.testing.assert_close(selective_scan(*args, backend="triton"), ref, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_empty_like
+    print("interpreter cases passed")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CI has none)")
+def test_triton_scan_under_interpreter_on_cpu():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    print(proc.stdout[-4000:], proc.stderr[-4000:])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "interpreter cases passed" in proc.stdout
+
+
+def test_triton_backend_without_triton_is_an_error_not_a_silent_fallback():
+    ss = importlib.import_module("lamamba_dist.ops.selective_scan")  # the package exports a function of that name
+
+    args = _inputs(1, 4, 2, 5, torch.float32, "cpu")
+    if ss.triton_available():
+        pytest.skip("triton imports here")
+    with pytest.raises(RuntimeError, match="needs triton"):
+        selective_scan(*args, backend="triton")
+    torch.testing.assert_close(selective_scan(*args), selective_scan_reference(*args), rtol=0, atol=0)
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1 (the test sets it)"
+    _interpreter_cases()
