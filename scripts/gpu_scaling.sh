@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trainer throughput, memory and scaling on 1 and 2 H200 GPUs, plus the real `lamamba train` elastic 2 -> 1 resume,
-# in priority order within about 8 minutes (BUDGET seconds; each part under `timeout`, skipped when time is short):
+# in priority order (d, a, b, e) within about 8 minutes (BUDGET seconds; each part under `timeout`, skipped when time is short):
 #   a. 1 GPU:  LaMamba-XL 256 micro 32, ZeRO 0/1/2/3 x activation checkpointing off/on; DiT-XL/2 256 ZeRO-2
 #      (+ c on 1 GPU: LaMamba-XL 512 micro 8, ZeRO-2, checkpointing off/on, in the same launch)
 #   b. 2 GPUs: LaMamba-XL 256 micro 32, ZeRO 1/2/3 x off/on; DiT-XL/2 ZeRO-2 (+ c on 2 GPUs, same launch)
@@ -90,18 +90,6 @@ DIT=(--matrix "config=$DITC;zero=2;gc=false")
 C_MATRIX=()
 has c && C_MATRIX=(--matrix "config=$XL512;micro=$MICRO512;zero=2;gc=false,true")
 
-# ---------------------------------------------------------------- a (+ c): one GPU, one process
-if has a; then
-  part "a: 1 GPU bench" 170 60 "${CLI[@]}" "${BENCH[@]}" --matrix "zero=0,1,2,3;gc=false,true" "${DIT[@]}" \
-    "${C_MATRIX[@]}" --out "$OUT/bench_1gpu.json"
-fi
-
-# ---------------------------------------------------------------- b (+ c): two GPUs
-if has b && ((NGPU >= 2)); then
-  part "b: 2 GPU bench" 160 60 "${TR2[@]}" "${BENCH[@]}" --matrix "zero=1,2,3;gc=false,true" "${DIT[@]}" \
-    "${C_MATRIX[@]}" --out "$OUT/bench_2gpu.json"
-fi
-
 # ---------------------------------------------------------------- d: real `lamamba train`, elastic 2 -> 1, 50+ steps
 elastic_summary() {
   XL=$XL MICRO=$MICRO PRECISION=$PRECISION RESUME_AT=$RESUME_AT TOTAL=$TOTAL python3 - "$WORK/elastic" "$OUT/train_elastic.json" "$WORK"/train_*.log <<'EOF'
@@ -177,6 +165,18 @@ if has d && ((NGPU >= 2)); then
   fi
   elastic_summary
   rm -rf "$RUN"/step_* "$RUN"/.universal
+fi
+
+# ---------------------------------------------------------------- a (+ c): one GPU, one process
+if has a; then
+  part "a: 1 GPU bench" 170 60 "${CLI[@]}" "${BENCH[@]}" --matrix "zero=0,1,2,3;gc=false,true" "${DIT[@]}" \
+    "${C_MATRIX[@]}" --out "$OUT/bench_1gpu.json"
+fi
+
+# ---------------------------------------------------------------- b (+ c): two GPUs
+if has b && ((NGPU >= 2)); then
+  part "b: 2 GPU bench" 160 60 "${TR2[@]}" "${BENCH[@]}" --matrix "zero=1,2,3;gc=false,true" "${DIT[@]}" \
+    "${C_MATRIX[@]}" --out "$OUT/bench_2gpu.json"
 fi
 
 # ---------------------------------------------------------------- e: largest micro-batch, if time remains

@@ -19,6 +19,8 @@ imports; the reference otherwise. Both custom ops let torch.compile trace throug
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -166,11 +168,17 @@ def selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus: bool
 
 
 BACKENDS = ("auto", "triton", "fused", "reference")
+# LAMAMBA_SCAN_BACKEND=triton|fused|reference replaces "auto" everywhere (read once, a constant to torch.compile).
+_AUTO_OVERRIDE = os.environ.get("LAMAMBA_SCAN_BACKEND", "").strip() or None
+if _AUTO_OVERRIDE is not None and _AUTO_OVERRIDE not in BACKENDS:
+    raise ValueError(f"LAMAMBA_SCAN_BACKEND={_AUTO_OVERRIDE!r}: choose one of {', '.join(BACKENDS)}")
 
 
 def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = True, backend: str = "auto"):
     """The dispatch point. backend: "auto" (on CUDA: triton for N == 1 when triton imports, else fused when
     mamba-ssm's kernel imports; the reference otherwise), "triton", "fused" or "reference"."""
+    if backend == "auto":  # an operator's override, e.g. to rule a kernel out without editing configs
+        backend = _AUTO_OVERRIDE or "auto"
     if backend == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend == "triton" or (backend == "auto" and u.is_cuda and _SCAN_TRITON is not None and A.shape[1] == 1):
