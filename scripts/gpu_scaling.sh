@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=${WORK:-/tmp/lamamba_gpu_scaling}
 BUDGET=${BUDGET:-460}          # seconds for everything; parts that would not fit are skipped
-PARTS=${PARTS:-abcde}
+PARTS=${PARTS:-abcdef}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
 # The experiments. Overridable to try the plumbing on CPU (2 min, no GPU numbers; python3 must be the venv's):
@@ -48,6 +48,7 @@ exec > >(tee -a "$OUT/gpu_scaling.log") 2>&1
 CLI=(python3 -m lamamba_dist.cli)                                                      # 1 process = a 1-rank group
 TR1=(python3 -m torch.distributed.run --standalone --nproc_per_node 1 -m lamamba_dist.cli)
 TR2=(python3 -m torch.distributed.run --standalone --nproc_per_node 2 -m lamamba_dist.cli)
+TR4=(python3 -m torch.distributed.run --standalone --nproc_per_node 4 -m lamamba_dist.cli)
 has() { [[ $PARTS == *$1* ]]; }
 part() {  # part NAME CAP_S MIN_S CMD...: run CMD under timeout min(CAP_S, time left), if at least MIN_S are left
   local name=$1 cap=$2 min=$3; shift 3
@@ -62,8 +63,6 @@ part() {  # part NAME CAP_S MIN_S CMD...: run CMD under timeout min(CAP_S, time 
 }
 cleanup() {
   rm -rf "$WORK"
-  [[ -n $(ls "$OUT"/*.json 2>/dev/null) ]] && python3 scripts/scaling_table.py "$OUT"/*.json --out "$OUT/scaling.md" >/dev/null \
-    && echo "### tables: $OUT/scaling.md"
   echo "### done in ${SECONDS}s; files: $(ls "$OUT" | tr '\n' ' ')"
 }
 trap cleanup EXIT
@@ -82,6 +81,11 @@ if not fused_available() and os.environ.get("ALLOW_REFERENCE_SCAN") != "1":
     sys.exit("mamba_ssm's selective_scan_cuda does not import: the reference scan is ~1000x slower (ALLOW_REFERENCE_SCAN=1 to go on)")
 EOF
 NGPU=${NGPU:-$(python3 -c 'import torch; print(torch.cuda.device_count())')}
+# d trains on EL_FROM GPUs and resumes on EL_TO (4 -> 2 on a 4-GPU machine, 2 -> 1 otherwise)
+EL_FROM=${EL_FROM:-$((NGPU >= 4 ? 4 : 2))}
+EL_TO=${EL_TO:-$((EL_FROM / 2))}
+TRF=(python3 -m torch.distributed.run --standalone --nproc_per_node "$EL_FROM" -m lamamba_dist.cli)
+TRT=(python3 -m torch.distributed.run --standalone --nproc_per_node "$EL_TO" -m lamamba_dist.cli)
 rm -rf "$WORK"; mkdir -p "$WORK"
 
 # Rows run in the order of the --matrix flags: the LaMamba-XL matrix, then DiT-XL/2, then c (512 px).
@@ -92,7 +96,7 @@ has c && C_MATRIX=(--matrix "config=$XL512;micro=$MICRO512;zero=2;gc=false,true"
 
 # ---------------------------------------------------------------- d: real `lamamba train`, elastic 2 -> 1, 50+ steps
 elastic_summary() {
-  XL=$XL MICRO=$MICRO PRECISION=$PRECISION RESUME_AT=$RESUME_AT TOTAL=$TOTAL python3 - "$WORK/elastic" "$OUT/train_elastic.json" "$WORK"/train_*.log <<'EOF'
+  XL=$XL MICRO=$MICRO PRECISION=$PRECISION RESUME_AT=$RESUME_AT TOTAL=$TOTAL EL_FROM=$EL_FROM EL_TO=$EL_TO python3 - "$WORK/elastic" "$OUT/train_elastic.json" "$WORK"/train_*.log <<'EOF'
 import json, math, os, re, statistics, sys
 from pathlib import Path
 run, out, logs = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
@@ -104,13 +108,14 @@ by = {}
 for r in steps:
     by.setdefault((r["step"], r["world_size"]), r)
 rows = []
+WF, WT = int(os.environ["EL_FROM"]), int(os.environ["EL_TO"])
 lo, hi = int(os.environ["RESUME_AT"]) + 1, int(os.environ["TOTAL"])
 for s in range(lo, hi + 1):
-    a, b = by.get((s, 2)), by.get((s, 1))
+    a, b = by.get((s, WF)), by.get((s, WT))
     if a and b and a.get("loss") is not None and b.get("loss") is not None:
-        rows.append({"step": s, "loss_2gpu": a["loss"], "loss_1gpu_resumed": b["loss"],
+        rows.append({"step": s, f"loss_{WF}gpu": a["loss"], f"loss_{WT}gpu_resumed": b["loss"],
                      "abs_diff": abs(a["loss"] - b["loss"]), "rel_diff": abs(a["loss"] - b["loss"]) / abs(a["loss"])})
-first = [r["loss"] for r in steps if r["world_size"] == 2 and lo <= r["step"] <= hi and r.get("loss") is not None]
+first = [r["loss"] for r in steps if r["world_size"] == WF and lo <= r["step"] <= hi and r.get("loss") is not None]
 spread = statistics.pstdev(first) if len(first) > 1 else None
 mx = max((r["rel_diff"] for r in rows), default=None)
 text = "\n".join(Path(l).read_text(errors="replace") for l in logs if Path(l).is_file())
@@ -124,9 +129,10 @@ for p in sorted(run.glob("step_*/trainer_state.json")):
     state[p.parent.name] = {k: st.get(k) for k in ("step", "images_seen", "world_size", "zero_stage", "precision", "global_batch")}
 res = {
     "what": f"lamamba train {os.environ['XL']} ZeRO-2 {os.environ['PRECISION']}, micro {os.environ['MICRO']}, global "
-            f"batch {2 * int(os.environ['MICRO'])}, synthetic latents: 2 GPUs train steps 1-{hi} (checkpoints at "
-            f"{lo - 1} and {hi}; step {hi} removed), then the same command on 1 GPU resumes from step {lo - 1} through "
-            f"the universal checkpoint (elastic 2 -> 1) and trains steps {lo}-{hi} again",
+            f"batch {WF * int(os.environ['MICRO'])}, synthetic latents: {WF} GPUs train steps 1-{hi} (checkpoints at "
+            f"{lo - 1} and {hi}; step {hi} removed), then the same command on {WT} GPU(s) resumes from step {lo - 1} "
+            f"through the universal checkpoint (elastic {WF} -> {WT}) and trains steps {lo}-{hi} again",
+    "world_sizes": [WF, WT],
     "compared_steps": [lo, hi],
     "loss_after_resume": rows,
     "max_rel_diff": mx,
@@ -135,10 +141,10 @@ res = {
     "last_step_logged": max((r["step"] for r in steps), default=None),
     "nonfinite_events": [r for r in recs if "event" in r],
     "all_losses_finite": all(r.get("loss") is None or math.isfinite(r["loss"]) for r in steps),
-    "img_per_s_2gpu": mean_ips(2, 3, hi),            # real trainer, log intervals of 1 step (first 2 skipped)
-    "img_per_s_1gpu_accum2": mean_ips(1, lo + 2, hi),
-    "peak_mem_gib": {str(ws): max((r.get("peak_mem_gib") or 0) for r in steps if r["world_size"] == ws) for ws in (1, 2)
-                     if any(r["world_size"] == ws for r in steps)},
+    f"img_per_s_{WF}gpu": mean_ips(WF, 3, hi),            # real trainer, log intervals of 1 step (first 2 skipped)
+    f"img_per_s_{WT}gpu_accum2": mean_ips(WT, lo + 2, hi),
+    "peak_mem_gib": {str(ws): max((r.get("peak_mem_gib") or 0) for r in steps if r["world_size"] == ws)
+                     for ws in (WF, WT) if any(r["world_size"] == ws for r in steps)},
     "resume_lines": grab(r"resumed from [^\n]*"),
     "elastic_lines": grab(r"elastic resume: [^\n]*") + grab(r"universal checkpoint written in [0-9.]+s"),
     "saved_lines": grab(r"saved \S+ in [0-9.]+s"),
@@ -146,21 +152,21 @@ res = {
     "stats": steps,
 }
 out.write_text(json.dumps(res, indent=1) + "\n")
-print(f"### elastic: steps {lo}-{hi} max relative loss difference 2 GPUs vs resumed on 1 GPU: {mx} "
+print(f"### elastic: steps {lo}-{hi} max relative loss difference {WF} GPUs vs resumed on {WT}: {mx} "
       f"(step-to-step std {spread}); last step {res['last_step_logged']}; resumes: {len(res['resume_lines'])}")
 EOF
 }
 if has d && ((NGPU >= 2)); then
   RUN="$WORK/elastic"
   TRAIN=(train --config "$XL" --set 'data.shards="synthetic"' --set "checkpoint.dir=\"$RUN\""
-         --set train.micro_batch="$MICRO" --set train.global_batch=$((2 * MICRO)) --set train.zero_stage=2
+         --set train.micro_batch="$MICRO" --set train.global_batch=$((EL_FROM * MICRO)) --set train.zero_stage=2
          --set "train.precision=\"$PRECISION\""
          --set model.grad_checkpointing=false --set train.log_every=1 --set checkpoint.keep=2
          --set 'checkpoint.verify="size"' --set logging.wandb=false)
-  if part "d1: train 2 GPUs, steps 1-$TOTAL" 150 150 "${TR2[@]}" "${TRAIN[@]}" --set train.steps="$TOTAL" \
+  if part "d1: train $EL_FROM GPUs, steps 1-$TOTAL" 150 150 "${TRF[@]}" "${TRAIN[@]}" --set train.steps="$TOTAL" \
        --set checkpoint.every="$RESUME_AT" 2>&1 | tee "$WORK/train_1.log"; then
     rm -rf "$RUN/step_$(printf %08d "$TOTAL")"   # the 1-GPU run resumes from step RESUME_AT
-    part "d2: elastic resume 2 -> 1 GPU, steps $((RESUME_AT + 1))-$TOTAL" 170 80 "${TR1[@]}" "${TRAIN[@]}" \
+    part "d2: elastic resume $EL_FROM -> $EL_TO GPU, steps $((RESUME_AT + 1))-$TOTAL" 170 80 "${TRT[@]}" "${TRAIN[@]}" \
       --set train.steps="$TOTAL" --set checkpoint.every="$RESUME_AT" 2>&1 | tee "$WORK/train_2.log"
   fi
   elastic_summary
@@ -177,6 +183,12 @@ fi
 if has b && ((NGPU >= 2)); then
   part "b: 2 GPU bench" 160 60 "${TR2[@]}" "${BENCH[@]}" --matrix "zero=1,2,3;gc=false,true" "${DIT[@]}" \
     "${C_MATRIX[@]}" --out "$OUT/bench_2gpu.json"
+fi
+
+# ---------------------------------------------------------------- f: four GPUs (ZeRO-2 rows first)
+if has f && ((NGPU >= 4)); then
+  part "f: 4 GPU bench" 160 60 "${TR4[@]}" "${BENCH[@]}" --matrix "zero=2,1,3;gc=false,true" "${DIT[@]}" \
+    "${C_MATRIX[@]}" --out "$OUT/bench_4gpu.json"
 fi
 
 # ---------------------------------------------------------------- e: largest micro-batch, if time remains

@@ -150,15 +150,17 @@ def fit_table(fits: list[dict]) -> str:
 def elastic_section(e: dict | None) -> str:
     if not e:
         return "Not measured (part d of scripts/gpu_scaling.sh)."
+    wf, wt = e.get("world_sizes", [2, 1])
     lines = [e.get("what", ""), "",
-             "| step | loss, 2 GPUs | loss, resumed on 1 GPU | relative difference |", "|---|---|---|---|"]
+             f"| step | loss, {wf} GPUs | loss, resumed on {wt} GPU(s) | relative difference |", "|---|---|---|---|"]
     for r in e.get("loss_after_resume", []):
-        lines.append(f"| {r['step']} | {r['loss_2gpu']:.5f} | {r['loss_1gpu_resumed']:.5f} | {r['rel_diff']:.2e} |")
+        lines.append(f"| {r['step']} | {r[f'loss_{wf}gpu']:.5f} | {r[f'loss_{wt}gpu_resumed']:.5f} | {r['rel_diff']:.2e} |")
     lines += ["", f"Largest relative difference: {_f(e.get('max_rel_diff'), '.2e')} (step-to-step standard deviation of "
-                  f"the 2-GPU losses: {_f(e.get('loss_std_2gpu'), '.4f')}); last step trained: "
+                  f"the {wf}-GPU losses: {_f(e.get('loss_std_2gpu'), '.4f')}); last step trained: "
                   f"{e.get('last_step_logged')}; all losses finite: {e.get('all_losses_finite')}.",
-              f"Real trainer img/s (mean of the per-step log records): 2 GPUs {_f(e.get('img_per_s_2gpu'), '.1f')}, "
-              f"1 GPU (accum 2) {_f(e.get('img_per_s_1gpu_accum2'), '.1f')}.", ""]
+              f"Real trainer img/s (mean of the per-step log records): {wf} GPUs "
+              f"{_f(e.get(f'img_per_s_{wf}gpu'), '.1f')}, {wt} GPU(s) (accum 2) "
+              f"{_f(e.get(f'img_per_s_{wt}gpu_accum2'), '.1f')}.", ""]
     for key in ("elastic_lines", "resume_lines", "saved_lines"):
         for line in e.get(key, []):
             lines.append(f"    {line}")
