@@ -78,8 +78,8 @@ def sweep(args, gy):
     elems = u.numel()
     _, states = st.scan1_fwd_launch(u, delta, A, B, C, D, bias, True, chunk)
     rows = []
-    for sub_d, nw in itertools.product([1, 2, 4, 8], [4, 8, 16]):
-        if rep % sub_d or sub_d * chunk > 16384 or sub_d * chunk < 256:
+    for sub_d, nw in itertools.product([1, 2, 4, 8], [1, 2, 4, 8]):
+        if rep % sub_d or sub_d * chunk > 8192 or sub_d * chunk < 256:
             continue
         try:
             t = bench(lambda: st.scan1_fwd_launch(u, delta, A, B, C, D, bias, True, chunk, sub_d=sub_d, num_warps=nw))
@@ -87,7 +87,7 @@ def sweep(args, gy):
             print(f"  fwd sub_d={sub_d} warps={nw}: {type(e).__name__}")
             continue
         rows.append(("fwd", t, f"sub_d={sub_d:<3d} warps={nw:<3d}", 6 * elems / t / 1e6))
-    for sub_d, dblk, nw in itertools.product([1, 2, 4, 8], [16, 64], [4, 8, 16]):
+    for sub_d, dblk, nw in itertools.product([1, 2, 4], [16, 64], [1, 2, 4]):
         nsub = 1 if n_chunks > 1 else dblk // sub_d
         if rep % (sub_d * nsub) or sub_d * chunk > 16384 or sub_d * chunk < 256 or (n_chunks > 1 and dblk > 16):
             continue
