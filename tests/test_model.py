@@ -300,3 +300,17 @@ def test_regional_compile_builds_one_graph_per_block_shape():
     assert counters["stats"]["unique_graphs"] == 4
     assert not counters["graph_break"]
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["LaMamba-debug", "DiT-debug/2"])
+def test_pure_bf16_forward_and_backward(name):
+    """DeepSpeed's bf16 mode runs the model with bf16 parameters and inputs and no autocast: every op must
+    accept that (a stray .float() on an activation breaks the next Linear/conv)."""
+    torch.manual_seed(0)
+    m = create_model(name, resolution=256).to(torch.bfloat16).train()
+    x = torch.randn(2, 4, 32, 32, dtype=torch.bfloat16)
+    t, y = torch.randint(0, 1000, (2,)), torch.randint(0, 1000, (2,))
+    out = m(x, t, y)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 8, 32, 32)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in m.parameters() if p.requires_grad)

@@ -365,9 +365,10 @@ class LaMambaDiff(nn.Module):
             h = self._run_blocks(stage, h, c)
             skips.append(h)  # taken before downsampling
             if i < 2:
-                # fp32 residual stream in every stage (under autocast the merge's Linear returns bf16): one
-                # input dtype per block shape, so regional compilation builds one graph per block shape.
-                h = stage.downsample(h).float()
+                # Keep the residual stream's dtype across the merge (under autocast its Linear returns bf16
+                # while stage 0 carries fp32): one input dtype per block shape, so regional compilation
+                # builds one graph per shape. In pure bf16 or fp32 this is a no-op.
+                h = stage.downsample(h).to(h.dtype)
         h = h + self._run_blocks(self.mid_layer, h, c)  # extra outer residual around the bottleneck
         for j, stage in enumerate(self.layers_up):
             if j >= 2:

@@ -11,10 +11,13 @@ Shapes (mamba-ssm's convention, grouped B/C as VMamba uses them):
 For step s with h_{-1} = 0:  Δ = softplus(delta + bias);  h_s = exp(Δ A) h_{s-1} + Δ B_s u_s;
 y_s = C_s · h_s + D u_s.  The result has u's dtype; the state is always computed in fp32.
 
-``selective_scan`` is the one dispatch point: on CUDA the Triton kernel specialised for d_state 1
-(scan_triton.py, custom ops ``lamamba::scan1_fwd/bwd``) when triton imports and N == 1, else mamba-ssm's
-``selective_scan_cuda`` kernel (registered as the custom op ``lamamba::selective_scan_fwd/bwd``) when it
-imports; the reference otherwise. Both custom ops let torch.compile trace through without a graph break.
+``selective_scan`` is the one dispatch point. On CUDA, "auto" takes mamba-ssm's ``selective_scan_cuda`` kernel
+(registered as the custom op ``lamamba::selective_scan_fwd/bwd``) when it imports, else the Triton kernel
+specialised for d_state 1 (scan_triton.py, custom ops ``lamamba::scan1_fwd/bwd``) when triton imports and
+N == 1; the reference otherwise. Both custom ops let torch.compile trace through without a graph break.
+The Triton kernel is opt-in ("triton") while mamba-ssm is installed: on one H200 it beat mamba's kernel at
+L = 1024 and 256 but lost at L = 4096 (scripts/bench_scan.py), and it has not yet been timed inside a
+whole training step.
 """
 
 from __future__ import annotations
@@ -175,16 +178,16 @@ if _AUTO_OVERRIDE is not None and _AUTO_OVERRIDE not in BACKENDS:
 
 
 def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = True, backend: str = "auto"):
-    """The dispatch point. backend: "auto" (on CUDA: triton for N == 1 when triton imports, else fused when
-    mamba-ssm's kernel imports; the reference otherwise), "triton", "fused" or "reference"."""
+    """The dispatch point. backend: "auto" (on CUDA: mamba-ssm's fused kernel when it imports, else triton for
+    N == 1 when triton imports; the reference otherwise), "fused", "triton" or "reference"."""
     if backend == "auto":  # an operator's override, e.g. to rule a kernel out without editing configs
         backend = _AUTO_OVERRIDE or "auto"
     if backend == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    if backend == "triton" or (backend == "auto" and u.is_cuda and _SCAN_TRITON is not None and A.shape[1] == 1):
-        return selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend == "fused" or (backend == "auto" and u.is_cuda and _cuda_module() is not None):
         return selective_scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if backend == "triton" or (backend == "auto" and u.is_cuda and _SCAN_TRITON is not None and A.shape[1] == 1):
+        return selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend != "auto":
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)
