@@ -84,6 +84,9 @@ NGPU=${NGPU:-$(python3 -c 'import torch; print(torch.cuda.device_count())')}
 # d trains on EL_FROM GPUs and resumes on EL_TO (4 -> 2 on a 4-GPU machine, 2 -> 1 otherwise)
 EL_FROM=${EL_FROM:-$((NGPU >= 4 ? 4 : 2))}
 EL_TO=${EL_TO:-$((EL_FROM / 2))}
+# On 4 GPUs, part b runs on GPUs 2,3 while d2 resumes on GPUs 0,1 (SIDE_BY_SIDE=0 to run them one after another)
+SIDE_BY_SIDE=${SIDE_BY_SIDE:-$((NGPU >= 4 && EL_TO <= 2))}
+[[ $PARTS == *b* && $PARTS == *d* ]] || SIDE_BY_SIDE=0
 TRF=(python3 -m torch.distributed.run --standalone --nproc_per_node "$EL_FROM" -m lamamba_dist.cli)
 TRT=(python3 -m torch.distributed.run --standalone --nproc_per_node "$EL_TO" -m lamamba_dist.cli)
 rm -rf "$WORK"; mkdir -p "$WORK"
@@ -166,8 +169,16 @@ if has d && ((NGPU >= 2)); then
   if part "d1: train $EL_FROM GPUs, steps 1-$TOTAL" 150 150 "${TRF[@]}" "${TRAIN[@]}" --set train.steps="$TOTAL" \
        --set checkpoint.every="$RESUME_AT" 2>&1 | tee "$WORK/train_1.log"; then
     rm -rf "$RUN/step_$(printf %08d "$TOTAL")"   # the 1-GPU run resumes from step RESUME_AT
+    if ((SIDE_BY_SIDE)); then  # b on the other half of the GPUs while d2 resumes on the first half
+      CUDA_VISIBLE_DEVICES=2,3 part "b: 2 GPU bench (GPUs 2,3, beside d2)" 160 60 "${TR2[@]}" "${BENCH[@]}" \
+        --matrix "zero=1,2,3;gc=false,true" "${DIT[@]}" "${C_MATRIX[@]}" --out "$OUT/bench_2gpu.json" &
+      B_PID=$!
+      export CUDA_VISIBLE_DEVICES=0,1
+    fi
     part "d2: elastic resume $EL_FROM -> $EL_TO GPU, steps $((RESUME_AT + 1))-$TOTAL" 170 80 "${TRT[@]}" "${TRAIN[@]}" \
       --set train.steps="$TOTAL" --set checkpoint.every="$RESUME_AT" 2>&1 | tee "$WORK/train_2.log"
+    unset CUDA_VISIBLE_DEVICES
+    [[ -n ${B_PID:-} ]] && wait "$B_PID"
   fi
   elastic_summary
   rm -rf "$RUN"/step_* "$RUN"/.universal
@@ -180,7 +191,7 @@ if has a; then
 fi
 
 # ---------------------------------------------------------------- b (+ c): two GPUs
-if has b && ((NGPU >= 2)); then
+if has b && ((NGPU >= 2)) && [[ -z ${B_PID:-} ]]; then
   part "b: 2 GPU bench" 160 60 "${TR2[@]}" "${BENCH[@]}" --matrix "zero=1,2,3;gc=false,true" "${DIT[@]}" \
     "${C_MATRIX[@]}" --out "$OUT/bench_2gpu.json"
 fi
