@@ -182,7 +182,7 @@ def render(paths: list[str]) -> str:
         "synthetic latents through the real loader), timed after warm-up; img/s/GPU = global img/s / GPUs; scaling",
         "efficiency = img/s/GPU on N GPUs / img/s/GPU on 1 GPU at the same per-GPU batch (weak scaling); peak GiB =",
         "`torch.cuda.max_memory_allocated`, max over ranks; MFU = model FLOPs (6 x the forward multiply-adds per image,",
-        "`lamamba flops`, recomputation not counted) / 790 TFLOP/s. 4 GPUs: not measured (no 4-GPU machine lent).",
+        "`lamamba flops`, recomputation not counted) / 790 TFLOP/s. Rows without a measurement read 'not measured'.",
         "",
         "## Measurements",
         "",
