@@ -16,9 +16,11 @@ if [ "${EAGER:-1}" = 1 ]; then
 fi
 if [ "${COMPILED:-1}" = 1 ]; then
   # LaMamba first: its time to first step is paid on a cold inductor cache
-  timeout ${CTIMEOUT:-300} $PY -m lamamba_dist.cli bench --models LaMamba-XL,DiT-XL/2 --resolution $RES --batch $BATCH \
+  # TORCH_LOGS=recompiles names the guard behind every extra graph (LaMamba-XL should compile 4 block graphs)
+  TORCH_LOGS=${TORCH_LOGS:-recompiles} timeout ${CTIMEOUT:-300} $PY -m lamamba_dist.cli bench --models LaMamba-XL,DiT-XL/2 --resolution $RES --batch $BATCH \
     --steps 10 --warmup 3 --compile --out "$O/compiled_$RES.json" > "$O/compiled.log" 2>&1
   grep "^#" "$O/compiled.log"; grep -E '"unique_graphs"|"time_to_first' "$O/compiled.log"
+  grep -i -A3 "recompil" "$O/compiled.log" | head -40
   tail -3 "$O/compiled.log"
 fi
 if [ "${PROFILE:-1}" = 1 ]; then
