@@ -109,6 +109,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
     tflops = img_s * flops_img / 1e12
     res = dict(model=name, resolution=resolution, batch=batch, steps=steps, warmup=warmup, precision=precision,
                compiled=compile_model, grad_checkpointing=grad_checkpointing,
+               scan_backend=scan_backend, attn_backend=attn_backend,
                img_per_s=img_s, step_ms=step_s * 1e3, model_tflops_per_s=tflops,
                mfu=(tflops / peak_tflops) if peak_tflops else None,
                train_gflops_per_img=flops_img / 1e9, time_to_first_step_s=first_step_s,
@@ -134,7 +135,7 @@ def environment_info(device: torch.device) -> dict:
 
 def run_bench(models: list[str], resolution: int, batch: int, steps: int, warmup: int, device: str | None = None,
               precision: str | None = None, compile_model: bool = False, grad_checkpointing: bool = False,
-              peak_tflops: float | None = None) -> dict:
+              peak_tflops: float | None = None, scan_backend: str = "auto", attn_backend: str = "auto") -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
     if dev.type == "cuda":
@@ -145,7 +146,7 @@ def run_bench(models: list[str], resolution: int, batch: int, steps: int, warmup
     for name in models:
         print(f"# bench {name}: building, first step ...", flush=True)
         results.append(bench_model(name, resolution, batch, steps, warmup, dev, precision, compile_model,
-                                   grad_checkpointing, peak_tflops=peak))
+                                   grad_checkpointing, scan_backend, attn_backend, peak_tflops=peak))
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -170,6 +171,10 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks of every model (regional compilation, same mode for all)")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--scan-backend", choices=("auto", "fused", "triton", "reference"), default="auto",
+                   help="selective scan kernel of the LaMamba models (auto: mamba-ssm's when installed)")
+    p.add_argument("--attn-backend", choices=("auto", "sdpa", "flash", "reference"), default="auto",
+                   help="window attention kernel of the LaMamba models")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's bf16 peak used for MFU")
     p.add_argument("--out", default=None, help="write the JSON here (always printed)")
     p.set_defaults(func=_run)
@@ -187,7 +192,7 @@ def _run(args) -> int:
     if args.batch < 1 or args.steps < 1:
         raise CLIError("--batch and --steps must be >= 1")
     out = run_bench(models, args.resolution, args.batch, args.steps, args.warmup, args.device, args.precision,
-                    args.compile, args.grad_checkpointing, args.peak_tflops)
+                    args.compile, args.grad_checkpointing, args.peak_tflops, args.scan_backend, args.attn_backend)
     text = json.dumps(out, indent=2)
     print(text)
     for r in out["results"]:

@@ -77,9 +77,10 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 def test_bench_runs_on_cpu_with_debug_models(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = cli_main(["bench", "--models", "DiT-debug/2,LaMamba-debug", "--resolution", "32", "--batch", "2",
-                   "--steps", "1", "--warmup", "1", "--out", str(out)])
+                   "--steps", "1", "--warmup", "1", "--scan-backend", "reference", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
+    assert all(r["scan_backend"] == "reference" and not r["compiled"] for r in data["results"])
     assert data["baseline"] == "DiT-debug/2"
     r0, r1 = data["results"]
     assert r0["img_per_s_ratio_to_first"] == 1.0 and r1["img_per_s_ratio_to_first"] > 0

@@ -160,22 +160,14 @@ class BenchTrain:
     """One per process: owns the process group and runs the rows one after another."""
 
     def __init__(self, args):
-        import deepspeed
         import torch
         import torch.distributed as dist
 
-        from lamamba_dist.train.trainer import ensure_dist_env
+        from lamamba_dist.train.trainer import ensure_dist_env, init_device_and_process_group
 
         self.args = args
         ensure_dist_env()
-        self.on_cuda = torch.cuda.is_available()
-        if self.on_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            self.device = torch.device("cpu")
-        if not dist.is_initialized():
-            deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
+        self.on_cuda, self.device = init_device_and_process_group()  # the trainer's own setup (TF32 on GPUs)
         self.dist = dist
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0

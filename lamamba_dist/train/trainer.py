@@ -69,6 +69,25 @@ def ensure_dist_env() -> None:
     os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
 
 
+def init_device_and_process_group() -> tuple[bool, torch.device]:
+    """This rank's device (cuda:LOCAL_RANK with TF32 matmuls, or the CPU) and the DeepSpeed process group
+    (NCCL on GPUs, gloo on CPU), initialised once per process. Returns (on_cuda, device)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    on_cuda = torch.cuda.is_available()
+    if on_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", torch.cuda.current_device())
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
+    return on_cuda, device
+
+
 def micro_seed(seed: int, step: int, rank: int, micro: int, salt: int) -> int:
     h = hashlib.blake2b(f"lamamba/{seed}/{step}/{rank}/{micro}/{salt}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
@@ -212,16 +231,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
-        self.on_cuda = torch.cuda.is_available()
-        if self.on_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            self.device = torch.device("cuda", torch.cuda.current_device())
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        else:
-            self.device = torch.device("cpu")
-        if not dist.is_initialized():
-            deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
+        self.on_cuda, self.device = init_device_and_process_group()
         self.dist = dist
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
