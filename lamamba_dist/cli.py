@@ -19,6 +19,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("models", "lamamba_dist.models.registry", "list the registered model sizes"),
     ("convert-official", "lamamba_dist.convert", "import a checkpoint of the official LaMamba-Diff code"),
     ("bench", "lamamba_dist.bench", "training-step img/s, memory and MFU of several models measured in one run"),
+    ("parity", "lamamba_dist.parity", "fast vs reference kernels: 200-step loss curves on fixed data, gap vs run-to-run noise"),
     ("sample", "lamamba_dist.sample", "sample images (PNGs, grid, ADM npz) from weights or a run, on one or many ranks"),
     ("eval", "lamamba_dist.evaluate", "FID, sFID, IS, precision and recall of a sample npz against a reference batch"),
     ("bench-sample", "lamamba_dist.bench_sample", "images/s of DDPM+CFG sampling for several models in one run"),
