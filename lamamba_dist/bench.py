@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+from lamamba_dist.ops.selective_scan import BACKENDS as SCAN_BACKENDS
+from lamamba_dist.ops.window_attention import BACKENDS as ATTN_BACKENDS
+
 # Dense bf16 matrix peak used for MFU (the device notes' working figure for an H200 / H100 SXM).
 PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0}
 
@@ -171,9 +174,9 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks of every model (regional compilation, same mode for all)")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--scan-backend", choices=("auto", "fused", "triton", "reference"), default="auto",
+    p.add_argument("--scan-backend", choices=SCAN_BACKENDS, default="auto",
                    help="selective scan kernel of the LaMamba models (auto: mamba-ssm's when installed)")
-    p.add_argument("--attn-backend", choices=("auto", "sdpa", "flash", "reference"), default="auto",
+    p.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="auto",
                    help="window attention kernel of the LaMamba models")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's bf16 peak used for MFU")
     p.add_argument("--out", default=None, help="write the JSON here (always printed)")

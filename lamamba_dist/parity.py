@@ -22,6 +22,9 @@ import math
 from pathlib import Path
 
 import torch
+
+from lamamba_dist.ops.selective_scan import BACKENDS as SCAN_BACKENDS
+from lamamba_dist.ops.window_attention import BACKENDS as ATTN_BACKENDS
 import torch.nn.functional as F
 
 
@@ -132,9 +135,9 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--scan-backend", choices=("auto", "fused", "triton", "reference"), default="auto",
+    p.add_argument("--scan-backend", choices=SCAN_BACKENDS, default="auto",
                    help="scan kernel of the fast run")
-    p.add_argument("--attn-backend", choices=("auto", "sdpa", "flash", "reference"), default="auto",
+    p.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="auto",
                    help="attention kernel of the fast run")
     p.add_argument("--out", default=None, help="write the JSON (with every per-step loss) here")
     p.set_defaults(func=_run)

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Perf investigation on one H200 (issue 7): GPU parity tests, eager and compiled `lamamba bench` with compile
 # statistics, then a profile of the compiled LaMamba step. Writes logs under $1 (default /tmp/probe).
+#   source scripts/device_env.sh && bash scripts/perf_probe.sh $OUT
+# SCANS="auto triton ss2d_triton": scan backends of the extra compiled LaMamba-only runs (part X, ratio against
+# the DiT of part COMPILED); PARITY=1: `lamamba parity` 200-step loss curves, fast vs reference kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 O=${1:-/tmp/probe}; mkdir -p "$O"
@@ -8,7 +11,14 @@ export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tm
 PY=${PYTHON:-python3}
 RES=${RES:-256}; BATCH=${BATCH:-64}
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout 100 $PY -m pytest -q -x -m gpu tests/test_ops.py tests/test_gpu_model.py 2>&1 | tail -4 | tee "$O/gpu_tests.log"
+  timeout ${TTIMEOUT:-240} $PY -m pytest -q -m gpu tests/test_ops.py tests/test_gpu_model.py tests/test_scan_triton.py \
+    $(ls tests/test_ss2d_triton.py 2>/dev/null) tests/test_parity.py -k "not 200_steps" 2>&1 | tail -8 | tee "$O/gpu_tests.log"
+fi
+if [ "${PARITY:-1}" = 1 ]; then
+  for scan in ${PARITY_SCANS:-auto}; do
+    timeout 240 $PY -m lamamba_dist.cli parity --model LaMamba-debug --resolution 128 --batch 16 --steps 200 \
+      --scan-backend $scan --out "$O/parity_$scan.json" 2>&1 | grep "^#" | tail -1 | tee -a "$O/parity.log"
+  done
 fi
 if [ "${EAGER:-1}" = 1 ]; then
   timeout 120 $PY -m lamamba_dist.cli bench --models DiT-XL/2,LaMamba-XL --resolution $RES --batch $BATCH --steps 10 \
@@ -22,6 +32,13 @@ if [ "${COMPILED:-1}" = 1 ]; then
   grep "^#" "$O/compiled.log"; grep -E '"unique_graphs"|"time_to_first' "$O/compiled.log"
   grep -i -A3 "recompil" "$O/compiled.log" | head -40
   tail -3 "$O/compiled.log"
+fi
+if [ -n "${SCANS:-}" ]; then
+  for scan in $SCANS; do
+    timeout ${CTIMEOUT:-300} $PY -m lamamba_dist.cli bench --models LaMamba-XL --resolution $RES --batch $BATCH \
+      --steps 10 --warmup 3 --compile --scan-backend $scan --out "$O/compiled_${RES}_$scan.json" 2>&1 | grep "^#" \
+      | tail -1 | sed "s/^/[$scan] /" | tee -a "$O/scans.log"
+  done
 fi
 if [ "${PROFILE:-1}" = 1 ]; then
   timeout 120 $PY scripts/profile_step.py --model LaMamba-XL --resolution $RES --batch $BATCH --rows 40 ${PCOMPILE:---compile} \

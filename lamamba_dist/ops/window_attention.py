@@ -127,6 +127,9 @@ def permute_tokens(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) 
     return _PermuteTokens.apply(x, order, inverse)
 
 
+BACKENDS = ("auto", "sdpa", "flash", "reference")
+
+
 @functools.lru_cache(maxsize=None)
 def _flash_attn_func():
     try:
@@ -154,8 +157,8 @@ def window_attention_core(q, k, v, bias, num_windows: int, backend: str = "auto"
     if backend == "flash" and bias is None and _flash_attn_func() is not None and q.is_cuda:
         out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
         return out.transpose(1, 2)
-    if backend not in ("auto", "sdpa", "flash"):
-        raise ValueError(f"unknown attention backend {backend!r}; choose auto, sdpa, flash or reference")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     mask = None
     if bias is not None:
         nb = bias.shape[0]
