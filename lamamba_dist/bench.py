@@ -49,7 +49,8 @@ def _sync(device):
 
 def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int, device: torch.device,
                 precision: str, compile_model: bool, grad_checkpointing: bool = False,
-                scan_backend: str = "auto", attn_backend: str = "auto", peak_tflops: float | None = None) -> dict:
+                scan_backend: str = "auto", attn_backend: str = "auto", peak_tflops: float | None = None,
+                memory_budget: float | None = None) -> dict:
     from lamamba_dist.diffusion import create_diffusion
     from lamamba_dist.flops import train_flops_per_image
     from lamamba_dist.models import create_model
@@ -68,7 +69,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
     if compile_model:
         from lamamba_dist.models.compile import compile_blocks
 
-        compile_blocks(model)
+        compile_blocks(model, memory_budget=memory_budget)
     fwd = model
     s = model.latent_size
     g = torch.Generator(device=device).manual_seed(0)
@@ -112,6 +113,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
     tflops = img_s * flops_img / 1e12
     res = dict(model=name, resolution=resolution, batch=batch, steps=steps, warmup=warmup, precision=precision,
                compiled=compile_model, grad_checkpointing=grad_checkpointing,
+               memory_budget=memory_budget if compile_model else None,
                scan_backend=scan_backend, attn_backend=attn_backend,
                img_per_s=img_s, step_ms=step_s * 1e3, model_tflops_per_s=tflops,
                mfu=(tflops / peak_tflops) if peak_tflops else None,
@@ -138,7 +140,8 @@ def environment_info(device: torch.device) -> dict:
 
 def run_bench(models: list[str], resolution: int, batch: int, steps: int, warmup: int, device: str | None = None,
               precision: str | None = None, compile_model: bool = False, grad_checkpointing: bool = False,
-              peak_tflops: float | None = None, scan_backend: str = "auto", attn_backend: str = "auto") -> dict:
+              peak_tflops: float | None = None, scan_backend: str = "auto", attn_backend: str = "auto",
+              memory_budget: float | None = None) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
     if dev.type == "cuda":
@@ -149,7 +152,8 @@ def run_bench(models: list[str], resolution: int, batch: int, steps: int, warmup
     for name in models:
         print(f"# bench {name}: building, first step ...", flush=True)
         results.append(bench_model(name, resolution, batch, steps, warmup, dev, precision, compile_model,
-                                   grad_checkpointing, scan_backend, attn_backend, peak_tflops=peak))
+                                   grad_checkpointing, scan_backend, attn_backend, peak_tflops=peak,
+                                   memory_budget=memory_budget))
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -174,6 +178,9 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks of every model (regional compilation, same mode for all)")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--memory-budget", type=float, default=None,
+                   help="with --compile: AOT autograd's activation memory budget in [0, 1] for every model (1 = torch's "
+                        "default; lower recomputes more in the backward to keep less)")
     p.add_argument("--scan-backend", choices=SCAN_BACKENDS, default="auto",
                    help="selective scan kernel of the LaMamba models (auto: mamba-ssm's when installed)")
     p.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="auto",
@@ -194,8 +201,11 @@ def _run(args) -> int:
         raise CLIError(f"unknown model(s) {bad}; valid names: {', '.join(MODELS)}")
     if args.batch < 1 or args.steps < 1:
         raise CLIError("--batch and --steps must be >= 1")
+    if args.memory_budget is not None and not (args.compile and 0.0 <= args.memory_budget <= 1.0):
+        raise CLIError(f"--memory-budget {args.memory_budget}: needs --compile and a value in [0, 1]")
     out = run_bench(models, args.resolution, args.batch, args.steps, args.warmup, args.device, args.precision,
-                    args.compile, args.grad_checkpointing, args.peak_tflops, args.scan_backend, args.attn_backend)
+                    args.compile, args.grad_checkpointing, args.peak_tflops, args.scan_backend, args.attn_backend,
+                    args.memory_budget)
     text = json.dumps(out, indent=2)
     print(text)
     for r in out["results"]:

@@ -314,3 +314,57 @@ def test_pure_bf16_forward_and_backward(name):
     assert out.dtype == torch.bfloat16 and out.shape == (2, 8, 32, 32)
     out.float().square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in m.parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+def test_compile_memory_budget_makes_the_blocks_keep_less_for_backward():
+    """compile_blocks(memory_budget=...) sets AOT autograd's activation budget: the forward graphs of the blocks
+    then save fewer bytes for the backward (recomputing instead), and the gradients do not change."""
+    import torch._dynamo
+    import torch._functorch.config as functorch_config
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from lamamba_dist.models.compile import compile_blocks
+
+    def saved_bytes_and_grads(budget):
+        saved = []
+
+        def fw(gm, inputs):
+            outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+            vals = [getattr(v, "meta", {}).get("val") for v in outs[1:] if getattr(v, "op", None) != "placeholder"]
+            saved.append(sum(t.numel() * t.element_size() for t in vals if isinstance(t, torch.Tensor)))
+            return make_boxed_func(gm.forward)
+
+        def backend(gm, example):
+            return aot_module_simplified(gm, example, fw_compiler=fw, bw_compiler=lambda g, _: make_boxed_func(g.forward),
+                                         partition_fn=min_cut_rematerialization_partition)
+
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        m = create_model("LaMamba-debug", resolution=32, scan_backend="reference", class_dropout=0.0)
+        with torch.no_grad():
+            for p in m.parameters():  # leave adaLN-Zero so every branch contributes
+                p.add_(torch.randn_like(p) * 0.02)
+        if budget is not None:
+            compile_blocks(m, backend=backend, memory_budget=budget)
+        g = torch.Generator().manual_seed(1)
+        x, t, y = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([3, 700]), torch.tensor([1, 2])
+        m(x, t, y).square().mean().backward()
+        return sum(saved), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    try:
+        _, eager = saved_bytes_and_grads(None)
+        full, g_full = saved_bytes_and_grads(1.0)
+        low, g_low = saved_bytes_and_grads(0.1)
+    finally:
+        functorch_config.activation_memory_budget = 1.0
+        torch._dynamo.reset()
+    print(f"saved for backward: {full} bytes at budget 1.0, {low} at 0.1")
+    assert full > 0 and low < 0.8 * full, (low, full)
+    for n, g in eager.items():
+        torch.testing.assert_close(g_full[n], g, rtol=1e-4, atol=1e-5, msg=n)
+        torch.testing.assert_close(g_low[n], g, rtol=1e-4, atol=1e-5, msg=n)
+    with pytest.raises(ValueError, match="memory budget"):
+        compile_blocks(create_model("LaMamba-debug", resolution=32), memory_budget=1.5)

@@ -18,9 +18,27 @@ def block_types() -> tuple[type, ...]:
     return (LaMambaBlock, DiTBlock)
 
 
-def compile_blocks(model: nn.Module, mode: str | None = None, fullgraph: bool = True, backend: str = "inductor") -> nn.Module:
-    """Compile every transformer/LaMamba block of ``model`` in place; returns the model."""
+def set_activation_memory_budget(budget: float) -> None:
+    """AOT autograd's activation memory budget for every graph compiled afterwards in this process: 1.0 (torch's
+    default) saves what the min-cut partitioner finds fastest; lower values make it recompute more in the backward
+    (cheap ops first, then matmuls) to save less, down to 0.0 (recompute everything it can). For LaMamba's SS2D
+    this drops, e.g., the four snake-ordered copies of the map and the dt-projected deltas (B, 4, D, L) that the
+    scan would otherwise keep for the backward. Eager mode is unaffected."""
+    import torch._functorch.config as functorch_config
+
+    if not 0.0 <= float(budget) <= 1.0:
+        raise ValueError(f"activation memory budget must be in [0, 1], got {budget}")
+    functorch_config.activation_memory_budget = float(budget)
+
+
+def compile_blocks(model: nn.Module, mode: str | None = None, fullgraph: bool = True, backend: str = "inductor",
+                   memory_budget: float | None = None) -> nn.Module:
+    """Compile every transformer/LaMamba block of ``model`` in place; returns the model. ``memory_budget``:
+    see set_activation_memory_budget (None leaves the process's setting alone)."""
     import torch._dynamo
+
+    if memory_budget is not None:
+        set_activation_memory_budget(memory_budget)
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
