@@ -3,7 +3,7 @@
 # statistics, then a profile of the compiled LaMamba step. Writes logs under $1 (default /tmp/probe).
 #   source scripts/device_env.sh && bash scripts/perf_probe.sh $OUT
 # SCANS="auto triton ss2d_triton": scan backends of the extra compiled LaMamba-only runs (part X, ratio against
-# the DiT of part COMPILED); PARITY=1: `lamamba parity` 200-step loss curves, fast vs reference kernels.
+# the DiT of part COMPILED); MEMBUDGETS="0.5": both models compiled with that activation memory budget; PARITY=1: `lamamba parity` 200-step loss curves, fast vs reference kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 O=${1:-/tmp/probe}; mkdir -p "$O"
@@ -40,6 +40,11 @@ if [ -n "${SCANS:-}" ]; then
       | tail -1 | sed "s/^/[$scan] /" | tee -a "$O/scans.log"
   done
 fi
+for mb in ${MEMBUDGETS:-}; do  # both models compiled with AOT autograd's activation memory budget mb
+  timeout ${CTIMEOUT:-300} $PY -m lamamba_dist.cli bench --models DiT-XL/2,LaMamba-XL --resolution $RES --batch $BATCH \
+    --steps 10 --warmup 3 --compile --memory-budget $mb --out "$O/compiled_${RES}_mb$mb.json" 2>&1 | grep "^#" \
+    | sed "s/^/[budget $mb] /" | tee -a "$O/membudget.log"
+done
 if [ "${PROFILE:-1}" = 1 ]; then
   timeout 120 $PY scripts/profile_step.py --model LaMamba-XL --resolution $RES --batch $BATCH --rows 40 ${PCOMPILE:---compile} \
     > "$O/profile.log" 2>&1
