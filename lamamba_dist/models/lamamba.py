@@ -29,6 +29,7 @@ from lamamba_dist.ops import (
     window_attention_core,
     window_token_order,
 )
+from lamamba_dist.ops.selective_scan import SS2D_BACKENDS, resolve_backend, ss2d_scan
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,52 @@ class SS2D(nn.Module):
         self.A_logs.copy_(torch.log(a))
         self.Ds.fill_(1.0)
 
+    def _gathered_tables(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(paths, inverse) for an n x n map: the module's buffers when built for n, else the per-device cache."""
+        if hasattr(self, "scan_paths") and self.scan_paths.shape[-1] == n * n:
+            return self.scan_paths, self.scan_inverse
+        return snake_tables(n, device)
+
+    def _forward_gathered(self, u: torch.Tensor, backend: str) -> torch.Tensor:
+        """The "ss2d_*" backends: the same function, computed channels-last with the scan gathered from the grid.
+
+        The x and dt projections act per position, so they are applied to the map itself (grid layout, no
+        (B, 4, D, L) copy): x_dbl (B, L, 4(R+2N)) with the rows of x_proj_weight reordered [dt ranks of the four
+        directions | B of the four | C of the four], and dts (B, L, 4, D) as one GEMM with the block-diagonal
+        (4R, 4D) matrix whose block k is dt_projs_weight[k]^T. ss2d_scan reads each direction's steps at its grid
+        positions and returns sum_k y_k already channels-last, so there is no cross_merge and no transpose.
+        """
+        b, h, w, _ = u.shape
+        n, r, d, k = self.d_state, self.rank, self.d_inner, self.k
+        if n != 1:
+            raise ValueError(f"scan backend {backend!r} is for d_state 1, got d_state {n}")
+        if h != w:
+            raise ValueError(f"snake scan needs a square map, got {h}x{w}")
+        length = h * w
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, H, W, D) each: first D -> x, last D -> z
+        z = F.silu(z)
+        # Depthwise conv in channels-last memory: the NCHW view of a contiguous NHWC tensor, so the output comes
+        # back channels-last and the permute below is free (reshape copies only if a conv kernel did not keep it).
+        x = F.silu(self.conv2d(x.contiguous().permute(0, 3, 1, 2)))
+        x_cl = x.permute(0, 2, 3, 1).reshape(b, length, d)  # (B, L, D)
+        tables = self._gathered_tables(h, u.device)
+        wx = self.x_proj_weight.to(x_cl.dtype)  # (K, R+2N, D)
+        w_all = torch.cat([wx[:, :r].reshape(k * r, d), wx[:, r:r + n].reshape(k * n, d),
+                           wx[:, r + n:].reshape(k * n, d)], dim=0)
+        x_dbl = F.linear(x_cl, w_all)  # (B, L, K*R + 2*K*N)
+        dts_r, bs, cs = torch.split(x_dbl, [k * r, k * n, k * n], dim=-1)
+        w_dt = torch.block_diag(*self.dt_projs_weight.to(x_cl.dtype).transpose(1, 2).unbind(0))  # (K*R, K*D)
+        dts = torch.matmul(dts_r, w_dt).view(b, length, k, d)  # (B, L, K, D)
+        a = -torch.exp(self.A_logs.float())  # (4D, 1)
+        y = ss2d_scan(x_cl, dts, bs, cs, a, self.Ds.float(), self.dt_projs_bias.float().reshape(-1),
+                      tables[0], tables[1], delta_softplus=True, backend=backend)  # (B, L, D)
+        y = self.out_norm(y.view(b, h, w, d)).to(u.dtype) * z
+        return self.out_proj(y)
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
+        backend = resolve_backend(self.scan_backend)
+        if backend in SS2D_BACKENDS:
+            return self._forward_gathered(u, backend)
         b, h, w, _ = u.shape
         n, r, d, k = self.d_state, self.rank, self.d_inner, self.k
         length = h * w

@@ -18,6 +18,10 @@ N == 1; the reference otherwise. Both custom ops let torch.compile trace through
 The Triton kernel is opt-in ("triton") while mamba-ssm is installed: on one H200 it beat mamba's kernel at
 L = 1024 and 256 but lost at L = 4096 (scripts/bench_scan.py), and it has not yet been timed inside a
 whole training step.
+
+``ss2d_scan`` is SS2D's four-direction scan read straight from the channels-last grid (no cross_scan /
+cross_merge): the opt-in backends "ss2d_triton" (ss2d_triton.py, custom ops ``lamamba::ss2d_scan_fwd/bwd``) and
+"ss2d_reference" (``ss2d_scan_reference``), which change SS2D's layout (models/lamamba.py).
 """
 
 from __future__ import annotations
@@ -170,18 +174,33 @@ def selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus: bool
     return _SCAN_TRITON.selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
 
 
-BACKENDS = ("auto", "triton", "fused", "reference")
-# LAMAMBA_SCAN_BACKEND=triton|fused|reference replaces "auto" everywhere (read once, a constant to torch.compile).
+BACKENDS = ("auto", "triton", "fused", "reference", "ss2d_triton", "ss2d_reference")
+# Backends that change SS2D's layout (models/lamamba.py): the scan is gathered from the channels-last grid, with
+# no cross_scan / cross_merge (ss2d_scan below). Opt-in only: "auto" never picks them. A plain sequence scan
+# called with one of them runs the matching sequence kernel ("triton" / "reference").
+SS2D_BACKENDS = ("ss2d_triton", "ss2d_reference")
+# LAMAMBA_SCAN_BACKEND=<one of BACKENDS> replaces "auto" everywhere (read once, a constant to torch.compile).
 _AUTO_OVERRIDE = os.environ.get("LAMAMBA_SCAN_BACKEND", "").strip() or None
 if _AUTO_OVERRIDE is not None and _AUTO_OVERRIDE not in BACKENDS:
     raise ValueError(f"LAMAMBA_SCAN_BACKEND={_AUTO_OVERRIDE!r}: choose one of {', '.join(BACKENDS)}")
 
 
+def resolve_backend(backend: str) -> str:
+    """The backend a call with ``backend`` uses: "auto" becomes LAMAMBA_SCAN_BACKEND when that is set."""
+    if backend == "auto":
+        return _AUTO_OVERRIDE or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown scan backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
 def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = True, backend: str = "auto"):
     """The dispatch point. backend: "auto" (on CUDA: mamba-ssm's fused kernel when it imports, else triton for
-    N == 1 when triton imports; the reference otherwise), "fused", "triton" or "reference"."""
+    N == 1 when triton imports; the reference otherwise), "fused", "triton" or "reference" ("ss2d_triton" and
+    "ss2d_reference" run "triton" and "reference" here)."""
     if backend == "auto":  # an operator's override, e.g. to rule a kernel out without editing configs
         backend = _AUTO_OVERRIDE or "auto"
+    backend = {"ss2d_triton": "triton", "ss2d_reference": "reference"}.get(backend, backend)
     if backend == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend == "fused" or (backend == "auto" and u.is_cuda and _cuda_module() is not None):
@@ -191,3 +210,56 @@ def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = True
     if backend != "auto":
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+# ----------------------------------------------------------------------------- SS2D's gathered four-direction scan
+
+
+def _load_ss2d_triton_module():
+    """ss2d_triton (the gathered SS2D scan kernels), or None where triton does not import."""
+    try:
+        from lamamba_dist.ops import ss2d_triton
+
+        return ss2d_triton
+    except Exception:
+        return None
+
+
+_SS2D_TRITON = _load_ss2d_triton_module()
+
+
+def ss2d_scan_reference(x_cl, delta_cl, B_cl, C_cl, A, D, delta_bias, paths, inverse, delta_softplus: bool = True):
+    """ss2d_triton.ss2d_scan in pure PyTorch: gather the four sequences (B, 4, D, L), run
+    selective_scan_reference, merge back (y[:, :, p] = sum_k ys[:, k, :, inverse[k, p]]). Returns (B, L, D) in
+    x's dtype. Shapes: x_cl (B, L, D), delta_cl (B, L, K, D), B_cl/C_cl (B, L, K[, 1]), A (K*D, 1), D and
+    delta_bias (K*D,), paths/inverse (K, L)."""
+    batch, length, dim = x_cl.shape
+    k = paths.shape[0]
+    bs_grid = B_cl.reshape(batch, length, k)
+    cs_grid = C_cl.reshape(batch, length, k)
+    xs = torch.stack([x_cl[:, paths[i]] for i in range(k)], dim=1).transpose(2, 3)  # (B, K, D, L)
+    dts = torch.stack([delta_cl[:, paths[i], i] for i in range(k)], dim=1).transpose(2, 3)  # (B, K, D, L)
+    bs = torch.stack([bs_grid[:, paths[i], i] for i in range(k)], dim=1).unsqueeze(2)  # (B, K, 1, L)
+    cs = torch.stack([cs_grid[:, paths[i], i] for i in range(k)], dim=1).unsqueeze(2)
+    ys = selective_scan_reference(xs.reshape(batch, k * dim, length), dts.reshape(batch, k * dim, length),
+                                  A.reshape(k * dim, -1), bs, cs, D, delta_bias, delta_softplus)
+    ys = ys.view(batch, k, dim, length).float()
+    y = sum(ys[:, i][:, :, inverse[i]] for i in range(k))  # (B, D, L)
+    return y.transpose(1, 2).contiguous().to(x_cl.dtype)
+
+
+def ss2d_triton_available() -> bool:
+    return _SS2D_TRITON is not None
+
+
+def ss2d_scan(x_cl, delta_cl, B_cl, C_cl, A, D, delta_bias, paths, inverse, delta_softplus: bool = True,
+              backend: str = "ss2d_triton"):
+    """SS2D's four-direction scan (d_state 1) from the channels-last grid: (B, L, D). backend "ss2d_triton" (the
+    Triton kernels, ss2d_triton.py) or "ss2d_reference"."""
+    if backend == "ss2d_reference":
+        return ss2d_scan_reference(x_cl, delta_cl, B_cl, C_cl, A, D, delta_bias, paths, inverse, delta_softplus)
+    if backend != "ss2d_triton":
+        raise ValueError(f"ss2d_scan backend must be one of {', '.join(SS2D_BACKENDS)}, got {backend!r}")
+    if _SS2D_TRITON is None:
+        raise RuntimeError("the ss2d_triton scan backend needs triton (it ships with CUDA builds of torch)")
+    return _SS2D_TRITON.ss2d_scan(x_cl, delta_cl, B_cl, C_cl, A, D, delta_bias, paths, inverse, delta_softplus)
