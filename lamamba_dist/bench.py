@@ -50,7 +50,7 @@ def _sync(device):
 def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int, device: torch.device,
                 precision: str, compile_model: bool, grad_checkpointing: bool = False,
                 scan_backend: str = "auto", attn_backend: str = "auto", peak_tflops: float | None = None,
-                memory_budget: float | None = None) -> dict:
+                memory_budget: float | None = None, lean_scan_backward: bool = True) -> dict:
     from lamamba_dist.diffusion import create_diffusion
     from lamamba_dist.flops import train_flops_per_image
     from lamamba_dist.models import create_model
@@ -61,7 +61,8 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
     t_start = time.perf_counter()
     torch.manual_seed(0)
     model = create_model(name, resolution=resolution, grad_checkpointing=grad_checkpointing,
-                         scan_backend=scan_backend, attn_backend=attn_backend).to(device)
+                         scan_backend=scan_backend, attn_backend=attn_backend,
+                         lean_scan_backward=lean_scan_backward).to(device)
     model.train()
     diffusion = create_diffusion()
     fused = device.type == "cuda"
@@ -114,7 +115,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
     res = dict(model=name, resolution=resolution, batch=batch, steps=steps, warmup=warmup, precision=precision,
                compiled=compile_model, grad_checkpointing=grad_checkpointing,
                memory_budget=memory_budget if compile_model else None,
-               scan_backend=scan_backend, attn_backend=attn_backend,
+               scan_backend=scan_backend, attn_backend=attn_backend, lean_scan_backward=lean_scan_backward,
                img_per_s=img_s, step_ms=step_s * 1e3, model_tflops_per_s=tflops,
                mfu=(tflops / peak_tflops) if peak_tflops else None,
                train_gflops_per_img=flops_img / 1e9, time_to_first_step_s=first_step_s,
@@ -141,7 +142,7 @@ def environment_info(device: torch.device) -> dict:
 def run_bench(models: list[str], resolution: int, batch: int, steps: int, warmup: int, device: str | None = None,
               precision: str | None = None, compile_model: bool = False, grad_checkpointing: bool = False,
               peak_tflops: float | None = None, scan_backend: str = "auto", attn_backend: str = "auto",
-              memory_budget: float | None = None) -> dict:
+              memory_budget: float | None = None, lean_scan_backward: bool = True) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
     if dev.type == "cuda":
@@ -153,7 +154,7 @@ def run_bench(models: list[str], resolution: int, batch: int, steps: int, warmup
         print(f"# bench {name}: building, first step ...", flush=True)
         results.append(bench_model(name, resolution, batch, steps, warmup, dev, precision, compile_model,
                                    grad_checkpointing, scan_backend, attn_backend, peak_tflops=peak,
-                                   memory_budget=memory_budget))
+                                   memory_budget=memory_budget, lean_scan_backward=lean_scan_backward))
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -185,6 +186,9 @@ def add_parser(sub, name: str, help_text: str):
                    help="selective scan kernel of the LaMamba models (auto: mamba-ssm's when installed)")
     p.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="auto",
                    help="window attention kernel of the LaMamba models")
+    p.add_argument("--plain-scan-backward", action="store_true",
+                   help="LaMamba: plain autograd through the SS2D scan core (keeps the (B,4,D,L) snake copies and "
+                        "deltas) instead of the lean backward, for A/B measurements")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's bf16 peak used for MFU")
     p.add_argument("--out", default=None, help="write the JSON here (always printed)")
     p.set_defaults(func=_run)
@@ -205,7 +209,7 @@ def _run(args) -> int:
         raise CLIError(f"--memory-budget {args.memory_budget}: needs --compile and a value in [0, 1]")
     out = run_bench(models, args.resolution, args.batch, args.steps, args.warmup, args.device, args.precision,
                     args.compile, args.grad_checkpointing, args.peak_tflops, args.scan_backend, args.attn_backend,
-                    args.memory_budget)
+                    args.memory_budget, not args.plain_scan_backward)
     text = json.dumps(out, indent=2)
     print(text)
     for r in out["results"]:

@@ -29,7 +29,8 @@ from lamamba_dist.ops import (
     window_attention_core,
     window_token_order,
 )
-from lamamba_dist.ops.selective_scan import SS2D_BACKENDS, resolve_backend, ss2d_scan
+from lamamba_dist.ops.selective_scan import SS2D_BACKENDS, resolve_backend, scan_kernel, ss2d_scan
+from lamamba_dist.ops.ss2d_core import ss2d_core
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,11 @@ class SS2D(nn.Module):
     """VMamba v2 selective-scan 2D over the four snake paths (spec §3). Channels-last in and out."""
 
     def __init__(self, dim: int, d_state: int = 1, ssm_ratio: float = 2.0, d_conv: int = 3, scan_backend: str = "auto",
-                 resolution: int | None = None):
+                 resolution: int | None = None, lean_scan_backward: bool = True):
         super().__init__()
+        # With a kernel that has its own backward (mamba-ssm's or the Triton one), run the scan core through
+        # ss2d_core: the backward keeps x and the rank-R deltas, not the (B, 4, D, L) snake copies and deltas.
+        self.lean_scan_backward = lean_scan_backward
         if resolution is not None:  # snake tables as non-persistent buffers: built once, follow .to(device)
             dev = torch.get_default_device()  # the construction context (cpu, or meta for counting)
             paths, inverse = snake_tables(resolution)
@@ -151,6 +155,22 @@ class SS2D(nn.Module):
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, H, W, D) each: first D -> x, last D -> z
         z = F.silu(z)
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))  # (B, D, H, W)
+        a = -torch.exp(self.A_logs.float())  # (4D, N)
+        kernel = scan_kernel(self.scan_backend, x, n)
+        if self.lean_scan_backward and kernel != "reference":
+            paths, inverse = self._gathered_tables(h, x.device)
+            y = ss2d_core(x.reshape(b, d, length), self.x_proj_weight, self.dt_projs_weight, a, self.Ds,
+                          self.dt_projs_bias.reshape(-1), paths, inverse, kernel)  # (B, D, L)
+        else:
+            y = self._scan_core_plain(x, a)
+        y = y.transpose(1, 2).reshape(b, h, w, d)
+        y = self.out_norm(y).to(u.dtype) * z
+        return self.out_proj(y)
+
+    def _scan_core_plain(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B, D, L) by plain autograd: cross_scan, projections, selective_scan, cross_merge."""
+        b, d, h, w = x.shape
+        n, r, k, length = self.d_state, self.rank, self.k, h * w
         tables = (self.scan_paths, self.scan_inverse) if hasattr(self, "scan_paths") and self.scan_paths.numel() == length \
             else None
         xs = cross_scan(x, tables)  # (B, 4, D, L)
@@ -159,15 +179,11 @@ class SS2D(nn.Module):
         x_dbl = torch.matmul(self.x_proj_weight.to(xs.dtype), xs)  # (K, R+2N, D) @ (B, K, D, L) -> (B, K, R+2N, L)
         dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
         dts = torch.matmul(self.dt_projs_weight.to(xs.dtype), dts)  # (K, D, R) @ (B, K, R, L) -> (B, K, D, L)
-        a = -torch.exp(self.A_logs.float())  # (4D, N)
         ys = selective_scan(
             xs.reshape(b, k * d, length), dts.reshape(b, k * d, length), a, bs, cs,
             self.Ds.float(), self.dt_projs_bias.float().reshape(-1), delta_softplus=True, backend=self.scan_backend,
         )  # (B, 4D, L)
-        y = cross_merge(ys.view(b, k, d, length), h, tables)  # (B, D, L): sum of the four directions
-        y = y.transpose(1, 2).reshape(b, h, w, d)
-        y = self.out_norm(y).to(u.dtype) * z
-        return self.out_proj(y)
+        return cross_merge(ys.view(b, k, d, length), h, tables)  # (B, D, L): sum of the four directions
 
 
 # ----------------------------------------------------------------------------- window attention
@@ -244,11 +260,11 @@ class LaMambaBlock(nn.Module):
     """x += g_ssm * SS2D(mod(LN x)); x += g_attn * WinAttn(mod(LN x)); x += g_mlp * MLP(mod(LN x)) (spec §2)."""
 
     def __init__(self, dim: int, cond_dim: int, resolution: int, arch: LaMambaArch, shift: int, project_condition: bool,
-                 scan_backend: str = "auto", attn_backend: str = "auto"):
+                 scan_backend: str = "auto", attn_backend: str = "auto", lean_scan_backward: bool = True):
         super().__init__()
         self.condition_projection = nn.Linear(cond_dim, dim) if project_condition else nn.Identity()
         self.norm = nn.LayerNorm(dim)
-        self.op = SS2D(dim, arch.d_state, arch.ssm_ratio, arch.d_conv, scan_backend, resolution)
+        self.op = SS2D(dim, arch.d_state, arch.ssm_ratio, arch.d_conv, scan_backend, resolution, lean_scan_backward)
         self.norm_swin = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, arch.num_heads, resolution, arch.window_size, shift, attn_backend)
         self.norm2 = nn.LayerNorm(dim)
@@ -312,7 +328,7 @@ class Stage(nn.Module):
 class LaMambaDiff(nn.Module):
     def __init__(self, arch: LaMambaArch, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
                  class_dropout: float = 0.1, learn_sigma: bool = True, grad_checkpointing: bool = False,
-                 scan_backend: str = "auto", attn_backend: str = "auto"):
+                 scan_backend: str = "auto", attn_backend: str = "auto", lean_scan_backward: bool = True):
         super().__init__()
         self.arch = arch
         self.latent_size = input_size
@@ -329,7 +345,7 @@ class LaMambaDiff(nn.Module):
 
         def make_blocks(depth, dim, r, force_proj):
             return [LaMambaBlock(dim, cc, r, arch, shift if i % 2 else 0, force_proj or dim != cc,
-                                 scan_backend, attn_backend) for i in range(depth)]
+                                 scan_backend, attn_backend, lean_scan_backward) for i in range(depth)]
 
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_channels, c0, kernel_size=1)

@@ -198,18 +198,29 @@ def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = True
     """The dispatch point. backend: "auto" (on CUDA: mamba-ssm's fused kernel when it imports, else triton for
     N == 1 when triton imports; the reference otherwise), "fused", "triton" or "reference" ("ss2d_triton" and
     "ss2d_reference" run "triton" and "reference" here)."""
+    kernel = scan_kernel(backend, u, A.shape[1])
+    if kernel == "fused":
+        return selective_scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if kernel == "triton":
+        return selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def scan_kernel(backend: str, u: torch.Tensor, d_state: int) -> str:
+    """The sequence-scan kernel that ``selective_scan(..., backend=backend)`` runs for u: "fused", "triton" or
+    "reference" (SS2D asks this too, to run the same kernel through its lean-backward core)."""
     if backend == "auto":  # an operator's override, e.g. to rule a kernel out without editing configs
         backend = _AUTO_OVERRIDE or "auto"
     backend = {"ss2d_triton": "triton", "ss2d_reference": "reference"}.get(backend, backend)
     if backend == "reference":
-        return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        return "reference"
     if backend == "fused" or (backend == "auto" and u.is_cuda and _cuda_module() is not None):
-        return selective_scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    if backend == "triton" or (backend == "auto" and u.is_cuda and _SCAN_TRITON is not None and A.shape[1] == 1):
-        return selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        return "fused"
+    if backend == "triton" or (backend == "auto" and u.is_cuda and _SCAN_TRITON is not None and d_state == 1):
+        return "triton"
     if backend != "auto":
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return "reference"
 
 
 # ----------------------------------------------------------------------------- SS2D's gathered four-direction scan

@@ -27,7 +27,11 @@ from lamamba_dist.ops.cross_scan import _merge_gather, _scan_gather
 
 
 def _fused_pair():
-    from lamamba_dist.ops import selective_scan as ss
+    import importlib
+
+    ss = importlib.import_module("lamamba_dist.ops.selective_scan")  # the package exports a function of that name
+    if ss._cuda_module() is None:
+        raise RuntimeError("the fused selective scan needs mamba-ssm built with CUDA (pip install 'lamamba-dist[cuda]')")
 
     def fwd(u, delta, A, B, C, D, bias, softplus):
         return ss._scan_fwd(u, delta, A, B, C, D, bias, softplus)
@@ -39,7 +43,10 @@ def _fused_pair():
 
 
 def _triton_pair():
-    from lamamba_dist.ops import scan_triton as st
+    try:
+        from lamamba_dist.ops import scan_triton as st
+    except ImportError as e:
+        raise RuntimeError("the triton selective scan needs triton (it ships with CUDA builds of torch)") from e
 
     def fwd(u, delta, A, B, C, D, bias, softplus):
         return st._scan1_fwd(u, delta, A, B, C, D, bias, softplus, int(st.default_chunk(u.shape[2])))
