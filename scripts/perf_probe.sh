@@ -40,6 +40,11 @@ if [ -n "${SCANS:-}" ]; then
       | tail -1 | sed "s/^/[$scan] /" | tee -a "$O/scans.log"
   done
 fi
+if [ "${AB_PLAIN:-1}" = 1 ]; then  # the lean SS2D backward (default) vs plain autograd, eager, LaMamba only
+  timeout 120 $PY -m lamamba_dist.cli bench --models LaMamba-XL --resolution $RES --batch $BATCH --steps 10 --warmup 3 \
+    --plain-scan-backward --out "$O/eager_${RES}_plain.json" 2>&1 | grep "^#" | tail -1 | sed "s/^/[plain backward] /" \
+    | tee "$O/ab_plain.log"
+fi
 for mb in ${MEMBUDGETS:-}; do  # both models compiled with AOT autograd's activation memory budget mb
   timeout ${CTIMEOUT:-300} $PY -m lamamba_dist.cli bench --models DiT-XL/2,LaMamba-XL --resolution $RES --batch $BATCH \
     --steps 10 --warmup 3 --compile --memory-budget $mb --out "$O/compiled_${RES}_mb$mb.json" 2>&1 | grep "^#" \
