@@ -105,6 +105,9 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     compile: bool = False  # regional torch.compile of every block (lamamba_dist.models.compile); ZeRO 0-2
+    # With compile: AOT autograd's activation memory budget (1 = torch's default; lower recomputes more in the
+    # backward to keep less; lamamba_dist.models.compile.set_activation_memory_budget)
+    compile_memory_budget: float = field(default=1.0, metadata=dict(ge=0.0, le=1.0))
     log_every: int = field(default=50, metadata=dict(ge=1))
     max_nonfinite_in_row: int = field(default=3, metadata=dict(ge=1))  # skipped steps in a row -> roll back
     max_rollbacks: int = field(default=3, metadata=dict(ge=0))  # rollbacks in one run before giving up (exit 1)

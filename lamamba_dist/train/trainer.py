@@ -283,7 +283,8 @@ class Trainer:
 
             cache = use_compile_cache(Path(self.ccfg.dir) / ".compile_cache")
             self.info(f"torch.compile cache: {cache} (reused by every restart)")
-            compile_blocks(model)  # regional torch.compile of each block, in place (state-dict keys unchanged)
+            # regional torch.compile of each block, in place (state-dict keys unchanged)
+            compile_blocks(model, memory_budget=self.tcfg.compile_memory_budget)
         try:
             self.ds_config = build_ds_config(self.tcfg, self.ocfg, self.world, on_cuda=self.on_cuda,
                                              load_universal=universal_dir is not None,
