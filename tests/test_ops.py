@@ -227,3 +227,19 @@ def test_cross_scan_merge_custom_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(cross_scan, (x,))
     y = torch.randn(1, 4, 2, 9, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: cross_merge(t, 3), (y,))
+
+
+def test_ss2d_uses_its_own_snake_table_buffers():
+    """SS2D built for a map size reads the snake tables from its buffers (constants that follow .to(device)),
+    not from the global per-device cache."""
+    from unittest import mock
+
+    from lamamba_dist.models.lamamba import SS2D
+
+    op = SS2D(8, resolution=4, scan_backend="reference")
+    op.reset_ssm_parameters()
+    cache_used = AssertionError("the global snake-table cache was used")
+    with mock.patch("lamamba_dist.models.lamamba.snake_tables", side_effect=cache_used), \
+            mock.patch("lamamba_dist.ops.cross_scan.snake_tables", side_effect=cache_used):
+        out = op(torch.randn(1, 4, 4, 8))
+    assert out.shape == (1, 4, 4, 8)

@@ -171,8 +171,7 @@ class SS2D(nn.Module):
         """(B, D, H, W) -> (B, D, L) by plain autograd: cross_scan, projections, selective_scan, cross_merge."""
         b, d, h, w = x.shape
         n, r, k, length = self.d_state, self.rank, self.k, h * w
-        tables = (self.scan_paths, self.scan_inverse) if hasattr(self, "scan_paths") and self.scan_paths.numel() == length \
-            else None
+        tables = self._gathered_tables(h, x.device)  # the module's buffers (4, L) when built for this map
         xs = cross_scan(x, tables)  # (B, 4, D, L)
         # Batched over (B, K) with the weights broadcast: xs is read in place (an einsum over k would
         # permute it into a (K, B*L, D) copy first).
