@@ -110,10 +110,12 @@ class _SS2DCore(torch.autograd.Function):
         du, ddelta, dA, dB, dC, dD, dbias = bwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs,
                                                 Ds, dt_bias, gout.view(b, k * d, length), states, True)
         ddelta = ddelta.view(b, k, d, length).to(dtype)
-        g_wdt = torch.einsum("bkdl,bkrl->kdr", ddelta, dts_r)
+        # weight grads as (B, K)-batched matmuls on transposed views, summed over B: no permuted copy of the
+        # (B, K, D, L) operands (an einsum over "bk..." would fold B into the reduction by copying them)
+        g_wdt = torch.matmul(ddelta, dts_r.transpose(-1, -2)).sum(0)  # (K, D, R)
         g_dts_r = torch.matmul(wdt.transpose(1, 2), ddelta)  # (B, K, R, L)
         g_xdbl = torch.cat([g_dts_r, dB.to(dtype), dC.to(dtype)], dim=2)  # (B, K, R+2N, L)
-        g_wx = torch.einsum("bkcl,bkdl->kcd", g_xdbl, xs)
+        g_wx = torch.matmul(g_xdbl, xs.transpose(-1, -2)).sum(0)  # (K, R+2N, D)
         g_xs = du.view(b, k, d, length).to(dtype) + torch.matmul(wx.transpose(1, 2), g_xdbl)
         g_x = _merge_gather(g_xs, inverse)
         return (g_x, g_wx.to(wx_p.dtype), g_wdt.to(wdt_p.dtype), dA.to(A.dtype), dD.to(Ds.dtype),
