@@ -56,8 +56,6 @@ def test_parity_cli_rejects_bad_arguments(capsys):
 
 @pytest.mark.gpu
 def test_fast_path_trains_like_the_reference_for_200_steps_on_gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     res = run_parity("LaMamba-debug", 128, 16, 200, device="cuda", precision="bf16")
     print({k: v for k, v in res.items() if k != "curves"})
     assert res["within_noise"], res

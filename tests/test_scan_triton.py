@@ -8,17 +8,15 @@ the recurrence: forward and all seven gradients.
   installed (CI has no triton). Outputs are poisoned with NaN first to prove every element is written.
 """
 
-import importlib.util
+import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from kernel_helpers import needs_triton, run_interpreter_cases
 from lamamba_dist.ops.selective_scan import selective_scan, selective_scan_reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = "u delta A B C D bias".split()
 
 
@@ -217,14 +215,9 @@ def _interpreter_cases():
     print("interpreter cases passed")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CI has none)")
+@needs_triton
 def test_triton_scan_under_interpreter_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    print(proc.stdout[-4000:], proc.stderr[-4000:])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "interpreter cases passed" in proc.stdout
+    run_interpreter_cases(__file__)
 
 
 def test_triton_backend_without_triton_is_an_error_not_a_silent_fallback(monkeypatch):

@@ -1,14 +1,12 @@
 """ss2d_core: SS2D's scan core with a lean backward (keeps x and the rank-R deltas, regathers / recomputes the
 rest) equals plain autograd through cross_scan + projections + selective scan + cross_merge, and keeps less."""
 
-import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from kernel_helpers import needs_triton, run_interpreter_cases
 from lamamba_dist.ops import cross_merge, cross_scan, selective_scan, snake_tables
 from lamamba_dist.ops.ss2d_core import ss2d_core
 
@@ -133,13 +131,9 @@ def _interpreter_cases():
     print("interpreter cases passed")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CI has none)")
+@needs_triton
 def test_lean_core_with_triton_kernels_under_interpreter_on_cpu():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0 and "interpreter cases passed" in proc.stdout, proc.stderr[-4000:]
+    run_interpreter_cases(__file__)
 
 
 def _gpu_kernels():

@@ -13,26 +13,22 @@
 """
 
 import copy
-import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_helpers import assert_models_match, needs_triton, run_interpreter_cases
 from lamamba_dist.models.lamamba import SS2D
 from lamamba_dist.ops.cross_scan import cross_merge, cross_scan, snake_tables
 from lamamba_dist.ops.selective_scan import (
     resolve_backend,
     selective_scan_reference,
     ss2d_scan,
-    ss2d_scan_reference,
     ss2d_triton_available,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = "x delta B C A D bias".split()
 K = 4
 
@@ -270,14 +266,9 @@ def _interpreter_cases():
     print("interpreter cases passed")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CI has none)")
+@needs_triton
 def test_ss2d_triton_under_interpreter_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    print(proc.stdout[-4000:], proc.stderr[-4000:])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "interpreter cases passed" in proc.stdout
+    run_interpreter_cases(__file__)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -385,26 +376,7 @@ def test_lamamba_debug_with_ss2d_triton_matches_reference_backend_on_gpu(dtype, 
         for p in fast.parameters():  # leave adaLN-Zero so every branch contributes
             p.add_(torch.randn_like(p) * 0.02)
     ref.load_state_dict(fast.state_dict())
-    s = fast.latent_size
-    x = torch.randn(4, 4, s, s, device="cuda")
-    t = torch.tensor([1, 250, 500, 999], device="cuda")
-    y = torch.tensor([0, 3, 7, 9], device="cuda")
-    outs, grads = [], []
-    for m in (fast, ref):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            out = m(x, t, y)
-        out.float().square().mean().backward()
-        outs.append(out.float())
-        grads.append({n: p.grad.float() for n, p in m.named_parameters()})
-    err = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
-    print(f"{dtype}: output rel max err {err:.2e}")
-    assert err < (1e-4 if dtype == torch.float32 else 3e-2)
-    worst = 0.0
-    for n, g in grads[1].items():
-        scale = g.abs().max().clamp(min=1e-3)
-        worst = max(worst, ((grads[0][n] - g).abs().max() / scale).item())
-    print(f"{dtype}: worst grad rel err {worst:.2e}")
-    assert worst < (1e-3 if dtype == torch.float32 else 1e-1)
+    assert_models_match(fast, ref, dtype)
 
 
 if __name__ == "__main__":

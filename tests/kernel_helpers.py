@@ -1,0 +1,55 @@
+"""Shared by the kernel tests: running a test file's Triton cases under the interpreter, and the whole-model
+fast-vs-reference comparison used on GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="triton is not installed: the interpreter tests of the Triton kernels need it (pip install '.[dev]')")
+
+
+def run_interpreter_cases(test_file: str) -> None:
+    """Run ``test_file`` as a script under TRITON_INTERPRET=1 (set before triton is imported, hence a fresh
+    process); its ``__main__`` runs the CPU cases and prints "interpreter cases passed"."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.abspath(test_file)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    print(proc.stdout[-4000:], proc.stderr[-4000:])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "interpreter cases passed" in proc.stdout
+
+
+def assert_models_match(fast, ref, dtype) -> None:
+    """One forward/backward of two LaMamba models with the same weights on CUDA (bf16 autocast when dtype is
+    bf16, the same mode for both): output and every parameter grad within the kernel parity tolerances."""
+    s = fast.latent_size
+    x = torch.randn(4, 4, s, s, device="cuda")
+    t = torch.tensor([1, 250, 500, 999], device="cuda")
+    y = torch.tensor([0, 3, 7, 9], device="cuda")
+    outs, grads = [], []
+    for m in (fast, ref):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = m(x, t, y)
+        out.float().square().mean().backward()
+        outs.append(out.float())
+        grads.append({n: p.grad.float() for n, p in m.named_parameters()})
+    # the reference runs in the same autocast mode: differences come only from kernels / summation order
+    err = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
+    print(f"{dtype}: output rel max err {err:.2e}")
+    assert err < (1e-4 if dtype == torch.float32 else 3e-2)
+    worst = 0.0
+    for n, g in grads[1].items():
+        scale = g.abs().max().clamp(min=1e-3)
+        worst = max(worst, ((grads[0][n] - g).abs().max() / scale).item())
+    print(f"{dtype}: worst grad rel err {worst:.2e}")
+    assert worst < (1e-3 if dtype == torch.float32 else 1e-1)
