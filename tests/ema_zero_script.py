@@ -1,8 +1,10 @@
 """Run under torchrun (2 ranks): ZeroEMA vs a plain PyTorch EMA of the full fp32 weights, for several ZeRO setups.
 
-Prints one line ``EMA_OK <setup> <n tensors>`` per setup that matches bit for bit on this rank.
+Each rank appends one line ``EMA_OK <setup> <n tensors> rank<r>`` per setup that matches bit for bit to
+``$EMA_RESULTS_DIR/rank<r>.txt`` (one file per rank: the ranks' shared stdout interleaves their lines).
 """
 
+import os
 import sys
 
 import deepspeed
@@ -72,7 +74,10 @@ def run(stage: int, precision: str, decay: float = 0.9, steps: int = 4):
     assert all(torch.equal(again[n], full[n]) for n in full)
     master = ema.full_master_weights(dst=None)
     assert all(torch.equal(master[n], now[n]) for n in now)
-    print(f"EMA_OK zero{stage}-{precision} {len(full)} rank{rank}", flush=True)
+    line = f"EMA_OK zero{stage}-{precision} {len(full)} rank{rank}"
+    print(line, flush=True)
+    with open(os.path.join(os.environ["EMA_RESULTS_DIR"], f"rank{rank}.txt"), "a") as f:
+        f.write(line + "\n")
     engine.destroy()
 
 

@@ -150,7 +150,7 @@ def test_expected_configs_exist():
 
 
 @pytest.mark.slow
-def test_ema_under_zero_equals_plain_pytorch_ema():
+def test_ema_under_zero_equals_plain_pytorch_ema(tmp_path):
     """ZeRO-3 (fp32) and ZeRO-2 / stage 0 (bf16, fp32 master fragments): ZeroEMA == full-tensor EMA, bitwise."""
     import subprocess
     import sys
@@ -160,10 +160,13 @@ def test_ema_under_zero_equals_plain_pytorch_ema():
     setups = ["3-fp32", "2-bf16", "0-fp32", "1-fp32"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "ema_zero_script.py"), *setups]
-    res = subprocess.run(cmd, cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
+    env = {**train_env(), "EMA_RESULTS_DIR": str(tmp_path)}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     import re
 
-    for s in setups:
-        for r in (0, 1):
-            assert re.search(rf"EMA_OK zero{s} \d+ rank{r}\b", res.stdout), (s, r, res.stdout)  # ranks share stdout
+    for r in (0, 1):  # one results file per rank: the ranks' shared stdout interleaves their lines
+        lines = (tmp_path / f"rank{r}.txt").read_text().splitlines()
+        assert len(lines) == len(setups), (r, lines, res.stdout)
+        for s, line in zip(setups, lines):
+            assert re.fullmatch(rf"EMA_OK zero{s} \d+ rank{r}", line), (s, r, line)
