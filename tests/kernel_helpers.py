@@ -1,5 +1,5 @@
-"""Shared by the kernel tests: running a test file's Triton cases under the interpreter, and the whole-model
-fast-vs-reference comparison used on GPU."""
+"""Shared by the kernel tests: running a test file's Triton cases under the interpreter, NaN-poisoned kernel
+outputs, and the whole-model fast-vs-reference comparison used on GPU."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -27,6 +28,25 @@ def run_interpreter_cases(test_file: str) -> None:
     print(proc.stdout[-4000:], proc.stderr[-4000:])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "interpreter cases passed" in proc.stdout
+
+
+@contextmanager
+def nan_poisoned_empty():
+    """Inside the block every floating torch.empty/empty_like is NaN-filled, so an output element a kernel
+    launcher allocates but never writes shows up as NaN."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(fn):
+        def make(*a, **k):
+            t = fn(*a, **k)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return make
+
+    torch.empty, torch.empty_like = poisoned(real_empty), poisoned(real_empty_like)
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_empty_like
 
 
 def assert_models_match(fast, ref, dtype) -> None:

@@ -148,7 +148,7 @@ def _gpu_kernels():
 def test_lean_core_matches_plain_path_on_gpu(dtype, n_side, d):
     kernels = _gpu_kernels()
     if not kernels:
-        pytest.skip("neither mamba-ssm's kernel nor triton is available")
+        pytest.skip("neither mamba-ssm's kernel nor triton is available: pip install '.[cuda]' or triton")
     p = _params(d, r=4, device="cuda")
     x = torch.randn(3, d, n_side * n_side, device="cuda").to(dtype)
     for kernel in kernels:
@@ -166,7 +166,7 @@ def test_lean_core_matches_plain_path_on_gpu(dtype, n_side, d):
 def test_lean_core_compiles_without_graph_break_and_saves_memory_on_gpu():
     kernels = _gpu_kernels()
     if not kernels:
-        pytest.skip("neither mamba-ssm's kernel nor triton is available")
+        pytest.skip("neither mamba-ssm's kernel nor triton is available: pip install '.[cuda]' or triton")
     b, d, n_side = 16, 640, 32  # LaMamba-XL stage 0 at 256 px
     p = {k: v.detach().requires_grad_(True) for k, v in _params(d, r=20, device="cuda").items()}
     x = torch.randn(b, d, n_side * n_side, device="cuda", dtype=torch.bfloat16, requires_grad=True)

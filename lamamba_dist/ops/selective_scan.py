@@ -186,7 +186,8 @@ if _AUTO_OVERRIDE is not None and _AUTO_OVERRIDE not in BACKENDS:
 
 
 def resolve_backend(backend: str) -> str:
-    """The backend a call with ``backend`` uses: "auto" becomes LAMAMBA_SCAN_BACKEND when that is set."""
+    """The backend a call with ``backend`` uses: "auto" becomes LAMAMBA_SCAN_BACKEND when that is set (an
+    operator's override, e.g. to rule a kernel out without editing configs)."""
     if backend == "auto":
         return _AUTO_OVERRIDE or "auto"
     if backend not in BACKENDS:
@@ -209,8 +210,7 @@ def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = True
 def scan_kernel(backend: str, u: torch.Tensor, d_state: int) -> str:
     """The sequence-scan kernel that ``selective_scan(..., backend=backend)`` runs for u: "fused", "triton" or
     "reference" (SS2D asks this too, to run the same kernel through its lean-backward core)."""
-    if backend == "auto":  # an operator's override, e.g. to rule a kernel out without editing configs
-        backend = _AUTO_OVERRIDE or "auto"
+    backend = resolve_backend(backend)  # the operator's override of "auto"; an unknown name is an error
     backend = {"ss2d_triton": "triton", "ss2d_reference": "reference"}.get(backend, backend)
     if backend == "reference":
         return "reference"
@@ -218,8 +218,6 @@ def scan_kernel(backend: str, u: torch.Tensor, d_state: int) -> str:
         return "fused"
     if backend == "triton" or (backend == "auto" and u.is_cuda and _SCAN_TRITON is not None and d_state == 1):
         return "triton"
-    if backend != "auto":
-        raise ValueError(f"unknown scan backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     return "reference"
 
 
