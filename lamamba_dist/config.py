@@ -100,7 +100,9 @@ class TrainConfig:
     global_batch: int = field(default=256, metadata=dict(ge=1))
     micro_batch: int = field(default=32, metadata=dict(ge=1))
     steps: int = field(default=400_000, metadata=dict(ge=1))
-    precision: str = field(default="bf16", metadata=dict(choices=("fp32", "bf16")))
+    # bf16: DeepSpeed bf16 (bf16 weights, fp32 master weights); bf16_autocast: fp32 weights + torch.autocast
+    # (train/ds_config.py); fp32.
+    precision: str = field(default="bf16", metadata=dict(choices=("fp32", "bf16", "bf16_autocast")))
     zero_stage: int = field(default=2, metadata=dict(choices=(0, 1, 2, 3)))
     seed: int = 0
     deterministic: bool = False

@@ -123,7 +123,22 @@ def test_ds_config_follows_the_paper_recipe_and_batch_layout():
     opt = ds["optimizer"]
     assert opt["type"] == "AdamW" and opt["params"]["lr"] == 1e-4 and opt["params"]["weight_decay"] == 0.01
     assert opt["params"]["betas"] == [0.9, 0.999] and opt["params"]["torch_adam"] is True
-    assert "gradient_clipping" not in ds and "scheduler" not in ds  # constant LR, no clipping
+    assert "scheduler" not in ds  # constant LR
+    # No clipping, as DeepSpeed itself reads the config (its default, 1.0, would clip)
+    from deepspeed.runtime.config import get_gradient_clipping
+
+    assert get_gradient_clipping(ds) == 0.0
+    assert ds["zero_optimization"]["compute_grad_norm"] is False  # ZeRO-2, no clipping: nonfinite.py's norm
+    assert not ds["bf16"]["enabled"] and not ds["torch_autocast"]["enabled"]  # debug.toml trains fp32
+    import dataclasses
+
+    bf16 = build_ds_config(dataclasses.replace(cfg.train, precision="bf16"), cfg.optim, world_size=2, on_cuda=True)
+    assert bf16["bf16"] == {"enabled": True, "check_grad_overflow": False}  # the trainer's fused check replaces it
+    amp = build_ds_config(dataclasses.replace(cfg.train, precision="bf16_autocast"), cfg.optim, world_size=2,
+                          on_cuda=True)
+    assert not amp["bf16"]["enabled"] and amp["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    clipped = build_ds_config(cfg.train, dataclasses.replace(cfg.optim, grad_clip=1.0), world_size=2, on_cuda=False)
+    assert get_gradient_clipping(clipped) == 1.0 and "compute_grad_norm" not in clipped["zero_optimization"]
     gpu = build_ds_config(cfg.train, cfg.optim, world_size=4, on_cuda=True)
     assert gpu["optimizer"]["params"]["fused"] is True and gpu["gradient_accumulation_steps"] == 1
     with pytest.raises(ValueError, match="not a multiple"):

@@ -79,6 +79,8 @@ class Plan:
     flip: bool
     shards: tuple = ()  # ShardInfo...
     num_classes: int = 1000
+    # > 0: each sample also carries its diffusion draws (timestep in [0, draws), noise, class-dropout u)
+    draws: int = 0
 
     @functools.cached_property
     def total(self) -> int:
@@ -298,6 +300,19 @@ class _Reader:
         return (mean + std * eps) * plan.scale, e["label"], e["key"]
 
 
+def sample_draws(plan: Plan, s: int, pos: int) -> tuple[int, torch.Tensor, float]:
+    """(timestep, noise, u) of the sample at position ``pos`` of stream ``s``: seeded by that draw alone.
+
+    A draw position is used once in a whole run (positions only move forward, also across rollbacks and
+    resumes), and does not depend on the world size, the micro-batch, the worker or the device.
+    """
+    g = torch.Generator().manual_seed(_hash64("diffusion-draws", plan.seed, s, pos))
+    t = int(torch.randint(plan.draws, (1,), generator=g))
+    u = float(torch.rand(1, generator=g))
+    noise = torch.randn(plan.latent_shape, generator=g)
+    return t, noise, u
+
+
 def streams_of(num_streams: int, world_size: int, rank: int) -> list[int]:
     return [s for s in range(num_streams) if s % world_size == rank]
 
@@ -350,14 +365,23 @@ class _RankStreams(torch.utils.data.IterableDataset):
         j = wid
         while True:
             start = _waterfill(base, j * self.micro_batch)
-            lat, lab, keys = [], [], []
+            lat, lab, keys, ts, noises, us = [], [], [], [], [], []
             for s, p in _draws(start, self.micro_batch):
                 z, y, k = reader.draw(s, p)
                 lat.append(z)
                 lab.append(y)
                 keys.append(k)
+                if self.plan.draws:
+                    t, n, u = sample_draws(self.plan, s, p)
+                    ts.append(t)
+                    noises.append(n)
+                    us.append(u)
             bad, reader.new_bad = reader.new_bad, []
-            yield {"latent": torch.stack(lat), "label": torch.tensor(lab, dtype=torch.long), "key": keys, "_bad": bad}
+            batch = {"latent": torch.stack(lat), "label": torch.tensor(lab, dtype=torch.long), "key": keys, "_bad": bad}
+            if self.plan.draws:
+                batch.update(t=torch.tensor(ts, dtype=torch.long), noise=torch.stack(noises),
+                             u=torch.tensor(us, dtype=torch.float32))
+            yield batch
             j += self.nw
 
 
@@ -373,8 +397,9 @@ class LatentLoader:
     """
 
     def __init__(self, plan: Plan, *, rank: int, world_size: int, num_workers: int, micro_batch: int,
-                 positions: list[int], max_bad_samples: int, prefetch_factor: int = 2):
+                 positions: list[int], max_bad_samples: int, prefetch_factor: int = 2, pin_memory: bool = False):
         self.plan = plan
+        self.pin_memory = pin_memory
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.nw = max(1, num_workers)
         self.micro_batch = micro_batch
@@ -444,8 +469,10 @@ class LatentLoader:
             it = iter(ds)
         else:
             it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                                  prefetch_factor=self.prefetch_factor))
+                                                  prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory))
         for batch in it:
+            if self.pin_memory and self.num_workers == 0:
+                batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
             self._note_bad(batch.pop("_bad"))
             self._consumed += 1
             yield batch
@@ -473,11 +500,13 @@ def _layout_check(n: int, world_size: int) -> None:
 
 
 def build_latent_loader(cfg, *, micro_batch: int, rank: int, world_size: int, seed: int, latent_size: int,
-                        state: Optional[dict] = None) -> LatentLoader:
+                        state: Optional[dict] = None, num_timesteps: int = 0, pin_memory: bool = False) -> LatentLoader:
     """The training data loader of one rank (see the module docstring for the guarantees).
 
     ``cfg`` is the ``[data]`` section (:class:`lamamba_dist.config.DataConfig`). ``cfg.shards ==
-    "synthetic"`` gives seeded random latents and labels with the same API.
+    "synthetic"`` gives seeded random latents and labels with the same API. ``num_timesteps > 0``: batches
+    also carry each sample's diffusion draws (``t``, ``noise``, ``u``: :func:`sample_draws`), made in the
+    worker processes. ``pin_memory``: batches come in pinned host memory (asynchronous copies to the GPU).
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is not in [0, world_size = {world_size})")
@@ -487,14 +516,15 @@ def build_latent_loader(cfg, *, micro_batch: int, rank: int, world_size: int, se
     kind = "synthetic" if cfg.shards == "synthetic" else "shards"
     if kind == "synthetic":
         plan = Plan(kind, seed, cfg.seed, n, (4, latent_size, latent_size), 1.0, cfg.flip,
-                    num_classes=cfg.synthetic_num_classes)
+                    num_classes=cfg.synthetic_num_classes, draws=num_timesteps)
     else:
         man, infos, folder = resolve_shards(cfg.shards)
         shape = tuple(man["latent_shape"])  # (2, C, S, S)
         if shape[-1] != latent_size or shape[-2] != latent_size:
             raise DataError(f"{folder / MANIFEST_NAME}: latents are {shape[-2]}x{shape[-1]} (resolution "
                             f"{man.get('resolution')}), the model wants {latent_size}x{latent_size}")
-        plan = Plan(kind, seed, cfg.seed, n, tuple(shape[1:]), float(man["scale_factor"]), cfg.flip, tuple(infos))
+        plan = Plan(kind, seed, cfg.seed, n, tuple(shape[1:]), float(man["scale_factor"]), cfg.flip, tuple(infos),
+                    draws=num_timesteps)
         if plan.total < n:
             raise DataError(f"[data] shards = {cfg.shards!r} holds {plan.total} samples, fewer than "
                             f"num_streams = {n}: lower num_streams or add data")
@@ -504,7 +534,7 @@ def build_latent_loader(cfg, *, micro_batch: int, rank: int, world_size: int, se
         positions = _check_state(state, plan)
     return LatentLoader(plan, rank=rank, world_size=world_size, num_workers=cfg.num_workers, micro_batch=micro_batch,
                         positions=positions, max_bad_samples=cfg.max_bad_samples,
-                        prefetch_factor=cfg.prefetch_factor)
+                        prefetch_factor=cfg.prefetch_factor, pin_memory=pin_memory)
 
 
 def _check_state(state: dict, plan: Plan) -> list[int]:

@@ -23,6 +23,7 @@ device.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -67,9 +68,24 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=list(range(1, x.ndim)))
 
 
+# The schedule arrays as tensors, once per (array, device): a copy from pageable host memory on every call
+# would also wait for the GPU (a hidden host sync per call in the training step).
+# An entry lives as long as its array (weakref.finalize drops it), so ids are never reused while cached.
+_DEVICE_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _table(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    key = (id(arr), device)
+    hit = _DEVICE_TABLES.get(key)
+    if hit is None:
+        hit = _DEVICE_TABLES[key] = torch.from_numpy(arr).to(device=device)
+        weakref.finalize(arr, _DEVICE_TABLES.pop, key, None)
+    return hit
+
+
 def _extract(arr: np.ndarray, t: torch.Tensor, broadcast_shape: Sequence[int]) -> torch.Tensor:
     """arr[t] as float32 on t's device, shaped (B, 1, ..., 1) and broadcast to ``broadcast_shape``."""
-    res = torch.from_numpy(arr).to(device=t.device)[t].float()
+    res = _table(arr, t.device)[t].float()
     while res.ndim < len(broadcast_shape):
         res = res[..., None]
     return res.expand(broadcast_shape)
@@ -134,6 +150,11 @@ class GaussianDiffusion:
             if len(self.posterior_variance) > 1
             else np.log(betas)
         )
+        self.log_betas = np.log(betas)
+        # fixed_large: beta_t, with beta~_1 at t = 0 for a better decoder log-likelihood (IDDPM).
+        self.fixed_large_variance = (np.append(self.posterior_variance[1], betas[1:]) if self.num_timesteps > 1
+                                     else betas)
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
@@ -213,7 +234,7 @@ class GaussianDiffusion:
             )
             eps, var_values = torch.split(model_output, C, dim=1)
             min_log = _extract(self.posterior_log_variance_clipped, t, x.shape)
-            max_log = _extract(np.log(self.betas), t, x.shape)
+            max_log = _extract(self.log_betas, t, x.shape)
             frac = (var_values + 1) / 2  # v in [-1, 1] -> [0, 1]
             model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
@@ -221,8 +242,7 @@ class GaussianDiffusion:
             eps = model_output[:, :C] if model_output.shape[1] != C else model_output
             if self.var_type == "fixed_large":
                 # beta_t, with beta~_1 at t = 0 for a better decoder log-likelihood (IDDPM).
-                var = np.append(self.posterior_variance[1], self.betas[1:]) if self.num_timesteps > 1 else self.betas
-                variance, log_variance = var, np.log(var)
+                variance, log_variance = self.fixed_large_variance, self.fixed_large_log_variance
             else:
                 variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
             model_variance = _extract(variance, t, x.shape)

@@ -21,32 +21,37 @@ Triton d_state-1 kernel (``triton``); ``reference`` pairs the literal recurrence
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from lamamba_dist.ops.cross_scan import _merge_gather, _scan_gather
 
+# The scan modules are resolved here, at import, never inside the functions below: those run while
+# torch.compile traces the model, and Dynamo refuses an import (``importlib.import_module``) in a traced
+# function (with ``fullgraph=True`` it is an error). ``lamamba_dist.ops`` exports a *function* named
+# selective_scan, so the module is fetched by its full name.
+_SS = importlib.import_module("lamamba_dist.ops.selective_scan")
+_ST = _SS._SCAN_TRITON  # scan_triton, or None where triton does not import
+
 
 def _fused_pair():
-    import importlib
-
-    ss = importlib.import_module("lamamba_dist.ops.selective_scan")  # the package exports a function of that name
-    if ss._cuda_module() is None:
+    if _SS._cuda_module() is None:
         raise RuntimeError("the fused selective scan needs mamba-ssm built with CUDA (pip install 'lamamba-dist[cuda]')")
 
     def fwd(u, delta, A, B, C, D, bias, softplus):
-        return ss._scan_fwd(u, delta, A, B, C, D, bias, softplus)
+        return _SS._scan_fwd(u, delta, A, B, C, D, bias, softplus)
 
     def bwd(u, delta, A, B, C, D, bias, dout, states, softplus):
-        return ss._scan_bwd(u, delta, A, B, C, D, bias, dout, states, softplus)
+        return _SS._scan_bwd(u, delta, A, B, C, D, bias, dout, states, softplus)
 
     return fwd, bwd
 
 
 def _triton_pair():
-    try:
-        from lamamba_dist.ops import scan_triton as st
-    except ImportError as e:
-        raise RuntimeError("the triton selective scan needs triton (it ships with CUDA builds of torch)") from e
+    st = _ST
+    if st is None:
+        raise RuntimeError("the triton selective scan needs triton (it ships with CUDA builds of torch)")
 
     def fwd(u, delta, A, B, C, D, bias, softplus):
         return st._scan1_fwd(u, delta, A, B, C, D, bias, softplus, int(st.default_chunk(u.shape[2])))
@@ -59,7 +64,7 @@ def _triton_pair():
 
 def _reference_pair():
     """The literal recurrence; its backward re-runs it under autograd (for tests: the real kernels keep states)."""
-    from lamamba_dist.ops.selective_scan import selective_scan_reference
+    selective_scan_reference = _SS.selective_scan_reference
 
     def fwd(u, delta, A, B, C, D, bias, softplus):
         with torch.no_grad():

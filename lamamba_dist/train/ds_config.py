@@ -6,6 +6,18 @@ Paper recipe (DiT / LaMamba-Diff): AdamW, lr 1e-4 constant, weight decay 0.01 on
 
 Optimizer implementation: torch's AdamW through DeepSpeed (``"torch_adam": true``, no JIT build), with
 ``fused=True`` on CUDA; with optimizer offload DeepSpeed's CPUAdam (JIT-built once, ~70 s).
+
+Precision (``[train] precision``; README "Precision" says why bf16 is the default):
+
+* ``"bf16"``: DeepSpeed's bf16 mode. The engine holds bf16 weights and gradients, the optimizer fp32 master
+  weights (its flat partition) and fp32 Adam state. The trainer casts the model input to bf16 at the model
+  boundary and the output back to fp32; the diffusion math (q_sample, MSE, VLB) stays fp32.
+* ``"bf16_autocast"``: fp32 weights and gradients, bf16 compute through DeepSpeed's ``torch_autocast``
+  section (the engine enters ``torch.autocast`` itself; the trainer adds none).
+* ``"fp32"``: everything fp32 (TF32 matmuls on GPUs).
+
+DeepSpeed's per-tensor checks are off (``bf16.check_grad_overflow``, and ``zero_optimization.compute_grad_norm``
+where no clipping needs it): the trainer's one fused check per step (nonfinite.py) replaces them.
 """
 
 from __future__ import annotations
@@ -52,21 +64,30 @@ def build_ds_config(train, optim, world_size: int, *, on_cuda: bool, load_univer
         "zero_optimization": {"stage": train.zero_stage},
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": False},
+        "torch_autocast": {"enabled": train.precision == "bf16_autocast", "dtype": "bfloat16"},
         "steps_per_print": 10**12,  # our own status line replaces DeepSpeed's
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
         "checkpoint": {"load_universal": bool(load_universal)},
     }
     if train.precision == "bf16":
-        cfg["bf16"]["check_grad_overflow"] = True
+        # Default true: an amax/amin/isfinite per gradient tensor and a host sync, every step (nonfinite.py
+        # checks the global norm instead, once).
+        cfg["bf16"]["check_grad_overflow"] = False
+    # DeepSpeed's own grad norm in ZeRO-1/2 (a norm per tensor, in fp64, and a host sync) is needed only to
+    # clip; the trainer's check computes the norm it logs. DeepSpeed allows turning it off for its ZeRO-1/2
+    # optimizer only (ZeRO-1 in bf16 uses BF16_Optimizer, which always computes it).
+    zero_opt_12 = train.zero_stage == 2 or (train.zero_stage == 1 and train.precision != "bf16")
+    if zero_opt_12 and optim.grad_clip == 0 and not optim.offload_optimizer:
+        cfg["zero_optimization"]["compute_grad_norm"] = False
     if not on_cuda and num_params > 0 and train.zero_stage > 0:
         bucket = int(min(5e8, max(1 << 20, num_params)))
         cfg["zero_optimization"].update({"reduce_bucket_size": bucket, "allgather_bucket_size": bucket})
         if train.zero_stage == 3:
             cfg["zero_optimization"].update({"stage3_prefetch_bucket_size": bucket,
                                              "stage3_param_persistence_threshold": 0})
-    if optim.grad_clip > 0:
-        cfg["gradient_clipping"] = optim.grad_clip
+    # Always explicit: DeepSpeed's default (0.19) clips at 1.0, the paper recipe does not clip.
+    cfg["gradient_clipping"] = float(optim.grad_clip)
     if train.zero_stage == 3:
         # Keep parameters partitioned between steps; gathering is done per module in forward.
         cfg["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})

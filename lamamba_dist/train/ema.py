@@ -53,7 +53,15 @@ def local_fp32_fragment(param: torch.nn.Parameter, rank: int, owner_full: bool) 
 
 
 class ZeroEMA:
-    """EMA of a (possibly DeepSpeed-wrapped) model's trainable parameters, sliced like the fp32 master weights."""
+    """EMA of a (possibly DeepSpeed-wrapped) model's trainable parameters, sliced like the fp32 master weights.
+
+    The local slices are resolved once (:meth:`relink`, again after every checkpoint load, which may give the
+    master weights new storage). Slices that are views of one flat master buffer (ZeRO-1/2 fragments, ZeRO-3
+    partitions) get their shadows laid out the same way in one flat fp32 buffer, so :meth:`update` is two
+    kernels per flat buffer (``mul_``, ``add_``) instead of two per parameter; the remaining slices are
+    updated with ``torch._foreach_mul_`` / ``_foreach_add_``. Both compute exactly ``s * d + w * (1 - d)``
+    per element, as the per-parameter loop did.
+    """
 
     def __init__(self, module: torch.nn.Module, decay: float, rank: int = 0):
         self.module = module
@@ -66,6 +74,9 @@ class ZeroEMA:
                 self.names.append(name)
                 self.params[name] = p
         self.shadow: dict[str, tuple[int, torch.Tensor]] = {}
+        self._flat: list[tuple[torch.Tensor, torch.Tensor]] = []  # (shadow buffer, master span) pairs
+        self._loose: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # (shadows, master slices)
+        self.relink()
         self.reset_from_weights()
 
     # ------------------------------------------------------------------ local slices
@@ -76,24 +87,55 @@ class ZeroEMA:
     def full_shape(p: torch.nn.Parameter) -> torch.Size:
         return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
-    def reset_from_weights(self) -> None:
-        """EMA := current weights (DiT initialises the EMA as a copy of the model)."""
-        self.shadow.clear()
+    def relink(self) -> None:
+        """Resolve this rank's master-weight slices and lay out fresh (zeroed) shadows to match them."""
+        self._frags: dict[str, tuple[int, torch.Tensor]] = {}
         for name in self.names:
             frag = self._fragment(name)
             if frag is not None:
-                start, t = frag
-                self.shadow[name] = (start, t.detach().float().clone())
+                self._frags[name] = frag
+        by_storage: dict[tuple, list[str]] = {}
+        for name, (_, w) in self._frags.items():
+            key = (w.device, w.dtype, w.untyped_storage().data_ptr())
+            by_storage.setdefault(key, []).append(name)
+        self.shadow.clear()
+        self._flat, loose_s, loose_w = [], [], []
+        for (device, dtype, _), names in by_storage.items():
+            ws = [self._frags[n][1] for n in names]
+            if len(names) < 2 or dtype != torch.float32 or not all(w.is_contiguous() for w in ws):
+                for n in names:
+                    start, w = self._frags[n]
+                    s = torch.zeros(w.numel(), dtype=torch.float32, device=w.device)
+                    self.shadow[n] = (start, s)
+                    loose_s.append(s)
+                    loose_w.append(w)
+                continue
+            offs = [w.storage_offset() for w in ws]
+            lo = min(offs)
+            hi = max(o + w.numel() for o, w in zip(offs, ws))
+            span = torch.empty(0, dtype=dtype, device=device).set_(ws[0].untyped_storage(), lo, (hi - lo,))
+            buf = torch.zeros(hi - lo, dtype=torch.float32, device=device)
+            for n, o, w in zip(names, offs, ws):
+                self.shadow[n] = (self._frags[n][0], buf[o - lo: o - lo + w.numel()])
+            self._flat.append((buf, span))
+        self._loose = (loose_s, loose_w)
+
+    @torch.no_grad()
+    def reset_from_weights(self) -> None:
+        """EMA := current weights (DiT initialises the EMA as a copy of the model)."""
+        for name, (_, s) in self.shadow.items():
+            s.copy_(self._frags[name][1])
 
     @torch.no_grad()
     def update(self, decay: Optional[float] = None) -> None:
         d = self.decay if decay is None else float(decay)
-        for name in self.names:
-            if name not in self.shadow:
-                continue
-            start, w = self._fragment(name)
-            s = self.shadow[name][1]
-            s.mul_(d).add_(w.float(), alpha=1.0 - d)
+        for buf, span in self._flat:
+            buf.mul_(d).add_(span, alpha=1.0 - d)
+        shadows, weights = self._loose
+        if shadows:
+            torch._foreach_mul_(shadows, d)
+            torch._foreach_add_(shadows, [w.float() if w.dtype != torch.float32 else w for w in weights],
+                                alpha=1.0 - d)
 
     # ------------------------------------------------------------------ full tensors (collective)
     @torch.no_grad()
@@ -153,13 +195,10 @@ class ZeroEMA:
         missing = [n for n in self.names if n not in full]
         if missing:
             raise KeyError(f"{source}: missing EMA tensor(s) {', '.join(missing[:5])}")
-        self.shadow.clear()
         for name in self.names:
-            frag = self._fragment(name)
-            if frag is None:
-                continue
-            start, t = frag
             src = full[name]
             if tuple(src.shape) != tuple(self.full_shape(self.params[name])):
                 raise ValueError(f"{source}: {name} has shape {tuple(src.shape)}, the model {tuple(self.full_shape(self.params[name]))}")
-            self.shadow[name] = (start, src.reshape(-1)[start: start + t.numel()].to(t.device, torch.float32).clone())
+        self.relink()  # a checkpoint load may have given the master weights new storage
+        for name, (start, s) in self.shadow.items():
+            s.copy_(full[name].reshape(-1)[start: start + s.numel()])

@@ -36,7 +36,7 @@ def peak_tflops(precision: str) -> Optional[float]:
         return None
     for key, val in PEAK_BF16_TFLOPS.items():
         if key in name:
-            return val if precision == "bf16" else val / 2  # TF32 tensor cores: half the bf16 rate
+            return val if precision.startswith("bf16") else val / 2  # TF32 tensor cores: half the bf16 rate
     return None
 
 

@@ -8,15 +8,20 @@ One ``Trainer`` per process (rank). ``run_training(cfg)`` is the whole job:
    falls back past damaged ones with a warning, broadcasts the choice);
 3. if it was written on another world size, convert it to a DeepSpeed universal checkpoint and load it
    with ``load_universal`` for that one load (elastic resume);
-4. train: each sample's timestep, noise and class-dropout draw come from a CPU generator seeded by
-   (seed, step, sample key, rollbacks), so they depend neither on history nor on the world size or the
-   device: a resize changes the losses only by reduction order. (Class dropout is therefore applied
-   here, and the model's own ``LabelEmbedder`` dropout is switched off; its null row stays.) The global
-   torch RNG is also reseeded per (seed, step, rank, micro-batch) for anything else that draws from it;
-5. at every step boundary the ranks all-reduce (loss sum, non-finite flag, stop flag): a non-finite loss
-   on any rank makes every rank skip the optimizer step (batch keys logged); ``max_nonfinite_in_row``
-   skipped steps in a row roll back to the last checkpoint; a stop request saves and returns
-   ``EXIT_REQUEUE``.
+4. train: each sample's timestep, noise and class-dropout draw are made by the loader's worker
+   processes from a CPU generator seeded by the sample's draw position (seed, stream, position: used
+   once in a run), so they depend neither on history nor on the world size or the device: a resize
+   changes the losses only by reduction order. (Class dropout is therefore applied here, and the
+   model's own ``LabelEmbedder`` dropout is switched off; its null row stays.) The global torch RNG is
+   also reseeded per (seed, step, rank, micro-batch) for anything else that draws from it;
+5. at every step boundary one fused check (nonfinite.py) all-reduces (loss sum, grad norm, stop flag) and
+   reads it once: a non-finite loss or gradient on any rank makes every rank skip the optimizer step
+   (batch keys logged); ``max_nonfinite_in_row`` skipped steps in a row roll back to the last
+   checkpoint; a stop request saves and returns ``EXIT_REQUEUE``.
+
+Precision (``[train] precision``, ds_config.py): in "bf16" the engine holds bf16 weights; the model input is
+cast to them at the model boundary and the output back to fp32, so the diffusion math stays fp32. No
+``torch.autocast`` is entered here ("bf16_autocast" has DeepSpeed's engine enter it).
 
 Data position is the loader state (images seen); it is not rewound on rollback (the offending batches
 are not replayed: the RNG salt changes too).
@@ -27,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -91,22 +97,6 @@ def init_device_and_process_group() -> tuple[bool, torch.device]:
 def micro_seed(seed: int, step: int, rank: int, micro: int, salt: int) -> int:
     h = hashlib.blake2b(f"lamamba/{seed}/{step}/{rank}/{micro}/{salt}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-def sample_seed(seed: int, step: int, key: str, salt: int) -> int:
-    h = hashlib.blake2b(f"lamamba-sample/{seed}/{step}/{key}/{salt}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-def per_sample_draws(keys, shape, num_timesteps: int, seed: int, step: int, salt: int):
-    """(t, noise, u) per sample from CPU generators keyed by the sample: world-size and device independent."""
-    ts, noises, us = [], [], []
-    for k in keys:
-        g = torch.Generator().manual_seed(sample_seed(seed, step, str(k), salt))
-        ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
-        us.append(torch.rand(1, generator=g))
-        noises.append(torch.randn(tuple(shape), generator=g))
-    return torch.cat(ts), torch.stack(noises), torch.cat(us)
 
 
 def rng_state() -> dict:
@@ -294,7 +284,13 @@ class Trainer:
         self.accum = self.ds_config["gradient_accumulation_steps"]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                     config=self.ds_config)
+        # The dtype of the engine's weights: the model input is cast to it, the output back to fp32.
+        self.model_dtype = torch.bfloat16 if self.tcfg.precision == "bf16" else torch.float32
         self.diffusion = create_diffusion(cfg.diffusion)
+
+        from lamamba_dist.train.nonfinite import NonFiniteGuard
+
+        self.guard = NonFiniteGuard(self.engine, world_size=self.world, device=self.device)
 
         from lamamba_dist.train.ema import ZeroEMA
 
@@ -327,7 +323,8 @@ class Trainer:
 
         self.loader = build_latent_loader(cfg.data, micro_batch=self.tcfg.micro_batch, rank=self.rank,
                                           world_size=self.world, seed=self.tcfg.seed, latent_size=self.latent_size,
-                                          state=loader_state)
+                                          state=loader_state, num_timesteps=self.diffusion.num_timesteps,
+                                          pin_memory=self.on_cuda)
         self.flops_per_image = self._flops_per_image()
         self.vae_meta = self._vae_meta()
 
@@ -370,6 +367,11 @@ class Trainer:
         if st.get("zero_stage") != self.tcfg.zero_stage:
             raise TrainingError(f"{self.resume_dir}: checkpoint was written with [train] zero_stage = {st.get('zero_stage')}, "
                                 f"the config says {self.tcfg.zero_stage}; DeepSpeed cannot switch ZeRO stage on resume")
+        saved_prec = st.get("precision")
+        if saved_prec is not None and (saved_prec == "bf16") != (self.tcfg.precision == "bf16"):
+            raise TrainingError(f"{self.resume_dir}: checkpoint was written with [train] precision = {saved_prec!r}, "
+                                f"the config says {self.tcfg.precision!r}; DeepSpeed's bf16 state (bf16 weights, fp32 "
+                                "master copy) and fp32-weight state do not load into each other")
         if st.get("global_batch") not in (None, self.tcfg.global_batch):
             self.warn(f"[train] global_batch changed from {st['global_batch']} to {self.tcfg.global_batch} on resume")
 
@@ -543,57 +545,6 @@ class Trainer:
         return final
 
     # ------------------------------------------------------------------ non-finite handling
-    def _skip_next_optimizer_step(self) -> None:
-        """Make the coming ``engine.step()`` discard the accumulated gradients without updating anything.
-
-        Uses each DeepSpeed optimizer's own overflow path (the one fp16 loss scaling uses), so gradient
-        buffers are cleared the way DeepSpeed expects; the engine then counts a skipped step.
-        """
-        opt = self.engine.optimizer
-        cls = type(opt).__name__
-        if cls == "DeepSpeedZeroOptimizer":  # ZeRO-1/2
-            orig_flag, orig_check = opt.check_grad_overflow, opt.check_overflow
-
-            def check_overflow(*a, **k):
-                opt.overflow = True
-                opt.check_grad_overflow, opt.check_overflow = orig_flag, orig_check
-
-            opt.check_grad_overflow, opt.check_overflow = True, check_overflow
-        elif cls == "DeepSpeedZeroOptimizer_Stage3":
-            orig = opt._overflow_check_and_loss_scale_update
-
-            def forced(update_scale=True):
-                opt._overflow_check_and_loss_scale_update = orig
-                opt.overflow = True
-                return opt._loss_scale_update_and_overflow_cleanup() if update_scale else True
-
-            opt._overflow_check_and_loss_scale_update = forced
-        elif cls == "BF16_Optimizer":
-            orig_step = opt.step
-
-            def skipped_step(closure=None):
-                opt.step = orig_step
-                opt.overflow = True
-                opt._global_grad_norm = float("inf")
-                opt.clear_hp_grads()
-                opt.clear_lp_grads()
-
-            opt.step = skipped_step
-        else:  # plain torch optimizer (stage 0, fp32): the engine zeroes the grads after step()
-            orig_step = opt.step
-
-            def skipped_step(*a, **k):
-                opt.step = orig_step
-                opt.overflow = True
-
-            opt.step = skipped_step
-
-    def _clear_overflow_attr(self) -> None:
-        opt = self.engine.optimizer
-        if type(opt).__name__ not in ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3", "BF16_Optimizer"):
-            if "overflow" in vars(opt):
-                del opt.overflow
-
     def _rollback(self) -> None:
         # The newest checkpoint written before the non-finite streak began (one written during it may
         # hold weights damaged by a step that DeepSpeed could not skip).
@@ -618,20 +569,27 @@ class Trainer:
         self._images_discarded = getattr(self, "_images_discarded", 0) + images_now - self.images_seen
 
     # ------------------------------------------------------------------ one step
+    def _model(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The engine at the model boundary: input in the weights' dtype, output in fp32."""
+        return self.engine(x.to(self.model_dtype), t, y=y).float()
+
     def train_step(self, it, meter=None) -> dict:
         """One optimizer step of the training loop (``lamamba train`` and ``lamamba bench-train`` both run this).
 
-        ``accum`` micro-batches from the loader iterator ``it``: per-sample draws, forward with the diffusion loss
-        under autocast, backward; the one collective per step (loss sum, non-finite flag, stop flag); on the last
-        micro-batch ``engine.step()``, skipped on every rank when any rank saw a non-finite loss; then the EMA
-        update when the step was applied. ``self.step`` is left to the caller. Returns ``{"applied": bool,
-        "loss_sum": float (sum of the micro-batch mean losses over micro-batches and ranks), "stop": bool,
-        "bad_keys": [sample keys of this rank's non-finite micro-batches]}``.
+        ``accum`` micro-batches from the loader iterator ``it`` (each with its per-sample draws, made by the
+        loader): forward with the fp32 diffusion loss, backward; after the last backward the fused check
+        (nonfinite.py: the step's one collective of ours and its one host sync); ``engine.step()`` on every
+        micro-batch (DeepSpeed counts them), skipped on every rank when the check failed; then the EMA update
+        when the step was applied. ``self.step`` is left to the caller. Returns ``{"applied": bool, "loss_sum":
+        float (sum of the micro-batch mean losses over micro-batches and ranks), "grad_norm": float or None,
+        "stop": bool, "bad_keys": [sample keys of this rank's non-finite micro-batches]}``.
         """
         t = self.tcfg
-        local_bad = 0.0
-        bad_keys: list[str] = []
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        dev = self.device
+        loss_sum = None
+        micro_losses: list[torch.Tensor] = []
+        micro_keys: list[list] = []
+        verdict = None
         for micro in range(self.accum):
             tw = time.perf_counter()
             batch = next(it)
@@ -641,41 +599,34 @@ class Trainer:
             lat = batch["latent"]
             if _fault_hit("nan", self.step):
                 lat = torch.full_like(lat, float("nan"))
-            tt, noise, u = per_sample_draws(batch["key"], lat.shape[1:], self.diffusion.num_timesteps,
-                                            t.seed, self.step, self.rollbacks)
-            y = batch["label"].long()
+            x0 = lat.to(dev, non_blocking=True)
+            y = batch["label"].to(dev, non_blocking=True)
+            tt = batch["t"].to(dev, non_blocking=True)
+            noise = batch["noise"].to(dev, non_blocking=True)
             if self.class_dropout > 0:
-                y = torch.where(u < self.class_dropout, torch.full_like(y, self.null_class), y)
-            x0 = lat.to(self.device, non_blocking=True).float()
-            y = y.to(self.device, non_blocking=True)
-            tt = tt.to(self.device, non_blocking=True)
-            noise = noise.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
-                losses = self.diffusion.training_losses(self.engine, x0, tt, model_kwargs={"y": y}, noise=noise)
+                u = batch["u"].to(dev, non_blocking=True)
+                y = torch.where(u < self.class_dropout, self.null_class, y)
+            losses = self.diffusion.training_losses(self._model, x0, tt, model_kwargs={"y": y}, noise=noise)
             loss = losses["loss"].float().mean()
-            if not torch.isfinite(loss):
-                local_bad = 1.0
-                bad_keys.extend(str(k) for k in batch.get("key", []))
-            loss_sum += loss.detach().double().cpu()
-            if micro == self.accum - 1:
-                # One collective per step: (loss sum, non-finite flag, stop flag).
-                flags = torch.tensor([loss_sum.item(), local_bad, 1.0 if stop_requested() else 0.0],
-                                     dtype=torch.float64)
-                if self.world > 1:
-                    flags = flags.to(self.device)
-                    self.dist.all_reduce(flags)
-                    flags = flags.cpu()
-                step_bad = flags[1].item() > 0
-                stop = flags[2].item() > 0
-                if step_bad:
-                    self._skip_next_optimizer_step()
+            detached = loss.detach()
+            loss_sum = detached if loss_sum is None else loss_sum + detached
+            micro_losses.append(detached)
+            micro_keys.append(batch.get("key", []))
             self.engine.backward(loss)
+            if micro == self.accum - 1:
+                verdict = self.guard.check(loss_sum, stop_requested())
             self.engine.step()
-        applied = self.engine.was_step_applied() and not step_bad
-        self._clear_overflow_attr()
+        applied = self.engine.was_step_applied() and not verdict.nonfinite
+        self.guard.after_step()
         if applied:
             self.ema.update()
-        return {"applied": applied, "loss_sum": flags[0].item(), "stop": stop, "bad_keys": bad_keys}
+        bad_keys: list[str] = []
+        if verdict.nonfinite:  # the rare path: which micro-batches of this rank were non-finite
+            for value, keys in zip(torch.stack(micro_losses).tolist(), micro_keys):
+                if not math.isfinite(value):
+                    bad_keys.extend(str(k) for k in keys)
+        return {"applied": applied, "loss_sum": verdict.loss_sum, "grad_norm": verdict.grad_norm,
+                "stop": verdict.stop, "bad_keys": bad_keys}
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -692,7 +643,7 @@ class Trainer:
         steps_this_run = 0
         it = iter(self.loader)
         meter = Throughput()
-        loss_acc = torch.zeros((), dtype=torch.float64)
+        loss_acc = 0.0
         n_acc = 0
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, desc="train", unit="step",
                    dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
@@ -752,10 +703,10 @@ class Trainer:
 
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     snap = meter.snapshot()
-                    gnorm = self.engine.get_global_grad_norm()
+                    gnorm = res["grad_norm"] if res["grad_norm"] is not None else self.guard.grad_norm()
                     rec = {
                         "step": self.step, "images_seen": self.images_seen,
-                        "loss": (loss_acc / max(n_acc, 1)).item() if n_acc else None,
+                        "loss": loss_acc / n_acc if n_acc else None,
                         "grad_norm": float(gnorm) if gnorm is not None else None,
                         "lr": float(self.engine.get_lr()[0]), "img_per_s": snap["img_per_s"],
                         "sec_per_step": snap["dt"] / max(snap["steps"], 1), "data_wait": snap["data_wait"],
@@ -775,7 +726,7 @@ class Trainer:
                         stats.write(rec)
                         if wb:
                             wb.log(rec, self.step)
-                    loss_acc.zero_()
+                    loss_acc = 0.0
                     n_acc = 0
                     meter.reset()
 
