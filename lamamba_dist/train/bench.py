@@ -340,11 +340,8 @@ class BenchTrain:
 
     def _use_micro_batch(self, micro: int) -> None:
         """Feed the current engine micro-batches of ``micro`` samples (fit probes; the engine does not depend on it)."""
-        from lamamba_dist.data import build_latent_loader
-
         tr = self.trainer
-        tr.loader = build_latent_loader(tr.cfg.data, micro_batch=micro, rank=self.rank, world_size=self.world,
-                                        seed=tr.tcfg.seed, latent_size=tr.latent_size)
+        tr.loader = tr.build_loader(micro)
         self._micro = micro
 
     def _step(self, it) -> dict:

@@ -14,6 +14,8 @@ Precision (``[train] precision``; README "Precision" says why bf16 is the defaul
   boundary and the output back to fp32; the diffusion math (q_sample, MSE, VLB) stays fp32.
 * ``"bf16_autocast"``: fp32 weights and gradients, bf16 compute through DeepSpeed's ``torch_autocast``
   section (the engine enters ``torch.autocast`` itself; the trainer adds none).
+  ``"bf16"`` at ZeRO stage 0 runs this way too: DeepSpeed 0.19 has no stage-0 bf16 optimizer with fp32 master
+  weights (it would step a plain optimizer on the bf16 weights, where small updates round away).
 * ``"fp32"``: everything fp32 (TF32 matmuls on GPUs).
 
 DeepSpeed's per-tensor checks are off (``bf16.check_grad_overflow``, and ``zero_optimization.compute_grad_norm``
@@ -33,6 +35,11 @@ def gradient_accumulation_steps(global_batch: int, micro_batch: int, world_size:
             f"world size ({world_size}) = {per_step}; choose a micro_batch that divides global_batch / world_size"
         )
     return global_batch // per_step
+
+
+def bf16_weights(precision: str, zero_stage: int) -> bool:
+    """Whether the engine holds bf16 weights (DeepSpeed's bf16 mode) for this precision and ZeRO stage."""
+    return precision == "bf16" and zero_stage > 0
 
 
 def build_ds_config(train, optim, world_size: int, *, on_cuda: bool, load_universal: bool = False,
@@ -62,22 +69,28 @@ def build_ds_config(train, optim, world_size: int, *, on_cuda: bool, load_univer
         "gradient_accumulation_steps": accum,
         "optimizer": {"type": "AdamW", "params": params},
         "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": train.precision == "bf16"},
+        "bf16": {"enabled": bf16_weights(train.precision, train.zero_stage)},
         "fp16": {"enabled": False},
-        "torch_autocast": {"enabled": train.precision == "bf16_autocast", "dtype": "bfloat16"},
+        "torch_autocast": {"enabled": train.precision.startswith("bf16") and not bf16_weights(train.precision,
+                                                                                               train.zero_stage),
+                           "dtype": "bfloat16"},
         "steps_per_print": 10**12,  # our own status line replaces DeepSpeed's
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
         "checkpoint": {"load_universal": bool(load_universal)},
     }
-    if train.precision == "bf16":
+    if bf16_weights(train.precision, train.zero_stage) and train.zero_stage == 1:
+        # Without this DeepSpeed (0.19) accumulates stage-1 gradients in bf16; fp32 gradient accumulation
+        # selects its BF16_Optimizer (fp32 master weights and fp32 gradients).
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    if bf16_weights(train.precision, train.zero_stage):
         # Default true: an amax/amin/isfinite per gradient tensor and a host sync, every step (nonfinite.py
         # checks the global norm instead, once).
         cfg["bf16"]["check_grad_overflow"] = False
     # DeepSpeed's own grad norm in ZeRO-1/2 (a norm per tensor, in fp64, and a host sync) is needed only to
     # clip; the trainer's check computes the norm it logs. DeepSpeed allows turning it off for its ZeRO-1/2
     # optimizer only (ZeRO-1 in bf16 uses BF16_Optimizer, which always computes it).
-    zero_opt_12 = train.zero_stage == 2 or (train.zero_stage == 1 and train.precision != "bf16")
+    zero_opt_12 = train.zero_stage == 2 or (train.zero_stage == 1 and not bf16_weights(train.precision, 1))
     if zero_opt_12 and optim.grad_clip == 0 and not optim.offload_optimizer:
         cfg["zero_optimization"]["compute_grad_norm"] = False
     if not on_cuda and num_params > 0 and train.zero_stage > 0:

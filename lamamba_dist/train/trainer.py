@@ -19,9 +19,9 @@ One ``Trainer`` per process (rank). ``run_training(cfg)`` is the whole job:
    (batch keys logged); ``max_nonfinite_in_row`` skipped steps in a row roll back to the last
    checkpoint; a stop request saves and returns ``EXIT_REQUEUE``.
 
-Precision (``[train] precision``, ds_config.py): in "bf16" the engine holds bf16 weights; the model input is
-cast to them at the model boundary and the output back to fp32, so the diffusion math stays fp32. No
-``torch.autocast`` is entered here ("bf16_autocast" has DeepSpeed's engine enter it).
+Precision (``[train] precision``, ds_config.py): in "bf16" (ZeRO >= 1) the engine holds bf16 weights; the model
+input is cast to them at the model boundary and the output back to fp32, so the diffusion math stays fp32. No
+``torch.autocast`` is entered here ("bf16_autocast", and "bf16" at ZeRO-0, have DeepSpeed's engine enter it).
 
 Data position is the loader state (images seen); it is not rewound on rollback (the offending batches
 are not replayed: the RNG salt changes too).
@@ -285,7 +285,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                     config=self.ds_config)
         # The dtype of the engine's weights: the model input is cast to it, the output back to fp32.
-        self.model_dtype = torch.bfloat16 if self.tcfg.precision == "bf16" else torch.float32
+        self.model_dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
         self.diffusion = create_diffusion(cfg.diffusion)
 
         from lamamba_dist.train.nonfinite import NonFiniteGuard
@@ -319,14 +319,17 @@ class Trainer:
 
             self.run_id = self._bcast(new_run_id() if self.is_main else None)
 
-        from lamamba_dist.data import build_latent_loader
-
-        self.loader = build_latent_loader(cfg.data, micro_batch=self.tcfg.micro_batch, rank=self.rank,
-                                          world_size=self.world, seed=self.tcfg.seed, latent_size=self.latent_size,
-                                          state=loader_state, num_timesteps=self.diffusion.num_timesteps,
-                                          pin_memory=self.on_cuda)
+        self.loader = self.build_loader(self.tcfg.micro_batch, loader_state)
         self.flops_per_image = self._flops_per_image()
         self.vae_meta = self._vae_meta()
+
+    def build_loader(self, micro_batch: int, state: Optional[dict] = None):
+        """This rank's data loader: batches of ``micro_batch`` with their per-sample diffusion draws, pinned on GPUs."""
+        from lamamba_dist.data import build_latent_loader
+
+        return build_latent_loader(self.cfg.data, micro_batch=micro_batch, rank=self.rank, world_size=self.world,
+                                   seed=self.tcfg.seed, latent_size=self.latent_size, state=state,
+                                   num_timesteps=self.diffusion.num_timesteps, pin_memory=self.on_cuda)
 
     # ------------------------------------------------------------------ small helpers
     def info(self, msg: str) -> None:
@@ -367,8 +370,11 @@ class Trainer:
         if st.get("zero_stage") != self.tcfg.zero_stage:
             raise TrainingError(f"{self.resume_dir}: checkpoint was written with [train] zero_stage = {st.get('zero_stage')}, "
                                 f"the config says {self.tcfg.zero_stage}; DeepSpeed cannot switch ZeRO stage on resume")
+        from lamamba_dist.train.ds_config import bf16_weights
+
         saved_prec = st.get("precision")
-        if saved_prec is not None and (saved_prec == "bf16") != (self.tcfg.precision == "bf16"):
+        if saved_prec is not None and bf16_weights(saved_prec, self.tcfg.zero_stage) != bf16_weights(
+                self.tcfg.precision, self.tcfg.zero_stage):
             raise TrainingError(f"{self.resume_dir}: checkpoint was written with [train] precision = {saved_prec!r}, "
                                 f"the config says {self.tcfg.precision!r}; DeepSpeed's bf16 state (bf16 weights, fp32 "
                                 "master copy) and fp32-weight state do not load into each other")

@@ -1,0 +1,100 @@
+"""torch.compile traces the real scan dispatch with ``fullgraph=True`` (no graph break), on the CPU.
+
+On a GPU, SS2D with mamba-ssm installed runs ``scan_kernel`` -> ``ss2d_core`` -> the ``fused`` kernel pair ->
+the custom ops ``lamamba::selective_scan_fwd/bwd``. CPU CI has no mamba-ssm, so the kernel module behind those
+custom ops is replaced by one that computes the literal recurrence (same signature and outputs as mamba-ssm's
+``selective_scan_cuda``): everything above it (the dispatch, the lean-backward core, the op registration) is
+the code the GPU runs. Any Python the tracer refuses in that path (an import inside a traced function, for
+example) fails this test under ``fullgraph=True``.
+"""
+
+import importlib
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from lamamba_dist.models.lamamba import SS2D
+
+ss = importlib.import_module("lamamba_dist.ops.selective_scan")
+
+
+class _ReferenceKernelModule:
+    """Stands in for mamba-ssm's ``selective_scan_cuda`` module: fwd/bwd with its signatures."""
+
+    @staticmethod
+    def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        out = ss.selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        batch, dim, length = u.shape
+        states = u.new_zeros(batch, dim, ss._n_chunks(length), A.shape[1] * 2, dtype=A.dtype)
+        return out, states
+
+    @staticmethod
+    def bwd(u, delta, A, B, C, D, z, delta_bias, dout, states, dz, out_z, delta_softplus, recompute_out_z):
+        def grads():  # autograd of the recurrence (a custom op's body runs with autograd's dispatch key excluded
+            with torch.enable_grad():  # in this thread's state, so it runs in a fresh thread)
+                ins = [t.detach().requires_grad_(True) for t in (u, delta, A, B, C, D, delta_bias)]
+                out = ss.selective_scan_reference(*ins, delta_softplus=delta_softplus)
+                return torch.autograd.grad(out, ins, dout)
+
+        with ThreadPoolExecutor(1) as pool:
+            du, ddelta, dA, dB, dC, dD, dbias = pool.submit(grads).result()
+        return du, ddelta, dA, dB.float(), dC.float(), dD, dbias
+
+
+def _ss2d(backend: str) -> SS2D:
+    torch.manual_seed(0)
+    m = SS2D(dim=8, d_state=1, scan_backend=backend, resolution=4)
+    for p in m.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.2)
+        else:
+            torch.nn.init.uniform_(p, -0.5, 0.5)
+    with torch.no_grad():
+        m.A_logs.zero_()
+    return m
+
+
+def _run(model, fn, u):
+    model.zero_grad(set_to_none=True)
+    u = u.clone().requires_grad_(True)
+    out = fn(u)
+    out.square().sum().backward()
+    return out.detach(), u.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_fused_scan_dispatch_compiles_fullgraph_on_cpu(monkeypatch, lean):
+    monkeypatch.setattr(ss, "_SCAN_CUDA", _ReferenceKernelModule())
+    assert ss.scan_kernel("fused", torch.zeros(1, 1, 1), 1) == "fused"
+    torch._dynamo.reset()
+    model = _ss2d("fused")
+    model.lean_scan_backward = lean
+    u = torch.randn(2, 4, 4, 8)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = _run(model, compiled, u)
+    ref_model = _ss2d("reference")
+    ref_model.load_state_dict(model.state_dict())
+    ref = _run(ref_model, ref_model, u)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-5)
+    for n in ref[2]:
+        torch.testing.assert_close(got[2][n], ref[2][n], rtol=1e-4, atol=1e-5, msg=n)
+    torch._dynamo.reset()
+
+
+def test_import_inside_the_traced_path_is_refused_under_fullgraph(monkeypatch):
+    """The failure class this file guards against: an import in a traced function breaks the graph."""
+    monkeypatch.setattr(ss, "_SCAN_CUDA", _ReferenceKernelModule())
+    from lamamba_dist.ops import ss2d_core as core
+
+    def importing_pair():
+        mod = importlib.import_module("lamamba_dist.ops.selective_scan")
+        return (lambda *a: mod._scan_fwd(*a)), (lambda *a: mod._scan_bwd(*a))
+
+    monkeypatch.setitem(core.KERNELS, "fused", importing_pair)
+    torch._dynamo.reset()
+    model = _ss2d("fused")
+    with pytest.raises(Exception):
+        torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(2, 4, 4, 8))
+    torch._dynamo.reset()
