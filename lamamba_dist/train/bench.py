@@ -405,6 +405,8 @@ class BenchTrain:
             local["peak_gib"], local["peak_reserved_gib"] = self._peak()
             local["loss"] = loss
             local["skipped"] = skipped
+            if getattr(self.args, "profile", 0):
+                local["profile"] = self._profile(it, self.args.profile)
         except Exception as e:  # noqa: BLE001 - OOM and friends become error rows
             local = {"error": _short_error(e)}
         finally:
@@ -422,7 +424,31 @@ class BenchTrain:
         reserved = [p["peak_reserved_gib"] for p in parts if p.get("peak_reserved_gib") is not None]
         return {"elapsed": max(p["elapsed"] for p in parts), "first_step_s": parts[0].get("first_step_s"),
                 "peak_gib": max(peaks) if peaks else None, "peak_reserved_gib": max(reserved) if reserved else None,
-                "loss": parts[0]["loss"], "skipped_steps": parts[0]["skipped"]}
+                "loss": parts[0]["loss"], "skipped_steps": parts[0]["skipped"], "profile": parts[0].get("profile")}
+
+    def _profile(self, it, steps: int) -> dict:
+        """torch.profiler over ``steps`` more steps: CPU and device time per step and the top CPU operators."""
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.on_cuda else [])
+        self._sync()
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                self._step(it)
+            self._sync()
+        wall = time.perf_counter() - t0
+        ev = prof.key_averages()
+        cpu = sum(e.self_cpu_time_total for e in ev) / 1e3 / steps
+        dev = sum(getattr(e, "self_device_time_total", 0) for e in ev) / 1e3 / steps
+        top = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        return {"steps": steps, "wall_ms_per_step": wall * 1e3 / steps, "cpu_ms_per_step": cpu,
+                "device_ms_per_step": dev,
+                "kernel_launches_per_step": sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                                  "cudaLaunchKernelExC")) / steps,
+                "top_cpu_ops": [{"op": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                                 "calls_per_step": e.count / steps} for e in top]}
 
     def _throughput(self, m: dict, micro: int, accum: int, steps: int) -> dict:
         per_step = m["elapsed"] / steps
@@ -430,6 +456,7 @@ class BenchTrain:
         out = {"img_per_s_per_gpu": img_s / self.world, "img_per_s": img_s, "step_ms": per_step * 1e3,
                "peak_gib": m["peak_gib"], "peak_reserved_gib": m["peak_reserved_gib"],
                "first_step_s": m["first_step_s"], "final_loss": m["loss"], "skipped_steps": m["skipped_steps"],
+               "profile": m.get("profile"),
                "model_tflops_per_gpu": None, "mfu": None}
         fpi = getattr(self.trainer, "flops_per_image", None) if self.trainer is not None else None
         if fpi:
@@ -612,6 +639,9 @@ def add_parser(sub, name: str, help_text: str):
                    help="gradient accumulation steps: global batch = micro x accum x world size (default 1)")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps before them (>= 1)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed steps, N more under torch.profiler: CPU and device time per step, kernel "
+                        "launches and the top CPU operators in the JSON (rank 0's)")
     p.add_argument("--out", default=None, help="JSON file (rank 0), rewritten after every configuration")
     p.add_argument("--init-on", choices=("device", "cpu"), default="device",
                    help="build the model on the GPU (default: fast; other initial weights than training's CPU "

@@ -1,0 +1,146 @@
+"""The summary JSON of scripts/gpu_check.sh, from the files its parts left in OUT (missing parts are reported so).
+
+    python scripts/gpu_check_summary.py OUT [--micro 32] [--rtol 0.02]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, n: int = 600) -> str | None:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return None
+
+
+def tests(out: Path) -> dict | None:
+    xml = out / "gpu_tests.xml"
+    if not xml.is_file():
+        return None
+    root = ET.parse(xml).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    failed = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
+              if c.find("failure") is not None or c.find("error") is not None]
+    rc = (out / "gpu_tests.rc").read_text().strip() if (out / "gpu_tests.rc").is_file() else None
+    return {**n, "passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"], "failed": failed, "rc": rc,
+            "ok": rc == "0" and not failed}
+
+
+def resume(out: Path, rtol: float) -> dict | None:
+    stats = out / "resume" / "stats.jsonl"
+    if not stats.is_file():
+        return None
+    legs: list[dict[int, float]] = [{}]
+    last = 0
+    for line in stats.read_text().splitlines():
+        rec = json.loads(line)
+        if "event" in rec or rec.get("loss") is None:
+            continue
+        if rec["step"] <= last:  # the rerun starts again after the checkpoint
+            legs.append({})
+        legs[-1][rec["step"]] = rec["loss"]
+        last = rec["step"]
+    second_log = (out / "resume_second.log").read_text(errors="replace") if (out / "resume_second.log").is_file() else ""
+    m = re.search(r"resumed from \S*(step_\d+)", second_log)
+    rc = (out / "resume_second.rc").read_text().strip() if (out / "resume_second.rc").is_file() else None
+    res: dict = {"legs": len(legs), "killed_after_step": max(legs[0]) if legs[0] else None,
+                 "resumed_from": m.group(1) if m else None, "rerun_rc": rc,
+                 "rerun_steps": [min(legs[-1]), max(legs[-1])] if len(legs) > 1 and legs[-1] else None}
+    if len(legs) == 2:
+        common = sorted(set(legs[0]) & set(legs[1]))
+        rel = [abs(legs[1][s] - legs[0][s]) / max(abs(legs[0][s]), 1e-12) for s in common]
+        res.update(compared_steps=[common[0], common[-1]] if common else None,
+                   max_rel_diff=max(rel) if rel else None,
+                   losses_first={s: legs[0][s] for s in common}, losses_rerun={s: legs[1][s] for s in common})
+    res["ok"] = bool(len(legs) == 2 and rc == "0" and res["resumed_from"] == "step_00000050"
+                     and res.get("compared_steps") == [51, 60] and res["rerun_steps"] == [51, 70]
+                     and res.get("max_rel_diff") is not None and res["max_rel_diff"] <= rtol)
+    res["rtol"] = rtol
+    if not res["ok"]:
+        res["first_log_tail"] = _tail(out / "resume_first.log")
+        res["rerun_log_tail"] = _tail(out / "resume_second.log")
+    return res
+
+
+def ratios(out: Path, mode: str) -> dict | None:
+    bench, train = _read_json(out / f"bench_{mode}.json"), _read_json(out / f"train_{mode}.json")
+    if bench is None and train is None:
+        return None
+    res: dict = {"rows": []}
+    model_rows = {r["model"]: r for r in (bench or {}).get("results", [])}
+    for tr in (train or {}).get("results", []):
+        b = model_rows.get(tr.get("model"))
+        row = {"model": tr.get("model"), "micro_batch": tr.get("micro_batch"), "zero_stage": tr.get("zero_stage"),
+               "precision": tr.get("precision"), "train_step_ms": tr.get("step_ms"),
+               "train_img_per_s": tr.get("img_per_s"), "train_peak_gib": tr.get("peak_gib"),
+               "train_first_step_s": tr.get("first_step_s"), "error": tr.get("error")}
+        if b:
+            row.update(bench_step_ms=b["step_ms"], bench_img_per_s=b["img_per_s"], bench_peak_gib=b.get("peak_gib"))
+            if tr.get("step_ms"):
+                row["train_over_bench"] = tr["step_ms"] / b["step_ms"]
+        res["rows"].append(row)
+    if bench is None:
+        res["bench_error"] = _tail(out / f"bench_{mode}.log")
+    if train is None:
+        res["train_error"] = _tail(out / f"train_{mode}.log")
+    res["train_ok"] = bool(res["rows"]) and all(not r["error"] for r in res["rows"]) and train is not None
+    res["ratio_ok"] = res["train_ok"] and all(r.get("train_over_bench", math.inf) <= 1.05 for r in res["rows"])
+    return res
+
+
+def precision_ab(out: Path) -> list | None:
+    data = _read_json(out / "precision_ab.json")
+    if data is None:
+        return None
+    return [{k: r.get(k) for k in ("model", "precision", "img_per_s", "step_ms", "peak_gib", "final_loss", "steps",
+                                   "error")} for r in data.get("results", [])]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out")
+    p.add_argument("--micro", type=int, default=32)
+    p.add_argument("--rtol", type=float, default=0.02)
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    env = None
+    for name in ("train_eager.json", "train_compiled.json", "precision_ab.json"):
+        d = _read_json(out / name)
+        if d:
+            env = {k: d["environment"].get(k) for k in ("gpu", "torch", "cuda", "deepspeed", "fused_scan")}
+            break
+    try:
+        import subprocess
+
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    summary = {"commit": commit or None, "micro_batch": a.micro, "environment": env, "tests": tests(out),
+               "resume": resume(out, a.rtol), "eager": ratios(out, "eager"), "compiled": ratios(out, "compiled"),
+               "precision_ab": precision_ab(out),
+               "timeline": (out / "timeline.txt").read_text().splitlines() if (out / "timeline.txt").is_file() else None}
+    parts = [summary["tests"], summary["resume"]]
+    summary["pass"] = bool(all(x is not None and x["ok"] for x in parts) and summary["compiled"] is not None
+                           and summary["compiled"]["train_ok"])
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
