@@ -130,6 +130,9 @@ def test_ds_config_follows_the_paper_recipe_and_batch_layout():
     assert get_gradient_clipping(ds) == 0.0
     assert ds["zero_optimization"]["compute_grad_norm"] is False  # ZeRO-2, no clipping: nonfinite.py's norm
     assert not ds["bf16"]["enabled"] and not ds["torch_autocast"]["enabled"]  # debug.toml trains fp32
+    from deepspeed.utils.config import get_timers_config
+
+    assert not get_timers_config(ds).synchronized  # no device synchronize per forward and step
     import dataclasses
 
     bf16 = build_ds_config(dataclasses.replace(cfg.train, precision="bf16"), cfg.optim, world_size=2, on_cuda=True)
