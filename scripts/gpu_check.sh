@@ -9,7 +9,7 @@
 #            process group) once step 60 is logged, rerun the same command: it must resume from step 50 and reach
 #            70, with the losses of steps 51-60 equal to the killed run's within bf16 noise (RESUME_RTOL)
 #   EAGER    trainer step vs model step, eager: `lamamba bench-train` (the trainer's own train_step, ZeRO-2) vs
-#            `lamamba bench` (a plain PyTorch loop), DiT-XL/2 and LaMamba-XL at 256 px, micro-batch MICRO
+#            `lamamba bench` (a plain PyTorch loop), DiT-XL/2 and LaMamba-XL at 256 px, micro-batches MICROS
 #   COMPILED the same with the blocks compiled (default scan backend): compiled training must run
 #   AB=1     (off by default) the precision A/B: bf16 vs bf16_autocast, both models, AB_STEPS steps from one start
 # The summary's "pass" needs: the tests, the resume check, and every trainer/compiled row without error.
@@ -18,7 +18,8 @@ cd "$(dirname "$0")/.."
 O=${1:-/tmp/gpu_check}
 mkdir -p "$O"
 PY=${PYTHON:-python3}
-MICRO=${MICRO:-32}
+MICRO=${MICRO:-32}      # the resume run's and the precision A/B's micro-batch
+MICROS=${MICROS:-32}    # the trainer-vs-model ratios' micro-batches (e.g. MICROS="32 64")
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/lamamba_inductor}
 T0=$(date +%s)
@@ -30,13 +31,20 @@ CONFIGS=${CONFIGS:-"--config configs/dit_xl2_256.toml --config configs/lamamba_X
 RES=${RES:-256}
 RESUME_CONFIG=${RESUME_CONFIG:-configs/lamamba_XL_256.toml}
 
+ratio() {  # mode(eager|compiled) extra-bench-args extra-train-args: lamamba bench per micro-batch, one bench-train
+  local mode=$1 b_extra=$2 t_extra=$3 m
+  for m in $MICROS; do
+    mark "$mode: lamamba bench, batch $m"
+    timeout ${RATIO_TIMEOUT:-240} $PY -m lamamba_dist.cli bench --models $MODELS --resolution $RES --batch $m \
+      --steps 15 --warmup 5 $b_extra --out "$O/bench_${mode}_b$m.json" > "$O/bench_${mode}_b$m.log" 2>&1
+  done
+  mark "$mode: lamamba bench-train, micro-batch ${MICROS// /,}"
+  timeout ${RATIO_TIMEOUT:-240} $PY -m lamamba_dist.cli bench-train $CONFIGS --matrix "micro=${MICROS// /,}" \
+    --steps 15 --warmup 5 $t_extra --out "$O/train_$mode.json" > "$O/train_$mode.log" 2>&1
+}
+
 if [ "${EAGER:-1}" = 1 ]; then
-  mark "eager: lamamba bench"
-  timeout ${EAGER_TIMEOUT:-150} $PY -m lamamba_dist.cli bench --models $MODELS --resolution $RES \
-    --batch $MICRO --steps 15 --warmup 5 --out "$O/bench_eager.json" > "$O/bench_eager.log" 2>&1
-  mark "eager: lamamba bench-train"
-  timeout ${EAGER_TIMEOUT:-150} $PY -m lamamba_dist.cli bench-train $CONFIGS --micro-batch $MICRO --steps 15 \
-    --warmup 5 --profile ${PROFILE_STEPS:-3} --out "$O/train_eager.json" > "$O/train_eager.log" 2>&1
+  ratio eager "" "--profile ${PROFILE_STEPS:-3}"
 fi
 
 if [ "${RESUME:-1}" = 1 ]; then
@@ -67,12 +75,7 @@ if [ "${TESTS:-1}" = 1 ]; then
 fi
 
 if [ "${COMPILED:-1}" = 1 ]; then
-  mark "compiled: lamamba bench"
-  timeout ${COMPILED_TIMEOUT:-240} $PY -m lamamba_dist.cli bench --models $MODELS --resolution $RES \
-    --batch $MICRO --steps 15 --warmup 5 --compile --out "$O/bench_compiled.json" > "$O/bench_compiled.log" 2>&1
-  mark "compiled: lamamba bench-train"
-  timeout ${COMPILED_TIMEOUT:-240} $PY -m lamamba_dist.cli bench-train $CONFIGS --micro-batch $MICRO --steps 15 \
-    --warmup 5 --set train.compile=true --out "$O/train_compiled.json" > "$O/train_compiled.log" 2>&1
+  ratio compiled "--compile" "--set train.compile=true"
 fi
 
 if [ "${AB:-0}" = 1 ]; then

@@ -79,24 +79,30 @@ def resume(out: Path, rtol: float) -> dict | None:
 
 
 def ratios(out: Path, mode: str) -> dict | None:
-    bench, train = _read_json(out / f"bench_{mode}.json"), _read_json(out / f"train_{mode}.json")
-    if bench is None and train is None:
+    benches = [_read_json(p) for p in sorted(out.glob(f"bench_{mode}_b*.json"))]
+    train = _read_json(out / f"train_{mode}.json")
+    if not benches and train is None:
         return None
     res: dict = {"rows": []}
-    model_rows = {r["model"]: r for r in (bench or {}).get("results", [])}
+    model_rows = {(r["model"], r["batch"]): r for b in benches if b for r in b.get("results", [])}
     for tr in (train or {}).get("results", []):
-        b = model_rows.get(tr.get("model"))
+        b = model_rows.get((tr.get("model"), tr.get("micro_batch")))
         row = {"model": tr.get("model"), "micro_batch": tr.get("micro_batch"), "zero_stage": tr.get("zero_stage"),
                "precision": tr.get("precision"), "train_step_ms": tr.get("step_ms"),
                "train_img_per_s": tr.get("img_per_s"), "train_peak_gib": tr.get("peak_gib"),
                "train_first_step_s": tr.get("first_step_s"), "error": tr.get("error")}
+        if tr.get("profile"):
+            row["train_profile"] = {k: v for k, v in tr["profile"].items() if k != "top_cpu_ops"}
         if b:
-            row.update(bench_step_ms=b["step_ms"], bench_img_per_s=b["img_per_s"], bench_peak_gib=b.get("peak_gib"))
+            row.update(bench_step_ms=b["step_ms"], bench_img_per_s=b["img_per_s"], bench_peak_gib=b.get("peak_gib"),
+                       bench_first_step_s=b.get("time_to_first_step_s"))
             if tr.get("step_ms"):
                 row["train_over_bench"] = tr["step_ms"] / b["step_ms"]
         res["rows"].append(row)
-    if bench is None:
-        res["bench_error"] = _tail(out / f"bench_{mode}.log")
+    missing = [p.name for p in sorted(out.glob(f"bench_{mode}_b*.log"))
+               if not (out / p.name.replace(".log", ".json")).is_file()]
+    if missing:
+        res["bench_errors"] = {m: _tail(out / m) for m in missing}
     if train is None:
         res["train_error"] = _tail(out / f"train_{mode}.log")
     res["train_ok"] = bool(res["rows"]) and all(not r["error"] for r in res["rows"]) and train is not None
