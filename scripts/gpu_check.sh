@@ -4,7 +4,7 @@
 #   source scripts/device_env.sh && bash scripts/gpu_check.sh $OUT     # on the GPU machine
 #
 # Parts (each can be switched off with PART=0; every part runs under its own timeout):
-#   TESTS    every GPU-marked test (pytest -m gpu)
+#   TESTS    every GPU-marked test (pytest -m gpu, one run per file)
 #   RESUME   `lamamba train` LaMamba-XL 256 bf16 ZeRO-2 (micro MICRO): a checkpoint at step 50, kill -9 (the whole
 #            process group) once step 60 is logged, rerun the same command: it must resume from step 50 and reach
 #            70, with the losses of steps 51-60 equal to the killed run's within bf16 noise (RESUME_RTOL)
@@ -68,10 +68,15 @@ if [ "${RESUME:-1}" = 1 ]; then
 fi
 
 if [ "${TESTS:-1}" = 1 ]; then
-  mark "gpu tests"
-  timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests \
-    --junitxml "$O/gpu_tests.xml" > "$O/gpu_tests.log" 2>&1
-  echo $? > "$O/gpu_tests.rc"
+  # One pytest per file, each under its own timeout, so that a slow file cannot swallow another's failure report.
+  : > "$O/gpu_tests.log"
+  for f in $(grep -l "mark.gpu" tests/test_*.py); do
+    n=$(basename "$f" .py)
+    mark "gpu tests: $n"
+    timeout ${TESTS_TIMEOUT:-300} $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfE --tb=short "$f" \
+      --junitxml "$O/gpu_tests_$n.xml" >> "$O/gpu_tests.log" 2>&1
+    echo "$n $?" >> "$O/gpu_tests.rc"
+  done
 fi
 
 if [ "${COMPILED:-1}" = 1 ]; then

@@ -29,17 +29,28 @@ def _tail(path: Path, n: int = 600) -> str | None:
 
 
 def tests(out: Path) -> dict | None:
-    xml = out / "gpu_tests.xml"
-    if not xml.is_file():
+    xmls = sorted(out.glob("gpu_tests_*.xml"))
+    rcs = {}
+    if (out / "gpu_tests.rc").is_file():
+        for line in (out / "gpu_tests.rc").read_text().splitlines():
+            name, _, rc = line.partition(" ")
+            rcs[name] = rc
+    if not xmls and not rcs:
         return None
-    root = ET.parse(xml).getroot()
-    suite = root if root.tag == "testsuite" else root.find("testsuite")
-    n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    failed = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-              if c.find("failure") is not None or c.find("error") is not None]
-    rc = (out / "gpu_tests.rc").read_text().strip() if (out / "gpu_tests.rc").is_file() else None
-    return {**n, "passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"], "failed": failed, "rc": rc,
-            "ok": rc == "0" and not failed}
+    n = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    failed: list[str] = []
+    for xml in xmls:
+        root = ET.parse(xml).getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        for k in n:
+            n[k] += int(suite.get(k, 0))
+        failed += [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
+                   if c.find("failure") is not None or c.find("error") is not None]
+    no_report = sorted(name for name in rcs if not (out / f"gpu_tests_{name}.xml").is_file())  # killed by timeout
+    bad_rc = sorted(name for name, rc in rcs.items() if rc not in ("0", "5"))  # 5: every test skipped
+    return {**n, "passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"], "failed": failed,
+            "files_without_report": no_report, "files_failed": bad_rc,
+            "ok": not failed and not bad_rc and n["tests"] > n["skipped"]}
 
 
 def resume(out: Path, rtol: float) -> dict | None:
