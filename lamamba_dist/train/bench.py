@@ -385,9 +385,12 @@ class BenchTrain:
                 torch.cuda.reset_peak_memory_stats(self.device)
             it = iter(tr.loader)
             skipped = 0
+            reasons: set = set()
             t0 = time.perf_counter()
             for i in range(warmup):
-                skipped += not self._step(it)["applied"]
+                res = self._step(it)
+                skipped += not res["applied"]
+                reasons.add(res.get("nonfinite"))
                 if i == 0:
                     self._sync()
                     local["first_step_s"] = time.perf_counter() - t0
@@ -399,12 +402,14 @@ class BenchTrain:
             for _ in range(steps):
                 res = self._step(it)
                 skipped += not res["applied"]
+                reasons.add(res.get("nonfinite"))
                 loss = res["loss_sum"] / (tr.accum * self.world)
             self._sync()
             local["elapsed"] = time.perf_counter() - t0
             local["peak_gib"], local["peak_reserved_gib"] = self._peak()
             local["loss"] = loss
             local["skipped"] = skipped
+            local["nonfinite"] = sorted(r for r in reasons if r)
             if getattr(self.args, "profile", 0):
                 local["profile"] = self._profile(it, self.args.profile)
         except Exception as e:  # noqa: BLE001 - OOM and friends become error rows
@@ -424,7 +429,8 @@ class BenchTrain:
         reserved = [p["peak_reserved_gib"] for p in parts if p.get("peak_reserved_gib") is not None]
         return {"elapsed": max(p["elapsed"] for p in parts), "first_step_s": parts[0].get("first_step_s"),
                 "peak_gib": max(peaks) if peaks else None, "peak_reserved_gib": max(reserved) if reserved else None,
-                "loss": parts[0]["loss"], "skipped_steps": parts[0]["skipped"], "profile": parts[0].get("profile")}
+                "loss": parts[0]["loss"], "skipped_steps": parts[0]["skipped"], "profile": parts[0].get("profile"),
+                "nonfinite": parts[0].get("nonfinite")}
 
     def _profile(self, it, steps: int) -> dict:
         """torch.profiler over ``steps`` more steps: CPU and device time per step and the top CPU operators."""
@@ -456,7 +462,7 @@ class BenchTrain:
         out = {"img_per_s_per_gpu": img_s / self.world, "img_per_s": img_s, "step_ms": per_step * 1e3,
                "peak_gib": m["peak_gib"], "peak_reserved_gib": m["peak_reserved_gib"],
                "first_step_s": m["first_step_s"], "final_loss": m["loss"], "skipped_steps": m["skipped_steps"],
-               "profile": m.get("profile"),
+               "profile": m.get("profile"), "nonfinite": m.get("nonfinite") or None,
                "model_tflops_per_gpu": None, "mfu": None}
         fpi = getattr(self.trainer, "flops_per_image", None) if self.trainer is not None else None
         if fpi:

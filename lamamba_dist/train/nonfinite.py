@@ -90,8 +90,9 @@ class _DeepSpeedOptimizer:
         """This rank's gradients as the optimizer will use them, or None where DeepSpeed checks them itself."""
         if self.kind == "zero12":
             out: list[torch.Tensor] = []
-            for grads in self.opt.averaged_gradients.values():
-                out.extend(g for g in (grads or ()) if g is not None and g.numel())
+            for grads in self.opt.averaged_gradients.values():  # padding is skipped, as DeepSpeed's own norm does
+                out.extend(g for g in (grads or ()) if g is not None and g.numel()
+                           and not getattr(g, "_zero_padding", False))
             return out
         if self.kind == "torch":
             return [p.grad for p in self.engine.module.parameters() if p.grad is not None and p.grad.numel()]
@@ -159,6 +160,13 @@ class Verdict:
     grad_norm: Optional[float]  # global L2 norm of the gradients (None where DeepSpeed computes it in step())
     nonfinite: bool  # skip the optimizer step on every rank
     stop: bool  # some rank asked to stop (signal)
+
+    def reason(self) -> str:
+        """Which part failed, for the log: the loss, the gradients, or both."""
+        parts = [] if math.isfinite(self.loss_sum) else ["loss"]
+        if self.grad_norm is not None and not math.isfinite(self.grad_norm):
+            parts.append("gradients")
+        return " and ".join(parts) or "gradients (DeepSpeed's own check)"
 
 
 class NonFiniteGuard:

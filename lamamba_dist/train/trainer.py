@@ -632,7 +632,8 @@ class Trainer:
                 if not math.isfinite(value):
                     bad_keys.extend(str(k) for k in keys)
         return {"applied": applied, "loss_sum": verdict.loss_sum, "grad_norm": verdict.grad_norm,
-                "stop": verdict.stop, "bad_keys": bad_keys}
+                "stop": verdict.stop, "bad_keys": bad_keys,
+                "nonfinite": None if applied else verdict.reason()}
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -687,11 +688,12 @@ class Trainer:
                     else:
                         gathered = [bad_keys]
                     keys = [k for g in gathered for k in g]
-                    self.warn(f"step {self.step}: non-finite loss or gradient, optimizer step skipped "
+                    self.warn(f"step {self.step}: non-finite {res['nonfinite']}, optimizer step skipped "
                               f"({self.nonfinite_in_row} in a row); batch keys: {keys[:32]}"
                               + (" ..." if len(keys) > 32 else "")) if self.is_main else None
                     if stats:
-                        stats.write({"event": "nonfinite", "step": self.step, "images_seen": self.images_seen,
+                        stats.write({"event": "nonfinite", "what": res["nonfinite"], "step": self.step,
+                                     "images_seen": self.images_seen,
                                      "keys": keys, "in_row": self.nonfinite_in_row, "time": time.time()})
                     if self.nonfinite_in_row >= t.max_nonfinite_in_row:
                         if self.rollbacks >= t.max_rollbacks:
