@@ -48,3 +48,19 @@ def test_nonfinite_loss_or_grad_on_one_rank_skips_the_step_on_every_optimizer_pa
     for setup, (n, _) in norms.items():
         tol = 1e-4 if setup.endswith("fp32") else 3e-2  # bf16 compute
         assert abs(n - ref) <= tol * ref, f"{setup}: grad norm {n} vs {ref} (ZeRO-0 fp32)"
+
+
+@pytest.mark.slow
+def test_zero2_without_contiguous_gradient_buffer_is_bitwise_the_same(tmp_path):
+    """ds_config.py turns DeepSpeed's contiguous gradient buffer off (CPU cost per parameter): same gradients and
+    weights, bitwise, on 2 ranks, fp32 and bf16."""
+    from train_helpers import train_env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "contiguous_grads_script.py"), "fp32", "bf16"]
+    res = subprocess.run(cmd, cwd=ROOT, env={**train_env(), "CONTIG_RESULTS_DIR": str(tmp_path)},
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    for r in (0, 1):
+        assert (tmp_path / f"rank{r}.txt").read_text().splitlines() == [f"CONTIG_OK fp32 rank{r}",
+                                                                        f"CONTIG_OK bf16 rank{r}"]

@@ -129,6 +129,7 @@ def test_ds_config_follows_the_paper_recipe_and_batch_layout():
 
     assert get_gradient_clipping(ds) == 0.0
     assert ds["zero_optimization"]["compute_grad_norm"] is False  # ZeRO-2, no clipping: nonfinite.py's norm
+    assert ds["zero_optimization"]["contiguous_gradients"] is False  # CPU cost per parameter (ds_config.py)
     assert not ds["bf16"]["enabled"] and not ds["torch_autocast"]["enabled"]  # debug.toml trains fp32
     from deepspeed.utils.config import get_timers_config
 
