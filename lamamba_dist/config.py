@@ -15,6 +15,7 @@ Validation rules live next to the fields as metadata:
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -180,6 +181,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} = {value!r}: expected a number, got {type(value).__name__}")
+        if not math.isfinite(value):  # TOML has inf and nan; no setting here means either
+            raise ConfigError(f"{where} = {value!r}: must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -261,13 +264,18 @@ def apply_override(data: dict, override: str, source: str = "<override>") -> Non
         raise ConfigError(f"override {override!r}: expected section.key=value")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
+    if len(parts) < 2 or not all(p.strip() for p in parts):
+        raise ConfigError(f"override {override!r}: expected section.key=value (for example train.steps=1000)")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # bare strings: name=LaMamba-XL
     node = data
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[:i + 1])} is a value, not a table, so "
+                              f"{'.'.join(parts[:i + 2])} does not exist")
     node[parts[-1]] = value
 
 
@@ -275,6 +283,10 @@ def validate(cfg: ExperimentConfig) -> None:
     """Cross-field checks that no single field can express."""
     src = cfg.source
     t = cfg.train
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0
+                                  and math.isfinite(b) for b in betas):
+        raise ConfigError(f"{src}: [optim] betas = {list(betas)!r}: expected two numbers in [0, 1)")
     if t.global_batch % t.micro_batch != 0:
         raise ConfigError(f"{src}: [train] global_batch = {t.global_batch} is not a multiple of micro_batch = {t.micro_batch}")
     for k, v in cfg.model.arch_overrides.items():

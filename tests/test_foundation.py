@@ -61,12 +61,35 @@ def test_config_sections_are_typed_and_defaults_apply(tmp_path):
     ('[model]\nresolution = 300\n', "resolution"),               # not a choice
     ('[train]\nglobal_batch = 10\nmicro_batch = 4\n', "global_batch"),  # cross-field
     ('[model\nname = 1\n', "not valid TOML"),
+    ('[optim]\nbetas = [1.0, 0.999]\n', "betas"),                # Adam betas in [0, 1)
+    ('[optim]\nbetas = [0.9]\n', "betas"),
+    ('[optim]\nbetas = [0.9, "x"]\n', "betas"),
+    ('[optim]\nlr = inf\n', "finite"),                         # TOML's inf and nan
+    ('[optim]\nlr = nan\n', "finite"),
+    ('[diffusion]\ncfg_scale = inf\n', "finite"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, text, needle):
     p = _write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert needle in str(e.value) and str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.steps.x=5", "train.steps is a value, not a table"),
+    ("steps=5", "expected section.key=value"),
+    ("train..steps=5", "expected section.key=value"),
+    ("=5", "expected section.key=value"),
+])
+def test_malformed_set_is_a_one_line_error_with_rc_2(override, needle, capsys):
+    from lamamba_dist.cli import main as cli
+
+    from pathlib import Path
+
+    debug = Path(__file__).resolve().parents[1] / "configs" / "debug.toml"
+    rc = cli(["train", "--config", str(debug), "--set", override, "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
