@@ -111,10 +111,12 @@ def _events(job_dir: Path) -> list[dict]:
 
 
 def _stats(run_dir: Path) -> list[dict]:
+    """The step records of stats.jsonl (event records, such as a resume or a skipped step, left out)."""
     path = run_dir / "stats.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in recs if "event" not in r]
 
 
 def _diagnose(job_dir: Path) -> str:

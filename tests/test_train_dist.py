@@ -60,6 +60,9 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, reference, stage):
     res = launch(tmp_path, 2, sets)
     assert res.returncode == 0, res.log
     assert "resumed from" in res.stderr and "step_00000003" in res.stderr, res.log
+    resumes = [json.loads(l) for l in (tmp_path / "stats.jsonl").read_text().splitlines() if '"resume"' in l]
+    assert [(r["event"], r["step"], r["from"], r["world_size"]) for r in resumes] == \
+        [("resume", 3, "step_00000003", 2)] and resumes[0]["host"], resumes
     assert_equivalent(tmp_path, reference(stage))
 
 

@@ -656,6 +656,11 @@ class Trainer:
                    dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
         if self.on_cuda:
             torch.cuda.reset_peak_memory_stats()
+        if stats and self.resume_dir is not None:
+            # Steps after a resume repeat the ones the interrupted run logged after this checkpoint: mark the seam.
+            stats.write({"event": "resume", "step": self.step, "from": self.resume_dir.name,
+                         "images_seen": self.images_seen, "world_size": self.world, "host": socket.gethostname(),
+                         "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "time": time.time()})
         if self.is_main:
             self.info(f"{self.cfg.model.name} @ {self.cfg.model.resolution}px, ZeRO-{t.zero_stage}, {t.precision}, "
                       f"{self.world} rank(s), global batch {t.global_batch} = {t.micro_batch} x {self.accum} accum x "
