@@ -5,11 +5,15 @@ reference runs are shared through a module fixture. Faults are injected with LAM
 
 import json
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from train_helpers import (assert_same_tensors, launch, losses, optimizer_tensors, step_dir, weights)
+from train_helpers import (DEBUG_CONFIG, ROOT, assert_same_tensors, launch, losses, optimizer_tensors, step_dir,
+                           train_env, weights)
 
 pytestmark = pytest.mark.slow
 
@@ -202,3 +206,44 @@ def test_signal_saves_on_every_rank_and_exits_for_requeue(tmp_path, sig="SIGUSR2
     assert 2 <= step < 500
     res = launch(tmp_path, 2, (f"train.steps={step + 1}", "checkpoint.every=1000"))
     assert res.returncode == 0 and f"step_{step:08d}" in res.stderr, res.log
+
+
+def _start_single(tmp_path, steps=500):
+    """`lamamba train` in one process (a 1-rank group) with loader workers, in its own process group (a terminal)."""
+    cmd = [sys.executable, "-m", "lamamba_dist.cli", "train", "--config", str(DEBUG_CONFIG), "--set",
+           f'checkpoint.dir="{tmp_path}"', "--set", f"train.steps={steps}", "--set", "checkpoint.every=1000",
+           "--set", "train.log_every=1", "--set", "data.num_workers=2", "--set", "train.global_batch=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    stats = tmp_path / "stats.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (stats.is_file() and len(stats.read_text().splitlines()) >= 2):
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    return proc
+
+
+def test_first_ctrl_c_saves_and_exits_for_requeue_a_second_exits_at_once(tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the whole process group, loader workers included): the first saves at the next
+    step boundary and exits 3; two in a row exit at once (130) without writing a checkpoint."""
+    import os
+    import signal as sig
+
+    proc = _start_single(tmp_path / "once")
+    os.killpg(proc.pid, sig.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 3, err[-4000:]
+    assert "SIGINT: saving at the next step boundary" in err and "stop requested (signal SIGINT)" in err, err[-4000:]
+    saved = sorted((tmp_path / "once").glob("step_*"))
+    last = max(json.loads(l)["step"] for l in (tmp_path / "once" / "stats.jsonl").read_text().splitlines())
+    assert [p.name for p in saved] == [f"step_{last:08d}"] and (saved[0] / "COMPLETE.json").is_file(), (saved, last)
+
+    proc = _start_single(tmp_path / "twice")
+    os.killpg(proc.pid, sig.SIGINT)
+    time.sleep(0.05)
+    os.killpg(proc.pid, sig.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-4000:]
+    assert "interrupted (second SIGINT): exited without saving" in err, err[-4000:]
+    assert not list((tmp_path / "twice").glob("step_*")), "a second Ctrl-C must not save"

@@ -469,7 +469,8 @@ class LatentLoader:
             it = iter(ds)
         else:
             it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                                  prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory))
+                                                  prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
+                                                  worker_init_fn=_worker_init))
         for batch in it:
             if self.pin_memory and self.num_workers == 0:
                 batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -489,6 +490,16 @@ class LatentLoader:
             raise DataError(f"{len(self.bad_samples)} bad samples on rank {self.rank}, more than "
                             f"[data] max_bad_samples = {self.max_bad_samples}; first: {first['url']} key "
                             f"{first['key']}: {first['reason']}")
+
+
+def _worker_init(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT: Ctrl-C in a terminal reaches them too, and the trainer saves first."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (ValueError, OSError):  # pragma: no cover
+        pass
 
 
 def _layout_check(n: int, world_size: int) -> None:

@@ -7,8 +7,8 @@ def add_parser(sub, name: str, help_text: str):
         name, help=help_text,
         description="Train (or resume: rerun the same command) under torchrun, the deepspeed launcher, Slurm or plain "
                     "python. Resumes from the newest complete checkpoint under [checkpoint] dir by itself, also on a "
-                    "different number of ranks. Exit codes: 0 done, 3 stopped by SIGUSR2/SIGTERM after saving "
-                    "(requeue and rerun), 1 failed, 2 bad input.",
+                    "different number of ranks. Exit codes: 0 done, 3 stopped by SIGUSR2/SIGTERM or a first Ctrl-C "
+                    "after saving (requeue and rerun), 1 failed, 2 bad input, 130 a second Ctrl-C (no save).",
     )
     p.add_argument("--config", required=True, help="experiment TOML (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -44,6 +44,12 @@ def run(args) -> int:
         return run_training(cfg)
     except (TrainingError, CheckpointError, DataError) as e:  # bad config, data or checkpoint for this config
         raise CLIError(str(e)) from None
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and exits with 3)
+        import sys
+
+        print("lamamba train: interrupted (second SIGINT): exited without saving; the newest complete checkpoint "
+              "is unchanged", file=sys.stderr)
+        return 130
 
 
 def add_export_parser(sub, name: str, help_text: str):

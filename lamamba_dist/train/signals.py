@@ -1,4 +1,5 @@
-"""Stop requests: SIGUSR2 / SIGTERM (or :func:`request_stop`) -> save at the next step boundary, exit 3.
+"""Stop requests: SIGUSR2 / SIGTERM / a first SIGINT (or :func:`request_stop`) -> save at the next step boundary,
+exit 3. A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once: no save.
 
 The handler only sets a flag; the training loop polls it at every step boundary and all ranks agree on it
 through an all-reduce, so a signal that reaches the ranks at slightly different times still produces one
@@ -15,7 +16,7 @@ EXIT_FAILURE = 1
 # Exit code after a signal-triggered save: the job should be requeued and rerun with the same command.
 EXIT_REQUEUE = 3
 
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 _stop = threading.Event()
 _reason: list[str] = []
@@ -39,10 +40,23 @@ def stop_reason() -> str:
 def clear_stop_request() -> None:
     _stop.clear()
     _reason.clear()
+    _interrupts.clear()
 
 
 def _handler(signum, frame):  # noqa: ARG001 - signal API
+    if signum == signal.SIGINT:
+        if _interrupts:  # Ctrl-C again: the user wants out now
+            raise KeyboardInterrupt
+        _interrupts.append(1)
+        import sys
+
+        sys.stderr.write("\n[lamamba] SIGINT: saving at the next step boundary, then exiting (Ctrl-C again to exit "
+                         "at once, without saving)\n")
+        sys.stderr.flush()
     request_stop(f"signal {signal.Signals(signum).name}")
+
+
+_interrupts: list[int] = []
 
 
 class StopSignals:
