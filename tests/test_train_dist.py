@@ -208,13 +208,13 @@ def test_signal_saves_on_every_rank_and_exits_for_requeue(tmp_path, sig="SIGUSR2
     assert res.returncode == 0 and f"step_{step:08d}" in res.stderr, res.log
 
 
-def _start_single(tmp_path, steps=500):
+def _start_single(tmp_path, steps=500, env=None):
     """`lamamba train` in one process (a 1-rank group) with loader workers, in its own process group (a terminal)."""
     cmd = [sys.executable, "-m", "lamamba_dist.cli", "train", "--config", str(DEBUG_CONFIG), "--set",
            f'checkpoint.dir="{tmp_path}"', "--set", f"train.steps={steps}", "--set", "checkpoint.every=1000",
            "--set", "train.log_every=1", "--set", "data.num_workers=2", "--set", "train.global_batch=2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     stats = tmp_path / "stats.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (stats.is_file() and len(stats.read_text().splitlines()) >= 2):
@@ -226,12 +226,15 @@ def _start_single(tmp_path, steps=500):
 
 def test_first_ctrl_c_saves_and_exits_for_requeue_a_second_exits_at_once(tmp_path):
     """Ctrl-C in a terminal (SIGINT to the whole process group, loader workers included): the first saves at the next
-    step boundary and exits 3; two in a row exit at once (130) without writing a checkpoint."""
+    step boundary and exits 3 (a second SIGINT right after it, as torchrun forwards the one it got, is the same
+    Ctrl-C); a second Ctrl-C exits at once (130) without writing a checkpoint."""
     import os
     import signal as sig
 
     proc = _start_single(tmp_path / "once")
     os.killpg(proc.pid, sig.SIGINT)
+    time.sleep(0.05)
+    os.killpg(proc.pid, sig.SIGINT)  # within the debounce window: the same Ctrl-C
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 3, err[-4000:]
     assert "SIGINT: saving at the next step boundary" in err and "stop requested (signal SIGINT)" in err, err[-4000:]
@@ -239,7 +242,7 @@ def test_first_ctrl_c_saves_and_exits_for_requeue_a_second_exits_at_once(tmp_pat
     last = max(json.loads(l)["step"] for l in (tmp_path / "once" / "stats.jsonl").read_text().splitlines())
     assert [p.name for p in saved] == [f"step_{last:08d}"] and (saved[0] / "COMPLETE.json").is_file(), (saved, last)
 
-    proc = _start_single(tmp_path / "twice")
+    proc = _start_single(tmp_path / "twice", env={"LAMAMBA_SIGINT_DEBOUNCE_S": "0"})
     os.killpg(proc.pid, sig.SIGINT)
     time.sleep(0.05)
     os.killpg(proc.pid, sig.SIGINT)

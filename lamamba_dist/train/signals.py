@@ -8,8 +8,10 @@ consistent checkpoint.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -43,11 +45,19 @@ def clear_stop_request() -> None:
     _interrupts.clear()
 
 
+# A second SIGINT within this many seconds of the first counts as the same Ctrl-C: a terminal's Ctrl-C reaches
+# every process of the group, and torchrun forwards the one it got to its workers a moment later.
+SIGINT_DEBOUNCE_S = float(os.environ.get("LAMAMBA_SIGINT_DEBOUNCE_S", "1.0"))
+
+
 def _handler(signum, frame):  # noqa: ARG001 - signal API
     if signum == signal.SIGINT:
-        if _interrupts:  # Ctrl-C again: the user wants out now
+        now = time.monotonic()
+        if _interrupts and now - _interrupts[0] >= SIGINT_DEBOUNCE_S:  # Ctrl-C again: the user wants out now
             raise KeyboardInterrupt
-        _interrupts.append(1)
+        if _interrupts:
+            return
+        _interrupts.append(now)
         import sys
 
         sys.stderr.write("\n[lamamba] SIGINT: saving at the next step boundary, then exiting (Ctrl-C again to exit "
@@ -56,7 +66,7 @@ def _handler(signum, frame):  # noqa: ARG001 - signal API
     request_stop(f"signal {signal.Signals(signum).name}")
 
 
-_interrupts: list[int] = []
+_interrupts: list[float] = []  # time of the first SIGINT
 
 
 class StopSignals:
