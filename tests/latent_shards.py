@@ -18,6 +18,7 @@ def make_shards(folder: Path, counts: list[int], latent: int = 4, num_classes: i
     keys, shards, idx = [], [], 0
     for si, c in enumerate(counts):
         members = []
+        hist: dict[str, int] = {}
         for _ in range(c):
             key = sample_key(idx, f"n{idx % num_classes:08d}", f"img{idx}")
             mean = np.empty((2, 4, latent, latent), np.float32)
@@ -25,11 +26,12 @@ def make_shards(folder: Path, counts: list[int], latent: int = 4, num_classes: i
             lv = rng.normal(-2, 0.5, mean.shape) if logvar is None else np.full(mean.shape, logvar)
             members += encode_sample(key, mean, lv, idx % num_classes, {"path": f"x/{idx}.JPEG", "label": idx % num_classes})
             keys.append(key)
+            hist[str(idx % num_classes)] = hist.get(str(idx % num_classes), 0) + 1
             idx += 1
         name = shard_name("train", si)
         sha, size = write_tar_atomic(folder / name, members)
-        shards.append({"name": name, "count": c, "sha256": sha, "bytes": size})
+        shards.append({"name": name, "count": c, "sha256": sha, "bytes": size, "class_histogram": hist})
     write_json_atomic(folder / "manifest.json", {"format_version": 1, "shards": shards, "scale_factor": 0.5,
                                                  "latent_shape": [2, 4, latent, latent], "resolution": latent * 8,
-                                                 "complete": True})
+                                                 "num_classes": num_classes, "complete": True})
     return keys

@@ -292,3 +292,20 @@ def test_unreadable_shard_is_replaced_not_hung(tmp_path):
     seen = [k for b in take(ld, 8) for k in b["key"]]
     assert set(seen) == set(keys[4:])
     assert len(ld.bad_samples) == 4 and all("tar unreadable" in b["reason"] for b in ld.bad_samples)
+
+
+def test_labels_reaching_the_models_null_class_are_refused_before_training(tmp_path):
+    """Label == num_classes would silently become the classifier-free guidance null class."""
+    make_shards(tmp_path, [6, 5], num_classes=5)  # labels 0..4
+    kw = dict(micro_batch=2, rank=0, world_size=1, seed=0, latent_size=S)
+    assert take(build_latent_loader(cfg_for(tmp_path), **kw, num_classes=5), 1)
+    with pytest.raises(DataError, match=r"labels go up to 4 .*num_classes = 4: label 4 is the classifier-free"):
+        build_latent_loader(cfg_for(tmp_path), **kw, num_classes=4)
+    man = json.loads((tmp_path / "manifest.json").read_text())  # without histograms: the manifest's num_classes
+    for sh in man["shards"]:
+        del sh["class_histogram"]
+    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(DataError, match=r"labels go up to 4 \(from its num_classes\)"):
+        build_latent_loader(cfg_for(tmp_path), **kw, num_classes=3)
+    with pytest.raises(DataError, match="synthetic_num_classes = 10 is more than"):
+        build_latent_loader(DataConfig(shards="synthetic", synthetic_num_classes=10), **kw, num_classes=5)

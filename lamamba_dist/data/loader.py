@@ -510,14 +510,39 @@ def _layout_check(n: int, world_size: int) -> None:
                         f"across world sizes)")
 
 
+def check_label_range(man: dict, infos: list, folder: Path, num_classes: int) -> None:
+    """Refuse shards whose labels reach ``num_classes``: label ``num_classes`` is the model's classifier-free
+    guidance null class, so such samples would silently train as unconditional ones."""
+    names = {Path(i.url).name for i in infos}
+    top = -1
+    per_shard = [s.get("class_histogram") for s in man["shards"] if s["name"] in names]
+    if per_shard and all(h is not None for h in per_shard):
+        labels = [int(k) for h in per_shard for k, v in h.items() if v]
+        top = max(labels) if labels else -1
+        how = "class histograms"
+    elif man.get("num_classes") is not None:
+        top = int(man["num_classes"]) - 1
+        how = "num_classes"
+    else:
+        log.warning("%s: no class histograms or num_classes: labels not checked against [model] num_classes = %d",
+                    folder / MANIFEST_NAME, num_classes)
+        return
+    if top >= num_classes:
+        raise DataError(f"{folder / MANIFEST_NAME}: labels go up to {top} (from its {how}), but [model] num_classes = "
+                        f"{num_classes}: label {num_classes} is the classifier-free guidance null class and larger "
+                        f"ones do not exist; set [model] num_classes to at least {top + 1}")
+
+
 def build_latent_loader(cfg, *, micro_batch: int, rank: int, world_size: int, seed: int, latent_size: int,
-                        state: Optional[dict] = None, num_timesteps: int = 0, pin_memory: bool = False) -> LatentLoader:
+                        state: Optional[dict] = None, num_timesteps: int = 0, pin_memory: bool = False,
+                        num_classes: Optional[int] = None) -> LatentLoader:
     """The training data loader of one rank (see the module docstring for the guarantees).
 
     ``cfg`` is the ``[data]`` section (:class:`lamamba_dist.config.DataConfig`). ``cfg.shards ==
     "synthetic"`` gives seeded random latents and labels with the same API. ``num_timesteps > 0``: batches
     also carry each sample's diffusion draws (``t``, ``noise``, ``u``: :func:`sample_draws`), made in the
     worker processes. ``pin_memory``: batches come in pinned host memory (asynchronous copies to the GPU).
+    ``num_classes``: the model's; labels must stay below it (:func:`check_label_range`).
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is not in [0, world_size = {world_size})")
@@ -526,10 +551,15 @@ def build_latent_loader(cfg, *, micro_batch: int, rank: int, world_size: int, se
     n = cfg.num_streams or (state["num_streams"] if state else world_size)
     kind = "synthetic" if cfg.shards == "synthetic" else "shards"
     if kind == "synthetic":
+        if num_classes is not None and cfg.synthetic_num_classes > num_classes:
+            raise DataError(f"[data] synthetic_num_classes = {cfg.synthetic_num_classes} is more than [model] "
+                            f"num_classes = {num_classes}: label {num_classes} is the classifier-free guidance null class")
         plan = Plan(kind, seed, cfg.seed, n, (4, latent_size, latent_size), 1.0, cfg.flip,
                     num_classes=cfg.synthetic_num_classes, draws=num_timesteps)
     else:
         man, infos, folder = resolve_shards(cfg.shards)
+        if num_classes is not None:
+            check_label_range(man, infos, folder, num_classes)
         shape = tuple(man["latent_shape"])  # (2, C, S, S)
         if shape[-1] != latent_size or shape[-2] != latent_size:
             raise DataError(f"{folder / MANIFEST_NAME}: latents are {shape[-2]}x{shape[-1]} (resolution "

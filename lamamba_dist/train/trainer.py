@@ -329,7 +329,8 @@ class Trainer:
 
         return build_latent_loader(self.cfg.data, micro_batch=micro_batch, rank=self.rank, world_size=self.world,
                                    seed=self.tcfg.seed, latent_size=self.latent_size, state=state,
-                                   num_timesteps=self.diffusion.num_timesteps, pin_memory=self.on_cuda)
+                                   num_timesteps=self.diffusion.num_timesteps, pin_memory=self.on_cuda,
+                                   num_classes=self.cfg.model.num_classes)
 
     # ------------------------------------------------------------------ small helpers
     def info(self, msg: str) -> None:
