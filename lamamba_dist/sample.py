@@ -105,8 +105,11 @@ def state_dict_sha256(sd: dict) -> str:
     return h.hexdigest()
 
 
-def load_sampling_model(weights: Optional[str], checkpoint: Optional[str], ema: Optional[bool], device) -> tuple[Any, dict, dict]:
-    """Model (eval mode, on ``device``), its metadata, and provenance fields for sample_info.json."""
+def load_sampling_model(weights: Optional[str], checkpoint: Optional[str], ema: Optional[bool], device,
+                        verify: bool = True) -> tuple[Any, dict, dict]:
+    """Model (eval mode, on ``device``), its metadata, and provenance fields for sample_info.json.
+
+    A ``checkpoint`` is verified against its COMPLETE.json as resume does (``verify=False`` skips it, loudly)."""
     from lamamba_dist.models import create_model, load_state_dict_strict
 
     if (weights is None) == (checkpoint is None):
@@ -140,13 +143,19 @@ def load_sampling_model(weights: Optional[str], checkpoint: Optional[str], ema: 
             raise _cli_error(f"--checkpoint needs lamamba_dist.train.checkpoint.load_inference_weights, "
                              f"which this installation lacks ({e}); export weights and use --weights") from None
         use_ema = True if ema is None else ema
+        import sys
+
+        warn = lambda msg: print(f"lamamba sample: WARNING: {msg}", file=sys.stderr)  # noqa: E731
+        if not verify:
+            warn("--no-verify: the weights are NOT checked against the checkpoint's COMPLETE.json; a damaged file "
+                 "samples silently")
         try:
-            sd, meta = load_inference_weights(p, ema=use_ema)
+            sd, meta = load_inference_weights(p, ema=use_ema, verify=verify, warn=warn)
         except ImportError:
             raise
         except Exception as e:  # CheckpointError, FileNotFoundError, ValueError: all user-facing
             raise _cli_error(f"cannot load {'EMA' if use_ema else 'raw'} weights from {p}: {e}") from None
-        prov.update(source="checkpoint", checkpoint=str(meta.get("checkpoint", p)), ema=use_ema)
+        prov.update(source="checkpoint", checkpoint=str(meta.get("checkpoint", p)), ema=use_ema, verified=verify)
         for k in ("step", "images_seen", "ema_decay"):
             if k in meta:
                 prov[k] = meta[k]
@@ -318,6 +327,9 @@ def add_parser(sub, name: str, help_text: str):
     src = p.add_argument_group("model")
     src.add_argument("--weights", help="inference weights (.safetensors written by lamamba export / save_weights)")
     src.add_argument("--checkpoint", help="training run folder (newest complete checkpoint) or one of its step folders")
+    src.add_argument("--no-verify", action="store_true",
+                     help="with --checkpoint: do not check its files against COMPLETE.json (damaged weights then load "
+                          "without an error)")
     src.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                      help="use the EMA weights (default: yes; for --weights, must match what the file holds)")
     g = p.add_argument_group("sampling")
@@ -376,7 +388,8 @@ def run(args) -> int:
         if info.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        model, meta, prov = load_sampling_model(args.weights, args.checkpoint, args.ema, info.device)
+        model, meta, prov = load_sampling_model(args.weights, args.checkpoint, args.ema, info.device,
+                                                verify=not args.no_verify)
         num_classes = int(meta["num_classes"])
         if num_classes == 0 and args.cfg_scale > 1:
             raise _cli_error("this model is unconditional (num_classes = 0): --cfg-scale must be 1")

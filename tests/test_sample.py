@@ -178,8 +178,8 @@ def test_sample_from_training_run_folder(assets, tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_load(run_dir, ema=True):
-        calls.append((Path(run_dir), ema))
+    def fake_load(run_dir, ema=True, verify=True, warn=None):
+        calls.append((Path(run_dir), ema, verify))
         sd, meta = load_weights(assets / "w.safetensors")
         return sd, dict(meta, step=7, ema=ema, checkpoint=str(Path(run_dir) / "step_00000007"))
 
@@ -189,6 +189,6 @@ def test_sample_from_training_run_folder(assets, tmp_path, monkeypatch):
     out = tmp_path / "s"
     assert main(["sample", "--checkpoint", str(run), "--no-ema", "--vae", str(assets / "vae"), "--steps", "2",
                  "--num-samples", "2", "--out", str(out), "--no-png"]) == 0
-    assert calls == [(run, False)]
+    assert calls == [(run, False, True)]
     info = json.loads((out / "sample_info.json").read_text())
     assert info["source"] == "checkpoint" and info["ema"] is False and info["step"] == 7

@@ -250,3 +250,31 @@ def test_first_ctrl_c_saves_and_exits_for_requeue_a_second_exits_at_once(tmp_pat
     assert proc.returncode == 130, err[-4000:]
     assert "interrupted (second SIGINT): exited without saving" in err, err[-4000:]
     assert not list((tmp_path / "twice").glob("step_*")), "a second Ctrl-C must not save"
+
+
+def test_no_silent_start_from_scratch_over_damaged_checkpoints(tmp_path):
+    """Every step folder damaged: training refuses (rc 2) and lists them; --move-damaged-aside keeps them under
+    damaged/ and starts at step 0."""
+    sets = ("train.steps=2", "checkpoint.every=1", "train.global_batch=2", "checkpoint.keep=2")
+    res = launch(tmp_path, 1, sets)
+    assert res.returncode == 0, res.log
+    for s in (1, 2):
+        f = step_dir(tmp_path, s) / "ema.safetensors"
+        f.write_bytes(f.read_bytes()[:-10])
+    def single(*extra):  # one process (torchrun would turn the exit code 2 into 1)
+        return subprocess.run([sys.executable, "-m", "lamamba_dist.cli", "train", "--config", str(DEBUG_CONFIG),
+                               "--set", f'checkpoint.dir="{tmp_path}"', *[a for s in sets for a in ("--set", s)],
+                               *extra], cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+
+    res = single()
+    assert res.returncode == 2, res.stderr[-4000:]
+    err = res.stderr.strip().splitlines()[-1]
+    assert "2 checkpoint folder(s) and none verifies" in err and "step_00000001: file ema.safetensors has" in err \
+        and "--move-damaged-aside" in err, err
+    assert step_dir(tmp_path, 1).is_dir() and step_dir(tmp_path, 2).is_dir()  # untouched
+    res = single("--move-damaged-aside")
+    assert res.returncode == 0, res.stderr[-4000:]
+    aside = sorted(p.name for p in (tmp_path / "damaged").iterdir())
+    assert len(aside) == 2 and aside[0].startswith("step_00000001-") and aside[1].startswith("step_00000002-"), aside
+    assert "resumed from" not in res.stderr and "moved the damaged checkpoint step_00000001 aside" in res.stderr
+    assert json.loads((step_dir(tmp_path, 2) / "trainer_state.json").read_text())["step"] == 2

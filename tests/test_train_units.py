@@ -189,3 +189,70 @@ def test_ema_under_zero_equals_plain_pytorch_ema(tmp_path):
         assert len(lines) == len(setups), (r, lines, res.stdout)
         for s, line in zip(setups, lines):
             assert re.fullmatch(rf"EMA_OK zero{s} \d+ rank{r}", line), (s, r, line)
+
+
+def weights_checkpoint(run_dir: Path, step: int) -> Path:
+    """A checkpoint with real inference weights (EMA and raw), through the real write path."""
+    from lamamba_dist.models import create_model
+    from lamamba_dist.weights import save_weights
+
+    torch.manual_seed(step)
+    sd = create_model("LaMamba-debug", resolution=32, num_classes=10).state_dict()
+    meta = dict(model="LaMamba-debug", resolution=32, num_classes=10, learn_sigma=True, step=step)
+    tmp = ckpt.new_tmp_dir(run_dir, step, "w")
+    tmp.mkdir(parents=True)
+    save_weights(tmp / ckpt.EMA_FILE, sd, dict(meta, ema=True))
+    save_weights(tmp / ckpt.RAW_FILE, sd, dict(meta, ema=False))
+    (tmp / ckpt.STATE_FILE).write_text(json.dumps({"step": step}))
+    ckpt.write_marker(tmp, ckpt.digest_files(tmp, ckpt.list_files(tmp)), step)
+    return ckpt.publish(tmp, run_dir, step)
+
+
+def _flip_byte(path: Path, at: int = -100) -> None:
+    b = bytearray(path.read_bytes())
+    b[at] ^= 0xFF
+    path.write_bytes(bytes(b))
+
+
+def test_export_and_sample_verify_the_checkpoint_they_read(tmp_path, capsys):
+    """A same-size flipped byte in ema.safetensors: export falls back to the newest folder that verifies (warning
+    naming both), refuses a damaged folder given by name, and reads it only with --no-verify (loudly)."""
+    from lamamba_dist.cli import main as cli
+    from lamamba_dist.weights import load_weights
+
+    run = tmp_path / "run"
+    weights_checkpoint(run, 1)
+    newest = weights_checkpoint(run, 2)
+    _flip_byte(newest / ckpt.EMA_FILE)
+    out = tmp_path / "w.safetensors"
+    assert cli(["export", str(run), str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "step_00000002 is not usable" in err and "sha256" in err and "falling back to step_00000001" in err, err
+    assert load_weights(out)[1]["step"] == 1
+    assert cli(["export", str(newest), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "ema.safetensors does not match its sha256" in err and "--no-verify" in err, err
+    assert not (tmp_path / "x.safetensors").exists()
+    assert cli(["export", str(newest), str(tmp_path / "y.safetensors"), "--no-verify"]) == 0
+    assert "--no-verify: the weights are NOT checked" in capsys.readouterr().err
+    assert load_weights(tmp_path / "y.safetensors")[1]["step"] == 2
+    assert cli(["export", str(run), str(tmp_path / "raw.safetensors"), "--raw"]) == 0  # raw file intact: step 2
+    assert load_weights(tmp_path / "raw.safetensors")[1]["step"] == 2
+    capsys.readouterr()
+    assert cli(["sample", "--checkpoint", str(newest), "--num-samples", "1", "--steps", "1",
+                "--out", str(tmp_path / "s")]) == 2
+    assert "does not match its sha256" in capsys.readouterr().err
+
+
+def test_prune_removes_old_damaged_folders_and_a_save_moves_a_damaged_one_aside(tmp_path):
+    for s in (1, 2, 3, 4):
+        fake_checkpoint(tmp_path, s)
+    (tmp_path / "step_00000001" / "ds" / "state" / "optim.pt").write_bytes(b"")  # damaged, old
+    removed = ckpt.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == ["step_00000001", "step_00000002"]
+    (tmp_path / "step_00000004" / "ds" / "state" / "optim.pt").write_bytes(b"")  # damaged, newest
+    fake_checkpoint(tmp_path, 4)  # the same step saved again (after resuming from step 3)
+    aside = list((tmp_path / ckpt.DAMAGED_DIR).iterdir())
+    assert len(aside) == 1 and aside[0].name.startswith("step_00000004-")
+    assert "truncated" in (aside[0] / "REASON.txt").read_text()
+    assert ckpt.verify_checkpoint(tmp_path / "step_00000004") is None

@@ -41,8 +41,11 @@ __all__ = [
 ]
 
 
-def run_training(cfg) -> int:
-    """Train (or resume) the experiment ``cfg``; see the module docstring for the exit codes."""
+def run_training(cfg, move_damaged_aside: bool = False) -> int:
+    """Train (or resume) the experiment ``cfg``; see the module docstring for the exit codes.
+
+    Step folders of which none verifies stop training with an error, unless ``move_damaged_aside`` (they are then
+    moved to ``[checkpoint] dir/damaged/`` and training starts at step 0)."""
     from lamamba_dist.train.trainer import run_training as _run
 
-    return _run(cfg)
+    return _run(cfg, move_damaged_aside=move_damaged_aside)

@@ -144,11 +144,17 @@ def publish(tmp_dir: Path, run_dir: Path, step: int) -> Path:
     run_dir = Path(run_dir)
     final = run_dir / step_dir_name(step)
     if final.exists():
-        # Same step saved again (e.g. a rollback re-reached it): move the old one aside, then delete it.
-        trash = run_dir / f"{final.name}.old-{os.getpid()}"
-        os.replace(final, trash)
-        os.replace(tmp_dir, final)
-        shutil.rmtree(trash, ignore_errors=True)
+        reason = verify_checkpoint(final, hashes=False)
+        if reason is not None:
+            # A damaged folder of the same step (reported when the run resumed past it): kept, never overwritten.
+            move_aside(final, run_dir, reason)
+            os.replace(tmp_dir, final)
+        else:
+            # Same step saved again (e.g. a rollback re-reached it): move the old one aside, then delete it.
+            trash = run_dir / f"{final.name}.old-{os.getpid()}"
+            os.replace(final, trash)
+            os.replace(tmp_dir, final)
+            shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp_dir, final)
     _fsync_dir(run_dir)
@@ -156,19 +162,44 @@ def publish(tmp_dir: Path, run_dir: Path, step: int) -> Path:
     return final
 
 
-def prune(run_dir: Path, keep: int, log: Callable[[str], None] = lambda s: None) -> list[Path]:
-    """Delete the oldest complete checkpoints so that the newest ``keep`` intact ones remain.
+DAMAGED_DIR = "damaged"  # RUN/damaged/: step folders that failed verification and were moved aside
 
-    Only folders whose files match the sizes in their marker count towards ``keep``; damaged ones are
-    left in place (reported when a resume skips them), so pruning never leaves fewer than ``keep`` usable.
+
+def move_aside(step_dir: Path, run_dir: Path, reason: str) -> Path:
+    """Move a damaged step folder to ``RUN/damaged/<name>-<time>/`` (with a REASON.txt), never deleting it."""
+    dest_root = Path(run_dir) / DAMAGED_DIR
+    dest_root.mkdir(parents=True, exist_ok=True)
+    dest = dest_root / f"{Path(step_dir).name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    os.replace(step_dir, dest)
+    (dest / "REASON.txt").write_text(reason + "\n")
+    _fsync_dir(Path(run_dir))
+    return dest
+
+
+def prune(run_dir: Path, keep: int, log: Callable[[str], None] = lambda s: None) -> list[Path]:
+    """Delete the oldest checkpoints so that the newest ``keep`` intact ones remain.
+
+    Only folders whose files match the sizes in their marker count towards ``keep``, so pruning never leaves
+    fewer than ``keep`` usable. Damaged folders older than the oldest kept one go too (retention treats them
+    like any other old checkpoint); a damaged folder newer than that stays, and a save of its step moves it
+    to ``RUN/damaged/`` rather than overwrite it.
     """
     keep = max(int(keep), 1)
-    valid = [(s, p) for s, p in list_checkpoints(run_dir) if verify_checkpoint(p, hashes=False) is None]
+    dirs = list_step_dirs(run_dir)
+    valid = [(s, p) for s, p in dirs if verify_checkpoint(p, hashes=False) is None]
     removed = []
     for _, path in valid[:-keep] if len(valid) > keep else []:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
         log(f"removed old checkpoint {path.name}")
+    if len(valid) >= keep:
+        oldest_kept = valid[-keep][0]
+        good = {p for _, p in valid}
+        for s, path in dirs:
+            if s < oldest_kept and path not in good:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+                log(f"removed old damaged checkpoint {path.name}")
     return removed
 
 
@@ -206,8 +237,11 @@ def list_step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def verify_checkpoint(step_dir: Path, hashes: bool = True) -> Optional[str]:
-    """None when the folder is complete and intact, else a one-line reason."""
+def verify_checkpoint(step_dir: Path, hashes: bool = True, only: Optional[set] = None) -> Optional[str]:
+    """None when the folder is complete and intact, else a one-line reason.
+
+    Every file's size is checked; with ``hashes`` its sha256 too, for every file or (``only``) for the files a
+    reader will actually read (an export reads the weights, not the ~10 GB of DeepSpeed state)."""
     step_dir = Path(step_dir)
     marker_path = step_dir / MARKER
     if not marker_path.is_file():
@@ -228,21 +262,40 @@ def verify_checkpoint(step_dir: Path, hashes: bool = True) -> Optional[str]:
             return f"file {rel} has {size} bytes, the marker says {info.get('size')} (truncated or rewritten)"
     if hashes:
         for rel, info in sorted(files.items()):
+            if only is not None and rel not in only:
+                continue
             if "sha256" in info and sha256_file(step_dir / rel) != info["sha256"]:
                 return f"file {rel} does not match its sha256 in {MARKER} (corrupted)"
     return None
 
 
-def find_latest(run_dir: Path, hashes: bool = True, warn: Optional[Callable[[str], None]] = None) -> Optional[Path]:
-    """The newest step folder that verifies; every newer one that does not is reported through ``warn``."""
+def find_latest(run_dir: Path, hashes: bool = True, warn: Optional[Callable[[str], None]] = None,
+                only: Optional[set] = None) -> Optional[Path]:
+    """The newest step folder that verifies; every newer one that does not is reported through ``warn``, naming
+    the folder used instead."""
     if warn is None:
         warn = lambda msg: warnings.warn(msg, stacklevel=2)  # noqa: E731
+    skipped = []
     for step, path in reversed(list_step_dirs(run_dir)):
-        reason = verify_checkpoint(path, hashes=hashes)
+        reason = verify_checkpoint(path, hashes=hashes, only=only)
         if reason is None:
+            for bad, why in skipped:
+                warn(f"checkpoint {bad} is not usable: {why}; falling back to {path.name}")
             return path
-        warn(f"checkpoint {path} is not usable: {reason}; falling back to the previous one")
+        skipped.append((path, reason))
+    for bad, why in skipped:
+        warn(f"checkpoint {bad} is not usable: {why}; no older checkpoint verifies")
     return None
+
+
+def damaged_checkpoints(run_dir: Path, hashes: bool = False) -> list[tuple[Path, str]]:
+    """``(folder, reason)`` of every step folder that does not verify, oldest first."""
+    out = []
+    for _, path in list_step_dirs(run_dir):
+        reason = verify_checkpoint(path, hashes=hashes)
+        if reason is not None:
+            out.append((path, reason))
+    return out
 
 
 def read_trainer_state(step_dir: Path) -> dict[str, Any]:
@@ -253,33 +306,48 @@ def read_trainer_state(step_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read the trainer state ({e})") from None
 
 
-def resolve_checkpoint(path: Path, hashes: bool = True) -> Path:
-    """``path`` is a run directory (-> newest complete checkpoint) or one step folder (-> verified as is)."""
+def resolve_checkpoint(path: Path, hashes: bool = True, only: Optional[set] = None,
+                       warn: Optional[Callable[[str], None]] = None) -> Path:
+    """``path`` is a run directory (-> newest checkpoint that verifies, newer damaged ones reported through
+    ``warn``) or one step folder (-> verified as is: an error names what is wrong)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such run directory or checkpoint")
     if (path / MARKER).is_file() or _STEP_RE.match(path.name):
-        reason = verify_checkpoint(path, hashes=hashes)
+        reason = verify_checkpoint(path, hashes=hashes, only=only)
         if reason:
             raise CheckpointError(f"{path}: {reason}")
         return path
-    found = find_latest(path, hashes=hashes)
+    found = find_latest(path, hashes=hashes, warn=warn, only=only)
     if found is None:
         raise CheckpointError(f"{path}: no complete checkpoint (no step_XXXXXXXX folder with a valid {MARKER})")
     return found
 
 
-def load_inference_weights(run_dir: str | Path, ema: bool = True):
-    """``(state_dict, meta)`` of the newest complete checkpoint of a run (or of one step folder).
+def load_inference_weights(run_dir: str | Path, ema: bool = True, verify: bool = True,
+                           warn: Optional[Callable[[str], None]] = None):
+    """``(state_dict, meta)`` of the newest checkpoint of a run that verifies (or of one step folder).
 
-    ``ema=True`` gives the EMA weights (what sampling should use), ``ema=False`` the raw fp32 weights.
+    ``ema=True`` gives the EMA weights (what sampling should use), ``ema=False`` the raw fp32 weights. The folder
+    is verified as resume verifies it (every size in COMPLETE.json, and the sha256 of the files read);
+    ``verify=False`` skips that and takes the newest folder that has the file (callers must say so loudly).
     ``meta`` follows :mod:`lamamba_dist.weights`: model, resolution, num_classes, learn_sigma, plus step,
     images_seen, ema (bool), ema_decay and the run directory.
     """
     from lamamba_dist.weights import load_weights
 
-    step_dir = resolve_checkpoint(Path(run_dir), hashes=False)
-    sd, meta = load_weights(step_dir / (EMA_FILE if ema else RAW_FILE))
+    rel = EMA_FILE if ema else RAW_FILE
+    if verify:
+        step_dir = resolve_checkpoint(Path(run_dir), hashes=True, only={rel, STATE_FILE}, warn=warn)
+    else:
+        path = Path(run_dir)
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such run directory or checkpoint")
+        cands = [path] if (path / rel).is_file() else [p for _, p in reversed(list_step_dirs(path)) if (p / rel).is_file()]
+        if not cands:
+            raise CheckpointError(f"{path}: no {rel} in it or in any step_XXXXXXXX folder")
+        step_dir = cands[0]
+    sd, meta = load_weights(step_dir / rel)
     meta = dict(meta)
     meta["checkpoint"] = str(step_dir)
     return sd, meta

@@ -13,6 +13,9 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--config", required=True, help="experiment TOML (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (TOML syntax), e.g. --set train.steps=1000; repeatable")
+    p.add_argument("--move-damaged-aside", action="store_true",
+                   help="when checkpoint folders exist but none verifies: move them to [checkpoint] dir/damaged/ and "
+                        "start at step 0 (without this flag training refuses to start over them)")
     p.add_argument("--dry-run", action="store_true",
                    help="parse the config, build the model on the meta device and the DeepSpeed config, then exit")
     p.set_defaults(func=run)
@@ -41,7 +44,7 @@ def run(args) -> int:
     from lamamba_dist.train.trainer import TrainingError
 
     try:
-        return run_training(cfg)
+        return run_training(cfg, move_damaged_aside=args.move_damaged_aside)
     except (TrainingError, CheckpointError, DataError) as e:  # bad config, data or checkpoint for this config
         raise CLIError(str(e)) from None
     except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and exits with 3)
@@ -61,6 +64,9 @@ def add_export_parser(sub, name: str, help_text: str):
     p.add_argument("run_dir", help="run directory ([checkpoint] dir) or one step_XXXXXXXX folder")
     p.add_argument("out", help="output .safetensors file")
     p.add_argument("--raw", action="store_true", help="export the raw (non-EMA) fp32 weights")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not check the files against the checkpoint's COMPLETE.json (sizes and sha256): damaged "
+                        "weights then export without an error")
     p.set_defaults(func=run_export)
     return p
 
@@ -70,10 +76,16 @@ def run_export(args) -> int:
     from lamamba_dist.train.checkpoint import CheckpointError, load_inference_weights
     from lamamba_dist.weights import save_weights
 
+    import sys
+
+    warn = lambda msg: print(f"lamamba export: WARNING: {msg}", file=sys.stderr)  # noqa: E731
+    if args.no_verify:
+        warn("--no-verify: the weights are NOT checked against the checkpoint's COMPLETE.json; a damaged file "
+             "exports silently")
     try:
-        sd, meta = load_inference_weights(args.run_dir, ema=not args.raw)
+        sd, meta = load_inference_weights(args.run_dir, ema=not args.raw, verify=not args.no_verify, warn=warn)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
-        raise CLIError(str(e)) from None
+        raise CLIError(f"{e}" + ("" if args.no_verify else " (--no-verify reads it anyway)")) from None
     meta = {k: v for k, v in meta.items() if k != "checkpoint"} | {"source_checkpoint": meta.get("checkpoint")}
     path = save_weights(args.out, sd, meta)
     n = sum(v.numel() for v in sd.values())

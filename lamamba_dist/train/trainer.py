@@ -202,11 +202,13 @@ def build_model(cfg, device: Optional[torch.device] = None) -> torch.nn.Module:
 
 
 class Trainer:
-    def __init__(self, cfg, *, resume: bool = True, init_on_device: bool = False):
+    def __init__(self, cfg, *, resume: bool = True, init_on_device: bool = False, move_damaged_aside: bool = False):
         """Join the process group, find the checkpoint to resume from, build model, engine, EMA and loader.
 
         ``resume=False`` (benchmarks): no checkpoint is looked for and nothing is written under
         ``[checkpoint] dir``. ``init_on_device=True``: build the model on this rank's GPU (:func:`build_model`).
+        When step folders exist but none verifies, training refuses to start (it would overwrite them) unless
+        ``move_damaged_aside``: they are then moved to ``RUN/damaged/`` and training starts at step 0.
         """
         import deepspeed
         import torch.distributed as dist
@@ -230,13 +232,35 @@ class Trainer:
 
         # ---------------------------------------------------------- find the checkpoint to resume from
         found_dir = None
+        refuse = None
         if self.is_main and resume:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_tmp(self.run_dir, log=self.info)
-            found = ckpt.find_latest(self.run_dir, hashes=self.ccfg.verify == "hash", warn=self.warn)
+            hashes = self.ccfg.verify == "hash"
+            found = ckpt.find_latest(self.run_dir, hashes=hashes, warn=self.warn)
             found_dir = str(found) if found else None
+            steps = ckpt.list_step_dirs(self.run_dir)
+            if found is None and steps:
+                bad = [(p, ckpt.verify_checkpoint(p, hashes=hashes) or "unusable") for _, p in steps]
+                if move_damaged_aside:
+                    for p, why in bad:
+                        dest = ckpt.move_aside(p, self.run_dir, why)
+                        self.warn(f"moved the damaged checkpoint {p.name} aside to {dest} ({why})")
+                else:
+                    listing = "; ".join(f"{p.name}: {why}" for p, why in bad)
+                    refuse = (f"{self.run_dir}: {len(bad)} checkpoint folder(s) and none verifies, so training will not "
+                              f"start again from step 0 over them ({listing}). To start fresh anyway, rerun with "
+                              f"--move-damaged-aside (they are moved to {self.run_dir / ckpt.DAMAGED_DIR}/, never "
+                              "deleted), or use another [checkpoint] dir")
+            elif found is not None:
+                for p, why in ckpt.damaged_checkpoints(self.run_dir, hashes=False):
+                    if p.name < found.name:
+                        self.warn(f"older checkpoint {p.name} is damaged ({why}); retention removes it like any "
+                                  "old checkpoint")
         if resume:
-            found_dir = self._bcast(found_dir)
+            found_dir, refuse = self._bcast((found_dir, refuse))
+            if refuse:
+                raise TrainingError(refuse)
         self.resume_dir: Optional[Path] = Path(found_dir) if found_dir else None
         self.state: dict[str, Any] = ckpt.read_trainer_state(self.resume_dir) if self.resume_dir else {}
         if self.state:
@@ -555,7 +579,7 @@ class Trainer:
     def _rollback(self) -> None:
         # The newest checkpoint written before the non-finite streak began (one written during it may
         # hold weights damaged by a step that DeepSpeed could not skip).
-        target = [p for s, p in self.saved if s < self.streak_start and (p / ckpt.MARKER).is_file()]
+        target = [p for s, p in self.saved if s < self.streak_start and ckpt.verify_checkpoint(p, hashes=False) is None]
         if not target:
             raise TrainingError(f"{self.nonfinite_in_row} non-finite steps in a row and no checkpoint from before "
                                 f"step {self.streak_start} to roll back to")
@@ -777,13 +801,13 @@ class Trainer:
             pass
 
 
-def run_training(cfg) -> int:
+def run_training(cfg, move_damaged_aside: bool = False) -> int:
     """See :func:`lamamba_dist.train.run_training`."""
     import torch.distributed as dist
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     with StopSignals():
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, move_damaged_aside=move_damaged_aside)
         try:
             return trainer.run()
         finally:
