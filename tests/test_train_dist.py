@@ -278,3 +278,29 @@ def test_no_silent_start_from_scratch_over_damaged_checkpoints(tmp_path):
     assert len(aside) == 2 and aside[0].startswith("step_00000001-") and aside[1].startswith("step_00000002-"), aside
     assert "resumed from" not in res.stderr and "moved the damaged checkpoint step_00000001 aside" in res.stderr
     assert json.loads((step_dir(tmp_path, 2) / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_one_trainer_per_run_folder_and_a_killed_holder_is_taken_over(tmp_path):
+    """A second `lamamba train` on a running run folder refuses (rc 2) naming the holder; after the holder is
+    killed with SIGKILL its lock is stale, and the rerun takes it over and resumes."""
+    import os
+    import signal as sig
+
+    first = _start_single(tmp_path, steps=500)
+    try:
+        second = subprocess.run([sys.executable, "-m", "lamamba_dist.cli", "train", "--config", str(DEBUG_CONFIG),
+                                 "--set", f'checkpoint.dir="{tmp_path}"', "--set", "train.steps=3"], cwd=ROOT,
+                                env=train_env(), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        err = second.stderr.strip().splitlines()[-1]
+        assert "another lamamba train holds" in err and f"PID {first.pid}" in err, err
+    finally:
+        os.killpg(first.pid, sig.SIGKILL)
+        first.communicate(timeout=60)
+    third = subprocess.run([sys.executable, "-m", "lamamba_dist.cli", "train", "--config", str(DEBUG_CONFIG),
+                            "--set", f'checkpoint.dir="{tmp_path}"', "--set", "train.steps=3", "--set",
+                            "train.global_batch=2"], cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "taking over the stale lock" in third.stderr and f"PID {first.pid} no longer runs" in third.stderr
+    assert not (tmp_path / ".lock").exists()

@@ -233,7 +233,15 @@ class Trainer:
         # ---------------------------------------------------------- find the checkpoint to resume from
         found_dir = None
         refuse = None
+        self._lock = None
         if self.is_main and resume:
+            from lamamba_dist.runlock import LockedError, RunLock
+
+            try:  # one trainer per run folder (rank 0 holds it; released by close() and on every error path)
+                self._lock = RunLock(self.run_dir, "lamamba train", log=self.warn).acquire()
+            except LockedError as e:
+                refuse = str(e)
+        if self.is_main and resume and refuse is None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_tmp(self.run_dir, log=self.info)
             hashes = self.ccfg.verify == "hash"
@@ -260,6 +268,8 @@ class Trainer:
         if resume:
             found_dir, refuse = self._bcast((found_dir, refuse))
             if refuse:
+                if self._lock is not None:
+                    self._lock.release()
                 raise TrainingError(refuse)
         self.resume_dir: Optional[Path] = Path(found_dir) if found_dir else None
         self.state: dict[str, Any] = ckpt.read_trainer_state(self.resume_dir) if self.resume_dir else {}
@@ -795,6 +805,8 @@ class Trainer:
             self.engine.destroy()
         except Exception:  # pragma: no cover
             pass
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
         try:
             self.dist.barrier()
         except Exception:  # pragma: no cover
@@ -806,8 +818,14 @@ def run_training(cfg, move_damaged_aside: bool = False) -> int:
     import torch.distributed as dist
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    from lamamba_dist.runlock import release_all
+
     with StopSignals():
-        trainer = Trainer(cfg, move_damaged_aside=move_damaged_aside)
+        try:
+            trainer = Trainer(cfg, move_damaged_aside=move_damaged_aside)
+        except BaseException:
+            release_all()  # the run folder's lock, when the error came after it was taken
+            raise
         try:
             return trainer.run()
         finally:
