@@ -70,6 +70,7 @@ class Settings:
     object_store_memory: Optional[int] = None
     num_cpus: Optional[int] = None  # only for a local cluster started here
     progress: bool = True
+    read_timeout: float = 120.0  # seconds per source file read before it is skipped as unreadable
 
 
 # --------------------------------------------------------------------------- the plan
@@ -133,13 +134,14 @@ def _check_existing(manifest_path: Path, want: dict) -> dict | None:
 # --------------------------------------------------------------------------- Ray stages
 
 
-def decode_batch(batch: dict, folder: str, resolution: int, min_side: int) -> dict:
-    """Ray Data task: read + convert + crop; failed images become zero arrays with a non-empty status."""
+def decode_batch(batch: dict, folder: str, resolution: int, min_side: int, read_timeout: float = 120.0) -> dict:
+    """Ray Data task: read (each file within ``read_timeout`` s) + convert + crop; failed images become zero arrays
+    with a non-empty status."""
     n = len(batch["rel"])
     images = np.zeros((n, resolution, resolution, 3), np.uint8)
     status, note = [], []
     for i, rel in enumerate(batch["rel"]):
-        arr, msg = load_image(os.path.join(folder, str(rel)), resolution, min_side)
+        arr, msg = load_image(os.path.join(folder, str(rel)), resolution, min_side, timeout=read_timeout)
         if arr is None:
             status.append(msg)
             note.append("")
@@ -324,48 +326,16 @@ def run_preprocess(st: Settings) -> dict:
         raise PreprocessError(str(e)) from None
     out = Path(st.out)
     out.mkdir(parents=True, exist_ok=True)
-    with _OutputLock(out):
-        return _run_locked(st, out, folder, classes, images, scale)
+    from lamamba_dist.runlock import LockedError, RunLock
 
-
-class _OutputLock:
-    """One job per output folder: OUT/.lock holds the driver's host:pid; a lock of a dead local process is taken over."""
-
-    def __init__(self, out: Path):
-        self.path = out / ".lock"
-
-    def __enter__(self):
-        import socket
-
-        me = f"{socket.gethostname()}:{os.getpid()}"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self.path.read_text().strip() if self.path.exists() else ""
-                host, _, pid = owner.partition(":")
-                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                    self.path.unlink(missing_ok=True)  # left by a killed job
-                    continue
-                raise PreprocessError(f"{self.path}: another preprocess job ({owner or 'unknown'}) is writing this "
-                                      f"folder; delete the lock file if that job is gone") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            return self
-        raise PreprocessError(f"{self.path}: cannot take the lock")
-
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        lock = RunLock(out, "lamamba preprocess", log=lambda m: log.warning("%s", m)).acquire()
+    except LockedError as e:
+        raise PreprocessError(str(e)) from None
+    try:
+        return _run_locked(st, out, folder, classes, images, scale)
+    finally:
+        lock.release()
 
 
 def _run_locked(st: Settings, out: Path, folder: Path, classes: list[str], images: list[SourceImage],
@@ -412,7 +382,8 @@ def _run_ray(st: Settings, folder: str, rows: list[dict], writer: ShardWriter, t
         n_actors, res, device, threads, decode_cpus = _encoder_layout(st)
         blocks = max(1, math.ceil(len(rows) / max(128, st.encode_batch)))
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
-        ds = ds.map_batches(decode_batch, fn_kwargs=dict(folder=folder, resolution=st.resolution, min_side=st.min_side),
+        ds = ds.map_batches(decode_batch, fn_kwargs=dict(folder=folder, resolution=st.resolution, min_side=st.min_side,
+                                                         read_timeout=st.read_timeout),
                             batch_size=max(8, st.encode_batch), num_cpus=decode_cpus)
         ds = ds.map_batches(EncodeActor, fn_constructor_kwargs=dict(vae=st.vae, device=device, dtype=st.dtype,
                                                                     encode_batch=st.encode_batch, threads=threads),
@@ -451,6 +422,8 @@ def add_parser(sub, name: str, help_text: str) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     p.add_argument("--object-store-memory", type=int, default=None, help="bytes, local cluster only")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--read-timeout", type=float, default=120.0,
+                   help="seconds to read one source file before skipping it as unreadable (a hung mount)")
     p.set_defaults(func=_run_cli)
 
 
@@ -463,7 +436,10 @@ def _run_cli(args) -> int:
     st = Settings(src=args.src, out=args.out, resolution=args.resolution, vae=args.vae, split=args.split,
                   shard_size=args.shard_size, order_seed=args.order_seed, min_side=args.min_side, dtype=args.dtype,
                   encode_batch=args.encode_batch, address=args.address, num_actors=args.num_actors,
-                  object_store_memory=args.object_store_memory, num_cpus=args.num_cpus, progress=not args.no_progress)
+                  object_store_memory=args.object_store_memory, num_cpus=args.num_cpus, progress=not args.no_progress,
+                  read_timeout=args.read_timeout)
+    if not args.read_timeout > 0:
+        raise CLIError(f"--read-timeout {args.read_timeout}: must be > 0")
     if args.address and (args.num_cpus or args.object_store_memory):
         raise CLIError("--num-cpus and --object-store-memory size a local Ray cluster; with --address the "
                        "cluster's own resources are used")

@@ -117,8 +117,8 @@ def test_one_job_per_output_folder(assets, tmp_path):
     import socket
 
     src, vae = assets
-    (tmp_path / ".lock").write_text(f"{socket.gethostname()}:{os.getpid()}")  # a live process holds it
-    with pytest.raises(PreprocessError, match="another preprocess job"):
+    (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))  # live holder
+    with pytest.raises(PreprocessError, match=f"another lamamba preprocess holds .*PID {os.getpid()}"):
         run_preprocess(Settings(src=str(src), out=str(tmp_path), resolution=64, vae=str(vae)))
     assert (tmp_path / ".lock").exists()
 
@@ -240,3 +240,58 @@ def test_ray_preprocess_end_to_end_killed_and_rerun(assets, tmp_path):
         assert (part / p.name).read_bytes() == p.read_bytes(), p.name
     rerun = json.loads((part / "manifest.json").read_text())
     assert rerun == json.loads((full / "manifest.json").read_text())
+
+
+def _tiny_png(path):
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(path)
+
+
+def test_scan_visits_each_real_directory_once_and_never_opens_special_files(tmp_path):
+    """`ln -s .. n01/loop` used to multiply the images (all labelled class 0); a FIFO named *.JPEG hung the job."""
+    from data_pipeline.images import scan_source
+
+    for wnid in ("n01", "n02"):
+        (tmp_path / wnid).mkdir()
+        _tiny_png(tmp_path / wnid / "a.png")
+    (tmp_path / "n01" / "loop").symlink_to("..")            # a loop back to SRC
+    (tmp_path / "n01" / "again").symlink_to(tmp_path / "n02")  # another class's folder, a second time
+    (tmp_path / "n01" / "sub").mkdir()
+    (tmp_path / "n01" / "sub" / "back").symlink_to(tmp_path / "n01")  # a loop inside a class
+    (tmp_path / "n02" / "same.png").symlink_to(tmp_path / "n02" / "a.png")  # the same file twice
+    os.mkfifo(tmp_path / "n02" / "pipe.JPEG")
+    (tmp_path / "n02" / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    classes, images, warnings = scan_source(tmp_path)
+    assert classes == ["n01", "n02"]
+    assert [(im.rel, im.label) for im in images] == [("n01/a.png", 0), ("n02/a.png", 1)]
+    text = "\n".join(warnings)
+    assert "n01/loop: a link into the source folder itself" in text, text
+    assert "n01/again: a link into class folder n02" in text, text
+    assert "n01/sub/back: the same directory as n01" in text, text
+    assert "n02/pipe.JPEG: a FIFO, not a regular file; not opened" in text, text
+    assert "n02/same.png: the same file as n02/a.png" in text and "n02/dangling.jpg: cannot stat" in text, text
+
+
+def test_a_read_that_stalls_times_out_and_the_image_is_skipped(tmp_path, monkeypatch):
+    """A read that never returns (a hung network mount) is given up after the timeout and the image skipped;
+    later reads still work. The hang is a FIFO without a writer behind the real read path."""
+    import time
+
+    from data_pipeline import images
+
+    _tiny_png(tmp_path / "ok.png")
+    fifo = tmp_path / "stuck"
+    os.mkfifo(fifo)
+    real = images._read_bytes
+    monkeypatch.setattr(images, "_read_bytes", lambda path: open(fifo, "rb").read() if path == "hung.png" else real(path))
+    t0 = time.monotonic()
+    arr, msg = images.load_image("hung.png", 16, 8, timeout=0.5)
+    assert arr is None and msg == "unreadable: read timed out after 0.5 s (a hung mount?)", msg
+    assert time.monotonic() - t0 < 10
+    arr, msg = images.load_image(str(tmp_path / "ok.png"), 16, 8, timeout=5.0)  # the next read is not stuck behind it
+    assert arr is not None and arr.shape == (16, 16, 3), msg
+    arr, msg = images.load_image(str(fifo), 16, 8, timeout=5.0)  # a FIFO itself is refused before any open()
+    assert arr is None and "not a regular file" in msg
+    w = os.open(fifo, os.O_WRONLY)  # release the stuck reader thread (its open() returns, read() sees EOF)
+    os.close(w)
