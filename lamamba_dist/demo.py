@@ -26,8 +26,44 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = ROOT / "configs" / "demo.toml"
+# The demo's experiment config, carried in the package so that the demo needs no repository checkout;
+# configs/demo.toml is the same text (a test keeps them equal).
+DEMO_TOML = """\
+# `lamamba demo`: LaMamba-Diff (debug size) on procedural coloured shapes, 32 px, 4 classes, 2 CPU ranks.
+# The demo sets [data] shards and [checkpoint] dir to its own folders (see lamamba_dist/demo.py).
+[model]
+name = "LaMamba-debug"
+resolution = 32
+num_classes = 4
+class_dropout = 0.1
+
+[diffusion]
+num_timesteps = 1000
+
+[data]
+shards = "runs/demo/latents"
+num_workers = 0
+
+[optim]
+lr = 2e-3          # tiny model, few steps: far above the paper's 1e-4
+ema_decay = 0.99   # EMA over the last ~100 steps (0.9999 suits 400k-step runs)
+
+[train]
+global_batch = 32
+micro_batch = 16
+steps = 1000
+precision = "fp32"
+zero_stage = 2
+log_every = 50
+
+[checkpoint]
+dir = "runs/demo/run"
+every = 100
+keep = 2
+
+[logging]
+wandb = false
+"""
 CLASSES = ("red_disc", "green_square", "blue_triangle", "yellow_cross")
 COLOURS = ((220, 40, 40), (40, 200, 60), (50, 90, 230), (235, 215, 40))
 
@@ -157,7 +193,6 @@ def train_vae(images_dir: Path, out: Path, res: int, steps: int, seed: int = 0, 
 def _env() -> dict:
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     env.setdefault("WANDB_MODE", "offline")
     env["OMP_NUM_THREADS"] = "1"
     return env
@@ -168,11 +203,13 @@ def run_demo(out: Path, *, per_class: int, vae_steps: int, steps: int | None, np
     from lamamba_dist.cli import CLIError
     from lamamba_dist.config import load_config
 
-    if not DEMO_CONFIG.is_file():
-        raise CLIError(f"{DEMO_CONFIG} not found: run the demo from a clone of the repository")
-    cfg = load_config(DEMO_CONFIG)
-    res = cfg.model.resolution
+    out = Path(out).resolve()  # every path handed to a subprocess is absolute: the user's cwd decides, nothing else
     out.mkdir(parents=True, exist_ok=True)
+    demo_config = out / "demo.toml"
+    if not demo_config.is_file() or demo_config.read_text() != DEMO_TOML:
+        demo_config.write_text(DEMO_TOML)
+    cfg = load_config(demo_config)
+    res = cfg.model.resolution
     t0 = time.monotonic()
     timings = {}
 
@@ -206,12 +243,12 @@ def run_demo(out: Path, *, per_class: int, vae_steps: int, steps: int | None, np
     t = time.monotonic()
     run_dir = out / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "lamamba_dist.cli", "train", "--config", str(DEMO_CONFIG),
+           "-m", "lamamba_dist.cli", "train", "--config", str(demo_config),
            "--set", f'data.shards="{out / "latents"}"', "--set", f'checkpoint.dir="{run_dir}"']
     if steps:
         cmd += ["--set", f"train.steps={steps}"]
     log(f"[4/5] training on {nproc} CPU ranks: {' '.join(cmd[2:])}")
-    rc = subprocess.run(cmd, cwd=ROOT, env=_env()).returncode
+    rc = subprocess.run(cmd, cwd=out, env=_env()).returncode
     if rc != 0:
         raise CLIError(f"training failed (exit {rc}); rerun `lamamba demo` to resume it")
     timings["train"] = time.monotonic() - t
@@ -225,7 +262,7 @@ def run_demo(out: Path, *, per_class: int, vae_steps: int, steps: int | None, np
            "--steps", str(sample_steps), "--sampler", "ddim", "--cfg-scale", str(cfg_scale), "--device", "cpu",
            "--out", str(samples), "--grid", str(per * len(CLASSES)), "--overwrite", "--batch-size", "16"]
     log(f"[5/5] sampling: {' '.join(cmd[2:])}")
-    rc = subprocess.run(cmd, cwd=ROOT, env=_env()).returncode
+    rc = subprocess.run(cmd, cwd=out, env=_env()).returncode
     if rc != 0:
         raise CLIError(f"sampling failed (exit {rc})")
     timings["sample"] = time.monotonic() - t
@@ -266,7 +303,8 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--per-class", type=int, default=300, help="procedural images per class (default 300)")
     p.add_argument("--vae-steps", type=int, default=700, help="VAE training steps, batch 16 (default 700, ~2 min)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: [train] steps of configs/demo.toml)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: [train] steps of configs/demo.toml, "
+                                                             "1000)")
     p.add_argument("--nproc", type=int, default=2, help="CPU ranks (default 2)")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")

@@ -370,6 +370,8 @@ def validate_args(args) -> None:
     if args.weights is None and args.checkpoint is None:
         raise _cli_error("give --weights FILE.safetensors or --checkpoint RUN_DIR")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise _cli_error(f"--out {out} is an existing file, not a folder")
     if (out / "sample_info.json").exists() and not args.overwrite:
         raise _cli_error(f"{out} already holds samples (sample_info.json); choose another --out or pass --overwrite")
 
@@ -492,6 +494,16 @@ def run(args) -> int:
             tmpj.replace(out / "sample_info.json")
             print(f"wrote {n} samples to {out} ({elapsed:.1f} s, {n / max(elapsed, 1e-9):.3f} img/s)")
         ok = True
+    except OSError as e:  # disk full, read-only folder: one line, no traceback
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
+                           errno.EISDIR, errno.EEXIST):
+            raise
+        for leftover in Path(args.out).glob("*.tmp"):
+            leftover.unlink(missing_ok=True)
+        raise _cli_error(f"cannot write under {args.out}: {e.strerror or e}"
+                         + (f" ({e.filename})" if getattr(e, "filename", None) else "")) from None
     finally:
         teardown_distributed(info, ok)
     return 0

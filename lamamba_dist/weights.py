@@ -10,6 +10,8 @@ Keys never carry wrapper prefixes (``module.``, ``_orig_mod.``).
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +46,19 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], meta: di
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in strip_wrapper_prefixes(state_dict).items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={"lamamba": json.dumps(meta, sort_keys=True)})
-    tmp.replace(path)
+    try:
+        try:
+            save_file(sd, str(tmp), metadata={"lamamba": json.dumps(meta, sort_keys=True)})
+        except Exception as e:  # safetensors reports I/O failures as its own error type: make them OSErrors
+            m = re.search(r"os error (\d+)", str(e))
+            if not m:
+                raise
+            code = int(m.group(1))
+            raise OSError(code, os.strerror(code), str(tmp)) from None
+        tmp.replace(path)
+    except BaseException:  # disk full, interrupted: no half-written *.tmp left behind, the old file untouched
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -27,3 +27,40 @@ def test_demo_runs_every_stage_and_leaves_a_grid(tmp_path):
     assert (out / "samples" / "grid.png").is_file()
     timings = json.loads((out / "demo_timings.json").read_text())
     assert set(timings) >= {"vae", "preprocess", "train", "sample", "total"}
+
+
+@pytest.mark.slow
+def test_demo_runs_from_another_folder_with_a_normal_install(tmp_path):
+    """`pip install .` (not editable) into a fresh venv, then `lamamba demo --out <relative path>` from a folder that
+    is not the repository: nothing may depend on the checkout, and relative paths follow the user's cwd."""
+    import os
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    env = {**os.environ, "PIP_CACHE_DIR": str(ROOT / ".cache" / "pip")}  # the wheels scripts/test.sh downloaded
+    env.pop("PYTHONPATH", None)
+    pip = [str(py), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints-cpu.txt")]
+    for args in (["torch==2.13.0"], [f"{ROOT}[data,train]"]):
+        res = subprocess.run([*pip, *args], env=env, capture_output=True, text=True, timeout=1500)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = subprocess.run([str(py), "-c", "import lamamba_dist, data_pipeline; print(lamamba_dist.__file__); "
+                            "print(data_pipeline.__file__)"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert where.returncode == 0 and all(str(venv) in line for line in where.stdout.split()), where.stdout + where.stderr
+    run_env = {**train_env(), "PIP_CACHE_DIR": env["PIP_CACHE_DIR"]}
+    run_env.pop("PYTHONPATH", None)
+    res = subprocess.run([str(venv / "bin" / "lamamba"), "demo", "--out", "rel/demo", "--per-class", "16",
+                          "--vae-steps", "10", "--steps", "2", "--sample-steps", "2"], cwd=elsewhere, env=run_env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    out = elsewhere / "rel" / "demo"
+    assert (out / "demo_grid.png").is_file() and (out / "run" / "step_00000002" / "COMPLETE.json").is_file()
+    assert not (ROOT / "rel").exists()
+
+
+def test_the_demo_config_carried_in_the_package_is_configs_demo_toml():
+    from lamamba_dist.demo import DEMO_TOML
+
+    assert DEMO_TOML == (ROOT / "configs" / "demo.toml").read_text()

@@ -256,3 +256,30 @@ def test_prune_removes_old_damaged_folders_and_a_save_moves_a_damaged_one_aside(
     assert len(aside) == 1 and aside[0].name.startswith("step_00000004-")
     assert "truncated" in (aside[0] / "REASON.txt").read_text()
     assert ckpt.verify_checkpoint(tmp_path / "step_00000004") is None
+
+
+def test_export_and_sample_output_paths_that_cannot_be_written_are_one_line_errors(tmp_path, capsys):
+    import shutil
+    import subprocess
+
+    from lamamba_dist.cli import main as cli
+
+    run = tmp_path / "run"
+    weights_checkpoint(run, 1)
+    (tmp_path / "adir").mkdir()
+    assert cli(["export", str(run), str(tmp_path / "adir")]) == 2
+    assert "is an existing folder" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert cli(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "afile"), "--num-samples", "1"]) == 2
+    assert "--out" in capsys.readouterr().err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode != 0:
+        pytest.skip("no way to make a read-only folder here (chattr +i failed); root ignores permission bits")
+    try:
+        assert cli(["export", str(run), str(ro / "w.safetensors")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot write" in err[0] and "Operation not permitted" in err[0], err
+        assert not list(ro.iterdir())  # no *.tmp left
+    finally:
+        subprocess.run(["chattr", "-i", str(ro)])

@@ -41,10 +41,15 @@ def run(args) -> int:
     from lamamba_dist.data import DataError
     from lamamba_dist.train import run_training
     from lamamba_dist.train.checkpoint import CheckpointError
-    from lamamba_dist.train.trainer import TrainingError
+    from lamamba_dist.train.trainer import SaveError, TrainingError
 
     try:
         return run_training(cfg, move_damaged_aside=args.move_damaged_aside)
+    except SaveError as e:  # storage failed during the run (disk full...): exit 1, as for any failed run
+        import sys
+
+        print(f"lamamba train: error: {e}", file=sys.stderr)
+        return 1
     except (TrainingError, CheckpointError, DataError) as e:  # bad config, data or checkpoint for this config
         raise CLIError(str(e)) from None
     except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and exits with 3)
@@ -87,7 +92,14 @@ def run_export(args) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise CLIError(f"{e}" + ("" if args.no_verify else " (--no-verify reads it anyway)")) from None
     meta = {k: v for k, v in meta.items() if k != "checkpoint"} | {"source_checkpoint": meta.get("checkpoint")}
-    path = save_weights(args.out, sd, meta)
+    from pathlib import Path
+
+    if Path(args.out).is_dir():
+        raise CLIError(f"{args.out} is an existing folder; give the output file's path")
+    try:
+        path = save_weights(args.out, sd, meta)
+    except OSError as e:  # disk full, read-only, a file where a folder should be: nothing half-written is left
+        raise CLIError(f"cannot write {args.out}: {e.strerror or e}") from None
     n = sum(v.numel() for v in sd.values())
     print(f"wrote {path}: {meta['model']} @ {meta['resolution']}px, step {meta.get('step')}, "
           f"{'raw' if args.raw else 'EMA'} weights, {n / 1e6:.2f}M values")

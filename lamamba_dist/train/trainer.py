@@ -54,6 +54,10 @@ class TrainingError(RuntimeError):
     """Training cannot start or continue (bad checkpoint for this config, persistent NaNs...)."""
 
 
+class SaveError(TrainingError):
+    """A checkpoint could not be written (disk full, read-only storage); earlier checkpoints are intact."""
+
+
 # --------------------------------------------------------------------------- environment
 
 
@@ -146,7 +150,8 @@ def _fault_hit(point: str, step: int) -> bool:
 
     Points: ``step`` (SIGKILL before training step ``step + 1``), ``save_before_marker`` (SIGKILL after
     the files of the step-``step`` checkpoint are written, before its completion marker), ``nan`` (the
-    latents of the batches of step ``step + 1`` on that rank become NaN; ``step`` may be ``a-b``).
+    latents of the batches of step ``step + 1`` on that rank become NaN; ``step`` may be ``a-b``),
+    ``enospc`` (writing the step-``step`` checkpoint's EMA file fails with "No space left on device").
     """
     spec = os.environ.get("LAMAMBA_FAULT")
     if not spec:
@@ -235,6 +240,8 @@ class Trainer:
         refuse = None
         self._lock = None
         if self.is_main and resume:
+            refuse = self._check_run_dir()
+        if self.is_main and resume and refuse is None:
             from lamamba_dist.runlock import LockedError, RunLock
 
             try:  # one trainer per run folder (rank 0 holds it; released by close() and on every error path)
@@ -365,6 +372,24 @@ class Trainer:
                                    seed=self.tcfg.seed, latent_size=self.latent_size, state=state,
                                    num_timesteps=self.diffusion.num_timesteps, pin_memory=self.on_cuda,
                                    num_classes=self.cfg.model.num_classes)
+
+    def _check_run_dir(self) -> Optional[str]:
+        """Why ``[checkpoint] dir`` cannot hold checkpoints (checked before the first step), or None."""
+        d = self.run_dir
+        if d.exists() and not d.is_dir():
+            return f"[checkpoint] dir = {d} is an existing file, not a folder"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".write_test-{os.getpid()}"
+            with open(probe, "wb") as f:
+                f.write(b"x")
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as e:
+            return (f"[checkpoint] dir = {d} is not writable ({e.strerror or e}): training would fail at its first "
+                    "checkpoint")
+        return None
 
     # ------------------------------------------------------------------ small helpers
     def info(self, msg: str) -> None:
@@ -529,26 +554,51 @@ class Trainer:
                 "ema_decay": self.ocfg.ema_decay, "run_id": self.run_id, **self.vae_meta}
 
     def save(self) -> Path:
-        """Collective: every rank writes its part, rank 0 marks the folder complete and publishes it."""
+        """Collective: every rank writes its part, rank 0 marks the folder complete and publishes it.
+
+        A write that fails on any rank (disk full, the folder gone read-only) is reported by every rank after the
+        collectives, the temporary folder is removed, and :class:`SaveError` names the file and the cause; the
+        earlier checkpoints are untouched (they are never written to).
+        """
         from lamamba_dist.weights import save_weights
 
         t0 = time.perf_counter()
         nonce = self._bcast(os.urandom(4).hex() if self.is_main else None)
         tmp = ckpt.new_tmp_dir(self.run_dir, self.step, nonce)
+        err = None
+
+        def attempt(fn, *a, fault: bool = False, **k):
+            nonlocal err
+            if err is not None:
+                return None
+            try:
+                if fault and _fault_hit("enospc", self.step):  # test hook: the disk fills up during this write
+                    import errno
+
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(a[0]))
+                return fn(*a, **k)
+            except OSError as e:
+                err = f"{getattr(e, 'filename', None) or tmp}: {e.strerror or e}"
+                return None
+
         if self.is_main:
-            tmp.mkdir(parents=True, exist_ok=False)
-        self.dist.barrier()
-        self.engine.save_checkpoint(str(tmp / ckpt.DS_DIR), tag=ckpt.DS_TAG, client_state={"lamamba_step": self.step})
-        ema_sd = self.ema.full_state_dict(dst=0)
+            attempt(tmp.mkdir, parents=True, exist_ok=False)
+        err = self._bcast(err)
+        if err is None:
+            self.dist.barrier()
+            attempt(self.engine.save_checkpoint, str(tmp / ckpt.DS_DIR), tag=ckpt.DS_TAG,
+                    client_state={"lamamba_step": self.step})
+        ema_sd = self.ema.full_state_dict(dst=0)  # collectives: every rank takes part, failed or not
         raw_sd = self.ema.full_master_weights(dst=0)
         extras = self._inference_extras()
         loader_state = _jsonable(self.loader.state_dict())
         rs_path = ckpt.rank_state_path(tmp, self.rank)
-        rs_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"rng": rng_state(), "loader_state": loader_state, "rank": self.rank, "world_size": self.world}, rs_path)
+        attempt(rs_path.parent.mkdir, parents=True, exist_ok=True)
+        attempt(torch.save, {"rng": rng_state(), "loader_state": loader_state, "rank": self.rank,
+                             "world_size": self.world}, rs_path)
         if self.is_main:
-            save_weights(tmp / ckpt.EMA_FILE, {**extras, **ema_sd}, self._meta(ema=True))
-            save_weights(tmp / ckpt.RAW_FILE, {**extras, **raw_sd}, self._meta(ema=False))
+            attempt(save_weights, tmp / ckpt.EMA_FILE, {**extras, **ema_sd}, self._meta(ema=True), fault=True)
+            attempt(save_weights, tmp / ckpt.RAW_FILE, {**extras, **raw_sd}, self._meta(ema=False))
             state = {
                 "format": ckpt.FORMAT_VERSION, "step": self.step, "images_seen": self.images_seen,
                 "world_size": self.world, "zero_stage": self.tcfg.zero_stage, "precision": self.tcfg.precision,
@@ -560,7 +610,21 @@ class Trainer:
                 "skipped_steps": self.skipped_total, "config": self.cfg_dict, "config_source": self.cfg.source,
                 "ds_global_steps": int(self.engine.global_steps), "time": time.time(),
             }
-            (tmp / ckpt.STATE_FILE).write_text(json.dumps(_jsonable(state), indent=1, sort_keys=True))
+            attempt((tmp / ckpt.STATE_FILE).write_text, json.dumps(_jsonable(state), indent=1, sort_keys=True))
+        errors = [err]
+        if self.world > 1:
+            errors = [None] * self.world
+            self.dist.all_gather_object(errors, err)
+        failed = [f"rank {r}: {e}" if self.world > 1 else e for r, e in enumerate(errors) if e]
+        if failed:
+            self.dist.barrier()
+            if self.is_main:
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.dist.barrier()
+            raise SaveError(f"saving the step-{self.step} checkpoint failed: {failed[0]}; the temporary folder was "
+                            f"removed and the earlier checkpoints in {self.run_dir} are intact")
         self.dist.barrier()
         # Hash the files in parallel: file i is hashed by rank i % world.
         files = self._bcast(ckpt.list_files(tmp) if self.is_main else None)
@@ -574,10 +638,21 @@ class Trainer:
         final = None
         if self.is_main:
             digests = {k: v for p in parts for k, v in p.items()}
-            ckpt.write_marker(tmp, digests, self.step)
-            final = ckpt.publish(tmp, self.run_dir, self.step)
-            ckpt.prune(self.run_dir, self.ccfg.keep, log=self.info)
-        final = Path(self._bcast(str(final) if final else None))
+            try:
+                ckpt.write_marker(tmp, digests, self.step)
+                final = ckpt.publish(tmp, self.run_dir, self.step)
+            except OSError as e:
+                import shutil
+
+                err = f"{getattr(e, 'filename', None) or tmp}: {e.strerror or e}"
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                ckpt.prune(self.run_dir, self.ccfg.keep, log=self.info)
+        final, err = self._bcast((str(final) if final else None, err))
+        if err:
+            raise SaveError(f"saving the step-{self.step} checkpoint failed: {err}; the temporary folder was removed "
+                            f"and the earlier checkpoints in {self.run_dir} are intact")
+        final = Path(final)
         self.dist.barrier()
         self.last_saved_step = self.step
         self.last_ckpt_dir = final
