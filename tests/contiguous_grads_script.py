@@ -5,7 +5,6 @@ gradient partitions and the weights after a few steps are bitwise the same eithe
 ``CONTIG_OK <precision> rank<r>`` to ``$CONTIG_RESULTS_DIR/rank<r>.txt``.
 """
 
-import os
 import sys
 
 import deepspeed
@@ -16,6 +15,7 @@ from lamamba_dist.config import OptimConfig, TrainConfig
 from lamamba_dist.models import create_model
 from lamamba_dist.train.ds_config import build_ds_config
 from lamamba_dist.train.ema import ZeroEMA
+from train_helpers import report_line
 
 
 def run(precision: str, contiguous: bool):
@@ -55,7 +55,6 @@ if __name__ == "__main__":
         g0, w0 = run(precision, False)
         assert torch.equal(g1, g0), f"{precision}: gradients differ, max {(g1 - g0).abs().max().item()}"
         assert all(torch.equal(w1[n], w0[n]) for n in w1), f"{precision}: weights differ after 3 steps"
-        with open(os.path.join(os.environ["CONTIG_RESULTS_DIR"], f"rank{rank}.txt"), "a") as f:
-            f.write(f"CONTIG_OK {precision} rank{rank}\n")
+        report_line("CONTIG_RESULTS_DIR", f"CONTIG_OK {precision} rank{rank}", rank)
     dist.barrier()
     dist.destroy_process_group()

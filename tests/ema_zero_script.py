@@ -4,8 +4,6 @@ Each rank appends one line ``EMA_OK <setup> <n tensors> rank<r>`` per setup that
 ``$EMA_RESULTS_DIR/rank<r>.txt`` (one file per rank: the ranks' shared stdout interleaves their lines).
 """
 
-import os
-import sys
 
 import deepspeed
 import torch
@@ -16,6 +14,7 @@ from lamamba_dist.config import OptimConfig, TrainConfig
 from lamamba_dist.models import create_model
 from lamamba_dist.train.ds_config import build_ds_config
 from lamamba_dist.train.ema import ZeroEMA
+from train_helpers import report_line, run_setups
 
 
 def full_fp32(engine, params):
@@ -74,17 +73,9 @@ def run(stage: int, precision: str, decay: float = 0.9, steps: int = 4):
     assert all(torch.equal(again[n], full[n]) for n in full)
     master = ema.full_master_weights(dst=None)
     assert all(torch.equal(master[n], now[n]) for n in now)
-    line = f"EMA_OK zero{stage}-{precision} {len(full)} rank{rank}"
-    print(line, flush=True)
-    with open(os.path.join(os.environ["EMA_RESULTS_DIR"], f"rank{rank}.txt"), "a") as f:
-        f.write(line + "\n")
+    report_line("EMA_RESULTS_DIR", f"EMA_OK zero{stage}-{precision} {len(full)} rank{rank}", rank)
     engine.destroy()
 
 
 if __name__ == "__main__":
-    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
-    for spec in sys.argv[1:]:
-        stage, precision = spec.split("-")
-        run(int(stage), precision)
-    dist.barrier()
-    dist.destroy_process_group()
+    run_setups(run)

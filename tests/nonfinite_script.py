@@ -12,8 +12,6 @@ Each rank appends ``NONFINITE_OK <setup> <optimizer kind> <grad norm of step 1> 
 ``$NONFINITE_RESULTS_DIR/rank<r>.txt``; the test compares the norms across setups.
 """
 
-import os
-import sys
 
 import deepspeed
 import torch
@@ -24,6 +22,7 @@ from lamamba_dist.models import create_model
 from lamamba_dist.train.ds_config import build_ds_config
 from lamamba_dist.train.ema import ZeroEMA
 from lamamba_dist.train.nonfinite import NonFiniteGuard
+from train_helpers import report_line, run_setups
 
 
 def adam_state(engine) -> list[torch.Tensor]:
@@ -93,17 +92,9 @@ def run(stage: int, precision: str):
     assert applied and not v.nonfinite, "the skip stuck"
     after = ema.full_master_weights(dst=None)
     assert any(not torch.equal(before[n], after[n]) for n in before), "clean step after skips did not train"
-    line = f"NONFINITE_OK {stage}-{precision} {guard.kind} {norm1!r} rank{rank}"
-    print(line, flush=True)
-    with open(os.path.join(os.environ["NONFINITE_RESULTS_DIR"], f"rank{rank}.txt"), "a") as f:
-        f.write(line + "\n")
+    report_line("NONFINITE_RESULTS_DIR", f"NONFINITE_OK {stage}-{precision} {guard.kind} {norm1!r} rank{rank}", rank)
     engine.destroy()
 
 
 if __name__ == "__main__":
-    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
-    for spec in sys.argv[1:]:
-        stage, precision = spec.split("-")
-        run(int(stage), precision)
-    dist.barrier()
-    dist.destroy_process_group()
+    run_setups(run)

@@ -92,3 +92,24 @@ def assert_same_tensors(a: dict, b: dict, what: str, exact: bool = True, rtol: f
             assert torch.equal(a[k], b[k]), f"{what}: {k} differs (max abs diff {(a[k].double() - b[k].double()).abs().max().item():.3g})"
         else:
             torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{what}: {k}: {m}")
+
+
+def report_line(env_var: str, line: str, rank: int) -> None:
+    """For scripts run under torchrun: print ``line`` and append it to ``$env_var/rank<rank>.txt`` (one file per rank:
+    the ranks' shared stdout interleaves their lines)."""
+    print(line, flush=True)
+    with open(os.path.join(os.environ[env_var], f"rank{rank}.txt"), "a") as f:
+        f.write(line + "\n")
+
+
+def run_setups(run) -> None:
+    """Main of a torchrun script: one process group, ``run(stage, precision)`` per ``<stage>-<precision>`` argument."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
+    for spec in sys.argv[1:]:
+        stage, precision = spec.split("-")
+        run(int(stage), precision)
+    dist.barrier()
+    dist.destroy_process_group()
