@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +115,27 @@ def run_setups(run) -> None:
         run(int(stage), precision)
     dist.barrier()
     dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def read_only_folder(path: Path):
+    """``path`` (an existing folder) made unwritable for the block; yields the error text a write then gets.
+
+    Permission bits when not root; as root (CI), which ignores them, the immutable attribute (``chattr +i``).
+    Skips the test when neither is possible here."""
+    import pytest
+
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        try:
+            yield "Permission denied"
+        finally:
+            os.chmod(path, 0o755)
+        return
+    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("running as root, which ignores permission bits, and this filesystem refuses the immutable "
+                    "attribute (chattr +i): no way to make a read-only folder here")
+    try:
+        yield "Operation not permitted"
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
