@@ -47,10 +47,47 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def profile_steps(step, steps: int, device: torch.device, top: int = 12) -> dict:
+    """torch.profiler over ``steps`` calls of ``step()``: wall, CPU and device time per step, kernel launches,
+    host syncs and copies per step, the top CPU operators (self time) and the top device kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    wall = time.perf_counter() - t0
+    ev = prof.key_averages()
+
+    def per_step(names) -> float:
+        return sum(e.count for e in ev if e.key in names) / steps
+
+    dev_time = lambda e: getattr(e, "self_device_time_total", 0)  # noqa: E731
+    return {
+        "steps": steps, "wall_ms_per_step": wall * 1e3 / steps,
+        "cpu_ms_per_step": sum(e.self_cpu_time_total for e in ev) / 1e3 / steps,
+        "device_ms_per_step": sum(dev_time(e) for e in ev) / 1e3 / steps,
+        "kernel_launches_per_step": per_step(("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                              "cuLaunchKernelEx")),
+        "memcpy_per_step": per_step(("cudaMemcpyAsync", "cudaMemcpy")),
+        "syncs_per_step": per_step(("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")),
+        "top_cpu_ops": [{"op": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                         "calls_per_step": e.count / steps}
+                        for e in sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]],
+        "top_device_ops": [{"op": e.key[:120], "device_ms_per_step": dev_time(e) / 1e3 / steps,
+                            "calls_per_step": e.count / steps}
+                           for e in sorted(ev, key=dev_time, reverse=True)[:top] if dev_time(e) > 0],
+    }
+
+
 def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int, device: torch.device,
                 precision: str, compile_model: bool, grad_checkpointing: bool = False,
                 scan_backend: str = "auto", attn_backend: str = "auto", peak_tflops: float | None = None,
-                memory_budget: float | None = None, lean_scan_backward: bool = True) -> dict:
+                memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0) -> dict:
     from lamamba_dist.diffusion import create_diffusion
     from lamamba_dist.flops import train_flops_per_image
     from lamamba_dist.models import create_model
@@ -122,6 +159,8 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
                final_loss=float(loss.detach()), compile=compile_info,
                peak_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
                params=sum(p.numel() for p in model.parameters()))
+    if profile:
+        res["profile"] = profile_steps(step, profile, device)
     return res  # model, optimizer and activations are freed with this frame
 
 
@@ -142,7 +181,7 @@ def environment_info(device: torch.device) -> dict:
 def run_bench(models: list[str], resolution: int, batch: int, steps: int, warmup: int, device: str | None = None,
               precision: str | None = None, compile_model: bool = False, grad_checkpointing: bool = False,
               peak_tflops: float | None = None, scan_backend: str = "auto", attn_backend: str = "auto",
-              memory_budget: float | None = None, lean_scan_backward: bool = True) -> dict:
+              memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
     if dev.type == "cuda":
@@ -154,7 +193,8 @@ def run_bench(models: list[str], resolution: int, batch: int, steps: int, warmup
         print(f"# bench {name}: building, first step ...", flush=True)
         results.append(bench_model(name, resolution, batch, steps, warmup, dev, precision, compile_model,
                                    grad_checkpointing, scan_backend, attn_backend, peak_tflops=peak,
-                                   memory_budget=memory_budget, lean_scan_backward=lean_scan_backward))
+                                   memory_budget=memory_budget, lean_scan_backward=lean_scan_backward,
+                                   profile=profile))
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -190,6 +230,9 @@ def add_parser(sub, name: str, help_text: str):
                    help="LaMamba: plain autograd through the SS2D scan core (keeps the (B,4,D,L) snake copies and "
                         "deltas) instead of the lean backward, for A/B measurements")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's bf16 peak used for MFU")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed steps, N more under torch.profiler: CPU and device time per step, kernel "
+                        "launches, host syncs, the top CPU operators and device kernels (in the JSON)")
     p.add_argument("--out", default=None, help="write the JSON here (always printed)")
     p.set_defaults(func=_run)
     return p
@@ -209,7 +252,7 @@ def _run(args) -> int:
         raise CLIError(f"--memory-budget {args.memory_budget}: needs --compile and a value in [0, 1]")
     out = run_bench(models, args.resolution, args.batch, args.steps, args.warmup, args.device, args.precision,
                     args.compile, args.grad_checkpointing, args.peak_tflops, args.scan_backend, args.attn_backend,
-                    args.memory_budget, not args.plain_scan_backward)
+                    args.memory_budget, not args.plain_scan_backward, args.profile)
     text = json.dumps(out, indent=2)
     print(text)
     for r in out["results"]:

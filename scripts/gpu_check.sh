@@ -44,7 +44,7 @@ ratio() {  # mode(eager|compiled) extra-bench-args extra-train-args: lamamba ben
 }
 
 if [ "${EAGER:-1}" = 1 ]; then
-  ratio eager "" "--profile ${PROFILE_STEPS:-3}"
+  ratio eager "--profile ${PROFILE_STEPS:-3}" "--profile ${PROFILE_STEPS:-3}"
 fi
 
 if [ "${RESUME:-1}" = 1 ]; then

@@ -103,10 +103,12 @@ def ratios(out: Path, mode: str) -> dict | None:
                "train_img_per_s": tr.get("img_per_s"), "train_peak_gib": tr.get("peak_gib"),
                "train_first_step_s": tr.get("first_step_s"), "error": tr.get("error")}
         if tr.get("profile"):
-            row["train_profile"] = {k: v for k, v in tr["profile"].items() if k != "top_cpu_ops"}
+            row["train_profile"] = {k: v for k, v in tr["profile"].items() if not k.startswith("top_")}
         if b:
             row.update(bench_step_ms=b["step_ms"], bench_img_per_s=b["img_per_s"], bench_peak_gib=b.get("peak_gib"),
                        bench_first_step_s=b.get("time_to_first_step_s"))
+            if b.get("profile"):
+                row["bench_profile"] = {k: v for k, v in b["profile"].items() if not k.startswith("top_")}
             if tr.get("step_ms"):
                 row["train_over_bench"] = tr["step_ms"] / b["step_ms"]
         res["rows"].append(row)

@@ -313,3 +313,39 @@ def test_per_sample_generators_make_batches_independent(sampler):
     other_seed = d.sample_loop(sampler, fn, (4, 4, 4, 4), generator=sample_generators(8, range(4)),
                                model_kwargs=dict(y=y))
     assert (other_seed - full).abs().max().item() > 0.1
+
+
+@pytest.mark.parametrize("respacing", [None, 5])
+def test_training_losses_copy_nothing_from_the_host_after_the_first_call(respacing):
+    """The schedule tables (and a respaced process's timestep map) are put on the device once: on a GPU a copy from
+    host memory inside the training step waits for the device (a hidden host sync per call). Checked on the meta
+    device: after one call, no tensor moves from the CPU to the batch's device."""
+    from torch.overrides import TorchFunctionMode
+
+    class HostCopies(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func in (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.copy_) and isinstance(out, torch.Tensor):
+                src = args[1] if func is torch.Tensor.copy_ else args[0]
+                if isinstance(src, torch.Tensor) and src.device.type == "cpu" and out.device.type == "meta":
+                    self.seen.append(func.__name__)
+            return out
+
+    d = create_diffusion(timestep_respacing=respacing) if respacing else create_diffusion()
+    x0 = torch.empty(2, 4, 4, 4, device="meta")
+    t = torch.zeros(2, dtype=torch.long, device="meta")
+    noise = torch.empty_like(x0)
+
+    def model(x, ts, y):  # learned sigma: eps and the variance interpolation, like the models
+        assert ts.device.type == "meta"
+        return torch.cat([x, x], dim=1)
+
+    d.training_losses(model, x0, t, model_kwargs={"y": None}, noise=noise)
+    with HostCopies() as mode:
+        d.training_losses(model, x0, t, model_kwargs={"y": None}, noise=noise)
+    assert mode.seen == []

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Sequence, Union
 import numpy as np
 import torch
 
-from lamamba_dist.diffusion.gaussian_diffusion import GaussianDiffusion
+from lamamba_dist.diffusion.gaussian_diffusion import GaussianDiffusion, _table
 
 
 def space_timesteps(num_timesteps: int, section_counts: Union[str, int, Sequence[int]]) -> set[int]:
@@ -68,7 +68,8 @@ class SpacedDiffusion(GaussianDiffusion):
                 last_alpha_cumprod = alpha_cumprod
                 self.timestep_map.append(i)
         super().__init__(betas=np.array(new_betas, dtype=np.float64), **kwargs)
-        self._map = torch.tensor(self.timestep_map, dtype=torch.long)
+        self._map = np.array(self.timestep_map, dtype=np.int64)
 
     def _call_model(self, model: Callable, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
-        return model(x, self._map.to(t.device)[t], **model_kwargs)
+        # The map as a tensor cached on t's device (a copy from host memory per call would wait for the GPU).
+        return model(x, _table(self._map, t.device)[t], **model_kwargs)

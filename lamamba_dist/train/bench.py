@@ -433,28 +433,10 @@ class BenchTrain:
                 "nonfinite": parts[0].get("nonfinite")}
 
     def _profile(self, it, steps: int) -> dict:
-        """torch.profiler over ``steps`` more steps: CPU and device time per step and the top CPU operators."""
-        import torch
-        from torch.profiler import ProfilerActivity, profile
+        """torch.profiler over ``steps`` more trainer steps (lamamba_dist/bench.py ``profile_steps``)."""
+        from lamamba_dist.bench import profile_steps
 
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.on_cuda else [])
-        self._sync()
-        t0 = time.perf_counter()
-        with profile(activities=acts) as prof:
-            for _ in range(steps):
-                self._step(it)
-            self._sync()
-        wall = time.perf_counter() - t0
-        ev = prof.key_averages()
-        cpu = sum(e.self_cpu_time_total for e in ev) / 1e3 / steps
-        dev = sum(getattr(e, "self_device_time_total", 0) for e in ev) / 1e3 / steps
-        top = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-        return {"steps": steps, "wall_ms_per_step": wall * 1e3 / steps, "cpu_ms_per_step": cpu,
-                "device_ms_per_step": dev,
-                "kernel_launches_per_step": sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
-                                                                                  "cudaLaunchKernelExC")) / steps,
-                "top_cpu_ops": [{"op": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
-                                 "calls_per_step": e.count / steps} for e in top]}
+        return profile_steps(lambda: self._step(it), steps, self.device)
 
     def _throughput(self, m: dict, micro: int, accum: int, steps: int) -> dict:
         per_step = m["elapsed"] / steps

@@ -37,6 +37,27 @@ def gradient_accumulation_steps(global_batch: int, micro_batch: int, world_size:
     return global_batch // per_step
 
 
+def aligned_param_groups(params, align_bytes: int = 16) -> list[dict[str, Any]]:
+    """Parameter groups that keep every parameter on an ``align_bytes`` boundary in DeepSpeed's flat buffers.
+
+    ZeRO-1/2 flatten each parameter group into one freshly allocated buffer and make the module's parameters
+    views into it, one after another. A parameter whose size is not a multiple of ``align_bytes`` (LaMamba-S/B/L's
+    relative-position tables, (2w-1)^2 x heads elements) would leave every later one misaligned, and compiled
+    kernels, which load parameters with vector loads, fail on it ("CUDA error: misaligned address"). So the
+    parameters whose sizes are multiples go first, in one group that the first odd-sized parameter ends, and each
+    further odd-sized parameter is a group of its own (frozen ones stay in the first group: they are not flattened). Sizes are counted in bf16 (2 bytes), the narrowest dtype
+    the engine holds, so fp32 buffers are aligned too. Models whose sizes are all multiples (LaMamba-XL, DiT)
+    keep exactly one group. All groups take the optimizer's settings from the DeepSpeed config.
+    """
+    per = max(1, align_bytes // 2)
+    params = list(params)
+    # Frozen parameters are not flattened (DeepSpeed leaves them alone): they stay in the first group.
+    odd = [p for p in params if p.requires_grad and p.numel() % per != 0]
+    ids = {id(p) for p in odd}
+    first = [p for p in params if id(p) not in ids] + odd[:1]
+    return ([{"params": first}] if first else []) + [{"params": [p]} for p in odd[1:]]
+
+
 def bf16_weights(precision: str, zero_stage: int) -> bool:
     """Whether the engine holds bf16 weights (DeepSpeed's bf16 mode) for this precision and ZeRO stage."""
     return precision == "bf16" and zero_stage > 0

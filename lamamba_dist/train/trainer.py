@@ -293,7 +293,7 @@ class Trainer:
 
         # ---------------------------------------------------------- model, engine, objective
         from lamamba_dist.diffusion import create_diffusion
-        from lamamba_dist.train.ds_config import build_ds_config
+        from lamamba_dist.train.ds_config import aligned_param_groups, build_ds_config
 
         m = cfg.model
         model = build_model(cfg, self.device if init_on_device else None)
@@ -323,8 +323,9 @@ class Trainer:
         except ValueError as e:
             raise TrainingError(f"{cfg.source}: {e}") from None
         self.accum = self.ds_config["gradient_accumulation_steps"]
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                    config=self.ds_config)
+        # Parameter groups that keep every weight 16-byte aligned in ZeRO's flat buffers (ds_config.py).
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=aligned_param_groups(
+            model.parameters()), config=self.ds_config)
         # The dtype of the engine's weights: the model input is cast to it, the output back to fp32.
         self.model_dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
         self.diffusion = create_diffusion(cfg.diffusion)
