@@ -3,12 +3,12 @@
 For each setup ``<stage>-<precision>`` given on the command line, from the same initial weights and data:
 
 1. a clean step: the check passes, the step is applied, and the global grad norm is reported;
-2. a NaN loss on rank 1 only: both ranks skip (master weights, Adam state and DeepSpeed's step counter as
-   they were, a skipped step counted);
+2. a NaN loss on rank 1 only: both ranks skip (master weights, Adam state, the LR warm-up schedule and
+   DeepSpeed's step counter as they were, a skipped step counted);
 3. a finite loss with one infinite gradient on rank 1 only: both ranks skip;
 4. a clean step again: applied (the skip did not stick), weights move.
 
-Each rank appends ``NONFINITE_OK <setup> <optimizer kind> <grad norm of step 1> rank<r>`` to
+Each rank appends ``NONFINITE_OK <setup> <optimizer kind> <device|host skip> <grad norm of step 1> rank<r>`` to
 ``$NONFINITE_RESULTS_DIR/rank<r>.txt``; the test compares the norms across setups.
 """
 
@@ -38,10 +38,11 @@ def run(stage: int, precision: str):
     torch.manual_seed(0)
     model = create_model("LaMamba-debug", resolution=32, num_classes=10)
     tc = TrainConfig(global_batch=4, micro_batch=2, zero_stage=stage, precision=precision)
-    ds = build_ds_config(tc, OptimConfig(lr=1e-3), world, on_cuda=False,
+    ds = build_ds_config(tc, OptimConfig(lr=1e-3, warmup_steps=10), world, on_cuda=False,
                          num_params=sum(p.numel() for p in model.parameters()))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     guard = NonFiniteGuard(engine, world_size=world, device=torch.device("cpu"))
+    engine.lr_scheduler.step(4)  # mid warm-up: a non-zero LR that a skipped step must not advance
     ema = ZeroEMA(engine.module, 0.9, rank=rank)
     dtype = torch.bfloat16 if ds["bf16"]["enabled"] else torch.float32
     g = torch.Generator().manual_seed(100 + rank)
@@ -61,9 +62,9 @@ def run(stage: int, precision: str):
         engine.backward(loss)
         if handle is not None:
             handle.remove()
-        verdict = guard.check(loss.detach(), stop=False)
+        guard.check(loss.detach(), stop=False)
         engine.step()
-        guard.after_step()
+        verdict = guard.finish()
         applied = engine.was_step_applied() and not verdict.nonfinite
         if applied:
             ema.update()
@@ -77,7 +78,10 @@ def run(stage: int, precision: str):
         before = ema.full_master_weights(dst=None)
         adam_before = adam_state(engine)
         skipped_before = engine.skipped_steps
+        lr_before, sched_before = engine.get_lr(), engine.lr_scheduler.last_batch_iteration
         v, applied = step(**{what: True})
+        assert engine.get_lr() == lr_before and engine.lr_scheduler.last_batch_iteration == sched_before, \
+            f"{what}: the LR schedule advanced ({sched_before} -> {engine.lr_scheduler.last_batch_iteration})"
         assert not applied, f"{what}: step applied"
         if what == "nan_loss":
             assert v.nonfinite, f"{what}: the check passed"
@@ -88,11 +92,15 @@ def run(stage: int, precision: str):
             f"{what}: optimizer state changed"
         assert engine.skipped_steps == skipped_before + 1, f"{what}: skipped_steps {engine.skipped_steps}"
     before = ema.full_master_weights(dst=None)
+    sched_before = engine.lr_scheduler.last_batch_iteration
     v, applied = step()
     assert applied and not v.nonfinite, "the skip stuck"
+    assert engine.lr_scheduler.last_batch_iteration == sched_before + 1, "the LR schedule did not advance"
     after = ema.full_master_weights(dst=None)
     assert any(not torch.equal(before[n], after[n]) for n in before), "clean step after skips did not train"
-    report_line("NONFINITE_RESULTS_DIR", f"NONFINITE_OK {stage}-{precision} {guard.kind} {norm1!r} rank{rank}", rank)
+    where = "device" if guard.skips_on_device else "host"
+    report_line("NONFINITE_RESULTS_DIR", f"NONFINITE_OK {stage}-{precision} {guard.kind} {where} {norm1!r} rank{rank}",
+                rank)
     engine.destroy()
 
 

@@ -32,27 +32,25 @@ def _run(args, tmp_path, timeout=900):
     return res
 
 
-def test_bench_compiles_with_every_scan_backend(tmp_path):
-    for scan in SCANS:
-        out = tmp_path / f"bench_{scan}.json"
-        _run(["bench", "--models", "LaMamba-debug", "--resolution", "32", "--batch", "8", "--steps", "2",
-              "--warmup", "1", "--compile", "--scan-backend", scan, "--out", str(out)], tmp_path)
-        (r,) = json.loads(out.read_text())["results"]
-        assert r["compiled"] and r["scan_backend"] == scan and r["img_per_s"] > 0
-        assert r["compile"]["graph_breaks"] == 0, (scan, r["compile"])
+@pytest.mark.parametrize("scan", SCANS)
+def test_bench_compiles_with_every_scan_backend(tmp_path, scan):
+    out = tmp_path / f"bench_{scan}.json"
+    _run(["bench", "--models", "LaMamba-debug", "--resolution", "32", "--batch", "8", "--steps", "2",
+          "--warmup", "1", "--compile", "--scan-backend", scan, "--out", str(out)], tmp_path)
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["compiled"] and r["scan_backend"] == scan and r["img_per_s"] > 0
+    assert r["compile"]["graph_breaks"] == 0, (scan, r["compile"])
 
 
-def test_bench_train_compiles_in_bf16_with_every_scan_backend(tmp_path):
+@pytest.mark.parametrize("scan", SCANS)
+def test_bench_train_compiles_in_bf16_with_every_scan_backend(tmp_path, scan):
     out = tmp_path / "bench_train.json"
-    scans = ",".join(f'"{s}"' for s in SCANS)
-    _run(["bench-train", "--config", DEBUG, "--matrix", f"model.scan_backend={scans}", "--set", "train.compile=true",
+    _run(["bench-train", "--config", DEBUG, "--set", f'model.scan_backend="{scan}"', "--set", "train.compile=true",
           "--set", 'train.precision="bf16"', "--micro-batch", "8", "--steps", "2", "--warmup", "1", "--out", str(out)],
          tmp_path)
-    rows = json.loads(out.read_text())["results"]
-    assert len(rows) == len(SCANS)
-    for r in rows:
-        assert "error" not in r and r["img_per_s"] > 0 and r["precision"] == "bf16", r
-        assert r["final_loss"] == r["final_loss"] and r["skipped_steps"] == 0, r
+    (r,) = json.loads(out.read_text())["results"]
+    assert "error" not in r and r["img_per_s"] > 0 and r["precision"] == "bf16", r
+    assert r["final_loss"] == r["final_loss"] and r["skipped_steps"] == 0, r
 
 
 @pytest.mark.parametrize("zero", [2])
@@ -72,7 +70,9 @@ def test_train_bf16_compiled_on_gpu_saves_and_resumes(tmp_path, zero):
 
 
 def test_trainer_step_has_one_host_sync(tmp_path, monkeypatch):
-    """The step's only device-to-host read is the fused check's (torch.cuda.set_sync_debug_mode counts them)."""
+    """The step's only device-to-host read is the fused check's (torch.cuda.set_sync_debug_mode counts them), and
+    it comes after the optimizer step has been queued (ZeRO-2 with fused AdamW skips a non-finite step on the
+    device)."""
     import os
 
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -97,7 +97,10 @@ def test_trainer_step_has_one_host_sync(tmp_path, monkeypatch):
                 tr.train_step(it)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
-        assert len(syncs) <= 1, syncs
+        # (torch also warns once that the debug mode is a prototype: not a sync)
+        syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                 if "called a synchronizing" in str(w.message)]
+        assert len(syncs) == 1 and "nonfinite.py" in syncs[0], syncs
+        assert tr.guard.skips_on_device
     finally:
         tr.close()

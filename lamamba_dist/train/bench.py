@@ -472,12 +472,23 @@ class BenchTrain:
             err = m.get("error")
             if not err:
                 row.update(self._throughput(m, row["micro_batch"], row["accum"], self.args.steps))
+                self._own_peak(row)
         self._free()
         if err:
             row.update(error=err, error_kind="oom" if _is_oom(err) else "error")
         row["memory_after_free_gib"] = self._allocated_gib()
         row["wall_s"] = time.perf_counter() - t_row
         return row
+
+    @staticmethod
+    def _own_peak(row: dict) -> None:
+        """Peak memory of the row itself: what an earlier row left allocated (DeepSpeed's ZeRO-3 engine keeps
+        some after ``destroy()``) is subtracted; the process's own peaks are kept as ``*_process``."""
+        before = row.get("memory_before_gib") or 0.0
+        for key in ("peak_gib", "peak_reserved_gib"):
+            if row.get(key) is not None:
+                row[f"{key}_process"] = row[key]
+                row[key] = row[key] - before
 
     def _allocated_gib(self) -> Optional[float]:
         import torch

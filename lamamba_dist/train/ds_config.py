@@ -5,7 +5,7 @@ Paper recipe (DiT / LaMamba-Diff): AdamW, lr 1e-4 constant, weight decay 0.01 on
 (0.9, 0.999), no gradient clipping, global batch 256.
 
 Optimizer implementation: torch's AdamW through DeepSpeed (``"torch_adam": true``, no JIT build), with
-``fused=True`` on CUDA; with optimizer offload DeepSpeed's CPUAdam (JIT-built once, ~70 s).
+``fused=True`` (GPUs and CPUs: its ``found_inf`` lets nonfinite.py skip a step on the device); with optimizer offload DeepSpeed's CPUAdam (JIT-built once, ~70 s).
 
 Precision (``[train] precision``; README "Precision" says why bf16 is the default):
 
@@ -37,25 +37,23 @@ def gradient_accumulation_steps(global_batch: int, micro_batch: int, world_size:
     return global_batch // per_step
 
 
-def aligned_param_groups(params, align_bytes: int = 16) -> list[dict[str, Any]]:
-    """Parameter groups that keep every parameter on an ``align_bytes`` boundary in DeepSpeed's flat buffers.
+def aligned_param_order(params, align_bytes: int = 16) -> list:
+    """The parameters in the order that keeps every weight whose size allows it on an ``align_bytes`` boundary
+    in DeepSpeed's flat buffers.
 
-    ZeRO-1/2 flatten each parameter group into one freshly allocated buffer and make the module's parameters
-    views into it, one after another. A parameter whose size is not a multiple of ``align_bytes`` (LaMamba-S/B/L's
-    relative-position tables, (2w-1)^2 x heads elements) would leave every later one misaligned, and compiled
-    kernels, which load parameters with vector loads, fail on it ("CUDA error: misaligned address"). So the
-    parameters whose sizes are multiples go first, in one group that the first odd-sized parameter ends, and each
-    further odd-sized parameter is a group of its own (frozen ones stay in the first group: they are not flattened). Sizes are counted in bf16 (2 bytes), the narrowest dtype
-    the engine holds, so fp32 buffers are aligned too. Models whose sizes are all multiples (LaMamba-XL, DiT)
-    keep exactly one group. All groups take the optimizer's settings from the DeepSpeed config.
+    ZeRO-1/2 flatten the parameters into one buffer, one after another, and make the module's parameters views
+    into it. One parameter whose size is not a multiple of ``align_bytes`` (LaMamba-S/B/L's relative-position
+    tables, (2w-1)^2 x heads elements) would shift every later one off the boundary, and compiled blocks fail
+    on such weights on the GPU ("CUDA error: misaligned address" in their matmuls). So the odd-sized ones go
+    last (in their original order); they are only read by index (the attention bias gather), which needs no
+    alignment. Sizes are counted in bf16 (2 bytes), the narrowest dtype the engine holds, so fp32 buffers are
+    aligned too. Models whose sizes are all multiples (LaMamba-XL, DiT) keep their order. One parameter group,
+    as the paper's optimizer has: DeepSpeed's universal checkpoints (elastic resume) need every group to have
+    a part on every rank, which a group of one small tensor does not.
     """
     per = max(1, align_bytes // 2)
     params = list(params)
-    # Frozen parameters are not flattened (DeepSpeed leaves them alone): they stay in the first group.
-    odd = [p for p in params if p.requires_grad and p.numel() % per != 0]
-    ids = {id(p) for p in odd}
-    first = [p for p in params if id(p) not in ids] + odd[:1]
-    return ([{"params": first}] if first else []) + [{"params": [p]} for p in odd[1:]]
+    return [p for p in params if p.numel() % per == 0] + [p for p in params if p.numel() % per != 0]
 
 
 def bf16_weights(precision: str, zero_stage: int) -> bool:
@@ -79,11 +77,11 @@ def build_ds_config(train, optim, world_size: int, *, on_cuda: bool, load_univer
     }
     if not optim.offload_optimizer:
         # torch.optim.AdamW through DeepSpeed ("torch_adam"): no JIT build (FusedAdam takes ~50-85 s per fresh
-        # machine and trips over TORCH_CUDA_ARCH_LIST=9.0a on the GPU image). On CUDA its fused kernel
-        # (``fused=True``), the optimizer the anchors in ANCHORS.md were measured with.
+        # machine and trips over TORCH_CUDA_ARCH_LIST=9.0a on the GPU image). Its fused kernel (``fused=True``,
+        # CUDA and CPU): the optimizer the anchors in ANCHORS.md were measured with, and one that skips a
+        # non-finite step on the device (nonfinite.py).
         params["torch_adam"] = True
-        if on_cuda:
-            params["fused"] = True
+        params["fused"] = True
     cfg: dict[str, Any] = {
         "train_batch_size": train.global_batch,
         "train_micro_batch_size_per_gpu": train.micro_batch,

@@ -1,7 +1,7 @@
 """Non-finite steps: one fused check per step on the device, and skipping the optimizer step on every rank.
 
 The check (:meth:`NonFiniteGuard.check`) runs once per optimizer step, after the last micro-batch's
-backward and before ``engine.step()``:
+backward and before ``engine.step()``; :meth:`NonFiniteGuard.finish` after it returns the verdict:
 
 * the loss summed over the step's micro-batches stays on the device (no sync per micro-batch);
 * the squared L2 norm of this rank's reduced gradients is one ``torch._foreach_norm`` over them;
@@ -10,6 +10,16 @@ backward and before ``engine.step()``:
 
 A step is *non-finite* when the global loss sum or the global grad norm is not finite; every rank then
 sees the same verdict and skips the optimizer step (weights, EMA, Adam state and LR schedule unchanged).
+
+Where the optimizer is torch's fused Adam/AdamW under ZeRO-0/1/2 (the default on GPUs and CPUs), the skip
+happens on the device: the verdict is written into the optimizer's ``found_inf`` tensor (torch's own
+mechanism for skipping a fused step, the one ``GradScaler`` uses), ``engine.step()`` is queued without
+waiting, and the verdict is read in :meth:`finish`, after the whole step has been queued. A host read before
+``engine.step()`` would drain the device queue there and leave the device idle while the host runs the
+optimizer's Python (the per-parameter work of ZeRO's step); read after it, it costs only the wait for work
+already queued. After a device-side skip, :meth:`finish` restores DeepSpeed's bookkeeping of a skipped step
+(its skipped-step count, the LR schedule, ``engine.was_step_applied()``). Other optimizers (ZeRO-3,
+DeepSpeed's BF16_Optimizer, CPU-offloaded Adam) read the verdict in :meth:`check` and skip on the host.
 The grad norm of the check is also what the status line logs, so DeepSpeed's own per-tensor norm
 (``zero_optimization.compute_grad_norm``) and per-tensor overflow check (``bf16.check_grad_overflow``) are
 switched off where DeepSpeed allows it (ds_config.py); where it does not (ZeRO-3 and DeepSpeed's
@@ -28,6 +38,10 @@ versions in :data:`TESTED_DEEPSPEED` (checked when the guard is built). What it 
 * ``BF16_Optimizer`` (ZeRO-0/1 in bf16) and a plain torch optimizer (ZeRO-0 in fp32): to skip, an instance
   ``step`` that clears the gradients (BF16_Optimizer's ``clear_hp_grads``/``clear_lp_grads``) and sets
   ``overflow``, which the engine reads after ``step()`` (``engine.was_step_applied()``).
+* The device-side skip: the torch optimizer inside ZeRO-1/2's optimizer (``optimizer``) or the engine's own
+  (ZeRO-0) gets a ``found_inf`` attribute; after a skipped step the engine's ``skipped_steps`` and
+  ``_step_applied`` are set as DeepSpeed's own overflow path sets them, and the LR scheduler, which
+  ``engine.step()`` advanced, is stepped back (``lr_scheduler.step(last_batch_iteration - 1)``).
 """
 
 from __future__ import annotations
@@ -103,6 +117,23 @@ class _DeepSpeedOptimizer:
         """True when each rank holds a disjoint part of the gradients (ZeRO-1/2), False when each holds all."""
         return self.kind == "zero12"
 
+    def fused_torch_optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The torch fused Adam/AdamW that ``engine.step()`` runs, where a device-side skip applies, else None."""
+        inner = self.opt.optimizer if self.kind == "zero12" else self.opt if self.kind == "torch" else None
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and inner.defaults.get("fused"):
+            return inner
+        return None
+
+    def count_device_skip(self) -> None:
+        """After an ``engine.step()`` whose update the fused optimizer skipped on the device: DeepSpeed's
+        bookkeeping as its own overflow path leaves it (a skipped step counted, the LR schedule not advanced)."""
+        eng = self.engine
+        eng._step_applied = False
+        eng.skipped_steps += 1
+        sched = eng.lr_scheduler
+        if sched is not None:
+            sched.step(sched.last_batch_iteration - 1)
+
     def skip_next_step(self) -> None:
         """Make the coming ``engine.step()`` discard the gradients without updating anything."""
         opt = self.opt
@@ -170,7 +201,7 @@ class Verdict:
 
 
 class NonFiniteGuard:
-    """One per engine. Per step: :meth:`check` before ``engine.step()``, then :meth:`after_step`."""
+    """One per engine. Per step: :meth:`check` before ``engine.step()``, :meth:`finish` after it."""
 
     def __init__(self, engine, *, world_size: int, device: torch.device, group=None):
         self.ds = _DeepSpeedOptimizer(engine)
@@ -179,14 +210,28 @@ class NonFiniteGuard:
         self.group = group
         self._stop = torch.zeros((), dtype=torch.float64, device=device)
         self.last_grad_norm: Optional[float] = None
+        self._flags: Optional[torch.Tensor] = None
+        self._verdict: Optional[Verdict] = None
+        self._has_grads = False
+        fused = self.ds.fused_torch_optimizer()
+        self._found_inf: Optional[torch.Tensor] = None
+        if fused is not None:
+            # torch's fused Adam skips its update (state included) where found_inf != 0: the device-side skip.
+            self._found_inf = torch.zeros((), dtype=torch.float32, device=device)
+            fused.found_inf = self._found_inf
 
     @property
     def kind(self) -> str:
         return self.ds.kind
 
+    @property
+    def skips_on_device(self) -> bool:
+        return self._found_inf is not None
+
     @torch.no_grad()
-    def check(self, loss_sum: torch.Tensor, stop: bool) -> Verdict:
-        """Collective. ``loss_sum``: this rank's summed micro-batch losses (a device scalar)."""
+    def check(self, loss_sum: torch.Tensor, stop: bool) -> None:
+        """Collective, before ``engine.step()``. ``loss_sum``: this rank's summed micro-batch losses (a device
+        scalar). Queues the check; where the skip is on the host, also reads the verdict and arms the skip."""
         grads = self.ds.local_grads()
         if grads:
             norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
@@ -199,19 +244,32 @@ class NonFiniteGuard:
             import torch.distributed as dist
 
             dist.all_reduce(flags, group=self.group)
-        loss, sq, stop_sum = flags.tolist()  # the step's one host sync
-        if grads is not None and not self.ds.grads_partitioned:
-            sq /= self.world  # every rank holds the same full gradients
-        grad_norm = math.sqrt(sq) if grads is not None and math.isfinite(sq) and sq >= 0 else (
-            None if grads is None else float("nan"))
-        nonfinite = not math.isfinite(loss) or (grads is not None and not math.isfinite(sq))
-        if nonfinite:
-            self.ds.skip_next_step()
-        self.last_grad_norm = grad_norm
-        return Verdict(loss_sum=loss, grad_norm=grad_norm, nonfinite=nonfinite, stop=stop_sum > 0)
+        self._flags, self._has_grads, self._verdict = flags, grads is not None, None
+        if self._found_inf is not None:
+            self._found_inf.copy_(torch.isfinite(flags[:2]).all().logical_not())
+        else:
+            self._verdict = self._read()
+            if self._verdict.nonfinite:
+                self.ds.skip_next_step()
 
-    def after_step(self) -> None:
+    def _read(self) -> Verdict:
+        loss, sq, stop_sum = self._flags.tolist()  # the step's one host sync
+        grads = self._has_grads
+        if grads and not self.ds.grads_partitioned:
+            sq /= self.world  # every rank holds the same full gradients
+        grad_norm = math.sqrt(sq) if grads and math.isfinite(sq) and sq >= 0 else (None if not grads else float("nan"))
+        nonfinite = not math.isfinite(loss) or (grads and not math.isfinite(sq))
+        self.last_grad_norm = grad_norm
+        return Verdict(loss_sum=loss, grad_norm=grad_norm, nonfinite=bool(nonfinite), stop=stop_sum > 0)
+
+    def finish(self) -> Verdict:
+        """After ``engine.step()``: the step's verdict (read here where the skip is on the device)."""
+        if self._verdict is None:
+            self._verdict = self._read()
+            if self._verdict.nonfinite:
+                self.ds.count_device_skip()
         self.ds.after_step()
+        return self._verdict
 
     def grad_norm(self) -> Optional[float]:
         """The last step's global grad norm: the check's own, or DeepSpeed's where it computes one in ``step()``

@@ -293,7 +293,7 @@ class Trainer:
 
         # ---------------------------------------------------------- model, engine, objective
         from lamamba_dist.diffusion import create_diffusion
-        from lamamba_dist.train.ds_config import aligned_param_groups, build_ds_config
+        from lamamba_dist.train.ds_config import aligned_param_order, build_ds_config
 
         m = cfg.model
         model = build_model(cfg, self.device if init_on_device else None)
@@ -323,9 +323,9 @@ class Trainer:
         except ValueError as e:
             raise TrainingError(f"{cfg.source}: {e}") from None
         self.accum = self.ds_config["gradient_accumulation_steps"]
-        # Parameter groups that keep every weight 16-byte aligned in ZeRO's flat buffers (ds_config.py).
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=aligned_param_groups(
-            model.parameters()), config=self.ds_config)
+        # ZeRO-1/2 flatten the weights in this order: 16-byte aligned wherever their sizes allow (ds_config.py).
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=aligned_param_order(model.parameters()), config=self.ds_config)
         # The dtype of the engine's weights: the model input is cast to it, the output back to fp32.
         self.model_dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
         self.diffusion = create_diffusion(cfg.diffusion)
@@ -706,7 +706,6 @@ class Trainer:
         loss_sum = None
         micro_losses: list[torch.Tensor] = []
         micro_keys: list[list] = []
-        verdict = None
         for micro in range(self.accum):
             tw = time.perf_counter()
             batch = next(it)
@@ -731,10 +730,12 @@ class Trainer:
             micro_keys.append(batch.get("key", []))
             self.engine.backward(loss)
             if micro == self.accum - 1:
-                verdict = self.guard.check(loss_sum, stop_requested())
+                self.guard.check(loss_sum, stop_requested())
             self.engine.step()
+        # The verdict is read once the whole step is queued (where the optimizer skips on the device), so the
+        # device never idles while the host runs the optimizer's Python.
+        verdict = self.guard.finish()
         applied = self.engine.was_step_applied() and not verdict.nonfinite
-        self.guard.after_step()
         if applied:
             self.ema.update()
         bad_keys: list[str] = []
