@@ -178,10 +178,12 @@ def environment_info(device: torch.device) -> dict:
     return info
 
 
-def run_bench(models: list[str], resolution: int, batch: int, steps: int, warmup: int, device: str | None = None,
+def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int, device: str | None = None,
               precision: str | None = None, compile_model: bool = False, grad_checkpointing: bool = False,
               peak_tflops: float | None = None, scan_backend: str = "auto", attn_backend: str = "auto",
               memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0) -> dict:
+    """One row per (batch, model), batches in the given order (``batch``: an int or a list of them); the ratios
+    are to the first model at the same batch."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
     if dev.type == "cuda":
@@ -189,20 +191,24 @@ def run_bench(models: list[str], resolution: int, batch: int, steps: int, warmup
         torch.backends.cudnn.allow_tf32 = True
     peak = peak_tflops or device_peak_tflops(dev)
     results = []
-    for name in models:
-        print(f"# bench {name}: building, first step ...", flush=True)
-        results.append(bench_model(name, resolution, batch, steps, warmup, dev, precision, compile_model,
-                                   grad_checkpointing, scan_backend, attn_backend, peak_tflops=peak,
-                                   memory_budget=memory_budget, lean_scan_backward=lean_scan_backward,
-                                   profile=profile))
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    for b in [batch] if isinstance(batch, int) else list(batch):
+        rows = []
+        for name in models:
+            print(f"# bench {name}, batch {b}: building, first step ...", flush=True)
+            rows.append(bench_model(name, resolution, b, steps, warmup, dev, precision, compile_model,
+                                    grad_checkpointing, scan_backend, attn_backend, peak_tflops=peak,
+                                    memory_budget=memory_budget, lean_scan_backward=lean_scan_backward,
+                                    profile=profile))
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        base = rows[0]
+        for r in rows:
+            r["img_per_s_ratio_to_first"] = r["img_per_s"] / base["img_per_s"]
+            if r["peak_gib"] is not None and base["peak_gib"]:
+                r["peak_memory_ratio_to_first"] = r["peak_gib"] / base["peak_gib"]
+        results += rows
     base = results[0]
-    for r in results:
-        r["img_per_s_ratio_to_first"] = r["img_per_s"] / base["img_per_s"]
-        if r["peak_gib"] is not None and base["peak_gib"]:
-            r["peak_memory_ratio_to_first"] = r["peak_gib"] / base["peak_gib"]
     return dict(results=results, baseline=base["model"], peak_tflops=peak, environment=environment_info(dev))
 
 
@@ -211,7 +217,8 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--models", default="DiT-XL/2,LaMamba-XL",
                    help="comma-separated registry names; the first is the baseline of the ratios")
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", default="64", help="batch size, or several separated by commas (e.g. 32,64): one row "
+                                                "per batch and model, in one process")
     p.add_argument("--steps", type=int, default=20, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per model (the first included)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -246,11 +253,15 @@ def _run(args) -> int:
     bad = [m for m in models if m not in MODELS]
     if bad or not models:
         raise CLIError(f"unknown model(s) {bad}; valid names: {', '.join(MODELS)}")
-    if args.batch < 1 or args.steps < 1:
+    try:
+        batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
+    except ValueError:
+        raise CLIError(f"--batch {args.batch!r}: give a batch size or several separated by commas") from None
+    if not batches or min(batches) < 1 or args.steps < 1:
         raise CLIError("--batch and --steps must be >= 1")
     if args.memory_budget is not None and not (args.compile and 0.0 <= args.memory_budget <= 1.0):
         raise CLIError(f"--memory-budget {args.memory_budget}: needs --compile and a value in [0, 1]")
-    out = run_bench(models, args.resolution, args.batch, args.steps, args.warmup, args.device, args.precision,
+    out = run_bench(models, args.resolution, batches, args.steps, args.warmup, args.device, args.precision,
                     args.compile, args.grad_checkpointing, args.peak_tflops, args.scan_backend, args.attn_backend,
                     args.memory_budget, not args.plain_scan_backward, args.profile)
     text = json.dumps(out, indent=2)
@@ -258,7 +269,7 @@ def _run(args) -> int:
     for r in out["results"]:
         mem = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "n/a"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"# {r['model']:12s} {r['img_per_s']:9.1f} img/s  x{r['img_per_s_ratio_to_first']:.2f}  "
+        print(f"# {r['model']:12s} batch {r['batch']:4d} {r['img_per_s']:9.1f} img/s  x{r['img_per_s_ratio_to_first']:.2f}  "
               f"peak {mem}  MFU {mfu}  first step {r['time_to_first_step_s']:.1f}s")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

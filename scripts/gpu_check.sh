@@ -3,23 +3,29 @@
 #   bash scripts/device_env.sh --stage          # here: copy the device wheels into .whl/ (carry .whl)
 #   source scripts/device_env.sh && bash scripts/gpu_check.sh $OUT     # on the GPU machine
 #
-# Parts (each can be switched off with PART=0; every part runs under its own timeout):
-#   TESTS    every GPU-marked test (pytest -m gpu, one run per file)
-#   RESUME   `lamamba train` LaMamba-XL 256 bf16 ZeRO-2 (micro MICRO): a checkpoint at step 50, kill -9 (the whole
-#            process group) once step 60 is logged, rerun the same command: it must resume from step 50 and reach
-#            70, with the losses of steps 51-60 equal to the killed run's within bf16 noise (RESUME_RTOL)
-#   EAGER    trainer step vs model step, eager: `lamamba bench-train` (the trainer's own train_step, ZeRO-2) vs
-#            `lamamba bench` (a plain PyTorch loop), DiT-XL/2 and LaMamba-XL at 256 px, micro-batches MICROS
-#   COMPILED the same with the blocks compiled (default scan backend): compiled training must run
-#   AB=1     (off by default) the precision A/B: bf16 vs bf16_autocast, both models, AB_STEPS steps from one start
-# The summary's "pass" needs: the tests, the resume check, and every trainer/compiled row without error.
+# Two phases, so that the whole check fits in about 8 minutes:
+#   1. untimed work, concurrently (the GPU has room for all of it; nothing here is a speed figure):
+#      TESTS   every GPU-marked test (one pytest, TEST_WORKERS processes with pytest-xdist when installed)
+#      RESUME  `lamamba train` LaMamba-XL 256 bf16 ZeRO-2 (micro MICRO): a checkpoint at step 50, kill -9 (the
+#              whole process group) once step 60 is logged, rerun the same command: it must resume from step 50
+#              and reach 70, with the losses of steps 51-60 equal to the killed run's within bf16 noise
+#      WARM    the compiled rows' first steps (fills the compile cache, TORCHINDUCTOR_CACHE_DIR)
+#   2. the timed rows, one process at a time, the GPU to themselves:
+#      EAGER    trainer step vs model step: `lamamba bench-train` (the trainer's own train_step, ZeRO-2) vs
+#               `lamamba bench` (a plain PyTorch loop), MODELS at 256 px, micro-batches MICROS
+#      COMPILED the same with the blocks compiled (default scan backend): compiled training must run
+#   AB=1 (off by default) adds the precision A/B: bf16 vs bf16_autocast, both models, AB_STEPS steps from one start.
+# Each part can be switched off with PART=0 and runs under its own timeout. The summary's "pass" needs the tests,
+# the resume check and every compiled trainer row without error; the ratios (<= 1.05) are reported beside it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 O=${1:-/tmp/gpu_check}
 mkdir -p "$O"
 PY=${PYTHON:-python3}
-MICRO=${MICRO:-32}      # the resume run's and the precision A/B's micro-batch
-MICROS=${MICROS:-32}    # the trainer-vs-model ratios' micro-batches (e.g. MICROS="32 64")
+MICRO=${MICRO:-32}           # the resume run's and the precision A/B's micro-batch
+MICROS=${MICROS:-"32 64"}    # the trainer-vs-model ratios' micro-batches
+STEPS=${STEPS:-10}           # timed steps per ratio row (after WARMUP untimed ones)
+WARMUP=${WARMUP:-3}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/lamamba_inductor}
 T0=$(date +%s)
@@ -30,65 +36,103 @@ MODELS=${MODELS:-DiT-XL/2,LaMamba-XL}
 CONFIGS=${CONFIGS:-"--config configs/dit_xl2_256.toml --config configs/lamamba_XL_256.toml"}
 RES=${RES:-256}
 RESUME_CONFIG=${RESUME_CONFIG:-configs/lamamba_XL_256.toml}
+BATCHES=${MICROS// /,}
+LAMAMBA="$PY -m lamamba_dist.cli"
 
-ratio() {  # mode(eager|compiled) extra-bench-args extra-train-args: lamamba bench per micro-batch, one bench-train
-  local mode=$1 b_extra=$2 t_extra=$3 m
-  for m in $MICROS; do
-    mark "$mode: lamamba bench, batch $m"
-    timeout ${RATIO_TIMEOUT:-240} $PY -m lamamba_dist.cli bench --models $MODELS --resolution $RES --batch $m \
-      --steps 15 --warmup 5 $b_extra --out "$O/bench_${mode}_b$m.json" > "$O/bench_${mode}_b$m.log" 2>&1
-  done
-  mark "$mode: lamamba bench-train, micro-batch ${MICROS// /,}"
-  timeout ${RATIO_TIMEOUT:-240} $PY -m lamamba_dist.cli bench-train $CONFIGS --matrix "micro=${MICROS// /,}" \
-    --steps 15 --warmup 5 $t_extra --out "$O/train_$mode.json" > "$O/train_$mode.log" 2>&1
+bench() {  # mode out-name steps warmup extra...: `lamamba bench`, every model and micro-batch in one process
+  local mode=$1 name=$2 steps=$3 warmup=$4; shift 4
+  timeout ${RATIO_TIMEOUT:-200} $LAMAMBA bench --models $MODELS --resolution $RES --batch $BATCHES \
+    --steps $steps --warmup $warmup "$@" --out "$O/$name.json" > "$O/$name.log" 2>&1
+}
+bench_train() {  # the same for `lamamba bench-train` (the trainer's own step)
+  local mode=$1 name=$2 steps=$3 warmup=$4; shift 4
+  timeout ${RATIO_TIMEOUT:-200} $LAMAMBA bench-train $CONFIGS --matrix "micro=$BATCHES" \
+    --steps $steps --warmup $warmup "$@" --out "$O/$name.json" > "$O/$name.log" 2>&1
 }
 
-if [ "${EAGER:-1}" = 1 ]; then
-  ratio eager "--profile ${PROFILE_STEPS:-3}" "--profile ${PROFILE_STEPS:-3}"
+# ---------------------------------------------------------------- phase 1: untimed, concurrently
+pids=()
+if [ "${TESTS:-1}" = 1 ]; then
+  (
+    mark "tests: start"
+    par=()
+    if $PY -c "import xdist" 2>/dev/null && [ "${TEST_WORKERS:-4}" -gt 1 ]; then par=(-n "${TEST_WORKERS:-4}"); fi
+    timeout ${TESTS_TIMEOUT:-420} $PY -m pytest -m gpu -p no:cacheprovider -o addopts="" -rfE --tb=short "${par[@]}" \
+      --timeout ${TEST_TIMEOUT:-300} --junitxml "$O/gpu_tests.xml" $(grep -l "mark.gpu" tests/test_*.py) \
+      > "$O/gpu_tests.log" 2>&1
+    echo $? > "$O/gpu_tests.rc"
+    mark "tests: done (rc $(cat "$O/gpu_tests.rc"))"
+  ) &
+  pids+=($!)
 fi
 
 if [ "${RESUME:-1}" = 1 ]; then
-  R="$O/resume"; rm -rf "$R"
-  XL=(--config $RESUME_CONFIG --set 'data.shards="synthetic"' --set "checkpoint.dir=\"$R\""
-      --set train.micro_batch=$MICRO --set train.global_batch=$MICRO --set train.steps=70 --set checkpoint.every=50
-      --set train.log_every=1 --set train.zero_stage=2 --set 'train.precision="bf16"' --set data.num_workers=${WORKERS:-4})
-  mark "resume: first run (kill -9 at step 60)"
-  setsid $PY -m lamamba_dist.cli train "${XL[@]}" > "$O/resume_first.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 1 $(( ${RESUME_WAIT:-240} * 10 ))); do
-    grep -q '"step": 60,' "$R/stats.jsonl" 2>/dev/null && break
-    kill -0 $pid 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -9 -- -$pid 2>/dev/null; wait $pid 2>/dev/null
-  mark "resume: rerun of the same command"
-  timeout ${RESUME_TIMEOUT:-200} $PY -m lamamba_dist.cli train "${XL[@]}" > "$O/resume_second.log" 2>&1
-  echo $? > "$O/resume_second.rc"
-  rm -rf "$R"/step_* "$R"/.compile_cache  # about 13 GB per XL checkpoint
+  (
+    R="$O/resume"; rm -rf "$R"
+    XL=(--config $RESUME_CONFIG --set 'data.shards="synthetic"' --set "checkpoint.dir=\"$R\""
+        --set train.micro_batch=$MICRO --set train.global_batch=$MICRO --set train.steps=70 --set checkpoint.every=50
+        --set train.log_every=1 --set train.zero_stage=2 --set 'train.precision="bf16"' --set data.num_workers=${WORKERS:-4})
+    mark "resume: first run (kill -9 at step ${KILL_AT:-60})"
+    setsid $LAMAMBA train "${XL[@]}" > "$O/resume_first.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 $(( ${RESUME_WAIT:-300} * 10 ))); do
+      grep -q "\"step\": ${KILL_AT:-60}," "$R/stats.jsonl" 2>/dev/null && break
+      kill -0 $pid 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -9 -- -$pid 2>/dev/null; wait $pid 2>/dev/null
+    mark "resume: rerun of the same command"
+    timeout ${RESUME_TIMEOUT:-240} $LAMAMBA train "${XL[@]}" > "$O/resume_second.log" 2>&1
+    echo $? > "$O/resume_second.rc"
+    rm -rf "$R"/step_* "$R"/.compile_cache  # about 13 GB per XL checkpoint
+    mark "resume: done (rc $(cat "$O/resume_second.rc"))"
+  ) &
+  pids+=($!)
 fi
 
-if [ "${TESTS:-1}" = 1 ]; then
-  # One pytest per file, each under its own timeout, so that a slow file cannot swallow another's failure report.
-  : > "$O/gpu_tests.log"
-  for f in $(grep -l "mark.gpu" tests/test_*.py); do
-    n=$(basename "$f" .py)
-    mark "gpu tests: $n"
-    timeout ${TESTS_TIMEOUT:-300} $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfE --tb=short "$f" \
-      --junitxml "$O/gpu_tests_$n.xml" >> "$O/gpu_tests.log" 2>&1
-    echo "$n $?" >> "$O/gpu_tests.rc"
+if [ "${COMPILED:-1}" = 1 ] && [ "${WARM:-1}" = 1 ]; then
+  # The compiled rows' graphs (per model and micro-batch, bench's and the trainer's) into the compile cache:
+  # one process per model and tool, so that the compilations run side by side.
+  for m in ${MODELS//,/ }; do
+    n=warm_bench_${m//\//_}
+    (mark "warm: bench --compile $m"
+     timeout ${WARM_TIMEOUT:-360} $LAMAMBA bench --models $m --resolution $RES --batch $BATCHES --steps 1 --warmup 1 \
+       --compile --out "$O/$n.json" > "$O/$n.log" 2>&1
+     mark "warm: bench $m done (rc $?)") &
+    pids+=($!)
+  done
+  set -- $CONFIGS
+  while [ $# -ge 2 ]; do
+    cfg=$2; shift 2
+    n=warm_train_$(basename "$cfg" .toml)
+    (mark "warm: bench-train compiled $cfg"
+     timeout ${WARM_TIMEOUT:-360} $LAMAMBA bench-train --config "$cfg" --matrix "micro=$BATCHES" --steps 1 --warmup 1 \
+       --set train.compile=true --out "$O/$n.json" > "$O/$n.log" 2>&1
+     mark "warm: bench-train $cfg done (rc $?)") &
+    pids+=($!)
   done
 fi
+for p in "${pids[@]}"; do wait "$p"; done
 
+# ---------------------------------------------------------------- phase 2: timed, one at a time
+if [ "${EAGER:-1}" = 1 ]; then
+  prof=(); [ "${PROFILE_STEPS:-0}" -gt 0 ] && prof=(--profile "$PROFILE_STEPS")
+  mark "eager: lamamba bench, batch $BATCHES"; bench eager bench_eager $STEPS $WARMUP "${prof[@]}"
+  mark "eager: lamamba bench-train, micro-batch $BATCHES"; bench_train eager train_eager $STEPS $WARMUP "${prof[@]}"
+fi
 if [ "${COMPILED:-1}" = 1 ]; then
-  ratio compiled "--compile" "--set train.compile=true"
+  mark "compiled: lamamba bench, batch $BATCHES"; bench compiled bench_compiled $STEPS $WARMUP --compile
+  mark "compiled: lamamba bench-train, micro-batch $BATCHES"
+  bench_train compiled train_compiled $STEPS $WARMUP --set train.compile=true
 fi
 
 if [ "${AB:-0}" = 1 ]; then
   mark "precision A/B"
-  timeout ${AB_TIMEOUT:-300} $PY -m lamamba_dist.cli bench-train $CONFIGS --micro-batch $MICRO \
+  timeout ${AB_TIMEOUT:-300} $LAMAMBA bench-train $CONFIGS --micro-batch $MICRO \
     --matrix 'precision="bf16","bf16_autocast"' --steps ${AB_STEPS:-200} --warmup 3 --init-on cpu \
     --out "$O/precision_ab.json" > "$O/precision_ab.log" 2>&1
 fi
 
 mark "summary"
-$PY scripts/gpu_check_summary.py "$O" --micro $MICRO --rtol ${RESUME_RTOL:-0.02} | tee "$O/summary.json"
+$PY scripts/gpu_check_summary.py "$O" --micro $MICRO --kill-at ${KILL_AT:-60} --rtol ${RESUME_RTOL:-0.02} \
+  | tee "$O/summary.json"

@@ -1,6 +1,6 @@
 """The summary JSON of scripts/gpu_check.sh, from the files its parts left in OUT (missing parts are reported so).
 
-    python scripts/gpu_check_summary.py OUT [--micro 32] [--rtol 0.02]
+    python scripts/gpu_check_summary.py OUT [--micro 32] [--rtol 0.02] [--kill-at 60]
 """
 
 from __future__ import annotations
@@ -29,31 +29,29 @@ def _tail(path: Path, n: int = 600) -> str | None:
 
 
 def tests(out: Path) -> dict | None:
-    xmls = sorted(out.glob("gpu_tests_*.xml"))
-    rcs = {}
-    if (out / "gpu_tests.rc").is_file():
-        for line in (out / "gpu_tests.rc").read_text().splitlines():
-            name, _, rc = line.partition(" ")
-            rcs[name] = rc
-    if not xmls and not rcs:
+    xmls = sorted(out.glob("gpu_tests*.xml"))
+    rc_file = out / "gpu_tests.rc"
+    rc = rc_file.read_text().strip() if rc_file.is_file() else None
+    if not xmls and rc is None:
         return None
     n = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     failed: list[str] = []
     for xml in xmls:
         root = ET.parse(xml).getroot()
-        suite = root if root.tag == "testsuite" else root.find("testsuite")
-        for k in n:
-            n[k] += int(suite.get(k, 0))
-        failed += [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-                   if c.find("failure") is not None or c.find("error") is not None]
-    no_report = sorted(name for name in rcs if not (out / f"gpu_tests_{name}.xml").is_file())  # killed by timeout
-    bad_rc = sorted(name for name, rc in rcs.items() if rc not in ("0", "5"))  # 5: every test skipped
-    return {**n, "passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"], "failed": failed,
-            "files_without_report": no_report, "files_failed": bad_rc,
-            "ok": not failed and not bad_rc and n["tests"] > n["skipped"]}
+        for suite in ([root] if root.tag == "testsuite" else root.findall("testsuite")):
+            for k in n:
+                n[k] += int(suite.get(k, 0))
+            failed += [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
+                       if c.find("failure") is not None or c.find("error") is not None]
+    res = {**n, "passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"], "failed": failed, "rc": rc,
+           "report": bool(xmls)}  # no report: pytest was killed by its timeout
+    res["ok"] = bool(xmls) and not failed and rc in ("0", "5") and n["tests"] > n["skipped"]  # 5: all skipped
+    if not res["ok"]:
+        res["log_tail"] = _tail(out / "gpu_tests.log", 3000)
+    return res
 
 
-def resume(out: Path, rtol: float) -> dict | None:
+def resume(out: Path, rtol: float, kill_at: int = 60) -> dict | None:
     stats = out / "resume" / "stats.jsonl"
     if not stats.is_file():
         return None
@@ -80,7 +78,7 @@ def resume(out: Path, rtol: float) -> dict | None:
                    max_rel_diff=max(rel) if rel else None,
                    losses_first={s: legs[0][s] for s in common}, losses_rerun={s: legs[1][s] for s in common})
     res["ok"] = bool(len(legs) == 2 and rc == "0" and res["resumed_from"] == "step_00000050"
-                     and res.get("compared_steps") == [51, 60] and res["rerun_steps"] == [51, 70]
+                     and res.get("compared_steps") == [51, kill_at] and res["rerun_steps"] == [51, 70]
                      and res.get("max_rel_diff") is not None and res["max_rel_diff"] <= rtol)
     res["rtol"] = rtol
     if not res["ok"]:
@@ -90,7 +88,7 @@ def resume(out: Path, rtol: float) -> dict | None:
 
 
 def ratios(out: Path, mode: str) -> dict | None:
-    benches = [_read_json(p) for p in sorted(out.glob(f"bench_{mode}_b*.json"))]
+    benches = [_read_json(p) for p in sorted(out.glob(f"bench_{mode}*.json"))]
     train = _read_json(out / f"train_{mode}.json")
     if not benches and train is None:
         return None
@@ -112,7 +110,7 @@ def ratios(out: Path, mode: str) -> dict | None:
             if tr.get("step_ms"):
                 row["train_over_bench"] = tr["step_ms"] / b["step_ms"]
         res["rows"].append(row)
-    missing = [p.name for p in sorted(out.glob(f"bench_{mode}_b*.log"))
+    missing = [p.name for p in sorted(out.glob(f"bench_{mode}*.log"))
                if not (out / p.name.replace(".log", ".json")).is_file()]
     if missing:
         res["bench_errors"] = {m: _tail(out / m) for m in missing}
@@ -136,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--micro", type=int, default=32)
     p.add_argument("--rtol", type=float, default=0.02)
+    p.add_argument("--kill-at", type=int, default=60, help="the step after which the first resume run was killed")
     a = p.parse_args(argv)
     out = Path(a.out)
     env = None
@@ -151,7 +150,7 @@ def main(argv=None) -> int:
     except OSError:
         commit = None
     summary = {"commit": commit or None, "micro_batch": a.micro, "environment": env, "tests": tests(out),
-               "resume": resume(out, a.rtol), "eager": ratios(out, "eager"), "compiled": ratios(out, "compiled"),
+               "resume": resume(out, a.rtol, a.kill_at), "eager": ratios(out, "eager"), "compiled": ratios(out, "compiled"),
                "precision_ab": precision_ab(out),
                "timeline": (out / "timeline.txt").read_text().splitlines() if (out / "timeline.txt").is_file() else None}
     parts = [summary["tests"], summary["resume"]]

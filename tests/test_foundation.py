@@ -112,6 +112,17 @@ def test_bench_runs_on_cpu_with_debug_models(tmp_path, capsys):
         assert r["final_loss"] == r["final_loss"]  # finite, not NaN
     assert data["environment"]["torch"]
     assert cli_main(["bench", "--models", "LaMamba-XXL"]) == 2
+    assert cli_main(["bench", "--models", "DiT-debug/2", "--batch", "2,x"]) == 2
+
+
+def test_bench_runs_several_batches_in_one_process(tmp_path):
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "--models", "DiT-debug/2,LaMamba-debug", "--resolution", "32", "--batch", "2,3",
+                     "--steps", "1", "--warmup", "1", "--scan-backend", "reference", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["batch"], r["model"]) for r in rows] == [(2, "DiT-debug/2"), (2, "LaMamba-debug"),
+                                                        (3, "DiT-debug/2"), (3, "LaMamba-debug")]
+    assert rows[0]["img_per_s_ratio_to_first"] == rows[2]["img_per_s_ratio_to_first"] == 1.0
 
 
 @pytest.mark.slow

@@ -213,12 +213,22 @@ class NonFiniteGuard:
         self._flags: Optional[torch.Tensor] = None
         self._verdict: Optional[Verdict] = None
         self._has_grads = False
-        fused = self.ds.fused_torch_optimizer()
         self._found_inf: Optional[torch.Tensor] = None
-        if fused is not None:
+        self.use_device_skip(True)
+
+    def use_device_skip(self, enabled: bool) -> bool:
+        """Skip non-finite steps on the device where the optimizer allows it (the default), or always on the host
+        (for A/B measurements: scripts/skip_ab.py). Returns whether the skip is now on the device."""
+        fused = self.ds.fused_torch_optimizer()
+        if fused is not None and enabled:
             # torch's fused Adam skips its update (state included) where found_inf != 0: the device-side skip.
-            self._found_inf = torch.zeros((), dtype=torch.float32, device=device)
+            self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
             fused.found_inf = self._found_inf
+        else:
+            self._found_inf = None
+            if fused is not None and "found_inf" in vars(fused):
+                del fused.found_inf
+        return self._found_inf is not None
 
     @property
     def kind(self) -> str:
