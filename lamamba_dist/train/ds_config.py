@@ -5,7 +5,8 @@ Paper recipe (DiT / LaMamba-Diff): AdamW, lr 1e-4 constant, weight decay 0.01 on
 (0.9, 0.999), no gradient clipping, global batch 256.
 
 Optimizer implementation: torch's AdamW through DeepSpeed (``"torch_adam": true``, no JIT build), with
-``fused=True`` (GPUs and CPUs: its ``found_inf`` lets nonfinite.py skip a step on the device); with optimizer offload DeepSpeed's CPUAdam (JIT-built once, ~70 s).
+``fused=True`` (GPUs and CPUs: its ``found_inf`` lets nonfinite.py skip a step on the device); with optimizer
+offload DeepSpeed's CPUAdam (JIT-built once, ~70 s).
 
 Precision (``[train] precision``; README "Precision" says why bf16 is the default):
 
