@@ -15,7 +15,8 @@
 #               `lamamba bench` (a plain PyTorch loop), MODELS at 256 px, micro-batches MICROS
 #      COMPILED the same with the blocks compiled (default scan backend): compiled training must run
 #   AB=1 (off by default) adds the precision A/B: bf16 vs bf16_autocast, both models, AB_STEPS steps from one start.
-# Each part can be switched off with PART=0 and runs under its own timeout. The summary's "pass" needs the tests,
+# Each part can be switched off with PART=0 and runs under its own timeout; the timed rows also end by DEADLINE
+# (570 s after the start, so that one device call of 600 s always gets its summary). The summary's "pass" needs the tests,
 # the resume check and every compiled trainer row without error; the ratios (<= 1.05) are reported beside it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,15 +39,22 @@ RES=${RES:-256}
 RESUME_CONFIG=${RESUME_CONFIG:-configs/lamamba_XL_256.toml}
 BATCHES=${MICROS// /,}
 LAMAMBA="$PY -m lamamba_dist.cli"
+DEADLINE=${DEADLINE:-570}   # seconds after the start by which every timed row has ended (the summary follows)
+left() {  # seconds a phase-2 part may run: its own limit, or what is left before the deadline
+  local lim=${RATIO_TIMEOUT:-200} rest=$(( DEADLINE - ($(date +%s) - T0) ))
+  [ $rest -lt $lim ] && lim=$rest
+  [ $lim -lt 1 ] && lim=1
+  echo $lim
+}
 
 bench() {  # mode out-name steps warmup extra...: `lamamba bench`, every model and micro-batch in one process
   local mode=$1 name=$2 steps=$3 warmup=$4; shift 4
-  timeout ${RATIO_TIMEOUT:-200} $LAMAMBA bench --models $MODELS --resolution $RES --batch $BATCHES \
+  timeout $(left) $LAMAMBA bench --models $MODELS --resolution $RES --batch $BATCHES \
     --steps $steps --warmup $warmup "$@" --out "$O/$name.json" > "$O/$name.log" 2>&1
 }
 bench_train() {  # the same for `lamamba bench-train` (the trainer's own step)
   local mode=$1 name=$2 steps=$3 warmup=$4; shift 4
-  timeout ${RATIO_TIMEOUT:-200} $LAMAMBA bench-train $CONFIGS --matrix "micro=$BATCHES" \
+  timeout $(left) $LAMAMBA bench-train $CONFIGS --matrix "micro=$BATCHES" \
     --steps $steps --warmup $warmup "$@" --out "$O/$name.json" > "$O/$name.log" 2>&1
 }
 
@@ -57,7 +65,7 @@ if [ "${TESTS:-1}" = 1 ]; then
     mark "tests: start"
     par=()
     if $PY -c "import xdist" 2>/dev/null && [ "${TEST_WORKERS:-4}" -gt 1 ]; then par=(-n "${TEST_WORKERS:-4}"); fi
-    timeout ${TESTS_TIMEOUT:-420} $PY -m pytest -m gpu -p no:cacheprovider -o addopts="" -rfE --tb=short "${par[@]}" \
+    timeout ${TESTS_TIMEOUT:-330} $PY -m pytest -m gpu -p no:cacheprovider -o addopts="" -rfE --tb=short "${par[@]}" \
       --timeout ${TEST_TIMEOUT:-300} --junitxml "$O/gpu_tests.xml" $(grep -l "mark.gpu" tests/test_*.py) \
       > "$O/gpu_tests.log" 2>&1
     echo $? > "$O/gpu_tests.rc"
@@ -75,14 +83,14 @@ if [ "${RESUME:-1}" = 1 ]; then
     mark "resume: first run (kill -9 at step ${KILL_AT:-60})"
     setsid $LAMAMBA train "${XL[@]}" > "$O/resume_first.log" 2>&1 &
     pid=$!
-    for _ in $(seq 1 $(( ${RESUME_WAIT:-300} * 10 ))); do
+    for _ in $(seq 1 $(( ${RESUME_WAIT:-240} * 10 ))); do
       grep -q "\"step\": ${KILL_AT:-60}," "$R/stats.jsonl" 2>/dev/null && break
       kill -0 $pid 2>/dev/null || break
       sleep 0.1
     done
     kill -9 -- -$pid 2>/dev/null; wait $pid 2>/dev/null
     mark "resume: rerun of the same command"
-    timeout ${RESUME_TIMEOUT:-240} $LAMAMBA train "${XL[@]}" > "$O/resume_second.log" 2>&1
+    timeout ${RESUME_TIMEOUT:-200} $LAMAMBA train "${XL[@]}" > "$O/resume_second.log" 2>&1
     echo $? > "$O/resume_second.rc"
     rm -rf "$R"/step_* "$R"/.compile_cache  # about 13 GB per XL checkpoint
     mark "resume: done (rc $(cat "$O/resume_second.rc"))"
@@ -91,26 +99,18 @@ if [ "${RESUME:-1}" = 1 ]; then
 fi
 
 if [ "${COMPILED:-1}" = 1 ] && [ "${WARM:-1}" = 1 ]; then
-  # The compiled rows' graphs (per model and micro-batch, bench's and the trainer's) into the compile cache:
-  # one process per model and tool, so that the compilations run side by side.
-  for m in ${MODELS//,/ }; do
-    n=warm_bench_${m//\//_}
-    (mark "warm: bench --compile $m"
-     timeout ${WARM_TIMEOUT:-360} $LAMAMBA bench --models $m --resolution $RES --batch $BATCHES --steps 1 --warmup 1 \
-       --compile --out "$O/$n.json" > "$O/$n.log" 2>&1
-     mark "warm: bench $m done (rc $?)") &
-    pids+=($!)
-  done
-  set -- $CONFIGS
-  while [ $# -ge 2 ]; do
-    cfg=$2; shift 2
-    n=warm_train_$(basename "$cfg" .toml)
-    (mark "warm: bench-train compiled $cfg"
-     timeout ${WARM_TIMEOUT:-360} $LAMAMBA bench-train --config "$cfg" --matrix "micro=$BATCHES" --steps 1 --warmup 1 \
-       --set train.compile=true --out "$O/$n.json" > "$O/$n.log" 2>&1
-     mark "warm: bench-train $cfg done (rc $?)") &
-    pids+=($!)
-  done
+  # The compiled rows' graphs (per model and micro-batch, bench's and the trainer's) into the compile cache: two
+  # processes (one per tool, the models one after the other), so that GPU memory holds one row of each at a time.
+  (mark "warm: bench --compile"
+   timeout ${WARM_TIMEOUT:-330} $LAMAMBA bench --models $MODELS --resolution $RES --batch $BATCHES --steps 1 \
+     --warmup 1 --compile --out "$O/warm_bench.json" > "$O/warm_bench.log" 2>&1
+   mark "warm: bench done (rc $?)") &
+  pids+=($!)
+  (mark "warm: bench-train compiled"
+   timeout ${WARM_TIMEOUT:-330} $LAMAMBA bench-train $CONFIGS --matrix "micro=$BATCHES" --steps 1 --warmup 1 \
+     --set train.compile=true --out "$O/warm_train.json" > "$O/warm_train.log" 2>&1
+   mark "warm: bench-train done (rc $?)") &
+  pids+=($!)
 fi
 for p in "${pids[@]}"; do wait "$p"; done
 
