@@ -38,7 +38,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from data_pipeline.images import SourceError, SourceImage, file_list_digest, load_image, scan_source, split_folder
+from data_pipeline.images import (READ_TIMEOUT_S, SourceError, SourceImage, file_list_digest, load_image, scan_source,
+                                  split_folder)
 from lamamba_dist.data.shards import (FORMAT_VERSION, MANIFEST_NAME, encode_sample, sample_key, shard_name,
                                       write_json_atomic, write_tar_atomic)
 from lamamba_dist.hashing import sha256_file
@@ -70,7 +71,7 @@ class Settings:
     object_store_memory: Optional[int] = None
     num_cpus: Optional[int] = None  # only for a local cluster started here
     progress: bool = True
-    read_timeout: float = 120.0  # seconds per source file read before it is skipped as unreadable
+    read_timeout: float = READ_TIMEOUT_S  # seconds per source file read before it is skipped as unreadable
 
 
 # --------------------------------------------------------------------------- the plan
@@ -134,7 +135,8 @@ def _check_existing(manifest_path: Path, want: dict) -> dict | None:
 # --------------------------------------------------------------------------- Ray stages
 
 
-def decode_batch(batch: dict, folder: str, resolution: int, min_side: int, read_timeout: float = 120.0) -> dict:
+def decode_batch(batch: dict, folder: str, resolution: int, min_side: int,
+                 read_timeout: float = READ_TIMEOUT_S) -> dict:
     """Ray Data task: read (each file within ``read_timeout`` s) + convert + crop; failed images become zero arrays
     with a non-empty status."""
     n = len(batch["rel"])
@@ -422,7 +424,7 @@ def add_parser(sub, name: str, help_text: str) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     p.add_argument("--object-store-memory", type=int, default=None, help="bytes, local cluster only")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--read-timeout", type=float, default=120.0,
+    p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT_S,
                    help="seconds to read one source file before skipping it as unreadable (a hung mount)")
     p.set_defaults(func=_run_cli)
 

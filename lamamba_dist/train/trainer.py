@@ -248,15 +248,14 @@ class Trainer:
                 self._lock = RunLock(self.run_dir, "lamamba train", log=self.warn).acquire()
             except LockedError as e:
                 refuse = str(e)
-        if self.is_main and resume and refuse is None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main and resume and refuse is None:  # (_check_run_dir created the folder)
             ckpt.remove_stale_tmp(self.run_dir, log=self.info)
             hashes = self.ccfg.verify == "hash"
             found = ckpt.find_latest(self.run_dir, hashes=hashes, warn=self.warn)
             found_dir = str(found) if found else None
             steps = ckpt.list_step_dirs(self.run_dir)
             if found is None and steps:
-                bad = [(p, ckpt.verify_checkpoint(p, hashes=hashes) or "unusable") for _, p in steps]
+                bad = ckpt.damaged_checkpoints(self.run_dir, hashes=hashes)  # all of them: none verified
                 if move_damaged_aside:
                     for p, why in bad:
                         dest = ckpt.move_aside(p, self.run_dir, why)
@@ -624,8 +623,7 @@ class Trainer:
 
                 shutil.rmtree(tmp, ignore_errors=True)
             self.dist.barrier()
-            raise SaveError(f"saving the step-{self.step} checkpoint failed: {failed[0]}; the temporary folder was "
-                            f"removed and the earlier checkpoints in {self.run_dir} are intact")
+            raise self._save_error(failed[0])
         self.dist.barrier()
         # Hash the files in parallel: file i is hashed by rank i % world.
         files = self._bcast(ckpt.list_files(tmp) if self.is_main else None)
@@ -651,8 +649,7 @@ class Trainer:
                 ckpt.prune(self.run_dir, self.ccfg.keep, log=self.info)
         final, err = self._bcast((str(final) if final else None, err))
         if err:
-            raise SaveError(f"saving the step-{self.step} checkpoint failed: {err}; the temporary folder was removed "
-                            f"and the earlier checkpoints in {self.run_dir} are intact")
+            raise self._save_error(err)
         final = Path(final)
         self.dist.barrier()
         self.last_saved_step = self.step
@@ -660,6 +657,10 @@ class Trainer:
         self.saved = [(s, p) for s, p in self.saved if p != final] + [(self.step, final)]
         self.info(f"saved {final} in {time.perf_counter() - t0:.1f}s")
         return final
+
+    def _save_error(self, cause: str) -> SaveError:
+        return SaveError(f"saving the step-{self.step} checkpoint failed: {cause}; the temporary folder was removed "
+                         f"and the earlier checkpoints in {self.run_dir} are intact")
 
     # ------------------------------------------------------------------ non-finite handling
     def _rollback(self) -> None:
