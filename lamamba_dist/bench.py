@@ -97,9 +97,10 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
         torch.cuda.reset_peak_memory_stats(device)
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    model = create_model(name, resolution=resolution, grad_checkpointing=grad_checkpointing,
-                         scan_backend=scan_backend, attn_backend=attn_backend,
-                         lean_scan_backward=lean_scan_backward).to(device)
+    with torch.device(device):  # built where it runs (an XL model's CPU init takes seconds; as bench-train does)
+        model = create_model(name, resolution=resolution, grad_checkpointing=grad_checkpointing,
+                             scan_backend=scan_backend, attn_backend=attn_backend,
+                             lean_scan_backward=lean_scan_backward)
     model.train()
     diffusion = create_diffusion()
     fused = device.type == "cuda"

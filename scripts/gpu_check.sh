@@ -13,7 +13,8 @@
 #   2. the timed rows, one process at a time, the GPU to themselves:
 #      EAGER    trainer step vs model step: `lamamba bench-train` (the trainer's own train_step, ZeRO-2) vs
 #               `lamamba bench` (a plain PyTorch loop), MODELS at 256 px, micro-batches MICROS
-#      COMPILED the same with the blocks compiled (default scan backend): compiled training must run
+#      COMPILED the same with the blocks compiled (default scan backend), micro-batches CMICROS (default MICRO):
+#               compiled training must run
 #   AB=1 (off by default) adds the precision A/B: bf16 vs bf16_autocast, both models, AB_STEPS steps from one start.
 # Each part can be switched off with PART=0 and runs under its own timeout; the timed rows also end by DEADLINE
 # (570 s after the start, so that one device call of 600 s always gets its summary). The summary's "pass" needs the tests,
@@ -24,7 +25,8 @@ O=${1:-/tmp/gpu_check}
 mkdir -p "$O"
 PY=${PYTHON:-python3}
 MICRO=${MICRO:-32}           # the resume run's and the precision A/B's micro-batch
-MICROS=${MICROS:-"32 64"}    # the trainer-vs-model ratios' micro-batches
+MICROS=${MICROS:-"32 64"}    # the eager trainer-vs-model ratios' micro-batches
+CMICROS=${CMICROS:-$MICRO}   # the compiled ones' (compiling a row costs about a minute; 64 on demand: CMICROS="32 64")
 STEPS=${STEPS:-10}           # timed steps per ratio row (after WARMUP untimed ones)
 WARMUP=${WARMUP:-3}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -38,6 +40,7 @@ CONFIGS=${CONFIGS:-"--config configs/dit_xl2_256.toml --config configs/lamamba_X
 RES=${RES:-256}
 RESUME_CONFIG=${RESUME_CONFIG:-configs/lamamba_XL_256.toml}
 BATCHES=${MICROS// /,}
+CBATCHES=${CMICROS// /,}
 LAMAMBA="$PY -m lamamba_dist.cli"
 DEADLINE=${DEADLINE:-570}   # seconds after the start by which every timed row has ended (the summary follows)
 left() {  # seconds a phase-2 part may run: its own limit, or what is left before the deadline
@@ -47,14 +50,14 @@ left() {  # seconds a phase-2 part may run: its own limit, or what is left befor
   echo $lim
 }
 
-bench() {  # mode out-name steps warmup extra...: `lamamba bench`, every model and micro-batch in one process
-  local mode=$1 name=$2 steps=$3 warmup=$4; shift 4
-  timeout $(left) $LAMAMBA bench --models $MODELS --resolution $RES --batch $BATCHES \
+bench() {  # batches out-name steps warmup extra...: `lamamba bench`, every model and micro-batch in one process
+  local batches=$1 name=$2 steps=$3 warmup=$4; shift 4
+  timeout $(left) $LAMAMBA bench --models $MODELS --resolution $RES --batch $batches \
     --steps $steps --warmup $warmup "$@" --out "$O/$name.json" > "$O/$name.log" 2>&1
 }
 bench_train() {  # the same for `lamamba bench-train` (the trainer's own step)
-  local mode=$1 name=$2 steps=$3 warmup=$4; shift 4
-  timeout $(left) $LAMAMBA bench-train $CONFIGS --matrix "micro=$BATCHES" \
+  local batches=$1 name=$2 steps=$3 warmup=$4; shift 4
+  timeout $(left) $LAMAMBA bench-train $CONFIGS --matrix "micro=$batches" \
     --steps $steps --warmup $warmup "$@" --out "$O/$name.json" > "$O/$name.log" 2>&1
 }
 
@@ -64,10 +67,14 @@ if [ "${TESTS:-1}" = 1 ]; then
   (
     mark "tests: start"
     par=()
-    if $PY -c "import xdist" 2>/dev/null && [ "${TEST_WORKERS:-4}" -gt 1 ]; then par=(-n "${TEST_WORKERS:-4}"); fi
-    timeout ${TESTS_TIMEOUT:-330} $PY -m pytest -m gpu -p no:cacheprovider -o addopts="" -rfE --tb=short "${par[@]}" \
-      --timeout ${TEST_TIMEOUT:-300} --junitxml "$O/gpu_tests.xml" $(grep -l "mark.gpu" tests/test_*.py) \
-      > "$O/gpu_tests.log" 2>&1
+    if $PY -c "import xdist" 2>/dev/null && [ "${TEST_WORKERS:-4}" -gt 1 ]; then
+      par=(-n "${TEST_WORKERS:-4}" --dist worksteal)  # idle workers take queued tests from busy ones
+    fi
+    # SIGINT at the suite's limit: pytest stops and still writes its report (which test ran long, in --durations)
+    setsid timeout -s INT -k 20 ${TESTS_TIMEOUT:-300} $PY -m pytest -m gpu -p no:cacheprovider -o addopts="" -v -rfE \
+      --tb=short --durations=15 "${par[@]}" --timeout ${TEST_TIMEOUT:-240} --junitxml "$O/gpu_tests.xml" \
+      $(grep -l "mark.gpu" tests/test_*.py) > "$O/gpu_tests.log" 2>&1 &
+    tp=$!; echo $tp > "$O/.tests.pgid"; wait $tp
     echo $? > "$O/gpu_tests.rc"
     mark "tests: done (rc $(cat "$O/gpu_tests.rc"))"
   ) &
@@ -102,28 +109,32 @@ if [ "${COMPILED:-1}" = 1 ] && [ "${WARM:-1}" = 1 ]; then
   # The compiled rows' graphs (per model and micro-batch, bench's and the trainer's) into the compile cache: two
   # processes (one per tool, the models one after the other), so that GPU memory holds one row of each at a time.
   (mark "warm: bench --compile"
-   timeout ${WARM_TIMEOUT:-330} $LAMAMBA bench --models $MODELS --resolution $RES --batch $BATCHES --steps 1 \
+   timeout ${WARM_TIMEOUT:-300} $LAMAMBA bench --models $MODELS --resolution $RES --batch $CBATCHES --steps 1 \
      --warmup 1 --compile --out "$O/warm_bench.json" > "$O/warm_bench.log" 2>&1
    mark "warm: bench done (rc $?)") &
   pids+=($!)
   (mark "warm: bench-train compiled"
-   timeout ${WARM_TIMEOUT:-330} $LAMAMBA bench-train $CONFIGS --matrix "micro=$BATCHES" --steps 1 --warmup 1 \
+   timeout ${WARM_TIMEOUT:-300} $LAMAMBA bench-train $CONFIGS --matrix "micro=$CBATCHES" --steps 1 --warmup 1 \
      --set train.compile=true --out "$O/warm_train.json" > "$O/warm_train.log" 2>&1
    mark "warm: bench-train done (rc $?)") &
   pids+=($!)
 fi
 for p in "${pids[@]}"; do wait "$p"; done
+# Nothing of phase 1 may outlive it (a timed-out test's worker would share the GPU with the timed rows)
+[ -f "$O/.tests.pgid" ] && kill -9 -- -"$(cat "$O/.tests.pgid")" 2>/dev/null; rm -f "$O/.tests.pgid"
+others=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null | tr '\n' ';')
+mark "timed rows start; other GPU processes: ${others:-none}"
 
 # ---------------------------------------------------------------- phase 2: timed, one at a time
 if [ "${EAGER:-1}" = 1 ]; then
   prof=(); [ "${PROFILE_STEPS:-0}" -gt 0 ] && prof=(--profile "$PROFILE_STEPS")
-  mark "eager: lamamba bench, batch $BATCHES"; bench eager bench_eager $STEPS $WARMUP "${prof[@]}"
-  mark "eager: lamamba bench-train, micro-batch $BATCHES"; bench_train eager train_eager $STEPS $WARMUP "${prof[@]}"
+  mark "eager: lamamba bench, batch $BATCHES"; bench $BATCHES bench_eager $STEPS $WARMUP "${prof[@]}"
+  mark "eager: lamamba bench-train, micro-batch $BATCHES"; bench_train $BATCHES train_eager $STEPS $WARMUP "${prof[@]}"
 fi
 if [ "${COMPILED:-1}" = 1 ]; then
-  mark "compiled: lamamba bench, batch $BATCHES"; bench compiled bench_compiled $STEPS $WARMUP --compile
-  mark "compiled: lamamba bench-train, micro-batch $BATCHES"
-  bench_train compiled train_compiled $STEPS $WARMUP --set train.compile=true
+  mark "compiled: lamamba bench, batch $CBATCHES"; bench $CBATCHES bench_compiled $STEPS $WARMUP --compile
+  mark "compiled: lamamba bench-train, micro-batch $CBATCHES"
+  bench_train $CBATCHES train_compiled $STEPS $WARMUP --set train.compile=true
 fi
 
 if [ "${AB:-0}" = 1 ]; then

@@ -36,6 +36,7 @@ def tests(out: Path) -> dict | None:
         return None
     n = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     failed: list[str] = []
+    times: list[tuple[float, str]] = []
     for xml in xmls:
         root = ET.parse(xml).getroot()
         for suite in ([root] if root.tag == "testsuite" else root.findall("testsuite")):
@@ -43,8 +44,10 @@ def tests(out: Path) -> dict | None:
                 n[k] += int(suite.get(k, 0))
             failed += [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
                        if c.find("failure") is not None or c.find("error") is not None]
+            times += [(float(c.get("time") or 0), f"{c.get('classname')}::{c.get('name')}") for c in suite.iter("testcase")]
     res = {**n, "passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"], "failed": failed, "rc": rc,
-           "report": bool(xmls)}  # no report: pytest was killed by its timeout
+           "report": bool(xmls),  # no report: pytest was killed by its timeout
+           "slowest_s": {name: round(t, 1) for t, name in sorted(times, reverse=True)[:6]}}
     res["ok"] = bool(xmls) and not failed and rc in ("0", "5") and n["tests"] > n["skipped"]  # 5: all skipped
     if not res["ok"]:
         res["log_tail"] = _tail(out / "gpu_tests.log", 3000)
@@ -153,6 +156,8 @@ def main(argv=None) -> int:
                "resume": resume(out, a.rtol, a.kill_at), "eager": ratios(out, "eager"), "compiled": ratios(out, "compiled"),
                "precision_ab": precision_ab(out),
                "timeline": (out / "timeline.txt").read_text().splitlines() if (out / "timeline.txt").is_file() else None}
+    if summary["timeline"]:  # the last mark ("<s>s summary"): the check's own duration
+        summary["wall_s"] = int(summary["timeline"][-1].split("s ", 1)[0])
     parts = [summary["tests"], summary["resume"]]
     summary["pass"] = bool(all(x is not None and x["ok"] for x in parts) and summary["compiled"] is not None
                            and summary["compiled"]["train_ok"])
