@@ -125,6 +125,12 @@ class CheckpointConfig:
     keep: int = field(default=3, metadata=dict(ge=2))
     # How a checkpoint is verified before it is resumed from: "hash" (sizes + sha256 of every file) or "size".
     verify: str = field(default="hash", metadata=dict(choices=("hash", "size")))
+    # Periodic saves in the background (training waits only for the copy to host memory: train/checkpointing.py).
+    # Saves at stop time (signals, exit_after, the end of training) are always synchronous.
+    background: bool = True
+    # Also write the raw fp32 weights as model.safetensors (the EMA is always written). Off: a leaner checkpoint;
+    # `lamamba export --raw` rebuilds them from the DeepSpeed state.
+    inference_weights: bool = False
 
 
 @dataclass

@@ -15,6 +15,8 @@
 #               `lamamba bench` (a plain PyTorch loop), MODELS at 256 px, micro-batches MICROS
 #      COMPILED the same with the blocks compiled (default scan backend), micro-batches CMICROS (default MICRO):
 #               compiled training must run
+#      CKPT     `lamamba train` (RESUME's config) with a background save at step 40: the time training was
+#               blocked, and img/s while the save is written vs img/s before it
 #   AB=1 (off by default) adds the precision A/B: bf16 vs bf16_autocast, both models, AB_STEPS steps from one start.
 # Each part can be switched off with PART=0 and runs under its own timeout; the timed rows also end by DEADLINE
 # (570 s after the start, so that one device call of 600 s always gets its summary). The summary's "pass" needs the tests,
@@ -137,6 +139,26 @@ if [ "${COMPILED:-1}" = 1 ]; then
   bench_train $CBATCHES train_compiled $STEPS $WARMUP --set train.compile=true
 fi
 
+if [ "${CKPT:-1}" = 1 ]; then
+  # A periodic (background) save in timed training: the time training was blocked, and img/s while the save is
+  # written against img/s before it (10-step windows; killed once the save is published and one more window is
+  # logged: no final save to wait for)
+  C="$O/ckpt"; rm -rf "$C"
+  mark "ckpt: a background save at step 40 of $RESUME_CONFIG"
+  setsid timeout $(left) $LAMAMBA train --config $RESUME_CONFIG --set 'data.shards="synthetic"' \
+    --set "checkpoint.dir=\"$C\"" --set train.micro_batch=$MICRO --set train.global_batch=$MICRO \
+    --set train.steps=100000 --set checkpoint.every=40 --set train.log_every=10 --set train.zero_stage=2 \
+    --set 'train.precision="bf16"' --set data.num_workers=${WORKERS:-4} > "$O/ckpt.log" 2>&1 &
+  cpid=$!
+  while kill -0 $cpid 2>/dev/null; do
+    n=$(grep -A1 '"event": "checkpoint"' "$C/stats.jsonl" 2>/dev/null | wc -l)
+    [ "$n" -ge 2 ] && break
+    sleep 0.2
+  done
+  kill -9 -- -$cpid 2>/dev/null; wait $cpid 2>/dev/null
+  rm -rf "$C"/step_* "$C"/*.tmp-*
+  mark "ckpt: done"
+fi
 if [ "${AB:-0}" = 1 ]; then
   mark "precision A/B"
   timeout ${AB_TIMEOUT:-300} $LAMAMBA bench-train $CONFIGS --micro-batch $MICRO \

@@ -132,6 +132,34 @@ def precision_ab(out: Path) -> list | None:
                                    "error")} for r in data.get("results", [])]
 
 
+def background_save(out: Path, threshold_s: float = 3.0) -> dict | None:
+    """Part CKPT: the periodic save's blocked time (at most ``threshold_s``), and img/s while it is written (the
+    10-step windows from the save to its publication) against the windows before it (the first one is warm-up)."""
+    stats = out / "ckpt" / "stats.jsonl"
+    if not stats.is_file():
+        return None
+    recs = [json.loads(l) for l in stats.read_text().splitlines() if l.strip()]
+    saves = [r for r in recs if r.get("event") == "checkpoint"]
+    windows = [r for r in recs if "event" not in r and r.get("sec_per_step")]
+    res: dict = {"saves": saves, "windows": [(r["step"], round(r["img_per_s"], 1)) for r in windows]}
+    if saves:
+        sv = saves[0]
+        before = [r for r in windows[1:] if r["step"] <= sv["step"]]
+        during, end = [], None
+        for r in windows:
+            if r["step"] > sv["step"] and end is None:
+                during.append(r)
+                if r["time"] >= sv["time"]:
+                    end = r["step"]
+        if before and during:
+            spd = lambda rs: sum(r["sec_per_step"] for r in rs) / len(rs)  # noqa: E731 (equal-size windows)
+            res["img_per_s_ratio"] = spd(before) / spd(during)
+            res["compared"] = {"before": [r["step"] for r in before], "during": [r["step"] for r in during]}
+        res["blocked_s"] = sv["blocked_s"] + sv["wait_s"]
+    res["ok"] = bool(saves and res["blocked_s"] <= threshold_s and res.get("img_per_s_ratio", 0) >= 0.95)
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
@@ -154,7 +182,7 @@ def main(argv=None) -> int:
         commit = None
     summary = {"commit": commit or None, "micro_batch": a.micro, "environment": env, "tests": tests(out),
                "resume": resume(out, a.rtol, a.kill_at), "eager": ratios(out, "eager"), "compiled": ratios(out, "compiled"),
-               "precision_ab": precision_ab(out),
+               "precision_ab": precision_ab(out), "background_save": background_save(out),
                "timeline": (out / "timeline.txt").read_text().splitlines() if (out / "timeline.txt").is_file() else None}
     if summary["timeline"]:  # the last mark ("<s>s summary"): the check's own duration
         summary["wall_s"] = int(summary["timeline"][-1].split("s ", 1)[0])

@@ -297,8 +297,11 @@ def test_preemption_drill_requeues_resumes_and_matches_an_uninterrupted_run(refe
     # Bit-identical to the uninterrupted run: raw fp32 weights and EMA.
     ref_final = _final_step_dir(reference_run["run_dir"])
     assert ref_final.name == final.name
-    for name in ("model.safetensors", "ema.safetensors"):
-        a, b = _load(final / name), _load(ref_final / name)
+    from lamamba_dist.train.checkpoint import raw_weights
+
+    for name in ("raw weights", "ema.safetensors"):
+        a, b = (_load(final / name), _load(ref_final / name)) if name.endswith(".safetensors") else \
+            (raw_weights(final), raw_weights(ref_final))
         assert a.keys() == b.keys()
         diff = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a if not bool((a[k] == b[k]).all())}
         assert not diff, f"{name}: {len(diff)} tensors differ, max {max(diff.values()):.3e}"

@@ -4,7 +4,6 @@ reference runs are shared through a module fixture. Faults are injected with LAM
 """
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import (DEBUG_CONFIG, ROOT, assert_same_tensors, launch, losses, optimizer_tensors,
+from train_helpers import (DEBUG_CONFIG, ROOT, assert_same_tensors, launch, losses, optimizer_tensors, raw,
                            read_only_folder, step_dir, train_env, weights)
 
 pytestmark = pytest.mark.slow
@@ -48,7 +47,7 @@ def assert_equivalent(run: Path, ref: Path, exact: bool = True):
                 assert abs(v - lf[s][0]) <= 1e-5 * abs(lf[s][0]), f"step {s}: loss {v!r} vs {lf[s][0]!r}"
     a, b = step_dir(run, STEPS), step_dir(ref, STEPS)
     tol = dict(exact=exact, rtol=1e-4, atol=1e-6)
-    assert_same_tensors(weights(a / "model.safetensors"), weights(b / "model.safetensors"), "weights", **tol)
+    assert_same_tensors(raw(a), raw(b), "weights", **tol)
     assert_same_tensors(weights(a / "ema.safetensors"), weights(b / "ema.safetensors"), "EMA", **tol)
     if exact:
         assert_same_tensors(optimizer_tensors(a), optimizer_tensors(b), "optimizer state")
@@ -135,7 +134,7 @@ def test_nonfinite_loss_skips_the_step_then_rolls_back(tmp_path):
     res = launch(tmp_path, 2, sets, env={"LAMAMBA_FAULT": "nan:3:1,nan:5-6:1"})
     assert res.returncode == 0, res.log
     a, b = step_dir(tmp_path, 3), step_dir(tmp_path, 4)
-    assert_same_tensors(weights(a / "model.safetensors"), weights(b / "model.safetensors"), "weights after a skipped step")
+    assert_same_tensors(raw(a), raw(b), "weights after a skipped step")
     assert_same_tensors(weights(a / "ema.safetensors"), weights(b / "ema.safetensors"), "EMA after a skipped step")
     assert_same_tensors(optimizer_tensors(a), optimizer_tensors(b), "optimizer after a skipped step")
     events = [json.loads(l) for l in (tmp_path / "stats.jsonl").read_text().splitlines() if '"event"' in l]
@@ -144,7 +143,7 @@ def test_nonfinite_loss_skips_the_step_then_rolls_back(tmp_path):
     assert "rolling back to step_00000005" in res.stderr, res.log
     st = json.loads((step_dir(tmp_path, 8) / "trainer_state.json").read_text())
     assert st["step"] == 8 and st["rollbacks"] == 1
-    assert all(v.isfinite().all() for v in weights(step_dir(tmp_path, 8) / "model.safetensors").values())
+    assert all(v.isfinite().all() for v in raw(step_dir(tmp_path, 8)).values())
 
 
 def _rank_pids(parent: int) -> dict[int, int]:
@@ -349,3 +348,62 @@ def test_a_run_folder_that_cannot_be_written_is_refused_before_the_first_step(tm
     last = res.stderr.strip().splitlines()[-1]
     assert res.returncode == 2 and f"is not writable ({denied})" in last, res.stderr[-3000:]
     assert "step 1" not in res.stderr and not list(ro.iterdir())
+
+
+# --------------------------------------------------------------------------- background saves (checkpointing.py)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_kills_around_a_background_save_resume_from_the_right_checkpoint(tmp_path, reference, stage):
+    """Periodic saves are written in the background. SIGKILL right after the step-2 checkpoint is published: the
+    rerun resumes from it. SIGKILL while the step-4 one is being written (training has moved on): the rerun
+    resumes from step 2 again, and the end result is bitwise the uninterrupted run's."""
+    sets = (f"train.steps={STEPS}", "checkpoint.every=2", f"train.zero_stage={stage}", "train.log_every=1")
+    res = launch(tmp_path, 2, sets, env={"LAMAMBA_FAULT": "save_after_marker:2"})
+    assert res.returncode != 0 and "SIGKILL at save_after_marker step 2" in res.stderr, res.log
+    from lamamba_dist.train import checkpoint as ckpt
+
+    assert ckpt.verify_checkpoint(step_dir(tmp_path, 2)) is None
+    res = launch(tmp_path, 2, sets, env={"LAMAMBA_FAULT": "save_write:4"})
+    assert res.returncode != 0 and "SIGKILL at save_write step 4" in res.stderr, res.log
+    assert "resumed from" in res.stderr and "step_00000002" in res.stderr, res.log
+    assert not step_dir(tmp_path, 4).exists() and [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    res = launch(tmp_path, 2, sets)
+    assert res.returncode == 0, res.log
+    assert "resumed from" in res.stderr and "step_00000002" in res.stderr, res.log
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    saves = [json.loads(l) for l in (tmp_path / "stats.jsonl").read_text().splitlines() if '"checkpoint"' in l]
+    assert [(s["step"], s["background"]) for s in saves][-2:] == [(4, True), (6, False)], saves
+    assert_equivalent(tmp_path, reference(stage))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_failed_background_write_on_another_rank_ends_the_run_and_loses_nothing(tmp_path, stage):
+    """Rank 1's disk fills up while it writes the step-4 checkpoint in the background: the run ends with exit 1
+    and an error naming the file, the temporary folder is removed, the step-2 checkpoint is intact."""
+    sets = ("train.steps=6", "checkpoint.every=2", f"train.zero_stage={stage}", "train.log_every=1")
+    res = launch(tmp_path, 2, sets, env={"LAMAMBA_FAULT": "enospc:4:1"})
+    assert res.returncode != 0, res.log
+    assert "saving the step-4 checkpoint failed: rank 1:" in res.stderr and "No space left on device" in res.stderr \
+        and "rank_00001.pt" in res.stderr and "earlier checkpoints" in res.stderr, res.log
+    assert "Traceback" not in res.stderr, res.log
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == ["step_00000002"]
+    from lamamba_dist.train import checkpoint as ckpt
+
+    assert ckpt.verify_checkpoint(step_dir(tmp_path, 2)) is None
+
+
+def test_saves_in_quick_succession_never_write_at_once(tmp_path):
+    """A save every step with a slow writer (2 s): each save waits for the one before, the wait is reported, and
+    the writes never overlap."""
+    sets = ("train.steps=4", "checkpoint.every=1", "checkpoint.keep=10", "train.zero_stage=2", "train.log_every=1")
+    res = launch(tmp_path, 2, sets, env={"LAMAMBA_FAULT": "slow_write:1-3"})
+    assert res.returncode == 0, res.log
+    recs = [json.loads(l) for l in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    saves = [r for r in recs if r.get("event") == "checkpoint"]
+    assert [s["step"] for s in saves] == [1, 2, 3, 4], saves
+    for prev, nxt in zip(saves, saves[1:]):
+        assert nxt["write_started"] >= prev["write_ended"], (prev, nxt)
+    assert all(s["wait_s"] > 0.5 for s in saves[1:]), saves  # each waited for the slow write before it
+    status = [r for r in recs if "ckpt_blocked_s" in r]
+    assert status and all(r["ckpt_blocked_s"] >= 0 and r["ckpt_write_s"] >= 0 for r in status), status

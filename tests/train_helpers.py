@@ -62,6 +62,13 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def raw(step: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's raw fp32 weights (model.safetensors when written, else rebuilt from the DeepSpeed state)."""
+    from lamamba_dist.train.checkpoint import raw_weights
+
+    return raw_weights(step)
+
+
 def _flatten(obj, prefix="", out=None):
     out = {} if out is None else out
     if torch.is_tensor(obj):

@@ -7,7 +7,8 @@ Layout of a run directory (``[checkpoint] dir``)::
         ds/state/...                  DeepSpeed engine state (model, ZeRO optimizer partitions, scheduler)
         ds/latest                     (DeepSpeed's own tag file)
         ema.safetensors               EMA weights, full fp32, world-size independent (lamamba_dist.weights format)
-        model.safetensors             raw fp32 (master) weights, full, world-size independent
+        model.safetensors             raw fp32 (master) weights, full (only with [checkpoint] inference_weights;
+                                      raw_weights() rebuilds them from ds/ otherwise)
         rank_state/rank_00000.pt      per-rank RNG states and data-loader state
         trainer_state.json            step, images seen, world size, ZeRO stage, model, config, wandb run id, ...
         COMPLETE.json                 written LAST: every file above with its size and sha256
@@ -15,7 +16,9 @@ Layout of a run directory (``[checkpoint] dir``)::
       latest                          name of the newest complete checkpoint (convenience; not trusted on load)
       stats.jsonl                     one JSON line per log interval (rank 0)
 
-A save is written to ``step_XXXXXXXX.tmp-<nonce>/`` and renamed after ``COMPLETE.json`` is fsynced, so an
+A save is written to ``step_XXXXXXXX.tmp-<nonce>/`` (each rank's writer also leaves ``.digests/rank_XXXXX.json``
+there, the sizes and sha256 of its files, merged into the marker and removed by rank 0: see checkpointing.py)
+and renamed after ``COMPLETE.json`` is fsynced, so an
 interrupted save (SIGKILL, node loss, full disk) never touches an earlier checkpoint. On load the folders are
 tried newest first; one whose marker is missing, or whose files do not match the sizes (and hashes) in the
 marker, is skipped with a warning naming the problem, and the previous one is used.
@@ -30,9 +33,12 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from lamamba_dist.hashing import sha256_file
+
+if TYPE_CHECKING:
+    import torch
 
 MARKER = "COMPLETE.json"
 STATE_FILE = "trainer_state.json"
@@ -328,7 +334,9 @@ def load_inference_weights(run_dir: str | Path, ema: bool = True, verify: bool =
                            warn: Optional[Callable[[str], None]] = None):
     """``(state_dict, meta)`` of the newest checkpoint of a run that verifies (or of one step folder).
 
-    ``ema=True`` gives the EMA weights (what sampling should use), ``ema=False`` the raw fp32 weights. The folder
+    ``ema=True`` gives the EMA weights (what sampling should use), ``ema=False`` the raw fp32 weights (the
+    checkpoint's model.safetensors, or, where ``[checkpoint] inference_weights`` was off, rebuilt from its
+    DeepSpeed state: :func:`raw_weights`). The folder
     is verified as resume verifies it (every size in COMPLETE.json, and the sha256 of the files read);
     ``verify=False`` skips that and takes the newest folder that has the file (callers must say so loudly).
     ``meta`` follows :mod:`lamamba_dist.weights`: model, resolution, num_classes, learn_sigma, plus step,
@@ -343,11 +351,50 @@ def load_inference_weights(run_dir: str | Path, ema: bool = True, verify: bool =
         path = Path(run_dir)
         if not path.exists():
             raise CheckpointError(f"{path}: no such run directory or checkpoint")
-        cands = [path] if (path / rel).is_file() else [p for _, p in reversed(list_step_dirs(path)) if (p / rel).is_file()]
+        has = lambda p: (p / rel).is_file() or (p / EMA_FILE).is_file()  # noqa: E731 (raw: rebuilt beside the EMA)
+        cands = [path] if has(path) else [p for _, p in reversed(list_step_dirs(path)) if has(p)]
         if not cands:
             raise CheckpointError(f"{path}: no {rel} in it or in any step_XXXXXXXX folder")
         step_dir = cands[0]
-    sd, meta = load_weights(step_dir / rel)
+    if ema or (step_dir / RAW_FILE).is_file():
+        sd, meta = load_weights(step_dir / rel)
+    else:  # no model.safetensors ([checkpoint] inference_weights off): rebuilt from the DeepSpeed state
+        if verify:  # every file is read then: every file is hashed
+            reason = verify_checkpoint(step_dir, hashes=True)
+            if reason:
+                raise CheckpointError(f"{step_dir}: {reason}")
+        sd = raw_weights(step_dir)
+        meta = dict(load_weights(step_dir / EMA_FILE)[1], ema=False)
     meta = dict(meta)
     meta["checkpoint"] = str(step_dir)
     return sd, meta
+
+
+def raw_weights(step_dir: Path) -> dict[str, "torch.Tensor"]:
+    """The raw fp32 weights of a checkpoint: its ``model.safetensors`` when written (``[checkpoint]
+    inference_weights``), else rebuilt from the DeepSpeed state (the fp32 master weights of every ZeRO
+    partition, DeepSpeed's zero_to_fp32; ZeRO-0: the engine's module weights). Persistent buffers and frozen
+    parameters come from the EMA file, which holds them in full."""
+    import torch
+
+    from lamamba_dist.weights import load_weights
+
+    step_dir = Path(step_dir)
+    if (step_dir / RAW_FILE).is_file():
+        return load_weights(step_dir / RAW_FILE)[0]
+    ds_dir = step_dir / DS_DIR
+    if any((ds_dir / DS_TAG).glob("*optim_states.pt")):
+        import logging
+
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
+    else:
+        (f,) = sorted((ds_dir / DS_TAG).glob("mp_rank_*_model_states.pt"))[:1]
+        sd = torch.load(f, map_location="cpu", weights_only=False)["module"]
+    ema, _ = load_weights(step_dir / EMA_FILE)
+    out = {k: v.float() for k, v in sd.items()}
+    for k, v in ema.items():  # buffers and frozen parameters (the EMA covers only trainable ones)
+        out.setdefault(k, v)
+    return {k: out[k] for k in ema}

@@ -139,8 +139,9 @@ class ZeroEMA:
 
     # ------------------------------------------------------------------ full tensors (collective)
     @torch.no_grad()
-    def _assemble(self, get_local, dst: Optional[int]) -> dict[str, torch.Tensor]:
-        """Full fp32 tensors from disjoint per-rank slices (sum of zero-filled buffers: exact)."""
+    def _assemble(self, get_local, dst: Optional[int], to_cpu: bool = True) -> dict[str, torch.Tensor]:
+        """Full fp32 tensors from disjoint per-rank slices (sum of zero-filled buffers: exact). ``to_cpu=False``
+        leaves them on the device (views of the reduced buckets), for a caller that copies them asynchronously."""
         dist = _dist()
         out: dict[str, torch.Tensor] = {}
         # Bucket parameters into ~64M-element flat buffers to keep the number of collectives small.
@@ -169,7 +170,8 @@ class ZeroEMA:
                     dist.reduce(flat, dst=dst)
             off = 0
             for n, k in zip(bucket, numels):
-                out[n] = flat[off: off + k].view(self.full_shape(self.params[n])).cpu().clone()
+                v = flat[off: off + k].view(self.full_shape(self.params[n]))
+                out[n] = v.cpu().clone() if to_cpu else v
                 off += k
             bucket, size = [], 0
 
@@ -182,13 +184,13 @@ class ZeroEMA:
         flush()
         return out
 
-    def full_state_dict(self, dst: Optional[int] = 0) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, dst: Optional[int] = 0, to_cpu: bool = True) -> dict[str, torch.Tensor]:
         """Full fp32 EMA tensors (valid on ``dst``, or on every rank when ``dst`` is None). Collective."""
-        return self._assemble(lambda n: self.shadow.get(n), dst)
+        return self._assemble(lambda n: self.shadow.get(n), dst, to_cpu)
 
-    def full_master_weights(self, dst: Optional[int] = 0) -> dict[str, torch.Tensor]:
+    def full_master_weights(self, dst: Optional[int] = 0, to_cpu: bool = True) -> dict[str, torch.Tensor]:
         """Full fp32 master weights of the trainable parameters, assembled the same way. Collective."""
-        return self._assemble(self._fragment, dst)
+        return self._assemble(self._fragment, dst, to_cpu)
 
     @torch.no_grad()
     def load_full_state_dict(self, full: dict[str, torch.Tensor], source: str = "EMA") -> None:

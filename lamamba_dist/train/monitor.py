@@ -66,6 +66,8 @@ def status_line(rec: dict) -> str:
     ]
     if rec.get("skipped"):
         parts.append(f"skipped {rec['skipped']}")
+    if rec.get("ckpt_blocked_s") is not None:  # a checkpoint was saved since the last line
+        parts.append(f"ckpt blocked {rec['ckpt_blocked_s']:.2f}s write {fmt_num(rec.get('ckpt_write_s'), '.1f')}s")
     return " | ".join(parts)
 
 

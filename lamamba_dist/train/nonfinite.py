@@ -191,6 +191,7 @@ class Verdict:
     grad_norm: Optional[float]  # global L2 norm of the gradients (None where DeepSpeed computes it in step())
     nonfinite: bool  # skip the optimizer step on every rank
     stop: bool  # some rank asked to stop (signal)
+    counts: tuple[float, ...] = ()  # the caller's per-rank values summed over ranks (checkpoint writer states)
 
     def reason(self) -> str:
         """Which part failed, for the log: the loss, the gradients, or both."""
@@ -209,6 +210,7 @@ class NonFiniteGuard:
         self.device = device
         self.group = group
         self._stop = torch.zeros((), dtype=torch.float64, device=device)
+        self._counts = torch.zeros(0, dtype=torch.float64, device=device)
         self.last_grad_norm: Optional[float] = None
         self._flags: Optional[torch.Tensor] = None
         self._verdict: Optional[Verdict] = None
@@ -239,9 +241,11 @@ class NonFiniteGuard:
         return self._found_inf is not None
 
     @torch.no_grad()
-    def check(self, loss_sum: torch.Tensor, stop: bool) -> None:
+    def check(self, loss_sum: torch.Tensor, stop: bool, counts: tuple[float, ...] = ()) -> None:
         """Collective, before ``engine.step()``. ``loss_sum``: this rank's summed micro-batch losses (a device
-        scalar). Queues the check; where the skip is on the host, also reads the verdict and arms the skip."""
+        scalar). ``counts``: small host numbers of the caller's, summed over ranks in the same all-reduce (the
+        verdict's ``counts``: how the checkpoint writers' states reach every rank without a collective of their
+        own). Queues the check; where the skip is on the host, also reads the verdict and arms the skip."""
         grads = self.ds.local_grads()
         if grads:
             norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
@@ -249,7 +253,12 @@ class NonFiniteGuard:
         else:
             sumsq = torch.zeros((), dtype=torch.float64, device=self.device)
         self._stop.fill_(1.0 if stop else 0.0)  # a kernel argument: no tensor built on the host
-        flags = torch.stack([loss_sum.detach().to(self.device, torch.float64), sumsq, self._stop])
+        if self._counts.numel() != len(counts):
+            self._counts = torch.zeros(len(counts), dtype=torch.float64, device=self.device)
+        for i, c in enumerate(counts):
+            self._counts[i].fill_(float(c))
+        flags = torch.cat([torch.stack([loss_sum.detach().to(self.device, torch.float64), sumsq, self._stop]),
+                           self._counts])
         if self.world > 1:
             import torch.distributed as dist
 
@@ -263,14 +272,15 @@ class NonFiniteGuard:
                 self.ds.skip_next_step()
 
     def _read(self) -> Verdict:
-        loss, sq, stop_sum = self._flags.tolist()  # the step's one host sync
+        loss, sq, stop_sum, *counts = self._flags.tolist()  # the step's one host sync
         grads = self._has_grads
         if grads and not self.ds.grads_partitioned:
             sq /= self.world  # every rank holds the same full gradients
         grad_norm = math.sqrt(sq) if grads and math.isfinite(sq) and sq >= 0 else (None if not grads else float("nan"))
         nonfinite = not math.isfinite(loss) or (grads and not math.isfinite(sq))
         self.last_grad_norm = grad_norm
-        return Verdict(loss_sum=loss, grad_norm=grad_norm, nonfinite=bool(nonfinite), stop=stop_sum > 0)
+        return Verdict(loss_sum=loss, grad_norm=grad_norm, nonfinite=bool(nonfinite), stop=stop_sum > 0,
+                       counts=tuple(counts))
 
     def finish(self) -> Verdict:
         """After ``engine.step()``: the step's verdict (read here where the skip is on the device)."""

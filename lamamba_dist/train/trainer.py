@@ -36,7 +36,6 @@ import math
 import os
 import random
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,20 +44,11 @@ from typing import Any, Optional
 import torch
 
 from lamamba_dist.train import checkpoint as ckpt
+from lamamba_dist.train.checkpointing import CheckpointManager, SaveError, TrainingError, fault, fault_hit
 from lamamba_dist.train.signals import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, StopSignals, stop_reason, stop_requested
 
 log = logging.getLogger("lamamba.train")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or continue (bad checkpoint for this config, persistent NaNs...)."""
-
-
-class SaveError(TrainingError):
-    """A checkpoint could not be written (disk full, read-only storage); earlier checkpoints are intact."""
-
-
-# --------------------------------------------------------------------------- environment
+__all__ = ["Trainer", "TrainingError", "SaveError", "build_model", "run_training"]
 
 
 def _free_port() -> int:
@@ -134,52 +124,9 @@ def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def _universal_workers() -> int:
-    """Processes for ``ds_to_universal`` (``LAMAMBA_UNIVERSAL_WORKERS``; default: 1 per 4 cores, at most 8)."""
-    env = os.environ.get("LAMAMBA_UNIVERSAL_WORKERS")
-    if env:
-        return max(1, int(env))
-    return max(1, min(8, (os.cpu_count() or 1) // 4))
-
-
-# --------------------------------------------------------------------------- fault injection (tests)
-
-
-def _fault_hit(point: str, step: int) -> bool:
-    """Test hook: ``LAMAMBA_FAULT=point:step[:rank][,point:step[:rank]...]`` (rank 0 by default).
-
-    Points: ``step`` (SIGKILL before training step ``step + 1``), ``save_before_marker`` (SIGKILL after
-    the files of the step-``step`` checkpoint are written, before its completion marker), ``nan`` (the
-    latents of the batches of step ``step + 1`` on that rank become NaN; ``step`` may be ``a-b``),
-    ``enospc`` (writing the step-``step`` checkpoint's EMA file fails with "No space left on device").
-    """
-    spec = os.environ.get("LAMAMBA_FAULT")
-    if not spec:
-        return False
-    rank = int(os.environ.get("RANK", "0"))
-    for item in spec.split(","):
-        parts = item.split(":")
-        if parts[0] != point:
-            continue
-        lo, _, hi = parts[1].partition("-")
-        if int(lo) <= step <= int(hi or lo) and rank == (int(parts[2]) if len(parts) > 2 else 0):
-            if (point, step) in _FAULTS_FIRED:  # each fault fires once per process (a rollback re-runs steps)
-                return False
-            _FAULTS_FIRED.add((point, step))
-            return True
-    return False
-
-
-_FAULTS_FIRED: set = set()
-
-
-def _fault(point: str, step: int) -> None:
-    if _fault_hit(point, step):
-        import signal
-
-        sys.stderr.write(f"[fault injection] SIGKILL at {point} step {step}\n")
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+# fault injection for tests: LAMAMBA_FAULT (the points are listed in checkpointing.fault_hit)
+_fault_hit = fault_hit
+_fault = fault
 
 
 # --------------------------------------------------------------------------- trainer
@@ -236,51 +183,12 @@ class Trainer:
         self.cfg_dict = to_dict(cfg)
 
         # ---------------------------------------------------------- find the checkpoint to resume from
-        found_dir = None
-        refuse = None
-        self._lock = None
-        if self.is_main and resume:
-            refuse = self._check_run_dir()
-        if self.is_main and resume and refuse is None:
-            from lamamba_dist.runlock import LockedError, RunLock
-
-            try:  # one trainer per run folder (rank 0 holds it; released by close() and on every error path)
-                self._lock = RunLock(self.run_dir, "lamamba train", log=self.warn).acquire()
-            except LockedError as e:
-                refuse = str(e)
-        if self.is_main and resume and refuse is None:  # (_check_run_dir created the folder)
-            ckpt.remove_stale_tmp(self.run_dir, log=self.info)
-            hashes = self.ccfg.verify == "hash"
-            found = ckpt.find_latest(self.run_dir, hashes=hashes, warn=self.warn)
-            found_dir = str(found) if found else None
-            steps = ckpt.list_step_dirs(self.run_dir)
-            if found is None and steps:
-                bad = ckpt.damaged_checkpoints(self.run_dir, hashes=hashes)  # all of them: none verified
-                if move_damaged_aside:
-                    for p, why in bad:
-                        dest = ckpt.move_aside(p, self.run_dir, why)
-                        self.warn(f"moved the damaged checkpoint {p.name} aside to {dest} ({why})")
-                else:
-                    listing = "; ".join(f"{p.name}: {why}" for p, why in bad)
-                    refuse = (f"{self.run_dir}: {len(bad)} checkpoint folder(s) and none verifies, so training will not "
-                              f"start again from step 0 over them ({listing}). To start fresh anyway, rerun with "
-                              f"--move-damaged-aside (they are moved to {self.run_dir / ckpt.DAMAGED_DIR}/, never "
-                              "deleted), or use another [checkpoint] dir")
-            elif found is not None:
-                for p, why in ckpt.damaged_checkpoints(self.run_dir, hashes=False):
-                    if p.name < found.name:
-                        self.warn(f"older checkpoint {p.name} is damaged ({why}); retention removes it like any "
-                                  "old checkpoint")
-        if resume:
-            found_dir, refuse = self._bcast((found_dir, refuse))
-            if refuse:
-                if self._lock is not None:
-                    self._lock.release()
-                raise TrainingError(refuse)
-        self.resume_dir: Optional[Path] = Path(found_dir) if found_dir else None
+        self.ckpt = CheckpointManager(cfg, dist=dist, rank=self.rank, world=self.world, device=self.device,
+                                      info=self.info, warn=self.warn, bcast=self._bcast)
+        self.resume_dir: Optional[Path] = self.ckpt.discover(move_damaged_aside) if resume else None
         self.state: dict[str, Any] = ckpt.read_trainer_state(self.resume_dir) if self.resume_dir else {}
         if self.state:
-            self._check_compatible(self.state)
+            self.ckpt.check_compatible(self.state, self.resume_dir)
         saved_world = int(self.state.get("world_size", self.world)) if self.state else self.world
         # Optimizer state split across ranks (ZeRO, DeepSpeed's bf16 optimizer) shows as *_optim_states.pt
         # files; without them (stage 0) the state is whole and loads on any world size as it is.
@@ -288,7 +196,7 @@ class Trainer:
         self.elastic = bool(self.state) and saved_world != self.world and partitioned
         universal_dir = None
         if self.elastic:
-            universal_dir = self._to_universal(self.resume_dir, saved_world)
+            universal_dir = self.ckpt.to_universal(self.resume_dir, saved_world)
 
         # ---------------------------------------------------------- model, engine, objective
         from lamamba_dist.diffusion import create_diffusion
@@ -336,6 +244,7 @@ class Trainer:
         from lamamba_dist.train.ema import ZeroEMA
 
         self.ema = ZeroEMA(self.engine.module, self.ocfg.ema_decay, rank=self.rank)
+        self.ckpt.attach(self.engine, self.ema)
 
         # ---------------------------------------------------------- training state
         self.step = 0
@@ -343,9 +252,6 @@ class Trainer:
         self.rollbacks = 0
         self.skipped_total = 0
         self.nonfinite_in_row = 0
-        self.last_saved_step: Optional[int] = None
-        self.last_ckpt_dir: Optional[Path] = None
-        self.saved: list[tuple[int, Path]] = []  # checkpoints of this process (and the resumed one), oldest first
         self.streak_start = 0  # first step of the current run of non-finite steps
         self.run_id = self.state.get("wandb_run_id") if self.state else None
         loader_state = None
@@ -373,24 +279,6 @@ class Trainer:
                                    num_timesteps=self.diffusion.num_timesteps, pin_memory=self.on_cuda,
                                    num_classes=self.cfg.model.num_classes)
 
-    def _check_run_dir(self) -> Optional[str]:
-        """Why ``[checkpoint] dir`` cannot hold checkpoints (checked before the first step), or None."""
-        d = self.run_dir
-        if d.exists() and not d.is_dir():
-            return f"[checkpoint] dir = {d} is an existing file, not a folder"
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            probe = d / f".write_test-{os.getpid()}"
-            with open(probe, "wb") as f:
-                f.write(b"x")
-                f.flush()
-                os.fsync(f.fileno())
-            probe.unlink()
-        except OSError as e:
-            return (f"[checkpoint] dir = {d} is not writable ({e.strerror or e}): training would fail at its first "
-                    "checkpoint")
-        return None
-
     # ------------------------------------------------------------------ small helpers
     def info(self, msg: str) -> None:
         if self.is_main:
@@ -413,64 +301,6 @@ class Trainer:
         box = [obj]
         self.dist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def _check_compatible(self, st: dict) -> None:
-        from lamamba_dist.config import to_dict
-
-        m = self.cfg.model
-        saved = st.get("model", {})
-        for key in ("name", "resolution", "num_classes", "learn_sigma"):
-            if key in saved and saved[key] != getattr(m, key):
-                raise TrainingError(f"{self.resume_dir}: checkpoint was trained with [model] {key} = {saved[key]!r}, "
-                                    f"the config says {getattr(m, key)!r}; use another [checkpoint] dir")
-        if "arch_overrides" in saved and saved["arch_overrides"] != to_dict(m)["arch_overrides"]:
-            raise TrainingError(f"{self.resume_dir}: checkpoint was trained with [model] arch_overrides = "
-                                f"{saved['arch_overrides']!r}, the config says {m.arch_overrides!r}; use another "
-                                "[checkpoint] dir")
-        if st.get("zero_stage") != self.tcfg.zero_stage:
-            raise TrainingError(f"{self.resume_dir}: checkpoint was written with [train] zero_stage = {st.get('zero_stage')}, "
-                                f"the config says {self.tcfg.zero_stage}; DeepSpeed cannot switch ZeRO stage on resume")
-        from lamamba_dist.train.ds_config import bf16_weights
-
-        saved_prec = st.get("precision")
-        if saved_prec is not None and bf16_weights(saved_prec, self.tcfg.zero_stage) != bf16_weights(
-                self.tcfg.precision, self.tcfg.zero_stage):
-            raise TrainingError(f"{self.resume_dir}: checkpoint was written with [train] precision = {saved_prec!r}, "
-                                f"the config says {self.tcfg.precision!r}; DeepSpeed's bf16 state (bf16 weights, fp32 "
-                                "master copy) and fp32-weight state do not load into each other")
-        if st.get("global_batch") not in (None, self.tcfg.global_batch):
-            self.warn(f"[train] global_batch changed from {st['global_batch']} to {self.tcfg.global_batch} on resume")
-
-    def _to_universal(self, step_dir: Path, saved_world: int) -> Path:
-        """Convert ``step_dir``'s DeepSpeed state to a universal checkpoint (rank 0), return the load dir."""
-        out_root = self.run_dir / ".universal" / step_dir.name
-        out = out_root / f"{ckpt.DS_TAG}_universal"
-        if self.is_main:
-            done = out_root / "DONE"
-            if not done.is_file():
-                import shutil
-
-                shutil.rmtree(out_root, ignore_errors=True)
-                out_root.mkdir(parents=True, exist_ok=True)
-                self.info(f"elastic resume: {saved_world} -> {self.world} ranks, converting {step_dir.name} "
-                          "to a DeepSpeed universal checkpoint")
-                cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                       "--input_folder", str(step_dir / ckpt.DS_DIR / ckpt.DS_TAG), "--output_folder", str(out),
-                       "--num_extract_workers", str(_universal_workers()), "--num_merge_workers", str(_universal_workers())]
-                if self.tcfg.zero_stage in (1, 2) or self.tcfg.zero_stage == 0:
-                    cmd.append("--inject_missing_state")
-                t0 = time.perf_counter()
-                res = subprocess.run(cmd, capture_output=True, text=True)
-                if res.returncode != 0:
-                    tail = (res.stdout + res.stderr)[-3000:]
-                    self._bcast_error = f"universal checkpoint conversion failed (rc {res.returncode}):\n{tail}"
-                else:
-                    ckpt.atomic_write_text(done, "ok\n")
-                    self.info(f"universal checkpoint written in {time.perf_counter() - t0:.1f}s")
-        err = self._bcast(getattr(self, "_bcast_error", None))
-        if err:
-            raise TrainingError(err)
-        return out_root
 
     def _vae_meta(self) -> dict:
         """The VAE the latents were made with (from the shard manifest), so samplers decode with the right one."""
@@ -496,55 +326,14 @@ class Trainer:
             self.info(f"model FLOPs unknown ({e}); TFLOP/s and MFU not reported")
             return None
 
-    # ------------------------------------------------------------------ checkpoint load
+    # ------------------------------------------------------------------ checkpoints (checkpointing.py)
     def _load(self, step_dir: Path, universal_dir: Optional[Path]) -> Optional[dict]:
-        from lamamba_dist.weights import load_weights
-
-        st = ckpt.read_trainer_state(step_dir)
-        load_dir, tag = (universal_dir, f"{ckpt.DS_TAG}_universal") if universal_dir else (step_dir / ckpt.DS_DIR, ckpt.DS_TAG)
-        path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if path is None:
-            raise TrainingError(f"{step_dir}: DeepSpeed found no checkpoint in {load_dir}/{tag}")
-        # load_universal applies to this one load only: later checkpoints are ordinary ones.
-        self.engine._config.load_universal_checkpoint = False
-        ema_sd, _ = load_weights(step_dir / ckpt.EMA_FILE)
-        self.ema.load_full_state_dict(ema_sd, source=str(step_dir / ckpt.EMA_FILE))
+        st, loader_state = self.ckpt.load(step_dir, universal_dir)
         self.step = int(st["step"])
         self.images_seen = int(st["images_seen"])
         self.rollbacks = int(st.get("rollbacks", 0))
         self.skipped_total = int(st.get("skipped_steps", 0))
-        self.last_saved_step = self.step
-        self.last_ckpt_dir = step_dir
-        if not any(p == step_dir for _, p in self.saved):
-            self.saved.append((self.step, step_dir))
-        loader_state = st.get("loader_state")
-        if int(st.get("world_size", -1)) == self.world:
-            rs_path = ckpt.rank_state_path(step_dir, self.rank)
-            rs = torch.load(rs_path, map_location="cpu", weights_only=False)
-            set_rng_state(rs["rng"])
-            loader_state = rs.get("loader_state", loader_state)
         return loader_state
-
-    # ------------------------------------------------------------------ checkpoint save
-    def _inference_extras(self) -> dict[str, torch.Tensor]:
-        """Frozen parameters and persistent buffers (full tensors), which the EMA does not cover."""
-        module = self.engine.module
-        frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
-        out: dict[str, torch.Tensor] = {}
-        if frozen:
-            if hasattr(frozen[0][1], "ds_id"):
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None):
-                    out.update({n: p.detach().float().cpu().clone() for n, p in frozen})
-            else:
-                out.update({n: p.detach().float().cpu().clone() for n, p in frozen})
-        params = {n for n, _ in module.named_parameters()}
-        for k, v in module.state_dict().items():
-            if k not in params:
-                out[k] = v.detach().cpu().clone()
-        return out
 
     def _meta(self, ema: bool) -> dict:
         m = self.cfg.model
@@ -553,135 +342,44 @@ class Trainer:
                 "class_dropout": m.class_dropout, "step": self.step, "images_seen": self.images_seen, "ema": ema,
                 "ema_decay": self.ocfg.ema_decay, "run_id": self.run_id, **self.vae_meta}
 
-    def save(self) -> Path:
-        """Collective: every rank writes its part, rank 0 marks the folder complete and publishes it.
-
-        A write that fails on any rank (disk full, the folder gone read-only) is reported by every rank after the
-        collectives, the temporary folder is removed, and :class:`SaveError` names the file and the cause; the
-        earlier checkpoints are untouched (they are never written to).
-        """
-        from lamamba_dist.weights import save_weights
-
-        t0 = time.perf_counter()
-        nonce = self._bcast(os.urandom(4).hex() if self.is_main else None)
-        tmp = ckpt.new_tmp_dir(self.run_dir, self.step, nonce)
-        err = None
-
-        def attempt(fn, *a, fault: bool = False, **k):
-            nonlocal err
-            if err is not None:
-                return None
-            try:
-                if fault and _fault_hit("enospc", self.step):  # test hook: the disk fills up during this write
-                    import errno
-
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(a[0]))
-                return fn(*a, **k)
-            except OSError as e:
-                err = f"{getattr(e, 'filename', None) or tmp}: {e.strerror or e}"
-                return None
-
-        if self.is_main:
-            attempt(tmp.mkdir, parents=True, exist_ok=False)
-        err = self._bcast(err)
-        if err is None:
-            self.dist.barrier()
-            attempt(self.engine.save_checkpoint, str(tmp / ckpt.DS_DIR), tag=ckpt.DS_TAG,
-                    client_state={"lamamba_step": self.step})
-        ema_sd = self.ema.full_state_dict(dst=0)  # collectives: every rank takes part, failed or not
-        raw_sd = self.ema.full_master_weights(dst=0)
-        extras = self._inference_extras()
+    def save(self, background: bool = False) -> None:
+        """Collective: save this step (:meth:`CheckpointManager.save`). ``background``: return once the state is
+        copied to host memory (periodic saves); otherwise the checkpoint is complete when this returns."""
         loader_state = _jsonable(self.loader.state_dict())
-        rs_path = ckpt.rank_state_path(tmp, self.rank)
-        attempt(rs_path.parent.mkdir, parents=True, exist_ok=True)
-        attempt(torch.save, {"rng": rng_state(), "loader_state": loader_state, "rank": self.rank,
-                             "world_size": self.world}, rs_path)
-        if self.is_main:
-            attempt(save_weights, tmp / ckpt.EMA_FILE, {**extras, **ema_sd}, self._meta(ema=True), fault=True)
-            attempt(save_weights, tmp / ckpt.RAW_FILE, {**extras, **raw_sd}, self._meta(ema=False))
-            state = {
-                "format": ckpt.FORMAT_VERSION, "step": self.step, "images_seen": self.images_seen,
-                "world_size": self.world, "zero_stage": self.tcfg.zero_stage, "precision": self.tcfg.precision,
-                "global_batch": self.tcfg.global_batch, "micro_batch": self.tcfg.micro_batch,
-                "model": {"name": self.cfg.model.name, "resolution": self.cfg.model.resolution,
-                          "num_classes": self.cfg.model.num_classes, "learn_sigma": self.cfg.model.learn_sigma,
-                          "arch_overrides": self.cfg_dict["model"]["arch_overrides"]},
-                "wandb_run_id": self.run_id, "loader_state": loader_state, "rollbacks": self.rollbacks,
-                "skipped_steps": self.skipped_total, "config": self.cfg_dict, "config_source": self.cfg.source,
-                "ds_global_steps": int(self.engine.global_steps), "time": time.time(),
-            }
-            attempt((tmp / ckpt.STATE_FILE).write_text, json.dumps(_jsonable(state), indent=1, sort_keys=True))
-        errors = [err]
-        if self.world > 1:
-            errors = [None] * self.world
-            self.dist.all_gather_object(errors, err)
-        failed = [f"rank {r}: {e}" if self.world > 1 else e for r, e in enumerate(errors) if e]
-        if failed:
-            self.dist.barrier()
-            if self.is_main:
-                import shutil
-
-                shutil.rmtree(tmp, ignore_errors=True)
-            self.dist.barrier()
-            raise self._save_error(failed[0])
-        self.dist.barrier()
-        # Hash the files in parallel: file i is hashed by rank i % world.
-        files = self._bcast(ckpt.list_files(tmp) if self.is_main else None)
-        mine = ckpt.digest_files(tmp, [f for i, f in enumerate(files) if i % self.world == self.rank])
-        parts: list = [None] * self.world
-        if self.world > 1:
-            self.dist.all_gather_object(parts, mine)
-        else:
-            parts = [mine]
-        _fault("save_before_marker", self.step)
-        final = None
-        if self.is_main:
-            digests = {k: v for p in parts for k, v in p.items()}
-            try:
-                ckpt.write_marker(tmp, digests, self.step)
-                final = ckpt.publish(tmp, self.run_dir, self.step)
-            except OSError as e:
-                import shutil
-
-                err = f"{getattr(e, 'filename', None) or tmp}: {e.strerror or e}"
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                ckpt.prune(self.run_dir, self.ccfg.keep, log=self.info)
-        final, err = self._bcast((str(final) if final else None, err))
-        if err:
-            raise self._save_error(err)
-        final = Path(final)
-        self.dist.barrier()
-        self.last_saved_step = self.step
-        self.last_ckpt_dir = final
-        self.saved = [(s, p) for s, p in self.saved if p != final] + [(self.step, final)]
-        self.info(f"saved {final} in {time.perf_counter() - t0:.1f}s")
-        return final
-
-    def _save_error(self, cause: str) -> SaveError:
-        return SaveError(f"saving the step-{self.step} checkpoint failed: {cause}; the temporary folder was removed "
-                         f"and the earlier checkpoints in {self.run_dir} are intact")
+        state = {
+            "format": ckpt.FORMAT_VERSION, "step": self.step, "images_seen": self.images_seen,
+            "world_size": self.world, "zero_stage": self.tcfg.zero_stage, "precision": self.tcfg.precision,
+            "global_batch": self.tcfg.global_batch, "micro_batch": self.tcfg.micro_batch,
+            "model": {"name": self.cfg.model.name, "resolution": self.cfg.model.resolution,
+                      "num_classes": self.cfg.model.num_classes, "learn_sigma": self.cfg.model.learn_sigma,
+                      "arch_overrides": self.cfg_dict["model"]["arch_overrides"]},
+            "wandb_run_id": self.run_id, "loader_state": loader_state, "rollbacks": self.rollbacks,
+            "skipped_steps": self.skipped_total, "config": self.cfg_dict, "config_source": self.cfg.source,
+            "ds_global_steps": int(self.engine.global_steps), "time": time.time(),
+        } if self.is_main else {}
+        meta = self._meta(ema=True)
+        self.ckpt.save(self.step, trainer_state=state, rank_state={"rng": rng_state(), "loader_state": loader_state},
+                       meta=lambda ema: dict(meta, ema=ema), background=background and self.ccfg.background)
 
     # ------------------------------------------------------------------ non-finite handling
     def _rollback(self) -> None:
         # The newest checkpoint written before the non-finite streak began (one written during it may
         # hold weights damaged by a step that DeepSpeed could not skip).
-        target = [p for s, p in self.saved if s < self.streak_start and ckpt.verify_checkpoint(p, hashes=False) is None]
-        if not target:
+        self.ckpt.complete()  # a save still being written is published (or fails) first
+        target = self.ckpt.rollback_target(self.streak_start)
+        if target is None:
             raise TrainingError(f"{self.nonfinite_in_row} non-finite steps in a row and no checkpoint from before "
                                 f"step {self.streak_start} to roll back to")
-        self.last_ckpt_dir = target[-1]
-        self.warn(f"{self.nonfinite_in_row} non-finite steps in a row: rolling back to {self.last_ckpt_dir.name} "
+        self.warn(f"{self.nonfinite_in_row} non-finite steps in a row: rolling back to {target.name} "
                   "(data position kept: the offending batches are not replayed)")
         rollbacks = self.rollbacks + 1
         skipped = self.skipped_total
         images_now, loader = self.images_seen, self.loader
         uni = None
-        st = ckpt.read_trainer_state(self.last_ckpt_dir)
+        st = ckpt.read_trainer_state(target)
         if int(st.get("world_size", self.world)) != self.world:
-            uni = self._to_universal(self.last_ckpt_dir, int(st["world_size"]))
-            self.engine._config.load_universal_checkpoint = True
-        self._load(self.last_ckpt_dir, uni)
+            uni = self.ckpt.to_universal(target, int(st["world_size"]))
+        self._load(target, uni)
         self.loader = loader  # keep going forward in the data
         self.rollbacks, self.skipped_total, self.nonfinite_in_row = rollbacks, skipped, 0
         self._images_discarded = getattr(self, "_images_discarded", 0) + images_now - self.images_seen
@@ -731,7 +429,8 @@ class Trainer:
             micro_keys.append(batch.get("key", []))
             self.engine.backward(loss)
             if micro == self.accum - 1:
-                self.guard.check(loss_sum, stop_requested())
+                # the checkpoint writers' states ride along in the check's all-reduce (checkpointing.py)
+                self.guard.check(loss_sum, stop_requested(), self.ckpt.flags())
             self.engine.step()
         # The verdict is read once the whole step is queued (where the optimizer skips on the device), so the
         # device never idles while the host runs the optimizer's Python.
@@ -745,7 +444,7 @@ class Trainer:
                 if not math.isfinite(value):
                     bad_keys.extend(str(k) for k in keys)
         return {"applied": applied, "loss_sum": verdict.loss_sum, "grad_norm": verdict.grad_norm,
-                "stop": verdict.stop, "bad_keys": bad_keys,
+                "stop": verdict.stop, "bad_keys": bad_keys, "ckpt_counts": verdict.counts,
                 "nonfinite": None if applied else verdict.reason()}
 
     # ------------------------------------------------------------------ the loop
@@ -756,6 +455,8 @@ class Trainer:
 
         t = self.tcfg
         stats = JsonlWriter(self.run_dir / "stats.jsonl") if self.is_main else None
+        if stats:
+            self.ckpt.on_saved = stats.write  # one "checkpoint" event per published save
         wb = None
         if self.is_main and self.cfg.logging.wandb:
             wb = WandbLogger(self.cfg.logging, self.run_dir, self.run_id, self.cfg_dict, log=self.info)
@@ -784,6 +485,7 @@ class Trainer:
             while self.step < t.steps:
                 _fault("step", self.step)
                 res = self.train_step(it, meter)
+                self.ckpt.on_step(res["ckpt_counts"])  # publishes a save every rank has written; raises if one failed
                 applied, stop, bad_keys = res["applied"], res["stop"], res["bad_keys"]
                 self.step += 1
                 steps_this_run += 1
@@ -841,6 +543,11 @@ class Trainer:
                     if self.flops_per_image:
                         rec["tflops_per_gpu"] = snap["img_per_s"] * self.flops_per_image / self.world / 1e12
                         rec["mfu"] = rec["tflops_per_gpu"] / peak if peak else None
+                    if self.ckpt.pending_records:  # the saves published since the last line
+                        saves = self.ckpt.pending_records
+                        rec["ckpt_blocked_s"] = round(sum(r["blocked_s"] + r["wait_s"] for r in saves), 3)
+                        rec["ckpt_write_s"] = round(sum(r["write_s"] for r in saves), 3)
+                        self.ckpt.pending_records = []
                     if self.on_cuda:
                         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                     else:
@@ -862,16 +569,18 @@ class Trainer:
                     code = EXIT_REQUEUE
                     break
                 if self.step % self.ccfg.every == 0 or self.step == t.steps:
-                    self.save()
+                    self.save(background=self.step < t.steps)  # the last one completes before the run ends
                 if t.exit_after and steps_this_run >= t.exit_after and self.step < t.steps:
-                    if self.last_saved_step != self.step:
+                    if self.ckpt.last_saved_step != self.step:
                         self.save()
+                    self.ckpt.complete()
                     self.info(f"[train] exit_after = {t.exit_after} steps reached: exiting for requeue")
                     code = EXIT_REQUEUE
                     break
             else:
-                if self.last_saved_step != self.step:
+                if self.ckpt.last_saved_step != self.step:
                     self.save()
+            self.ckpt.complete()  # nothing of this run is left unpublished (a no-op after a synchronous save)
         finally:
             bar.close()
             if wb:
@@ -883,8 +592,8 @@ class Trainer:
             self.engine.destroy()
         except Exception:  # pragma: no cover
             pass
-        if getattr(self, "_lock", None) is not None:
-            self._lock.release()
+        if getattr(self, "ckpt", None) is not None:
+            self.ckpt.close()  # the writer thread, the run folder's lock
         try:
             self.dist.barrier()
         except Exception:  # pragma: no cover

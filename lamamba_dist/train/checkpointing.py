@@ -1,0 +1,703 @@
+"""The trainer's checkpoints: :class:`CheckpointManager` finds, checks, loads, saves and prunes them.
+
+The on-disk format is :mod:`lamamba_dist.train.checkpoint` (a folder counts only when ``COMPLETE.json`` lists
+the size and sha256 of every file in it; the newest folder that verifies is the one resumed from). This module
+is the trainer's side of it: which folder to resume from, whether it fits the config, the conversion to a
+DeepSpeed universal checkpoint on another world size, the load, the save, retention.
+
+**Saves in the background.** A periodic save stops training only while this rank's state is copied to host
+memory (pinned on GPUs; the copies are queued on the training stream, so the next step cannot change a tensor
+before it is copied): the DeepSpeed engine state (DeepSpeed's own ``save_checkpoint``, with a checkpoint engine
+that snapshots each state dict instead of writing it, :class:`_SnapshotEngine`), the EMA (and, with ``[checkpoint]
+inference_weights``, the raw fp32 weights), RNG and data-loader state. A writer thread per rank then writes the
+files into the save's temporary folder, fsyncs them and records their sizes and sha256 in
+``.digests/rank_XXXXX.json``. Each rank's writer status (written, failed) travels in the one small all-reduce
+that every step already makes (lamamba_dist/train/nonfinite.py): at the first step boundary where every rank
+has written, rank 0 merges the digests, writes ``COMPLETE.json`` and renames the folder into place; the step
+never waits for it. A failed write (disk full, permission) reaches every rank the same way: the temporary folder
+is removed and :class:`SaveError` ends the run (exit 1), the earlier checkpoints untouched.
+
+At most one save is in flight (host memory holds one copy of the state, its buffers reused by the next save): a
+save that finds the previous one still writing waits for it, and the wait is reported. Saves at stop time
+(signals, ``exit_after``, the end of training) are synchronous: they complete before the trainer returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from lamamba_dist.train import checkpoint as ckpt
+
+DIGESTS_DIR = ".digests"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue for a reason the user can fix (config, checkpoint, folder)."""
+
+
+class SaveError(TrainingError):
+    """Writing a checkpoint failed (disk full, permission, storage gone): the run ends with exit 1, the earlier
+    checkpoints intact."""
+
+
+# --------------------------------------------------------------------------- fault injection (tests)
+
+
+def fault_hit(point: str, step: int) -> bool:
+    """Test hook: ``LAMAMBA_FAULT=point:step[:rank][,point:step[:rank]...]`` (rank 0 by default).
+
+    Points: ``step`` (SIGKILL before training step ``step + 1``), ``save_write`` (SIGKILL in the background
+    writer of the step-``step`` checkpoint, after its first file), ``save_before_marker`` (SIGKILL after every
+    file of the step-``step`` checkpoint is written, before its completion marker), ``save_after_marker``
+    (SIGKILL once the step-``step`` checkpoint is published), ``slow_write`` (the writer of the step-``step``
+    checkpoint sleeps 2 s first; ``step`` may be ``a-b``), ``nan`` (the latents of the batches of step ``step +
+    1`` on that rank become NaN; ``step`` may be ``a-b``), ``enospc`` (writing the step-``step`` checkpoint fails
+    with "No space left on device": rank 0's EMA file, another rank's rank-state file).
+    """
+    spec = os.environ.get("LAMAMBA_FAULT")
+    if not spec:
+        return False
+    rank = int(os.environ.get("RANK", "0"))
+    for item in spec.split(","):
+        parts = item.split(":")
+        if parts[0] != point:
+            continue
+        lo, _, hi = parts[1].partition("-")
+        if int(lo) <= step <= int(hi or lo) and rank == (int(parts[2]) if len(parts) > 2 else 0):
+            with _FAULT_LOCK:
+                if (point, step) in _FAULTS_FIRED:  # each fault fires once per process (a rollback re-runs steps)
+                    return False
+                _FAULTS_FIRED.add((point, step))
+            return True
+    return False
+
+
+_FAULTS_FIRED: set = set()
+_FAULT_LOCK = threading.Lock()
+
+
+def fault(point: str, step: int) -> None:
+    if fault_hit(point, step):
+        import signal
+
+        sys.stderr.write(f"[fault injection] SIGKILL at {point} step {step}\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- snapshots in host memory
+
+
+class _HostBuffers:
+    """Host copies of a state, buffers reused from one save to the next (at most one save is in flight)."""
+
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self._pool: list[torch.Tensor] = []
+        self._next = 0
+        self.nbytes = 0
+
+    def start(self) -> None:
+        self._next = 0
+        self.nbytes = 0
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        i = self._next
+        self._next += 1
+        buf = self._pool[i] if i < len(self._pool) else None
+        if buf is None or buf.dtype != t.dtype or buf.numel() != t.numel():
+            buf = torch.empty(t.numel(), dtype=t.dtype, pin_memory=self.pinned and t.device.type == "cuda")
+            if i < len(self._pool):
+                self._pool[i] = buf
+            else:
+                self._pool.append(buf)
+        out = buf.view(t.shape)
+        out.copy_(t, non_blocking=t.device.type == "cuda")
+        self.nbytes += t.numel() * t.element_size()
+        return out
+
+    def tree(self, obj: Any) -> Any:
+        """``obj`` with every tensor replaced by its host copy (containers rebuilt, other objects shared)."""
+        if torch.is_tensor(obj):
+            return self.copy(obj)
+        if isinstance(obj, torch.Size):
+            return obj
+        if isinstance(obj, dict):
+            out = type(obj)() if type(obj) is not dict else {}
+            try:
+                for k, v in obj.items():
+                    out[k] = self.tree(v)
+            except TypeError:  # a dict subclass that cannot be built empty
+                out = {k: self.tree(v) for k, v in obj.items()}
+            return out
+        if isinstance(obj, list):
+            return [self.tree(v) for v in obj]
+        if isinstance(obj, tuple):
+            items = [self.tree(v) for v in obj]
+            return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+        return obj
+
+
+class _SnapshotEngine:
+    """A DeepSpeed checkpoint engine (``engine.checkpoint_engine``) whose ``save`` copies the state dict to host
+    memory and records where it goes, for the writer thread; loading goes to DeepSpeed's own engine.
+
+    ``engine.checkpoint_engine`` is DeepSpeed's pluggable checkpoint-engine slot (its Nebula, FastPersist and
+    DataStates engines use the same interface: ``create``, ``save``, ``load``, ``commit``, ``makedirs``)."""
+
+    def __init__(self, inner, buffers: _HostBuffers):
+        self.inner = inner
+        self.name = "LamambaSnapshot"
+        self.buffers = buffers
+        self.captured: Optional[list[tuple[str, Any]]] = None  # (path, host state) of the save being taken
+
+    # the interface DeepSpeed calls
+    def create(self, info) -> None:
+        pass
+
+    def makedirs(self, path, exist_ok=False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
+
+    def save(self, state_dict, path: str) -> None:
+        if self.captured is None:  # a save outside CheckpointManager: write it now
+            torch.save(state_dict, path)
+            return
+        self.captured.append((str(path), self.buffers.tree(state_dict)))
+
+    def load(self, path: str, map_location=None):
+        return self.inner.load(path, map_location=map_location)
+
+    def commit(self, info) -> bool:
+        return True
+
+    def is_data_parallel_writer(self, dp_rank) -> bool:
+        return dp_rank == 0
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def set_commit_info(self, info) -> None:
+        pass
+
+    def get_commit_info(self):
+        return None
+
+    def cleanup(self) -> None:
+        pass
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # every tensor is copied on its own: DeepSpeed need not clone views first
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Save:
+    """One save: what was snapshotted, where it goes, and how far it got."""
+
+    def __init__(self, step: int, tmp: Path, background: bool):
+        self.step, self.tmp, self.background = step, tmp, background
+        self.jobs: list[tuple[str, Callable[[], None], Path]] = []  # (what, write function, file)
+        self.event: Optional[torch.cuda.Event] = None
+        self.status = "snapshot"  # -> "writing" -> "written" | "failed"
+        self.error: Optional[str] = None
+        self.blocked_s = 0.0
+        self.wait_s = 0.0
+        self.write_s: Optional[float] = None
+        self.write_started = self.write_ended = None  # wall clock of this rank's writer
+        self.nbytes = 0
+        self.done = threading.Event()
+
+
+class CheckpointManager:
+    """Discovery, compatibility check, universal conversion, load, save (in the background), retention.
+
+    Built before the engine (:meth:`discover` decides what to resume from); :meth:`attach` gives it the engine
+    and the EMA. Collective methods are marked so: every rank calls them in the same order.
+    """
+
+    def __init__(self, cfg, *, dist, rank: int, world: int, device: torch.device,
+                 info: Callable[[str], None], warn: Callable[[str], None], bcast: Callable[[Any], Any]):
+        from lamamba_dist.config import to_dict
+
+        self.cfg, self.ccfg, self.tcfg = cfg, cfg.checkpoint, cfg.train
+        self.cfg_dict = to_dict(cfg)
+        self.dist, self.rank, self.world, self.device = dist, rank, world, device
+        self.is_main = rank == 0
+        self.info, self.warn, self._bcast = info, warn, bcast
+        self.run_dir = Path(self.ccfg.dir)
+        self.lock = None
+        self.engine = None
+        self.ema = None
+        self.saved: list[tuple[int, Path]] = []  # complete checkpoints of this run, oldest first
+        self.last_saved_step: Optional[int] = None  # the newest step saved or being saved
+        self.last_dir: Optional[Path] = None
+        self.in_flight: Optional[_Save] = None
+        self.on_saved: Callable[[dict], None] = lambda rec: None  # rank 0: one record per published save
+        self.pending_records: list[dict] = []
+        self._publish_error: Optional[str] = None
+        self._failed_save: Optional[_Save] = None
+        self._buffers = _HostBuffers(pinned=device.type == "cuda")
+        self._queue: "queue.Queue[Optional[_Save]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------ discovery
+    def check_run_dir(self) -> Optional[str]:
+        """Why ``[checkpoint] dir`` cannot hold checkpoints (checked before the first step), or None."""
+        d = self.run_dir
+        if d.exists() and not d.is_dir():
+            return f"[checkpoint] dir = {d} is an existing file, not a folder"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".write_test-{os.getpid()}"
+            with open(probe, "wb") as f:
+                f.write(b"x")
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as e:
+            return (f"[checkpoint] dir = {d} is not writable ({e.strerror or e}): training would fail at its first "
+                    "checkpoint")
+        return None
+
+    def discover(self, move_damaged_aside: bool = False) -> Optional[Path]:
+        """Collective. Take the run folder's lock (rank 0) and find the newest checkpoint that verifies.
+
+        When step folders exist but none verifies, training refuses to start (it would overwrite them) unless
+        ``move_damaged_aside``: they are then moved to ``RUN/damaged/`` and training starts at step 0."""
+        found_dir = None
+        refuse = None
+        if self.is_main:
+            refuse = self.check_run_dir()
+        if self.is_main and refuse is None:
+            from lamamba_dist.runlock import LockedError, RunLock
+
+            try:  # one trainer per run folder (rank 0 holds it; released by close() and on every error path)
+                self.lock = RunLock(self.run_dir, "lamamba train", log=self.warn).acquire()
+            except LockedError as e:
+                refuse = str(e)
+        if self.is_main and refuse is None:  # (check_run_dir created the folder)
+            ckpt.remove_stale_tmp(self.run_dir, log=self.info)
+            hashes = self.ccfg.verify == "hash"
+            found = ckpt.find_latest(self.run_dir, hashes=hashes, warn=self.warn)
+            found_dir = str(found) if found else None
+            steps = ckpt.list_step_dirs(self.run_dir)
+            if found is None and steps:
+                bad = ckpt.damaged_checkpoints(self.run_dir, hashes=hashes)  # all of them: none verified
+                if move_damaged_aside:
+                    for p, why in bad:
+                        dest = ckpt.move_aside(p, self.run_dir, why)
+                        self.warn(f"moved the damaged checkpoint {p.name} aside to {dest} ({why})")
+                else:
+                    listing = "; ".join(f"{p.name}: {why}" for p, why in bad)
+                    refuse = (f"{self.run_dir}: {len(bad)} checkpoint folder(s) and none verifies, so training will not "
+                              f"start again from step 0 over them ({listing}). To start fresh anyway, rerun with "
+                              f"--move-damaged-aside (they are moved to {self.run_dir / ckpt.DAMAGED_DIR}/, never "
+                              "deleted), or use another [checkpoint] dir")
+            elif found is not None:
+                for p, why in ckpt.damaged_checkpoints(self.run_dir, hashes=False):
+                    if p.name < found.name:
+                        self.warn(f"older checkpoint {p.name} is damaged ({why}); retention removes it like any "
+                                  "old checkpoint")
+        found_dir, refuse = self._bcast((found_dir, refuse))
+        if refuse:
+            self.release_lock()
+            raise TrainingError(refuse)
+        return Path(found_dir) if found_dir else None
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def check_compatible(self, st: dict, step_dir: Path) -> None:
+        """Refuse a checkpoint that the config cannot continue (model, ZeRO stage, weight precision)."""
+        from lamamba_dist.train.ds_config import bf16_weights
+
+        m = self.cfg.model
+        saved = st.get("model", {})
+        for key in ("name", "resolution", "num_classes", "learn_sigma"):
+            if key in saved and saved[key] != getattr(m, key):
+                raise TrainingError(f"{step_dir}: checkpoint was trained with [model] {key} = {saved[key]!r}, "
+                                    f"the config says {getattr(m, key)!r}; use another [checkpoint] dir")
+        if "arch_overrides" in saved and saved["arch_overrides"] != self.cfg_dict["model"]["arch_overrides"]:
+            raise TrainingError(f"{step_dir}: checkpoint was trained with [model] arch_overrides = "
+                                f"{saved['arch_overrides']!r}, the config says {m.arch_overrides!r}; use another "
+                                "[checkpoint] dir")
+        if st.get("zero_stage") != self.tcfg.zero_stage:
+            raise TrainingError(f"{step_dir}: checkpoint was written with [train] zero_stage = {st.get('zero_stage')}, "
+                                f"the config says {self.tcfg.zero_stage}; DeepSpeed cannot switch ZeRO stage on resume")
+        saved_prec = st.get("precision")
+        if saved_prec is not None and bf16_weights(saved_prec, self.tcfg.zero_stage) != bf16_weights(
+                self.tcfg.precision, self.tcfg.zero_stage):
+            raise TrainingError(f"{step_dir}: checkpoint was written with [train] precision = {saved_prec!r}, "
+                                f"the config says {self.tcfg.precision!r}; DeepSpeed's bf16 state (bf16 weights, fp32 "
+                                "master copy) and fp32-weight state do not load into each other")
+        if st.get("global_batch") not in (None, self.tcfg.global_batch):
+            self.warn(f"[train] global_batch changed from {st['global_batch']} to {self.tcfg.global_batch} on resume")
+
+    def to_universal(self, step_dir: Path, saved_world: int) -> Path:
+        """Collective. Convert ``step_dir``'s DeepSpeed state to a universal checkpoint (rank 0), return its dir."""
+        out_root = self.run_dir / ".universal" / step_dir.name
+        out = out_root / f"{ckpt.DS_TAG}_universal"
+        err = None
+        if self.is_main:
+            done = out_root / "DONE"
+            if not done.is_file():
+                shutil.rmtree(out_root, ignore_errors=True)
+                out_root.mkdir(parents=True, exist_ok=True)
+                self.info(f"elastic resume: {saved_world} -> {self.world} ranks, converting {step_dir.name} "
+                          "to a DeepSpeed universal checkpoint")
+                workers = str(universal_workers())
+                cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                       "--input_folder", str(step_dir / ckpt.DS_DIR / ckpt.DS_TAG), "--output_folder", str(out),
+                       "--num_extract_workers", workers, "--num_merge_workers", workers]
+                if self.tcfg.zero_stage in (0, 1, 2):
+                    cmd.append("--inject_missing_state")
+                t0 = time.perf_counter()
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    tail = (res.stdout + res.stderr)[-3000:]
+                    err = f"universal checkpoint conversion failed (rc {res.returncode}):\n{tail}"
+                else:
+                    ckpt.atomic_write_text(done, "ok\n")
+                    self.info(f"universal checkpoint written in {time.perf_counter() - t0:.1f}s")
+        err = self._bcast(err)
+        if err:
+            raise TrainingError(err)
+        return out_root
+
+    # ------------------------------------------------------------------ load
+    def attach(self, engine, ema) -> None:
+        """The engine and EMA whose state is saved and loaded; installs the snapshotting checkpoint engine."""
+        self.engine, self.ema = engine, ema
+        engine.checkpoint_engine = _SnapshotEngine(engine.checkpoint_engine, self._buffers)
+
+    def load(self, step_dir: Path, universal_dir: Optional[Path]) -> tuple[dict, Optional[dict]]:
+        """Collective. Load ``step_dir`` into the engine and EMA (and this rank's RNG): ``(trainer state, loader
+        state)``; the loader state is this rank's own when the world size is unchanged."""
+        from lamamba_dist.weights import load_weights
+
+        st = ckpt.read_trainer_state(step_dir)
+        if universal_dir:
+            load_dir, tag = universal_dir, f"{ckpt.DS_TAG}_universal"
+            self.engine._config.load_universal_checkpoint = True
+        else:
+            load_dir, tag = step_dir / ckpt.DS_DIR, ckpt.DS_TAG
+        path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise TrainingError(f"{step_dir}: DeepSpeed found no checkpoint in {load_dir}/{tag}")
+        # load_universal applies to this one load only: later checkpoints are ordinary ones.
+        self.engine._config.load_universal_checkpoint = False
+        ema_sd, _ = load_weights(step_dir / ckpt.EMA_FILE)
+        self.ema.load_full_state_dict(ema_sd, source=str(step_dir / ckpt.EMA_FILE))
+        step = int(st["step"])
+        self.last_saved_step, self.last_dir = step, step_dir
+        if not any(p == step_dir for _, p in self.saved):
+            self.saved.append((step, step_dir))
+        loader_state = st.get("loader_state")
+        if int(st.get("world_size", -1)) == self.world:
+            from lamamba_dist.train.trainer import set_rng_state
+
+            rs = torch.load(ckpt.rank_state_path(step_dir, self.rank), map_location="cpu", weights_only=False)
+            set_rng_state(rs["rng"])
+            loader_state = rs.get("loader_state", loader_state)
+        return st, loader_state
+
+    def rollback_target(self, before_step: int) -> Optional[Path]:
+        """The newest complete checkpoint of a step before ``before_step``."""
+        ok = [p for s, p in self.saved if s < before_step and ckpt.verify_checkpoint(p, hashes=False) is None]
+        return ok[-1] if ok else None
+
+    # ------------------------------------------------------------------ save
+    def _inference_extras(self) -> dict[str, torch.Tensor]:
+        """Frozen parameters and persistent buffers (full tensors), which the EMA does not cover."""
+        module = self.engine.module
+        frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+        out: dict[str, torch.Tensor] = {}
+        if frozen:
+            if hasattr(frozen[0][1], "ds_id"):
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None):
+                    out.update({n: p.detach().float().cpu().clone() for n, p in frozen})
+            else:
+                out.update({n: p.detach().float().cpu().clone() for n, p in frozen})
+        params = {n for n, _ in module.named_parameters()}
+        for k, v in module.state_dict().items():
+            if k not in params:
+                out[k] = v.detach().cpu().clone()
+        return out
+
+    def save(self, step: int, *, trainer_state: dict, rank_state: dict, meta: Callable[[bool], dict],
+             background: Optional[bool] = None) -> None:
+        """Collective. Save step ``step``: every rank snapshots its state, then writes it (in the background
+        unless ``background`` is False or ``[checkpoint] background`` is off, or synchronously: complete and
+        published when this returns). ``trainer_state`` (rank 0) becomes trainer_state.json, ``rank_state``
+        (RNG, loader) this rank's rank_state file, ``meta(ema)`` the safetensors metadata."""
+        from lamamba_dist.weights import save_weights
+
+        if background is None:
+            background = self.ccfg.background
+        t_wait = time.perf_counter()
+        self.complete()  # at most one save in flight
+        wait_s = time.perf_counter() - t_wait
+        t0 = time.perf_counter()
+        nonce = self._bcast(os.urandom(4).hex() if self.is_main else None)
+        tmp = ckpt.new_tmp_dir(self.run_dir, step, nonce)
+        err = None
+        if self.is_main:
+            try:
+                tmp.mkdir(parents=True, exist_ok=False)
+            except OSError as e:
+                err = f"{e.filename or tmp}: {e.strerror or e}"
+        err = self._bcast(err)
+        if err is not None:
+            raise self._save_error(step, err)
+        self.dist.barrier()
+        sv = _Save(step, tmp, background)
+        sv.wait_s = wait_s
+        self._buffers.start()
+        snap = self.engine.checkpoint_engine
+        snap.captured = []
+        try:
+            self.engine.save_checkpoint(str(tmp / ckpt.DS_DIR), tag=ckpt.DS_TAG, client_state={"lamamba_step": step})
+            captured = snap.captured
+        except OSError as e:  # DeepSpeed's own small writes (its folders, the "latest" file)
+            captured, err = [], f"{e.filename or tmp}: {e.strerror or e}"
+        finally:
+            snap.captured = None
+        # the EMA and raw weights: assembled on rank 0 (collectives), kept where they are and copied with the rest
+        ema_sd = self.ema.full_state_dict(dst=0, to_cpu=False)
+        raw_sd = self.ema.full_master_weights(dst=0, to_cpu=False) if self.ccfg.inference_weights else None
+        extras = self._inference_extras()
+        for path, state in captured:
+            sv.jobs.append((Path(path).name, lambda s=state, p=path: torch.save(s, p), Path(path)))
+        rs_path = ckpt.rank_state_path(tmp, self.rank)
+        rank_state = self._buffers.tree({**rank_state, "rank": self.rank, "world_size": self.world})
+        sv.jobs.append(("rank state", lambda: (self.is_main or _enospc(step, rs_path),  # (test hook, ranks > 0)
+                                              rs_path.parent.mkdir(parents=True, exist_ok=True),
+                                              torch.save(rank_state, rs_path)), rs_path))
+        if self.is_main:
+            ema_host = self._buffers.tree(ema_sd)
+            sv.jobs.append(("EMA", lambda: self._write_weights(step, tmp / ckpt.EMA_FILE, {**extras, **ema_host},
+                                                               meta(True), save_weights, fault=True),
+                            tmp / ckpt.EMA_FILE))
+            if raw_sd is not None:
+                raw_host = self._buffers.tree(raw_sd)
+                sv.jobs.append(("raw weights", lambda: self._write_weights(step, tmp / ckpt.RAW_FILE,
+                                                                           {**extras, **raw_host}, meta(False),
+                                                                           save_weights), tmp / ckpt.RAW_FILE))
+            text = json.dumps(_jsonable(trainer_state), indent=1, sort_keys=True)
+            sv.jobs.append(("trainer state", lambda: (tmp / ckpt.STATE_FILE).write_text(text), tmp / ckpt.STATE_FILE))
+        del ema_sd, raw_sd
+        if self.device.type == "cuda":
+            sv.event = torch.cuda.Event()
+            sv.event.record()  # the writer waits for the host copies queued above
+        sv.nbytes = self._buffers.nbytes
+        if err is not None:
+            sv.status, sv.error = "failed", err
+            sv.done.set()
+        else:
+            sv.status = "writing"
+            self._start_writer()
+            self._queue.put(sv)
+        self.in_flight = sv
+        self.last_saved_step = step
+        sv.blocked_s = time.perf_counter() - t0
+        if not background:
+            self.complete()
+
+    @staticmethod
+    def _write_weights(step: int, path: Path, tensors: dict, meta: dict, save_weights, fault: bool = False) -> None:
+        if fault:
+            _enospc(step, path)
+        save_weights(path, tensors, meta)
+
+    # ------------------------------------------------------------------ the writer thread
+    def _start_writer(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._writer, name="lamamba-checkpoint-writer", daemon=True)
+            self._thread.start()
+
+    def _writer(self) -> None:
+        while True:
+            sv = self._queue.get()
+            if sv is None:
+                return
+            t0 = time.perf_counter()
+            sv.write_started = time.time()
+            try:
+                if sv.event is not None:
+                    sv.event.synchronize()
+                if fault_hit("slow_write", sv.step):
+                    time.sleep(2.0)
+                digests: dict[str, dict] = {}
+                for i, (what, write, path) in enumerate(sv.jobs):
+                    write()
+                    _fsync_file(path)
+                    if i == 0:
+                        fault("save_write", sv.step)
+                    rel = str(path.relative_to(sv.tmp))
+                    digests[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+                out = sv.tmp / DIGESTS_DIR / f"rank_{self.rank:05d}.json"
+                out.parent.mkdir(exist_ok=True)
+                ckpt.atomic_write_text(out, json.dumps(digests))
+                sv.jobs = []  # the host copies may go
+                sv.status = "written"
+            except BaseException as e:  # noqa: BLE001 - reported to every rank at the next step boundary
+                fn = getattr(e, "filename", None)
+                sv.error = (f"{fn}: {e.strerror or e}" if isinstance(e, OSError) and fn
+                            else f"{sv.tmp}: {type(e).__name__}: {e}")
+                sv.jobs = []
+                sv.status = "failed"
+            sv.write_s = time.perf_counter() - t0
+            sv.write_ended = time.time()
+            sv.done.set()
+
+    # ------------------------------------------------------------------ completion
+    def flags(self) -> tuple[float, float]:
+        """This rank's (written, failed) for the step's all-reduce (nonfinite.py's ``counts``)."""
+        sv = self.in_flight
+        failed = 1.0 if self._publish_error or (sv is not None and sv.status == "failed") else 0.0
+        return (1.0 if sv is not None and sv.status == "written" else 0.0), failed
+
+    def on_step(self, counts: tuple[float, ...]) -> None:
+        """Collective. At the step boundary, with the all-reduced :meth:`flags` of every rank: publish the save
+        that every rank has written (rank 0), or end the run on a failed one. Never waits for a writer."""
+        if not counts:
+            return
+        written, failed = counts[0], counts[1]
+        if failed > 0:
+            self._fail()
+        elif self.in_flight is not None and written >= self.world:
+            self._publish()
+
+    def complete(self) -> None:
+        """Collective. Wait for the save in flight (if any) on every rank, then publish it or end the run."""
+        sv = self.in_flight
+        # every rank takes part, whatever its own state (a rank with nothing in flight reports "written")
+        if sv is not None:
+            sv.done.wait()
+        written, failed = self.flags()
+        if sv is None:
+            written = 1.0
+        if self.world > 1:
+            t = torch.tensor([written, failed], dtype=torch.float64, device=self._collective_device())
+            self.dist.all_reduce(t)
+            written, failed = t.tolist()
+        if failed > 0:
+            self._fail()
+        elif sv is not None:
+            self._publish()
+
+    def _collective_device(self) -> torch.device:
+        try:
+            return torch.device("cuda", torch.cuda.current_device()) if self.dist.get_backend() == "nccl" \
+                else torch.device("cpu")
+        except Exception:  # pragma: no cover
+            return torch.device("cpu")
+
+    def _publish(self) -> None:
+        """Every rank has written the save in flight: rank 0 marks it complete and renames it into place."""
+        sv, self.in_flight = self.in_flight, None
+        if not self.is_main:
+            return
+        try:
+            fault("save_before_marker", sv.step)
+            digests: dict[str, dict] = {}
+            ddir = sv.tmp / DIGESTS_DIR
+            for f in sorted(ddir.glob("rank_*.json")):
+                digests.update(json.loads(f.read_text()))
+            shutil.rmtree(ddir)
+            # DeepSpeed's own small files, written synchronously by rank 0 (its "latest" tag, zero_to_fp32.py)
+            rest = [f for f in ckpt.list_files(sv.tmp) if f not in digests]
+            digests.update(ckpt.digest_files(sv.tmp, rest))
+            ckpt.write_marker(sv.tmp, digests, sv.step)
+            final = ckpt.publish(sv.tmp, self.run_dir, sv.step)
+        except OSError as e:
+            self._publish_error = f"{getattr(e, 'filename', None) or sv.tmp}: {e.strerror or e}"
+            self._failed_save = sv
+            return
+        fault("save_after_marker", sv.step)
+        ckpt.prune(self.run_dir, self.ccfg.keep, log=self.info)
+        self.saved = [(s, p) for s, p in self.saved if p != final and p.exists()] + [(sv.step, final)]
+        self.last_dir = final
+        rec = {"event": "checkpoint", "step": sv.step, "dir": final.name, "background": sv.background,
+               "blocked_s": round(sv.blocked_s, 3), "wait_s": round(sv.wait_s, 3),
+               "write_s": round(sv.write_s or 0.0, 3), "gib": round(sv.nbytes / 2**30, 3),
+               "write_started": sv.write_started, "write_ended": sv.write_ended, "time": time.time()}
+        self.pending_records.append(rec)
+        self.on_saved(rec)
+        how = (f"in the background: training blocked {sv.blocked_s:.2f}s, written in {sv.write_s or 0:.1f}s"
+               if sv.background else f"in {sv.blocked_s + (sv.write_s or 0):.1f}s")
+        self.info(f"saved {final} {how}")
+
+    def _fail(self) -> None:
+        """Collective. Some rank's write (or rank 0's publish) failed: remove the folder, raise on every rank."""
+        sv = self.in_flight or self._failed_save
+        mine = self._publish_error or (sv.error if sv is not None else None)
+        errors = [mine]
+        if self.world > 1:
+            errors = [None] * self.world
+            self.dist.all_gather_object(errors, mine)
+        failed = [(f"rank {r}: {e}" if self.world > 1 else e) for r, e in enumerate(errors) if e]
+        step = sv.step if sv is not None else -1
+        self.in_flight = None
+        if self.is_main and sv is not None:
+            shutil.rmtree(sv.tmp, ignore_errors=True)
+        raise self._save_error(step, failed[0] if failed else "a writer failed")
+
+    def _save_error(self, step: int, cause: str) -> SaveError:
+        return SaveError(f"saving the step-{step} checkpoint failed: {cause}; the temporary folder was removed "
+                         f"and the earlier checkpoints in {self.run_dir} are intact")
+
+    def close(self) -> None:
+        """Stop the writer thread (a save still in flight is abandoned: its folder never gets a marker)."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+        self.release_lock()
+
+
+def _enospc(step: int, path: Path) -> None:
+    """Test hook (``LAMAMBA_FAULT=enospc:STEP[:RANK]``): the disk fills up while this rank writes ``path``."""
+    if fault_hit("enospc", step):
+        import errno
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def _sha256(path: Path) -> str:
+    from lamamba_dist.hashing import sha256_file
+
+    return sha256_file(path)
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def universal_workers() -> int:
+    """Processes for ``ds_to_universal`` (``LAMAMBA_UNIVERSAL_WORKERS``; default: 1 per 4 cores, at most 8)."""
+    env = os.environ.get("LAMAMBA_UNIVERSAL_WORKERS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(8, (os.cpu_count() or 1) // 4))
