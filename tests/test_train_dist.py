@@ -386,7 +386,8 @@ def test_a_failed_background_write_on_another_rank_ends_the_run_and_loses_nothin
     assert res.returncode != 0, res.log
     assert "saving the step-4 checkpoint failed: rank 1:" in res.stderr and "No space left on device" in res.stderr \
         and "rank_00001.pt" in res.stderr and "earlier checkpoints" in res.stderr, res.log
-    assert "Traceback" not in res.stderr, res.log
+    # (torchrun prints a traceback of its own when a worker exits 1; none comes from our code)
+    assert not [l for l in res.stderr.splitlines() if l.strip().startswith("File ") and "/lamamba_dist/" in l], res.log
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == ["step_00000002"]
     from lamamba_dist.train import checkpoint as ckpt
 

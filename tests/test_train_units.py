@@ -277,3 +277,56 @@ def test_export_and_sample_output_paths_that_cannot_be_written_are_one_line_erro
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "cannot write" in err[0] and denied in err[0], err
         assert not list(ro.iterdir())  # no *.tmp left
+
+
+def test_host_snapshot_copies_every_tensor_and_reuses_its_buffers():
+    """A background save's snapshot (checkpointing._HostBuffers): tensors copied (later in-place updates do not
+    reach it), containers rebuilt with their types, and the next save's copies land in the same buffers."""
+    from collections import OrderedDict, namedtuple
+
+    from lamamba_dist.train.checkpointing import _HostBuffers
+
+    Pair = namedtuple("Pair", "a b")
+    live = {"w": torch.ones(3), "shape": torch.Size([2, 3]), "groups": [torch.zeros(2, 2), 7, "x"],
+            "od": OrderedDict(m=torch.arange(4)), "pair": Pair(torch.full((2,), 5.0), None)}
+    buf = _HostBuffers(pinned=False)
+    buf.start()
+    snap = buf.tree(live)
+    live["w"].add_(1)
+    live["od"]["m"].mul_(0)
+    assert snap["w"].eq(1).all() and snap["od"]["m"].tolist() == [0, 1, 2, 3]
+    assert type(snap["shape"]) is torch.Size and type(snap["od"]) is OrderedDict and type(snap["pair"]) is Pair
+    assert snap["groups"][1:] == [7, "x"] and snap["pair"].b is None
+    assert buf.nbytes == sum(t.numel() * t.element_size() for t in
+                             (live["w"], live["groups"][0], live["od"]["m"], live["pair"].a))
+    ptr = snap["w"].data_ptr()
+    buf.start()
+    again = buf.tree(live)
+    assert again["w"].data_ptr() == ptr and again["w"].eq(2).all()
+
+
+def test_raw_weights_rebuilt_from_the_deepspeed_state_equal_model_safetensors(tmp_path):
+    """[checkpoint] inference_weights = true writes model.safetensors; without it, checkpoint.raw_weights rebuilds
+    the same tensors from the DeepSpeed state (what `lamamba export --raw` reads)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from train_helpers import DEBUG_CONFIG, ROOT, train_env
+
+    from lamamba_dist.weights import load_weights
+
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "lamamba_dist.cli", "train", "--config", str(DEBUG_CONFIG),
+                          "--set", f'checkpoint.dir="{run}"', "--set", "train.steps=2", "--set",
+                          "checkpoint.inference_weights=true"], cwd=ROOT, env=train_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    step = run / "step_00000002"
+    written, _ = load_weights(step / ckpt.RAW_FILE)
+    copy = tmp_path / "without"
+    shutil.copytree(step, copy, ignore=shutil.ignore_patterns(ckpt.RAW_FILE))
+    rebuilt = ckpt.raw_weights(copy)
+    assert rebuilt.keys() == written.keys()
+    for k in written:
+        assert torch.equal(rebuilt[k], written[k]), k

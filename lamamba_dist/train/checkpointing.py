@@ -643,7 +643,8 @@ class CheckpointManager:
         self.last_dir = final
         rec = {"event": "checkpoint", "step": sv.step, "dir": final.name, "background": sv.background,
                "blocked_s": round(sv.blocked_s, 3), "wait_s": round(sv.wait_s, 3),
-               "write_s": round(sv.write_s or 0.0, 3), "gib": round(sv.nbytes / 2**30, 3),
+               "write_s": round(sv.write_s or 0.0, 3), "gib": round(sv.nbytes / 2**30, 3),  # this rank's snapshot
+               "files_gib": round(sum(d["size"] for d in digests.values()) / 2**30, 3),  # the whole checkpoint
                "write_started": sv.write_started, "write_ended": sv.write_ended, "time": time.time()}
         self.pending_records.append(rec)
         self.on_saved(rec)
@@ -654,13 +655,13 @@ class CheckpointManager:
     def _fail(self) -> None:
         """Collective. Some rank's write (or rank 0's publish) failed: remove the folder, raise on every rank."""
         sv = self.in_flight or self._failed_save
-        mine = self._publish_error or (sv.error if sv is not None else None)
+        mine = (sv.step if sv is not None else -1, self._publish_error or (sv.error if sv is not None else None))
         errors = [mine]
         if self.world > 1:
             errors = [None] * self.world
             self.dist.all_gather_object(errors, mine)
-        failed = [(f"rank {r}: {e}" if self.world > 1 else e) for r, e in enumerate(errors) if e]
-        step = sv.step if sv is not None else -1
+        failed = [(f"rank {r}: {e}" if self.world > 1 else e) for r, (_, e) in enumerate(errors) if e]
+        step = max(s for s, _ in errors)
         self.in_flight = None
         if self.is_main and sv is not None:
             shutil.rmtree(sv.tmp, ignore_errors=True)
