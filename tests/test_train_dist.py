@@ -137,7 +137,7 @@ def test_nonfinite_loss_skips_the_step_then_rolls_back(tmp_path):
     assert_same_tensors(raw(a), raw(b), "weights after a skipped step")
     assert_same_tensors(weights(a / "ema.safetensors"), weights(b / "ema.safetensors"), "EMA after a skipped step")
     assert_same_tensors(optimizer_tensors(a), optimizer_tensors(b), "optimizer after a skipped step")
-    events = [json.loads(l) for l in (tmp_path / "stats.jsonl").read_text().splitlines() if '"event"' in l]
+    events = [json.loads(l) for l in (tmp_path / "stats.jsonl").read_text().splitlines() if '"nonfinite"' in l]
     assert [e["step"] for e in events] == [4, 6, 7]
     assert all(e["keys"] and all(k.startswith("synthetic-") for k in e["keys"]) for e in events)
     assert "rolling back to step_00000005" in res.stderr, res.log

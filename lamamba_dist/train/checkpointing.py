@@ -423,9 +423,13 @@ class CheckpointManager:
         return st, loader_state
 
     def rollback_target(self, before_step: int) -> Optional[Path]:
-        """The newest complete checkpoint of a step before ``before_step``."""
-        ok = [p for s, p in self.saved if s < before_step and ckpt.verify_checkpoint(p, hashes=False) is None]
-        return ok[-1] if ok else None
+        """Collective. The newest complete checkpoint of a step before ``before_step`` (rank 0 decides)."""
+        target = None
+        if self.is_main:
+            ok = [p for s, p in self.saved if s < before_step and ckpt.verify_checkpoint(p, hashes=False) is None]
+            target = str(ok[-1]) if ok else None
+        target = self._bcast(target)
+        return Path(target) if target else None
 
     # ------------------------------------------------------------------ save
     def _inference_extras(self) -> dict[str, torch.Tensor]:
@@ -619,7 +623,10 @@ class CheckpointManager:
     def _publish(self) -> None:
         """Every rank has written the save in flight: rank 0 marks it complete and renames it into place."""
         sv, self.in_flight = self.in_flight, None
-        if not self.is_main:
+        if not self.is_main:  # (the folder's final name is known on every rank)
+            final = self.run_dir / ckpt.step_dir_name(sv.step)
+            self.saved = [(s, p) for s, p in self.saved if p != final] + [(sv.step, final)]
+            self.last_dir = final
             return
         try:
             fault("save_before_marker", sv.step)
