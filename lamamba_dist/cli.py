@@ -26,6 +26,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train", "lamamba_dist.train.cli", "train or resume (rerun the same command) with DeepSpeed ZeRO; exit 3 = saved on signal, requeue"),
     ("bench-train", "lamamba_dist.train.bench", "the trainer's real step (DeepSpeed ZeRO) for a matrix of configurations in one launch; --fit-batch: largest micro-batch"),
     ("export", "lamamba_dist.train.export", "write a run's EMA (or raw) weights as one safetensors file"),
+    ("report", "lamamba_dist.report", "an offline HTML report of a run (finished or live): curves, sample grids, checkpoint and requeue timeline"),
     ("demo", "lamamba_dist.demo", "end-to-end CPU demo: shapes dataset, tiny VAE, Ray preprocessing, 2-rank DeepSpeed training, sample grid"),
     ("preprocess", "data_pipeline.preprocess", "encode an ImageNet-style folder into VAE-latent WebDataset shards with Ray (rerun resumes)"),
     ("bench-loader", "lamamba_dist.data.bench", "latent loader samples/s per worker on CPU (JSON)"),

@@ -116,6 +116,26 @@ class TrainConfig:
     max_rollbacks: int = field(default=3, metadata=dict(ge=0))  # rollbacks in one run before giving up (exit 1)
     # Save and exit with EXIT_REQUEUE (3) after this many steps of one invocation (time-boxed jobs, tests); 0 = off.
     exit_after: int = field(default=0, metadata=dict(ge=0))
+    # What a researcher watches during a run (lamamba_dist/train/watch.py). Every sample_every steps: a grid of
+    # sample_classes (empty: the first min(8, num_classes)) x sample_per_class images from the EMA weights, DDIM
+    # with sample_steps steps and CFG scale sample_cfg_scale, fixed noise (sample_seed), in RUN/samples/
+    # step_XXXXXXXX.png (and wandb). 0 = off.
+    sample_every: int = field(default=0, metadata=dict(ge=0))
+    sample_classes: tuple = ()
+    sample_per_class: int = field(default=4, metadata=dict(ge=1))
+    sample_steps: int = field(default=50, metadata=dict(ge=1))
+    sample_cfg_scale: float = field(default=4.0, metadata=dict(ge=1.0))
+    sample_seed: int = 0
+    # Every fid_every steps: FID of fid_samples EMA samples (DDIM fid_steps steps, CFG fid_cfg_scale, random classes
+    # fixed by sample_seed) against fid_reference (an ADM reference batch .npz), with the Inception weights
+    # fid_inception (default: $LAMAMBA_INCEPTION), logged to stats.jsonl and wandb. With a few thousand samples
+    # this follows the trend of a run; it is not the paper's 50k-sample FID and not comparable to it. 0 = off.
+    fid_every: int = field(default=0, metadata=dict(ge=0))
+    fid_samples: int = field(default=5000, metadata=dict(ge=2))
+    fid_reference: str = ""
+    fid_inception: str = ""
+    fid_steps: int = field(default=50, metadata=dict(ge=1))
+    fid_cfg_scale: float = field(default=1.5, metadata=dict(ge=1.0))
 
 
 @dataclass
@@ -298,6 +318,27 @@ def validate(cfg: ExperimentConfig) -> None:
     for k, v in cfg.model.arch_overrides.items():
         if isinstance(v, dict):
             raise ConfigError(f"{src}: [model] arch_overrides.{k}: expected a value, got a table")
+    nc = cfg.model.num_classes
+    bad = [c for c in t.sample_classes if not (isinstance(c, int) and not isinstance(c, bool) and 0 <= c < max(nc, 1))]
+    if bad:
+        raise ConfigError(f"{src}: [train] sample_classes = {list(t.sample_classes)!r}: {bad} not in 0..{nc - 1} "
+                          f"([model] num_classes = {nc})")
+    if t.fid_every:
+        import os
+
+        if not t.fid_reference:
+            raise ConfigError(f"{src}: [train] fid_every = {t.fid_every} needs fid_reference, the reference batch "
+                              "(.npz, ADM format) to compare the samples with")
+        if not os.path.isfile(os.path.expanduser(t.fid_reference)):
+            raise ConfigError(f"{src}: [train] fid_reference = {t.fid_reference!r}: no such file")
+        inception = t.fid_inception or os.environ.get("LAMAMBA_INCEPTION", "")
+        if not inception or not os.path.isfile(os.path.expanduser(inception)):
+            raise ConfigError(f"{src}: [train] fid_every = {t.fid_every} needs the Inception weights: fid_inception "
+                              f"= {inception!r} is not a file (set fid_inception or $LAMAMBA_INCEPTION; nothing is "
+                              "downloaded at run time)")
+        if cfg.data.shards == "synthetic":
+            raise ConfigError(f"{src}: [train] fid_every needs images: [data] shards = \"synthetic\" has no VAE to "
+                              "decode the samples with")
     if cfg.model.resolution % 8 != 0:
         raise ConfigError(f"{src}: [model] resolution = {cfg.model.resolution}: must be a multiple of 8 (VAE factor)")
 

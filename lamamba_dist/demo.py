@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +56,9 @@ steps = 1000
 precision = "fp32"
 zero_stage = 2
 log_every = 50
+sample_every = 250     # a grid of every class (rows) in runs/demo/run/samples/, from the EMA weights
+sample_steps = 25
+sample_cfg_scale = 2.0
 
 [checkpoint]
 dir = "runs/demo/run"
@@ -269,9 +273,18 @@ def run_demo(out: Path, *, per_class: int, vae_steps: int, steps: int | None, np
     grid = samples / "grid.png"
     big = out / "demo_grid.png"
     _labelled_grid(grid, big, per)
+    # The run's report (lamamba_dist/report.py), with the final grid among the run's samples
+    from lamamba_dist.report import write_report
+    from lamamba_dist.train import checkpoint as ckpt
+
+    final = ckpt.find_latest(run_dir, hashes=False)
+    (run_dir / "samples").mkdir(exist_ok=True)
+    shutil.copyfile(big, run_dir / "samples" / f"{final.name if final else 'step'}_final.png")
+    report = write_report(run_dir)
     timings["total"] = time.monotonic() - t0
     (out / "demo_timings.json").write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1))
-    log(f"done in {timings['total'] / 60:.1f} min: {big} (rows: {', '.join(CLASSES)}); sampler grid {grid}")
+    log(f"done in {timings['total'] / 60:.1f} min: {big} (rows: {', '.join(CLASSES)}); sampler grid {grid}; "
+        f"the run's report: {report}")
     return big
 
 

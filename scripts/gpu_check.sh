@@ -17,7 +17,8 @@
 #               compiled training must run
 #      CKPT     `lamamba train` (RESUME's config) with a background save at step 40: the time training was
 #               blocked, and img/s while the save is written vs img/s before it
-#   AB=1 (off by default) adds the precision A/B: bf16 vs bf16_autocast, both models, AB_STEPS steps from one start.
+#   AB=1 (off by default) adds the precision A/B: bf16 vs bf16_autocast, both models (AB_CONFIGS: others), AB_STEPS
+#   steps from one start.
 # Each part can be switched off with PART=0 and runs under its own timeout; the timed rows also end by DEADLINE
 # (570 s after the start, so that one device call of 600 s always gets its summary). The summary's "pass" needs the tests,
 # the resume check and every compiled trainer row without error; the ratios (<= 1.05) are reported beside it.
@@ -161,7 +162,7 @@ if [ "${CKPT:-1}" = 1 ]; then
 fi
 if [ "${AB:-0}" = 1 ]; then
   mark "precision A/B"
-  timeout ${AB_TIMEOUT:-300} $LAMAMBA bench-train $CONFIGS --micro-batch $MICRO \
+  timeout ${AB_TIMEOUT:-300} $LAMAMBA bench-train ${AB_CONFIGS:-$CONFIGS} --micro-batch $MICRO \
     --matrix 'precision="bf16","bf16_autocast"' --steps ${AB_STEPS:-200} --warmup 3 --init-on cpu \
     --out "$O/precision_ab.json" > "$O/precision_ab.log" 2>&1
 fi

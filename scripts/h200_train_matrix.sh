@@ -5,14 +5,15 @@
 #   bash scripts/device_env.sh --stage                                     # here, once
 #   source scripts/device_env.sh && bash scripts/h200_train_matrix.sh OUT  # on the GPU machine
 #   python3 scripts/scaling_table.py OUT/train_matrix_*.json                # the tables (markdown)
-# MICRO256 / MICRO512: micro-batches (default 32 / 16); STEPS / WARMUP: timed / untimed steps per row.
+# MICRO256 / MICRO512: micro-batches (default 32 / 16); STEPS / WARMUP: timed / untimed steps per row;
+# RESOLUTIONS: which halves (default "256 512").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/h200_train_matrix}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-for res in 256 512; do
+for res in ${RESOLUTIONS:-256 512}; do
   micro=$([ $res = 256 ] && echo "${MICRO256:-32}" || echo "${MICRO512:-16}")
   timeout ${ROW_TIMEOUT:-290} $PY -m lamamba_dist.cli bench-train \
     --config configs/dit_xl2_$res.toml --config configs/lamamba_XL_$res.toml \

@@ -27,6 +27,14 @@ def test_demo_runs_every_stage_and_leaves_a_grid(tmp_path):
     assert (out / "samples" / "grid.png").is_file()
     timings = json.loads((out / "demo_timings.json").read_text())
     assert set(timings) >= {"vae", "preprocess", "train", "sample", "total"}
+    # the run's report (lamamba report), pointed at by the final message
+    run = out / "run"
+    assert f"the run's report: {run / 'report.html'}" in res.stderr, res.stderr[-2000:]
+    rep = json.loads((run / "report.json").read_text())["summary"]
+    assert rep["last_step"] == 4 and rep["checkpoints"] >= 1 and rep["sample_grids"] == [
+        str(run / "samples" / "step_00000004_final.png")], rep
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 6 and "checkpoint step_00000004" in page
 
 
 @pytest.mark.slow

@@ -408,3 +408,29 @@ def test_saves_in_quick_succession_never_write_at_once(tmp_path):
     assert all(s["wait_s"] > 0.5 for s in saves[1:]), saves  # each waited for the slow write before it
     status = [r for r in recs if "ckpt_blocked_s" in r]
     assert status and all(r["ckpt_blocked_s"] >= 0 and r["ckpt_write_s"] >= 0 for r in status), status
+
+
+# --------------------------------------------------------------------------- sample grids during training (watch.py)
+
+
+def test_sample_grids_on_time_and_resume_is_bitwise_the_run_without_sampling(tmp_path, reference):
+    """[train] sample_every = 2 on 2 ranks: grids at steps 2, 4, 6 (8 classes x 4), the step-4 grid the same after
+    a kill -9 and resume, and losses, weights, EMA and optimizer state bitwise those of the run without sampling."""
+    from PIL import Image
+
+    sets = (f"train.steps={STEPS}", "checkpoint.every=3", "train.zero_stage=2", "train.log_every=1",
+            "train.sample_every=2", "train.sample_steps=4")
+    res = launch(tmp_path, 2, sets, env={"LAMAMBA_FAULT": "step:4"})
+    assert res.returncode != 0 and "SIGKILL at step step 4" in res.stderr, res.log
+    grids = tmp_path / "samples"
+    assert sorted(p.name for p in grids.iterdir()) == ["step_00000002.png", "step_00000004.png"]
+    first = (grids / "step_00000004.png").read_bytes()
+    res = launch(tmp_path, 2, sets)
+    assert res.returncode == 0 and "step_00000003" in res.stderr, res.log
+    assert sorted(p.name for p in grids.iterdir()) == [f"step_{s:08d}.png" for s in (2, 4, 6)]
+    assert (grids / "step_00000004.png").read_bytes() == first  # the same EMA weights, the same fixed noise
+    im = Image.open(grids / "step_00000006.png")
+    assert im.size == (4 * (16 + 2) + 2, 8 * (16 + 2) + 2)  # 4 per class x 8 classes, 4x4 latents shown 4x
+    recs = [json.loads(l) for l in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r.get("event") == "samples"] == [2, 4, 4, 6]
+    assert_equivalent(tmp_path, reference(2))

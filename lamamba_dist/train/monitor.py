@@ -183,6 +183,17 @@ class WandbLogger:
             self._log(f"wandb: log failed ({e!r}); switching wandb off")
             self.run = None
 
+    def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path), caption=caption)}, step=step)
+        except Exception as e:  # never let wandb stop training
+            self._log(f"wandb: image log failed ({e!r}); switching wandb off")
+            self.run = None
+
     def finish(self, timeout: float = 60.0) -> None:
         if self.run is None:
             return

@@ -269,6 +269,11 @@ class Trainer:
         self.loader = self.build_loader(self.tcfg.micro_batch, loader_state)
         self.flops_per_image = self._flops_per_image()
         self.vae_meta = self._vae_meta()
+        from lamamba_dist.train.watch import RunWatcher
+
+        self.watch = RunWatcher(cfg, engine=self.engine, ema=self.ema, dist=dist, rank=self.rank, world=self.world,
+                                device=self.device, run_dir=self.run_dir, vae_meta=self.vae_meta,
+                                precision=self.tcfg.precision, info=self.info, warn=self.warn)
 
     def build_loader(self, micro_batch: int, state: Optional[dict] = None):
         """This rank's data loader: batches of ``micro_batch`` with their per-sample diffusion draws, pinned on GPUs."""
@@ -563,6 +568,9 @@ class Trainer:
                     n_acc = 0
                     meter.reset()
 
+                if not stop and self.watch.enabled:  # skipped when stopping: the save comes first
+                    spent = self._watch(stats, wb)
+                    meter.t0 += spent  # kept out of img/s
                 if stop:
                     self.info(f"stop requested ({stop_reason() or 'another rank'}): saving at step {self.step}")
                     self.save()
@@ -586,6 +594,33 @@ class Trainer:
             if wb:
                 wb.finish()
         return code
+
+    def _watch(self, stats, wb) -> float:
+        """Collective. This step's sample grid and FID where due (watch.py); returns the seconds they took."""
+        do_samples, do_fid = self.watch.due(self.step)
+        spent = 0.0
+        if do_samples:
+            path, secs = self.watch.sample_grid(self.step)
+            spent += secs
+            if self.is_main:
+                self.info(f"samples at step {self.step}: {path} ({secs:.1f}s)")
+                if stats:
+                    stats.write({"event": "samples", "step": self.step, "images_seen": self.images_seen,
+                                 "path": str(path), "seconds": round(secs, 3), "time": time.time()})
+                if wb:
+                    wb.log_image("samples", path, self.step, caption=f"step {self.step}")
+        if do_fid:
+            value, secs = self.watch.fid(self.step)
+            spent += secs
+            if self.is_main:
+                n = self.tcfg.fid_samples
+                self.info(f"FID at step {self.step}: {value:.2f} ({n} samples, {secs:.1f}s; not the paper's 50k FID)")
+                if stats:
+                    stats.write({"event": "fid", "step": self.step, "images_seen": self.images_seen, "fid": value,
+                                 "samples": n, "seconds": round(secs, 3), "time": time.time()})
+                if wb:
+                    wb.log({f"fid{n // 1000}k" if n >= 1000 else f"fid{n}": value}, self.step)
+        return spent
 
     def close(self) -> None:
         try:
