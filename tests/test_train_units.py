@@ -303,6 +303,20 @@ def test_host_snapshot_copies_every_tensor_and_reuses_its_buffers():
     buf.start()
     again = buf.tree(live)
     assert again["w"].data_ptr() == ptr and again["w"].eq(2).all()
+    # with an arena (pinned and reserved ahead of the first save on GPUs): carved out of it in order, 64-byte
+    # aligned, the same addresses every save; what does not fit gets a buffer of its own
+    arena = torch.zeros(196, dtype=torch.uint8)
+    buf._arena = arena
+    buf._arena_ready.set()
+    for _ in range(2):
+        buf.start()
+        snap = buf.tree(live)
+        inside = [k for k, t in (("w", snap["w"]), ("g", snap["groups"][0]), ("m", snap["od"]["m"]),
+                                 ("a", snap["pair"].a)) if arena.data_ptr() <= t.data_ptr() < arena.data_ptr() + 196]
+        assert inside == ["w", "g", "m"], inside  # 12 + 16 + 32 bytes at 0, 64, 128; the last 8 do not fit at 192
+        assert [(t.data_ptr() - arena.data_ptr()) for t in (snap["w"], snap["groups"][0], snap["od"]["m"])] == \
+            [0, 64, 128]
+        assert snap["w"].eq(2).all() and snap["pair"].a.eq(5).all()
 
 
 def test_raw_weights_rebuilt_from_the_deepspeed_state_equal_model_safetensors(tmp_path):

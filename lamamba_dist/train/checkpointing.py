@@ -100,32 +100,69 @@ def fault(point: str, step: int) -> None:
 
 
 class _HostBuffers:
-    """Host copies of a state, buffers reused from one save to the next (at most one save is in flight)."""
+    """Host copies of a state, their memory reused from one save to the next (at most one save is in flight).
+
+    On GPUs the copies go to pinned memory, carved in order out of one pinned arena that :meth:`reserve` allocates
+    in a background thread ahead of the first save (pinning ~10 GiB takes seconds: not while training waits).
+    Whatever does not fit (or comes before the arena is ready) gets a buffer of its own, kept for the next save."""
+
+    ALIGN = 64
 
     def __init__(self, pinned: bool):
         self.pinned = pinned
         self._pool: list[torch.Tensor] = []
         self._next = 0
         self.nbytes = 0
+        self._arena: Optional[torch.Tensor] = None
+        self._arena_ready = threading.Event()
+        self._offset = 0
+
+    def reserve(self, nbytes: int) -> None:
+        """Allocate (in the background) a pinned arena of ``nbytes`` for the coming saves."""
+        if not self.pinned or nbytes <= 0:
+            return
+        self._arena_ready.clear()
+
+        def alloc():
+            try:
+                self._arena = torch.empty(int(nbytes), dtype=torch.uint8, pin_memory=True)
+            except RuntimeError:  # not enough pinnable memory: per-tensor buffers instead
+                self._arena = None
+            self._arena_ready.set()
+
+        threading.Thread(target=alloc, name="lamamba-pinned-arena", daemon=True).start()
 
     def start(self) -> None:
         self._next = 0
+        self._offset = 0
         self.nbytes = 0
+
+    def _from_arena(self, t: torch.Tensor) -> Optional[torch.Tensor]:
+        if not self._arena_ready.is_set() or self._arena is None:
+            return None
+        n = t.numel() * t.element_size()
+        start = -(-self._offset // self.ALIGN) * self.ALIGN
+        if start + n > self._arena.numel():
+            return None
+        self._offset = start + n
+        return self._arena[start: start + n].view(t.dtype).view(t.shape)
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
-        i = self._next
-        self._next += 1
-        buf = self._pool[i] if i < len(self._pool) else None
-        if buf is None or buf.dtype != t.dtype or buf.numel() != t.numel():
-            buf = torch.empty(t.numel(), dtype=t.dtype, pin_memory=self.pinned and t.device.type == "cuda")
-            if i < len(self._pool):
-                self._pool[i] = buf
-            else:
-                self._pool.append(buf)
-        out = buf.view(t.shape)
-        out.copy_(t, non_blocking=t.device.type == "cuda")
         self.nbytes += t.numel() * t.element_size()
+        out = self._from_arena(t)
+        if out is None:
+            i = self._next
+            self._next += 1
+            buf = self._pool[i] if i < len(self._pool) else None
+            if buf is None or buf.dtype != t.dtype or buf.numel() != t.numel():
+                buf = torch.empty(t.numel(), dtype=t.dtype, pin_memory=self.pinned and t.device.type == "cuda")
+                if i < len(self._pool):
+                    self._pool[i] = buf
+                else:
+                    self._pool.append(buf)
+            out = buf.view(t.shape)
+        out.copy_(t, non_blocking=t.device.type == "cuda")
         return out
 
     def tree(self, obj: Any) -> Any:
@@ -389,6 +426,23 @@ class CheckpointManager:
         """The engine and EMA whose state is saved and loaded; installs the snapshotting checkpoint engine."""
         self.engine, self.ema = engine, ema
         engine.checkpoint_engine = _SnapshotEngine(engine.checkpoint_engine, self._buffers)
+        if self.device.type == "cuda":
+            self._buffers.reserve(self._snapshot_estimate())
+
+    def _snapshot_estimate(self) -> int:
+        """Bytes of this rank's snapshot, estimated from the parameter count (a few percent over): the module's
+        weights (rank 0 under ZeRO-0/1/2, a partition under ZeRO-3), the fp32 master weights and Adam's two
+        moments (partitioned under ZeRO-1/2/3), and on rank 0 the full fp32 EMA (and raw weights)."""
+        n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
+        weight = 2 if self.engine.bfloat16_enabled() else 4
+        zero = self.tcfg.zero_stage
+        if zero == 0:  # rank 0 writes everything (weights, Adam state)
+            total = (12 + weight) * n if self.is_main else 0
+        else:
+            total = 12 * n / self.world + (weight * n / self.world if zero == 3 else weight * n if self.is_main else 0)
+        if self.is_main:
+            total += 4 * n * (2 if self.ccfg.inference_weights else 1)
+        return int(total * 1.03) + (64 << 20)
 
     def load(self, step_dir: Path, universal_dir: Optional[Path]) -> tuple[dict, Optional[dict]]:
         """Collective. Load ``step_dir`` into the engine and EMA (and this rank's RNG): ``(trainer state, loader
