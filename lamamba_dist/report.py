@@ -166,8 +166,9 @@ def draw(run: dict, out: Path) -> dict[str, Path]:
     if s["loss"]:
         plt, fig, ax = _figure("training loss (per log interval, and its moving average)")
         xs, ys = zip(*s["loss"])
+        a = min(0.5, max(0.02, 10 / len(ys)))  # about 10 log points of memory: short runs are not all lag
         ax.plot(xs, ys, lw=0.8, alpha=0.35, label="loss")
-        ax.plot(xs, smooth(list(ys)), lw=1.6, label="smoothed (EMA 0.1)")
+        ax.plot(xs, smooth(list(ys), a), lw=1.6, label=f"smoothed (EMA {a:.2g})")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.legend(fontsize=8)

@@ -15,8 +15,9 @@
 #               `lamamba bench` (a plain PyTorch loop), MODELS at 256 px, micro-batches MICROS
 #      COMPILED the same with the blocks compiled (default scan backend), micro-batches CMICROS (default MICRO):
 #               compiled training must run
-#      CKPT     `lamamba train` (RESUME's config) with a background save at step 40: the time training was
-#               blocked, and img/s while the save is written vs img/s before it
+#   CKPT=1 (off by default: about 90 s, beyond the 8 minutes) adds `lamamba train` (RESUME's config) with a
+#   background save at step 40: the time training was blocked, and img/s while the save is written vs img/s before
+#   it (summary "background_save"). Alone: TESTS=0 RESUME=0 EAGER=0 COMPILED=0 CKPT=1 bash scripts/gpu_check.sh OUT
 #   AB=1 (off by default) adds the precision A/B: bf16 vs bf16_autocast, both models (AB_CONFIGS: others), AB_STEPS
 #   steps from one start.
 # Each part can be switched off with PART=0 and runs under its own timeout; the timed rows also end by DEADLINE
@@ -140,7 +141,7 @@ if [ "${COMPILED:-1}" = 1 ]; then
   bench_train $CBATCHES train_compiled $STEPS $WARMUP --set train.compile=true
 fi
 
-if [ "${CKPT:-1}" = 1 ]; then
+if [ "${CKPT:-0}" = 1 ]; then
   # A periodic (background) save in timed training: the time training was blocked, and img/s while the save is
   # written against img/s before it (10-step windows; killed once the save is published and one more window is
   # logged: no final save to wait for)
