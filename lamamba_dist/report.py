@@ -237,7 +237,8 @@ def _rows(run: dict) -> list[tuple[float, str, str]]:
             continue  # the grids themselves are shown
         elif kind == "fid":
             what = f"FID {e.get('fid'):.2f}" if isinstance(e.get("fid"), (int, float)) else "FID"
-            det = f"step {e.get('step')}, {e.get('samples')} samples, {e.get('seconds', 0):.0f} s (in-loop: not the paper's 50k FID)"
+            det = (f"step {e.get('step')}, {e.get('samples')} samples, {e.get('seconds', 0):.0f} s "
+                   "(in-loop: not the paper's 50k FID)")
         else:
             what = "non-finite step skipped"
             det = f"step {e.get('step')}: {e.get('what')} ({e.get('in_row')} in a row)"
@@ -276,13 +277,15 @@ def write_report(run_dir: Path, out: Optional[Path] = None, job_dir: Optional[Pa
     grids = "".join(f"<figure>{_img(p)}<figcaption>{html.escape(Path(p).name)}</figcaption></figure>"
                     for p in s["sample_grids"]) or "<p>No sample grids in samples/.</p>"
     figures = "".join(f"<figure>{_img(p)}</figure>" for p in figs.values())
+    skipped = f", {s['skipped_lines']} unfinished line(s) skipped" if s["skipped_lines"] else ""
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>lamamba report: {html.escape(str(run_dir))}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:1em auto;color:#222}}
-table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:13px}}
+table{{border-collapse:collapse;margin:0.5em 0}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:13px}}
 figure{{display:inline-block;margin:4px}}img{{max-width:100%}}</style></head><body>
 <h1>Run {html.escape(str(run_dir))}</h1>
-<p>Report written {made} from stats.jsonl ({s['records']} log records{', ' + str(s['skipped_lines']) + ' unfinished line(s) skipped' if s['skipped_lines'] else ''}).</p>
+<p>Report written {made} from stats.jsonl ({s['records']} log records{skipped}).</p>
 <h2>Summary</h2><table id="summary">{table}</table>
 <h2>Curves</h2>{figures}
 <h2>Latest sample grids</h2>{grids}

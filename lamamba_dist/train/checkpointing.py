@@ -208,8 +208,8 @@ class _SnapshotEngine:
         os.makedirs(path, exist_ok=exist_ok)
 
     def save(self, state_dict, path: str) -> None:
-        if self.captured is None:  # a save outside CheckpointManager: write it now
-            torch.save(state_dict, path)
+        if self.captured is None:  # a save outside CheckpointManager: DeepSpeed's own engine writes it now
+            self.inner.save(state_dict, path)
             return
         self.captured.append((str(path), self.buffers.tree(state_dict)))
 
@@ -547,8 +547,11 @@ class CheckpointManager:
         ema_sd = self.ema.full_state_dict(dst=0, to_cpu=False)
         raw_sd = self.ema.full_master_weights(dst=0, to_cpu=False) if self.ccfg.inference_weights else None
         extras = self._inference_extras()
+        # written as DeepSpeed's torch engine writes them (its "checkpoint_serialization" setting)
+        zipfile = getattr(snap.inner, "zipfile_serialization", True)
         for path, state in captured:
-            sv.jobs.append((Path(path).name, lambda s=state, p=path: torch.save(s, p), Path(path)))
+            write = lambda s=state, p=path: torch.save(s, p, _use_new_zipfile_serialization=zipfile)  # noqa: E731
+            sv.jobs.append((Path(path).name, write, Path(path)))
         rs_path = ckpt.rank_state_path(tmp, self.rank)
         rank_state = self._buffers.tree({**rank_state, "rank": self.rank, "world_size": self.world})
         sv.jobs.append(("rank state", lambda: (self.is_main or _enospc(step, rs_path),  # (test hook, ranks > 0)
