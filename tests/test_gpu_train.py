@@ -69,6 +69,26 @@ def test_train_bf16_compiled_on_gpu_saves_and_resumes(tmp_path, zero):
     assert all(r.get("grad_norm") is not None and r["grad_norm"] > 0 for r in recs if "loss" in r), recs
 
 
+def test_background_saves_and_sample_grids_in_bf16_on_gpu(tmp_path):
+    """The GPU side of checkpointing.py and watch.py: periodic saves snapshot to pinned memory and publish in the
+    background, the final one synchronously; grids are sampled from the EMA in bf16; a rerun resumes from the last
+    checkpoint."""
+    run = tmp_path / "run"
+    sets = ["--set", f'checkpoint.dir="{run}"', "--set", 'train.precision="bf16"', "--set", "train.log_every=1",
+            "--set", "checkpoint.every=2", "--set", "checkpoint.keep=5", "--set", "train.sample_every=3",
+            "--set", "train.sample_steps=4"]
+    _run(["train", "--config", DEBUG, "--set", "train.steps=6", *sets], tmp_path)
+    recs = [json.loads(l) for l in (run / "stats.jsonl").read_text().splitlines()]
+    saves = [(r["step"], r["background"]) for r in recs if r.get("event") == "checkpoint"]
+    assert saves == [(2, True), (4, True), (6, False)], saves
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_00000003.png", "step_00000006.png"]
+    from lamamba_dist.train import checkpoint as ckpt
+
+    assert all(ckpt.verify_checkpoint(run / f"step_{s:08d}") is None for s in (2, 4, 6))
+    res = _run(["train", "--config", DEBUG, "--set", "train.steps=7", *sets], tmp_path)
+    assert "resumed from" in res.stderr and "step_00000006" in res.stderr, res.stderr[-3000:]
+
+
 def test_trainer_step_has_one_host_sync(tmp_path, monkeypatch):
     """The step's only device-to-host read is the fused check's (torch.cuda.set_sync_debug_mode counts them), and
     it comes after the optimizer step has been queued (ZeRO-2 with fused AdamW skips a non-finite step on the

@@ -567,7 +567,7 @@ class CheckpointManager:
                 sv.jobs.append(("raw weights", lambda: self._write_weights(step, tmp / ckpt.RAW_FILE,
                                                                            {**extras, **raw_host}, meta(False),
                                                                            save_weights), tmp / ckpt.RAW_FILE))
-            text = json.dumps(_jsonable(trainer_state), indent=1, sort_keys=True)
+            text = json.dumps(jsonable(trainer_state), indent=1, sort_keys=True)
             sv.jobs.append(("trainer state", lambda: (tmp / ckpt.STATE_FILE).write_text(text), tmp / ckpt.STATE_FILE))
         del ema_sd, raw_sd
         if self.device.type == "cuda":
@@ -756,7 +756,8 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """``x`` as plain JSON values (tensors and arrays as lists, anything else unknown as its string)."""
     return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 

@@ -209,8 +209,9 @@ class NonFiniteGuard:
         self.world = world_size
         self.device = device
         self.group = group
-        self._stop = torch.zeros((), dtype=torch.float64, device=device)
-        self._counts = torch.zeros(0, dtype=torch.float64, device=device)
+        # the host's values of the step (stop flag, the caller's counts) on the device, rewritten only when they change
+        self._host = torch.zeros(1, dtype=torch.float64, device=device)
+        self._host_vals: tuple[float, ...] = (0.0,)
         self.last_grad_norm: Optional[float] = None
         self._flags: Optional[torch.Tensor] = None
         self._verdict: Optional[Verdict] = None
@@ -252,13 +253,15 @@ class NonFiniteGuard:
             sumsq = torch.stack(norms).double().square().sum()
         else:
             sumsq = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._stop.fill_(1.0 if stop else 0.0)  # a kernel argument: no tensor built on the host
-        if self._counts.numel() != len(counts):
-            self._counts = torch.zeros(len(counts), dtype=torch.float64, device=self.device)
-        for i, c in enumerate(counts):
-            self._counts[i].fill_(float(c))
-        flags = torch.cat([torch.stack([loss_sum.detach().to(self.device, torch.float64), sumsq, self._stop]),
-                           self._counts])
+        vals = (1.0 if stop else 0.0, *(float(c) for c in counts))
+        if len(vals) != len(self._host_vals):
+            self._host = torch.zeros(len(vals), dtype=torch.float64, device=self.device)
+            self._host_vals = (0.0,) * len(vals)
+        for i, (v, old) in enumerate(zip(vals, self._host_vals)):
+            if v != old:
+                self._host[i].fill_(v)  # a kernel argument: no tensor built on the host
+        self._host_vals = vals
+        flags = torch.cat([torch.stack([loss_sum.detach().to(self.device, torch.float64), sumsq]), self._host])
         if self.world > 1:
             import torch.distributed as dist
 

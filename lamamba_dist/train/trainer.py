@@ -30,7 +30,6 @@ are not replayed: the RNG salt changes too).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -44,7 +43,8 @@ from typing import Any, Optional
 import torch
 
 from lamamba_dist.train import checkpoint as ckpt
-from lamamba_dist.train.checkpointing import CheckpointManager, SaveError, TrainingError, fault, fault_hit
+from lamamba_dist.train.checkpointing import (CheckpointManager, SaveError, TrainingError, jsonable, fault,
+                                              fault_hit)
 from lamamba_dist.train.signals import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, StopSignals, stop_reason, stop_requested
 
 log = logging.getLogger("lamamba.train")
@@ -118,10 +118,6 @@ def set_rng_state(st: dict) -> None:
             torch.cuda.set_rng_state_all(st["cuda"])
         except Exception:  # different GPU count per node: per-step reseeding makes this harmless
             pass
-
-
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 # fault injection for tests: LAMAMBA_FAULT (the points are listed in checkpointing.fault_hit)
@@ -350,7 +346,7 @@ class Trainer:
     def save(self, background: bool = False) -> None:
         """Collective: save this step (:meth:`CheckpointManager.save`). ``background``: return once the state is
         copied to host memory (periodic saves); otherwise the checkpoint is complete when this returns."""
-        loader_state = _jsonable(self.loader.state_dict())
+        loader_state = jsonable(self.loader.state_dict())
         state = {
             "format": ckpt.FORMAT_VERSION, "step": self.step, "images_seen": self.images_seen,
             "world_size": self.world, "zero_stage": self.tcfg.zero_stage, "precision": self.tcfg.precision,
