@@ -91,11 +91,14 @@ if [ "${RESUME:-1}" = 1 ]; then
     XL=(--config $RESUME_CONFIG --set 'data.shards="synthetic"' --set "checkpoint.dir=\"$R\""
         --set train.micro_batch=$MICRO --set train.global_batch=$MICRO --set train.steps=70 --set checkpoint.every=50
         --set train.log_every=1 --set train.zero_stage=2 --set 'train.precision="bf16"' --set data.num_workers=${WORKERS:-4})
-    mark "resume: first run (kill -9 at step ${KILL_AT:-60})"
+    # killed once step KILL_AT is logged and the step-50 checkpoint is published (a background save may still be
+    # written a few steps after 50; until it is published, a rerun would rightly start from scratch)
+    mark "resume: first run (kill -9 at step ${KILL_AT:-60} or later, once step 50 is published)"
     setsid $LAMAMBA train "${XL[@]}" > "$O/resume_first.log" 2>&1 &
     pid=$!
     for _ in $(seq 1 $(( ${RESUME_WAIT:-240} * 10 ))); do
-      grep -q "\"step\": ${KILL_AT:-60}," "$R/stats.jsonl" 2>/dev/null && break
+      grep -q "\"step\": ${KILL_AT:-60}," "$R/stats.jsonl" 2>/dev/null \
+        && grep -q '"event": "checkpoint", "step": 50,' "$R/stats.jsonl" 2>/dev/null && break
       kill -0 $pid 2>/dev/null || break
       sleep 0.1
     done

@@ -1,5 +1,6 @@
 """Fast single-process tests of the training package: checkpoint folders, DeepSpeed config, shipped configs."""
 
+import io
 import json
 import os
 from pathlib import Path
@@ -305,9 +306,8 @@ def test_host_snapshot_copies_every_tensor_and_reuses_its_buffers():
     assert again["w"].data_ptr() == ptr and again["w"].eq(2).all()
     # with an arena (pinned and reserved ahead of the first save on GPUs): carved out of it in order, 64-byte
     # aligned, the same addresses every save; what does not fit gets a buffer of its own
-    arena = torch.zeros(196, dtype=torch.uint8)
-    buf._arena = arena
-    buf._arena_ready.set()
+    arena = torch.zeros(197, dtype=torch.uint8)  # an odd size: torch.save of a view of it could not be loaded
+    buf.set_arena(arena)
     for _ in range(2):
         buf.start()
         snap = buf.tree(live)
@@ -317,6 +317,20 @@ def test_host_snapshot_copies_every_tensor_and_reuses_its_buffers():
         assert [(t.data_ptr() - arena.data_ptr()) for t in (snap["w"], snap["groups"][0], snap["od"]["m"])] == \
             [0, 64, 128]
         assert snap["w"].eq(2).all() and snap["pair"].a.eq(5).all()
+    # each copy is a storage of its own inside the arena: a file holds the state's bytes, not the arena's, and
+    # torch.save / safetensors round-trip it
+    for k in ("w", "shape", "groups", "od"):
+        f, fresh = io.BytesIO(), io.BytesIO()
+        torch.save(snap[k], f)
+        torch.save(_HostBuffers(pinned=False).tree(snap[k]), fresh)  # the same values in buffers of their own
+        assert len(f.getvalue()) == len(fresh.getvalue()), k
+        f.seek(0)
+        back = torch.load(f)
+        assert str(back) == str(snap[k])
+    from safetensors.torch import load, save
+    tensors = {"w": snap["w"], "g": snap["groups"][0], "m": snap["od"]["m"]}
+    assert {k: v.tolist() for k, v in load(save(tensors)).items()} == {k: v.tolist() for k, v in tensors.items()}
+    assert snap["w"].untyped_storage().nbytes() == 12
 
 
 def test_raw_weights_rebuilt_from_the_deepspeed_state_equal_model_safetensors(tmp_path):

@@ -114,6 +114,7 @@ class _HostBuffers:
         self._next = 0
         self.nbytes = 0
         self._arena: Optional[torch.Tensor] = None
+        self._arena_np = None  # the arena as a buffer: each copy is a tensor of its own storage inside it
         self._arena_ready = threading.Event()
         self._offset = 0
 
@@ -125,12 +126,17 @@ class _HostBuffers:
 
         def alloc():
             try:
-                self._arena = torch.empty(int(nbytes), dtype=torch.uint8, pin_memory=True)
+                self.set_arena(torch.empty(int(nbytes), dtype=torch.uint8, pin_memory=True))
             except RuntimeError:  # not enough pinnable memory: per-tensor buffers instead
-                self._arena = None
+                self._arena = self._arena_np = None
             self._arena_ready.set()
 
         threading.Thread(target=alloc, name="lamamba-pinned-arena", daemon=True).start()
+
+    def set_arena(self, arena: torch.Tensor) -> None:
+        """Carve the copies out of ``arena`` (uint8, on the host) from the next :meth:`start` on."""
+        self._arena, self._arena_np = arena, arena.numpy()
+        self._arena_ready.set()
 
     def start(self) -> None:
         self._next = 0
@@ -138,14 +144,17 @@ class _HostBuffers:
         self.nbytes = 0
 
     def _from_arena(self, t: torch.Tensor) -> Optional[torch.Tensor]:
-        if not self._arena_ready.is_set() or self._arena is None:
+        if not self._arena_ready.is_set() or self._arena_np is None:
             return None
         n = t.numel() * t.element_size()
         start = -(-self._offset // self.ALIGN) * self.ALIGN
-        if start + n > self._arena.numel():
+        if n == 0 or start + n > self._arena.numel():
             return None
         self._offset = start + n
-        return self._arena[start: start + n].view(t.dtype).view(t.shape)
+        # Not a view of the arena (``arena[a:b].view(...)``): a view shares the arena's storage, and torch.save and
+        # safetensors write a tensor's whole storage (the arena, in every file). frombuffer makes a storage of
+        # exactly these bytes, at this address inside the arena (still pinned memory).
+        return torch.frombuffer(self._arena_np, dtype=t.dtype, count=t.numel(), offset=start).view(t.shape)
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()

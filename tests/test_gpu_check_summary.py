@@ -1,0 +1,55 @@
+"""scripts/gpu_check_summary.py reads what scripts/gpu_check.sh's parts leave behind (CPU: synthetic stats files)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("gpu_check_summary", ROOT / "scripts" / "gpu_check_summary.py")
+summary = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(summary)
+
+
+def _write(path: Path, recs: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def _resume_files(out: Path, killed_after: int, rerun_from: int = 51, resumed: str = "step_00000050") -> None:
+    first = [{"step": s, "loss": 1.0 / s} for s in range(1, killed_after + 1)]
+    second = [{"step": s, "loss": 1.0 / s * (1 + 1e-4)} for s in range(rerun_from, 71)]
+    _write(out / "resume" / "stats.jsonl", first + [{"event": "checkpoint", "step": 50}] + second)
+    (out / "resume_second.log").write_text(f"[lamamba train r0] resumed from /x/{resumed} (step 50)\n")
+    (out / "resume_second.rc").write_text("0\n")
+
+
+def test_resume_check_compares_the_steps_the_killed_run_logged_after_the_checkpoint(tmp_path):
+    # killed later than step 60 (the step-50 save was published after it): steps 51..63 are compared
+    _resume_files(tmp_path, killed_after=63)
+    res = summary.resume(tmp_path, rtol=0.02, kill_at=60)
+    assert res["ok"] and res["compared_steps"] == [51, 63] and res["resumed_from"] == "step_00000050"
+    assert abs(res["max_rel_diff"] - 1e-4) < 1e-9
+    # killed before step 60, or a rerun that started from scratch: not ok
+    _resume_files(tmp_path, killed_after=58)
+    assert not summary.resume(tmp_path, rtol=0.02, kill_at=60)["ok"]
+    _resume_files(tmp_path, killed_after=60, rerun_from=1, resumed="nothing")
+    res = summary.resume(tmp_path, rtol=0.02, kill_at=60)
+    assert not res["ok"] and res["resumed_from"] is None
+
+
+def test_background_save_windows_are_the_ones_written_during_the_write(tmp_path):
+    """The windows after the save that ended before its write did: not the one holding the next save's wait."""
+    win = lambda step, t, sps: {"step": step, "time": t, "sec_per_step": sps, "img_per_s": 32 / sps}  # noqa: E731
+    recs = [win(10, 10.0, 0.5), win(20, 12.0, 0.2), win(30, 14.0, 0.2), win(40, 16.0, 0.2),
+            win(50, 18.1, 0.21), win(60, 20.2, 0.21), win(70, 22.3, 0.21), win(80, 24.4, 0.21),
+            {"event": "checkpoint", "step": 40, "blocked_s": 0.25, "wait_s": 0.0, "write_ended": 30.0,
+             "time": 36.0},
+            win(90, 36.5, 1.2)]  # the step-80 save waited for the step-40 one: not a window of the write
+    _write(tmp_path / "ckpt" / "stats.jsonl", recs)
+    res = summary.background_save(tmp_path)
+    assert res["compared"] == {"before": [20, 30, 40], "during": [50, 60, 70, 80]}
+    assert abs(res["img_per_s_ratio"] - 0.2 / 0.21) < 1e-9 and res["ok"]
+    # a save that blocked training for longer than the threshold fails
+    recs[8]["blocked_s"] = 3.5
+    _write(tmp_path / "ckpt" / "stats.jsonl", recs)
+    assert not summary.background_save(tmp_path)["ok"]
