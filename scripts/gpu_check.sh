@@ -98,7 +98,7 @@ if [ "${RESUME:-1}" = 1 ]; then
     pid=$!
     for _ in $(seq 1 $(( ${RESUME_WAIT:-240} * 10 ))); do
       grep -q "\"step\": ${KILL_AT:-60}," "$R/stats.jsonl" 2>/dev/null \
-        && grep -q '"event": "checkpoint", "step": 50,' "$R/stats.jsonl" 2>/dev/null && break
+        && grep '"event": "checkpoint"' "$R/stats.jsonl" 2>/dev/null | grep -q '"step": 50,' && break
       kill -0 $pid 2>/dev/null || break
       sleep 0.1
     done

@@ -158,7 +158,29 @@ def background_save(out: Path, threshold_s: float = 3.0) -> dict | None:
     return res
 
 
+SOURCE_DIRS = ("lamamba_dist", "scripts", "tests", "configs", "cluster", "data_pipeline")
+
+
+def source_digest(root: Path) -> str:
+    """sha256 over the code that ran (path and bytes of every file of SOURCE_DIRS and pyproject.toml, sorted,
+    caches left out): a figure can be tied to a commit even where the machine's git metadata is not current.
+    ``python scripts/gpu_check_summary.py --digest`` prints it for a checkout."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = [root / "pyproject.toml"] + sorted(
+        f for d in SOURCE_DIRS for f in (root / d).rglob("*")
+        if f.is_file() and "__pycache__" not in f.parts and not f.name.startswith("_call") and f.suffix != ".pyc")
+    for f in files:
+        if f.is_file():
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def main(argv=None) -> int:
+    if argv is None and sys.argv[1:] == ["--digest"] or argv == ["--digest"]:
+        print(source_digest(Path(__file__).resolve().parents[1]))
+        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
     p.add_argument("--micro", type=int, default=32)
@@ -178,7 +200,8 @@ def main(argv=None) -> int:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = None
-    summary = {"commit": commit or None, "micro_batch": a.micro, "environment": env, "tests": tests(out),
+    summary = {"commit": commit or None, "source_digest": source_digest(Path(__file__).resolve().parents[1]),
+               "micro_batch": a.micro, "environment": env, "tests": tests(out),
                "resume": resume(out, a.rtol, a.kill_at), "eager": ratios(out, "eager"), "compiled": ratios(out, "compiled"),
                "precision_ab": precision_ab(out), "background_save": background_save(out),
                "timeline": (out / "timeline.txt").read_text().splitlines() if (out / "timeline.txt").is_file() else None}

@@ -53,3 +53,14 @@ def test_background_save_windows_are_the_ones_written_during_the_write(tmp_path)
     recs[8]["blocked_s"] = 3.5
     _write(tmp_path / "ckpt" / "stats.jsonl", recs)
     assert not summary.background_save(tmp_path)["ok"]
+
+
+def test_source_digest_follows_the_code_and_ignores_caches(tmp_path):
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    (tmp_path / "lamamba_dist" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "lamamba_dist" / "a.py").write_text("x = 1\n")
+    d0 = summary.source_digest(tmp_path)
+    (tmp_path / "lamamba_dist" / "__pycache__" / "a.cpython-312.pyc").write_bytes(b"\0")
+    assert summary.source_digest(tmp_path) == d0
+    (tmp_path / "lamamba_dist" / "a.py").write_text("x = 2\n")
+    assert summary.source_digest(tmp_path) != d0
