@@ -47,6 +47,31 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def busy_time(intervals) -> float:
+    """Length of the union of ``(start, end)`` intervals (overlapping ones counted once)."""
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def device_busy_us(events) -> float | None:
+    """Microseconds during which the device ran at least one of the profiler's device events (kernels, memcpy,
+    memset); None when the trace holds none."""
+    from torch.autograd import DeviceType
+
+    spans = [(e.time_range.start, e.time_range.end) for e in events
+             if getattr(e, "device_type", None) == DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    return busy_time(spans) if spans else None
+
+
 def profile_steps(step, steps: int, device: torch.device, top: int = 12) -> dict:
     """torch.profiler over ``steps`` calls of ``step()``: wall, CPU and device time per step, kernel launches,
     host syncs and copies per step, the top CPU operators (self time) and the top device kernels."""
@@ -67,10 +92,15 @@ def profile_steps(step, steps: int, device: torch.device, top: int = 12) -> dict
         return sum(e.count for e in ev if e.key in names) / steps
 
     dev_time = lambda e: getattr(e, "self_device_time_total", 0)  # noqa: E731
+    busy_us = device_busy_us(prof.events()) if on_cuda else None
     return {
         "steps": steps, "wall_ms_per_step": wall * 1e3 / steps,
         "cpu_ms_per_step": sum(e.self_cpu_time_total for e in ev) / 1e3 / steps,
         "device_ms_per_step": sum(dev_time(e) for e in ev) / 1e3 / steps,
+        # the time the device ran anything (kernels, copies, overlapping ones counted once) against the wall time:
+        # a device idle for much of the step is waiting for the host
+        "device_busy_ms_per_step": None if busy_us is None else busy_us / 1e3 / steps,
+        "device_idle_fraction": None if busy_us is None else max(0.0, 1.0 - busy_us / 1e6 / wall),
         "kernel_launches_per_step": per_step(("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
                                               "cuLaunchKernelEx")),
         "memcpy_per_step": per_step(("cudaMemcpyAsync", "cudaMemcpy")),

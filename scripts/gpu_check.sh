@@ -20,6 +20,8 @@
 #   it (summary "background_save"). Alone: TESTS=0 RESUME=0 EAGER=0 COMPILED=0 CKPT=1 bash scripts/gpu_check.sh OUT
 #   AB=1 (off by default) adds the precision A/B: bf16 vs bf16_autocast, both models (AB_CONFIGS: others), AB_STEPS
 #   steps from one start.
+#   PROFILE_STEPS=N (off by default) adds N profiled steps to every timed row (torch.profiler after the timed steps:
+#   host time, device busy time and idle fraction per step, the top operators; the summary keeps the totals).
 # Each part can be switched off with PART=0 and runs under its own timeout; the timed rows also end by DEADLINE
 # (570 s after the start, so that one device call of 600 s always gets its summary). The summary's "pass" needs the tests,
 # the resume check and every compiled trainer row without error; the ratios (<= 1.05) are reported beside it.
@@ -139,9 +141,10 @@ if [ "${EAGER:-1}" = 1 ]; then
   mark "eager: lamamba bench-train, micro-batch $BATCHES"; bench_train $BATCHES train_eager $STEPS $WARMUP "${prof[@]}"
 fi
 if [ "${COMPILED:-1}" = 1 ]; then
-  mark "compiled: lamamba bench, batch $CBATCHES"; bench $CBATCHES bench_compiled $STEPS $WARMUP --compile
+  prof=(); [ "${PROFILE_STEPS:-0}" -gt 0 ] && prof=(--profile "$PROFILE_STEPS")
+  mark "compiled: lamamba bench, batch $CBATCHES"; bench $CBATCHES bench_compiled $STEPS $WARMUP --compile "${prof[@]}"
   mark "compiled: lamamba bench-train, micro-batch $CBATCHES"
-  bench_train $CBATCHES train_compiled $STEPS $WARMUP --set train.compile=true
+  bench_train $CBATCHES train_compiled $STEPS $WARMUP --set train.compile=true "${prof[@]}"
 fi
 
 if [ "${CKPT:-0}" = 1 ]; then

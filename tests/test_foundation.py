@@ -125,6 +125,32 @@ def test_bench_runs_several_batches_in_one_process(tmp_path):
     assert rows[0]["img_per_s_ratio_to_first"] == rows[2]["img_per_s_ratio_to_first"] == 1.0
 
 
+def test_bench_profile_reports_host_and_device_time(tmp_path):
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "--models", "DiT-debug/2", "--resolution", "32", "--batch", "2", "--steps", "1",
+                     "--warmup", "1", "--profile", "2", "--out", str(out)]) == 0
+    prof = json.loads(out.read_text())["results"][0]["profile"]
+    assert prof["steps"] == 2 and prof["cpu_ms_per_step"] > 0 and prof["top_cpu_ops"]
+    assert prof["device_busy_ms_per_step"] is None and prof["device_idle_fraction"] is None  # no device on a CPU
+
+
+def test_profile_counts_device_busy_time_once_where_events_overlap():
+    """bench.py's device_busy_us: the union of the device events' spans (a starved device shows as idle time)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from lamamba_dist.bench import busy_time, device_busy_us
+
+    assert busy_time([]) == 0.0
+    assert busy_time([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17.0
+    ev = lambda a, b, dev=DeviceType.CUDA: SimpleNamespace(device_type=dev,  # noqa: E731
+                                                           time_range=SimpleNamespace(start=a, end=b))
+    events = [ev(0, 100, DeviceType.CPU), ev(10, 30), ev(25, 40), ev(60, 70), ev(80, 80)]
+    assert device_busy_us(events) == 40.0  # 10-40 and 60-70; the CPU event and the empty one do not count
+    assert device_busy_us([ev(0, 5, DeviceType.CPU)]) is None
+
+
 @pytest.mark.slow
 def test_cpu_install_pulls_no_cuda_package(tmp_path):
     """Resolve `pip install -e .[data,train,cluster]` against the installed CPU torch: no CUDA wheel may appear."""
