@@ -179,6 +179,11 @@ class TrainJob:
         for s in (signal.SIGUSR2, signal.SIGTERM):
             signal.signal(s, self._on_signal)
         env = export_dist_env()
+        # every rank says where it runs (its own log): the first thing to read when ranks do not meet
+        print(f"[lamamba cluster] rank {env['RANK']} of {env['WORLD_SIZE']} on {socket.gethostname()} "
+              f"(node {os.environ.get('SLURM_NODEID', '?')}, LOCAL_RANK {env['LOCAL_RANK']} of "
+              f"{env['LOCAL_WORLD_SIZE']}), master {env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+              file=sys.stderr, flush=True)
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         if restart_count() > self.max_requeues:
             # Slurm requeued the job by itself (a preempted job it had to kill, a node failure) past the limit.

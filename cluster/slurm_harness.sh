@@ -2,16 +2,25 @@
 # A real one-node Slurm on loopback, for the tests (cluster/ and tests/test_slurm_*.py).
 #
 #   bash cluster/slurm_harness.sh start    # install (Debian packages, once), configure, start, wait for an idle node
-#   bash cluster/slurm_harness.sh status   # daemons, partitions, queue
+#   bash cluster/slurm_harness.sh start --nodes 2   # N nodes, each a network namespace with its own address
+#   bash cluster/slurm_harness.sh status   # daemons, nodes, partitions, queue
 #   bash cluster/slurm_harness.sh stop     # cancel every job, stop every daemon this script started
 #   bash cluster/slurm_harness.sh env      # prints `export SLURM_CONF=...` for this cluster
+#   bash cluster/slurm_harness.sh node-down 2 / node-up 2   # N nodes: kill node 2 without warning / restart it
 #
 # Needs root and apt-get. Runs munged, MariaDB, slurmdbd, slurmctld and slurmd by hand (no systemd, no
 # cgroups, no `slurm` user), all as root, all listening on loopback only. Configuration, state, logs and
 # pid files live in $LAMAMBA_SLURM_DIR (default: <repo>/.cache/slurm, ignored by git). Idempotent: `start`
 # on a running cluster checks it and returns; `stop` on a stopped one does nothing.
 #
-# Two partitions share the node, for preemption drills:
+# N nodes (`--nodes N`, N >= 2): node1..nodeN, each a network namespace (lamamba-node<k>) joined to the host by a
+# veth pair on a bridge (lamamba-br0, 10.77.0.1/24; node k is 10.77.0.(10+k)) with its own hostname (a UTS
+# namespace), running its own slurmd (`slurmd -N node<k>`). slurmctld, slurmdbd, MariaDB and munged stay on the
+# host (slurmctld and slurmdbd reachable at 10.77.0.1); the filesystem is shared, as a cluster's shared storage
+# is. The node names resolve through a marked block in /etc/hosts. `stop` removes every daemon, namespace, link
+# and hosts entry it made, also after a failed start. The mode of the running cluster is kept in $D/nodes.
+#
+# Two partitions share the node(s), for preemption drills:
 #   low  (default, PriorityTier=1,  PreemptMode=REQUEUE): preemptible; a preempted job gets SIGUSR2 (its
 #        --signal) at once, then SIGTERM and, GraceTime + KillWait later, SIGKILL; Slurm requeues it.
 #   high (PriorityTier=10, PreemptMode=OFF): jobs here preempt jobs in `low`.
@@ -33,6 +42,9 @@ GRACE_TIME="${LAMAMBA_SLURM_GRACE_TIME:-30}"   # seconds a preempted job gets to
 PACKAGES=(slurm-wlm slurmctld slurmd slurmdbd slurm-client munge mariadb-server mariadb-client)
 
 ETC="$D/etc"; RUN="$D/run"; LOG="$D/log"; SPOOL="$D/spool"; DB="$D/mysql"
+BRIDGE=lamamba-br0
+NET_PREFIX=10.77.0
+HOSTS_MARK="# lamamba slurm harness"
 export SLURM_CONF="$ETC/slurm.conf"
 # Slurm 22.05 client tools ignore AuthInfo=socket= on some paths (sacctmgr): use munge's default socket.
 MUNGE_SOCKET=/run/munge/munge.socket.2
@@ -105,10 +117,28 @@ write_configs() {
   # Leave 1 GiB of RealMemory unclaimed so small fluctuations never drain the node.
   node_hw="$(sed -e "s/RealMemory=$mem/RealMemory=$((mem > 2048 ? mem - 1024 : mem))/" <<<"$node_hw")"
 
+  # One node on loopback, or node1..nodeN at their namespaces' addresses (slurmd files per node: %n)
+  local what="a one-node test cluster on loopback" ctld_addr=127.0.0.1 nodelist=localhost nodes_conf
+  local d_pid="$RUN/slurmd.pid" d_spool="$SPOOL/d" d_log="$LOG/slurmd.log" k state="$SPOOL/ctld" first_job=1
+  nodes_conf="NodeName=localhost NodeAddr=127.0.0.1 $node_hw State=UNKNOWN"
+  if [ "$NODES" -gt 1 ]; then
+    what="a $NODES-node test cluster on network namespaces"
+    ctld_addr="$NET_PREFIX.1"; nodelist="node[1-$NODES]"
+    d_pid="$RUN/slurmd-%n.pid"; d_spool="$SPOOL/d-%n"; d_log="$LOG/slurmd-%n.log"
+    # slurmctld's own state for this layout, and job ids that never repeat the one-node cluster's (the same
+    # accounting database: sacct must not mix the two clusters' jobs)
+    state="$SPOOL/ctld-$NODES"; first_job=$((NODES * 100000))
+    mkdir -p "$state"
+    nodes_conf=""
+    for k in $(seq 1 "$NODES"); do
+      nodes_conf+="NodeName=node$k NodeAddr=$(node_addr "$k") $node_hw State=UNKNOWN"$'\n'
+    done
+  fi
+
   cat >"$ETC/slurm.conf" <<EOF
-# Written by cluster/slurm_harness.sh: a one-node test cluster on loopback. Do not use in production.
+# Written by cluster/slurm_harness.sh: $what. Do not use in production.
 ClusterName=$CLUSTER
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost=localhost($ctld_addr)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -117,12 +147,13 @@ AuthType=auth/munge
 CredType=cred/munge
 # cred_expire=10: a requeued job may start again 10 s after it ended (default 120 s).
 AuthInfo=cred_expire=10
-StateSaveLocation=$SPOOL/ctld
-SlurmdSpoolDir=$SPOOL/d
+StateSaveLocation=$state
+FirstJobId=$first_job
+SlurmdSpoolDir=$d_spool
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$d_pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$d_log
 SlurmctldDebug=info
 SlurmdDebug=info
 # No systemd/cgroups here: plain process tracking, no task binding.
@@ -153,9 +184,9 @@ KillWait=30
 MinJobAge=600
 SlurmdTimeout=60
 InactiveLimit=0
-NodeName=localhost NodeAddr=127.0.0.1 $node_hw State=UNKNOWN
-PartitionName=low Nodes=localhost Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME MaxTime=INFINITE State=UP
-PartitionName=high Nodes=localhost Default=NO PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP
+$nodes_conf
+PartitionName=low Nodes=$nodelist Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME MaxTime=INFINITE State=UP
+PartitionName=high Nodes=$nodelist Default=NO PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP
 EOF
 
   cat >"$ETC/slurmdbd.conf" <<EOF
@@ -250,11 +281,109 @@ start_slurmctld() {
 }
 
 start_slurmd() {
+  if [ "$NODES" -gt 1 ]; then
+    local k
+    for k in $(seq 1 "$NODES"); do start_node_slurmd "$k"; done
+    return 0
+  fi
   pid_alive "$RUN/slurmd.pid" && return 0
   slurmd -f "$SLURM_CONF" -N localhost || die "slurmd failed to start: $(tail -n 3 "$LOG/slurmd.log")"
 }
 
-node_state() { sinfo -h -N -n localhost -o %t 2>/dev/null | head -1; }
+# ------------------------------------------------------------------------------------------- N nodes
+node_addr() { echo "$NET_PREFIX.$((10 + $1))"; }
+node_ns() { echo "lamamba-node$1"; }
+
+start_network() {  # the bridge, one namespace + veth pair per node, and the names in /etc/hosts
+  command -v ip >/dev/null || die "the 'ip' command (iproute2) is needed for --nodes"
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+    ip link add "$BRIDGE" type bridge
+    ip addr add "$NET_PREFIX.1/24" dev "$BRIDGE"
+  fi
+  ip link set "$BRIDGE" up
+  local k ns
+  for k in $(seq 1 "$NODES"); do
+    ns="$(node_ns "$k")"
+    ip netns list | grep -qw "^$ns" || ip netns add "$ns"
+    if ! ip link show "lmb-h$k" >/dev/null 2>&1; then
+      ip link add "lmb-h$k" type veth peer name "lmb-n$k"
+      ip link set "lmb-n$k" netns "$ns"
+      ip link set "lmb-h$k" master "$BRIDGE"
+      ip netns exec "$ns" ip addr add "$(node_addr "$k")/24" dev "lmb-n$k"
+    fi
+    ip link set "lmb-h$k" up
+    ip netns exec "$ns" ip link set lo up
+    ip netns exec "$ns" ip link set "lmb-n$k" up
+  done
+  hosts_block_remove
+  {
+    echo "$HOSTS_MARK: begin"
+    for k in $(seq 1 "$NODES"); do echo "$(node_addr "$k") node$k"; done
+    echo "$HOSTS_MARK: end"
+  } >>/etc/hosts
+  for k in $(seq 1 "$NODES"); do  # (reachability shows when the node's slurmd registers with slurmctld)
+    wait_for 10 "node$k's address" sh -c "ip netns exec $(node_ns "$k") ip -o addr show dev lmb-n$k | grep -q 'inet '"
+  done
+}
+
+hosts_block_remove() {
+  [ -w /etc/hosts ] || return 0
+  if grep -q "^$HOSTS_MARK: begin" /etc/hosts; then
+    # in place (not a rename: /etc/hosts may be a bind mount)
+    local kept
+    kept="$(sed "/^$HOSTS_MARK: begin/,/^$HOSTS_MARK: end/d" /etc/hosts)"
+    printf '%s\n' "$kept" >/etc/hosts
+  fi
+}
+
+start_node_slurmd() {  # slurmd of node K inside its namespace, with its own hostname
+  local k="$1" ns
+  ns="$(node_ns "$k")"
+  pid_alive "$RUN/slurmd-node$k.pid" && return 0
+  mkdir -p "$SPOOL/d-node$k"
+  # nsenter, not `ip netns exec`: that one also remounts /sys for the namespace, and slurmd needs the host's
+  # /sys/fs/cgroup
+  nsenter --net="/run/netns/$ns" unshare --uts sh -c "hostname node$k && exec slurmd -f '$SLURM_CONF' -N node$k" \
+    || die "slurmd of node$k failed to start: $(tail -n 3 "$LOG/slurmd-node$k.log" 2>/dev/null)"
+}
+
+stop_network() {  # everything start_network made, whatever state a failed start left
+  local ns k
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^lamamba-node' || true); do
+    # anything still running in the namespace (a job's tasks after a failure) goes with it
+    for pid in $(ip netns pids "$ns" 2>/dev/null || true); do kill -KILL "$pid" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  for k in $(ip -o link show 2>/dev/null | sed -n 's/^[0-9]*: lmb-h\([0-9]*\)[@:].*/\1/p'); do
+    ip link del "lmb-h$k" 2>/dev/null || true
+  done
+  ip link del "$BRIDGE" 2>/dev/null || true
+  hosts_block_remove
+}
+
+cmd_node() {  # node-down K | node-up K (N-node mode): fail node K without warning, or bring it back
+  local action="$1" k="${2:-}"
+  [ "$NODES" -gt 1 ] || die "$action: the cluster in $D is not an N-node one (start --nodes N)"
+  [[ "$k" =~ ^[0-9]+$ ]] && [ "$k" -ge 1 ] && [ "$k" -le "$NODES" ] || die "$action: expected a node number 1..$NODES"
+  if [ "$action" = node-down ]; then
+    # SIGKILL to the node's slurmd and to everything else in its namespace (slurmstepd, the job's tasks): what a
+    # node that loses power or network looks like to the rest of the cluster
+    local pids
+    pids="$(ip netns pids "$(node_ns "$k")" 2>/dev/null | tr '\n' ' ')"
+    [ -n "$pids" ] && kill -KILL $pids 2>/dev/null || true
+    rm -f "$RUN/slurmd-node$k.pid"
+    say "node$k down (killed: ${pids:-nothing})"
+  else
+    start_node_slurmd "$k"
+    say "node$k's slurmd started again"
+  fi
+}
+
+node_names() {
+  if [ "$NODES" -gt 1 ]; then seq -f 'node%g' 1 "$NODES"; else echo localhost; fi
+}
+
+node_state() { sinfo -h -N -n "${1:-localhost}" -o %t 2>/dev/null | head -1; }
 
 node_usable() {
   local s
@@ -263,33 +392,48 @@ node_usable() {
   return 1
 }
 
-wait_node_idle() {
-  local end=$((SECONDS + 90)) s
+wait_node_idle() {  # wait_node_idle [NODE]
+  local node="${1:-localhost}" end=$((SECONDS + 90)) s
   while :; do
-    s="$(node_state)"
+    s="$(node_state "$node")"
     case "$s" in
       idle|mix|alloc) return 0 ;;
       down*|drain*|drng*|fail*|inval*)
         # A node that was down (e.g. after a stop/start) comes back with RESUME.
-        scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true ;;
+        scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true ;;
     esac
-    [ "$SECONDS" -ge "$end" ] && die "node localhost not idle after 90 s (state: '$s'; logs in $LOG)"
+    [ "$SECONDS" -ge "$end" ] && die "node $node not idle after 90 s (state: '$s'; logs in $LOG)"
     sleep 0.5
   done
 }
 
 cmd_start() {
   need_root
+  NODES=1
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --nodes) NODES="${2:-}"; shift 2 || die "--nodes needs a number" ;;
+      --nodes=*) NODES="${1#--nodes=}"; shift ;;
+      *) die "start: unknown option '$1' (usage: start [--nodes N])" ;;
+    esac
+  done
+  [[ "$NODES" =~ ^[1-9][0-9]?$ ]] || die "--nodes: expected a number from 1 to 99, got '$NODES'"
+  if [ -f "$D/nodes" ] && [ "$(cat "$D/nodes")" != "$NODES" ] && pid_alive "$RUN/slurmctld.pid"; then
+    die "a $(cat "$D/nodes")-node cluster is running from $D: stop it first"
+  fi
   install_packages
+  mkdir -p "$D"
+  echo "$NODES" >"$D/nodes"
   write_configs
-  local t0=$SECONDS
+  local t0=$SECONDS node
+  [ "$NODES" -gt 1 ] && start_network
   start_munge
   start_mariadb
   start_slurmdbd
   start_slurmctld
   start_slurmd
-  wait_node_idle
-  say "up in $((SECONDS - t0)) s: $(sinfo -h -o '%P:%t:%c cpus' | tr '\n' ' ')(SLURM_CONF=$SLURM_CONF)"
+  for node in $(node_names); do wait_node_idle "$node"; done
+  say "up in $((SECONDS - t0)) s: $(sinfo -h -o '%P:%t:%D nodes:%c cpus' | tr '\n' ' ')(SLURM_CONF=$SLURM_CONF)"
 }
 
 stop_pidfile() {  # stop_pidfile NAME PIDFILE: TERM, wait up to 20 s, then KILL
@@ -326,33 +470,46 @@ cancel_all_jobs() {
 }
 
 cmd_stop() {
-  [ -d "$RUN" ] || { say "not started (no $RUN)"; return 0; }
+  [ -d "$RUN" ] || { stop_network; rm -f "$D/nodes"; say "not started (no $RUN)"; return 0; }
   cancel_all_jobs
   stop_pidfile slurmd "$RUN/slurmd.pid"
+  local f
+  for f in "$RUN"/slurmd-*.pid; do [ -e "$f" ] && stop_pidfile "slurmd $(basename "$f" .pid)" "$f"; done
   stop_pidfile slurmctld "$RUN/slurmctld.pid"
   stop_pidfile slurmdbd "$RUN/slurmdbd.pid"
   stop_pidfile mariadbd "$RUN/mysqld.pid"
   stop_pidfile munged "$RUN/munged.pid"
   if is_our_link; then rm -f /etc/slurm/slurm.conf; fi
+  stop_network
+  rm -f "$D/nodes"
   say "stopped"
 }
 
 cmd_status() {
-  local n rc=0
-  for n in munged mysqld slurmdbd slurmctld slurmd; do
+  local n rc=0 daemons=(munged mysqld slurmdbd slurmctld)
+  for n in $(node_names); do
+    if [ "$NODES" -gt 1 ]; then daemons+=("slurmd-$n"); else daemons+=(slurmd); fi
+  done
+  for n in "${daemons[@]}"; do
     if pid_alive "$RUN/$n.pid"; then echo "$n: running (pid $(cat "$RUN/$n.pid"))"; else echo "$n: stopped"; rc=3; fi
   done
   if [ "$rc" = 0 ]; then
     sinfo -o '%P %a %l %D %t %c %G' || rc=3
+    [ "$NODES" -gt 1 ] && { sinfo -N -o '%N %t %c %m' || rc=3; }
     squeue -o '%.8i %.9P %.20j %.8T %.10M %.10l %R' || true
   fi
   return "$rc"
 }
 
+# the mode of the cluster in $D (status and stop follow it)
+NODES="$(cat "$D/nodes" 2>/dev/null || echo 1)"
+[[ "$NODES" =~ ^[0-9]+$ ]] || NODES=1
+
 case "${1:-}" in
-  start) cmd_start ;;
+  start) shift; cmd_start "$@" ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
   env) echo "export SLURM_CONF=$ETC/slurm.conf" ;;
-  *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+  node-down|node-up) cmd_node "$1" "${2:-}" ;;
+  *) echo "usage: $0 start [--nodes N]|stop|status|env|node-down K|node-up K" >&2; exit 2 ;;
 esac

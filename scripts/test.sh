@@ -3,7 +3,8 @@
 #   - a virtual environment in .venv/ (ignored), torch pinned to the local CPU wheel (constraints-cpu.txt)
 #     so that nothing ever pulls a CUDA build;
 #   - the package with its data/train/cluster/dev extras;
-#   - a one-node Slurm on loopback (cluster/slurm_harness.sh) when we are root and apt exists; stopped on exit;
+#   - a one-node Slurm on loopback (cluster/slurm_harness.sh) when we are root and apt exists, for the suite;
+#     then a two-node one (network namespaces) for the `multinode` tests; stopped on exit;
 #   - caches (pip, torch extensions, ray) inside .cache/ (ignored).
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k model`.
 set -euo pipefail
@@ -18,8 +19,10 @@ if ! .venv/bin/python -c "import torch_fidelity" 2>/dev/null; then
   .venv/bin/pip install -q --no-deps -c constraints-cpu.txt 'torch-fidelity>=0.3'
 fi
 
+slurm=0
 if [ -x cluster/slurm_harness.sh ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    slurm=1
     echo "== starting a one-node Slurm on loopback"
     trap 'bash cluster/slurm_harness.sh stop || true' EXIT
     bash cluster/slurm_harness.sh start
@@ -31,7 +34,18 @@ fi
 
 echo "== pytest"
 set +e
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q -m "not multinode" "$@"
 rc=$?
 set -e
+if [ "$slurm" = 1 ] && [ "${LAMAMBA_MULTINODE:-1}" != 0 ]; then
+  echo "== the two-node Slurm (network namespaces) for the multinode tests"
+  bash cluster/slurm_harness.sh stop
+  bash cluster/slurm_harness.sh start --nodes 2
+  set +e
+  LAMAMBA_MULTINODE_REQUIRED=1 .venv/bin/python -m pytest -q -m multinode "$@"
+  rc2=$?
+  set -e
+  [ "$rc2" = 5 ] && rc2=0  # none selected (a -k that matches none of them)
+  [ "$rc" = 0 ] && rc=$rc2
+fi
 exit $rc

@@ -238,11 +238,20 @@ def _run_time_s(job_id: str) -> int:
 
 @pytest.mark.timeout(1800)
 def test_preemption_drill_requeues_resumes_and_matches_an_uninterrupted_run(reference_run, tmp_path):
+    run_drill(reference_run["run_dir"], tmp_path, nodes=1, tasks_per_node=2)
+
+
+def run_drill(reference_run_dir: Path, tmp_path: Path, nodes: int, tasks_per_node: int,
+              cpus_per_task: int | None = None) -> None:
+    """The drill on ``nodes`` x ``tasks_per_node`` tasks that fill the nodes (a 1-CPU job in `high` must preempt
+    it); its final weights must equal those of ``reference_run_dir`` (an uninterrupted run of the same config on
+    as many ranks). tests/test_slurm_multinode.py runs it across two nodes."""
     cfg = _write_config(tmp_path)
     run_dir, job_dir = tmp_path / "run", tmp_path / "job"
     req = launcher.SubmitRequest(
         config=str(cfg), overrides=[f'checkpoint.dir="{run_dir}"'], time_min=DRILL_TIME_MIN,
-        signal_delay_s=DRILL_SIGNAL_DELAY_S, tasks_per_node=2, partition="low", job_dir=str(job_dir),
+        signal_delay_s=DRILL_SIGNAL_DELAY_S, nodes=nodes, tasks_per_node=tasks_per_node,
+        cpus_per_task=cpus_per_task, partition="low", job_dir=str(job_dir),
         max_requeues=10, entry="slurm_entry:run_training",
         env=[f"PYTHONPATH={REPO / 'tests'}", "LAMAMBA_DRILL_STEP_SLEEP=0.5"],
     )
@@ -295,7 +304,7 @@ def test_preemption_drill_requeues_resumes_and_matches_an_uninterrupted_run(refe
     resumed_at = [min(r["step"] for r in _stats(run_dir) if r["time"] > t) - 1 for t in starts]
     assert resumed_at[0] == 0 and all(0 < a < b for a, b in zip(resumed_at[1:], resumed_at[2:] + [STEPS])), resumed_at
     # Bit-identical to the uninterrupted run: raw fp32 weights and EMA.
-    ref_final = _final_step_dir(reference_run["run_dir"])
+    ref_final = _final_step_dir(reference_run_dir)
     assert ref_final.name == final.name
     from lamamba_dist.train.checkpoint import raw_weights
 
