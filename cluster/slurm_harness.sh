@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A real one-node Slurm on loopback, for the tests (cluster/ and tests/test_slurm_*.py).
+# A real Slurm for the tests (cluster/ and tests/test_slurm_*.py): one node on loopback, or N nodes on network
+# namespaces.
 #
 #   bash cluster/slurm_harness.sh start    # install (Debian packages, once), configure, start, wait for an idle node
 #   bash cluster/slurm_harness.sh start --nodes 2   # N nodes, each a network namespace with its own address
@@ -9,8 +10,8 @@
 #   bash cluster/slurm_harness.sh node-down 2 / node-up 2   # N nodes: kill node 2 without warning / restart it
 #
 # Needs root and apt-get. Runs munged, MariaDB, slurmdbd, slurmctld and slurmd by hand (no systemd, no
-# cgroups, no `slurm` user), all as root, all listening on loopback only. Configuration, state, logs and
-# pid files live in $LAMAMBA_SLURM_DIR (default: <repo>/.cache/slurm, ignored by git). Idempotent: `start`
+# cgroups, no `slurm` user), all as root, on loopback (N nodes: on a private bridge). Configuration, state, logs
+# and pid files live in $LAMAMBA_SLURM_DIR (default: <repo>/.cache/slurm, ignored by git). Idempotent: `start`
 # on a running cluster checks it and returns; `stop` on a stopped one does nothing.
 #
 # N nodes (`--nodes N`, N >= 2): node1..nodeN, each a network namespace (lamamba-node<k>) joined to the host by a
