@@ -28,6 +28,7 @@ writable from the driver (on a multi-node cluster SRC must be readable by every 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
 import os
@@ -163,6 +164,12 @@ class EncodeActor:
         from data_pipeline.vae import VaeEncoder
 
         self.enc = VaeEncoder(vae, device=device, dtype=dtype, encode_batch=encode_batch, threads=threads)
+        try:  # where this actor runs (the driver counts the images encoded per node)
+            import ray.util
+
+            self.node = ray.util.get_node_ip_address()
+        except Exception:  # noqa: BLE001 - outside Ray (tests call the actor directly)
+            self.node = "local"
 
     def __call__(self, batch: dict) -> dict:
         ok = np.array([s == "" for s in batch["status"]], dtype=bool)
@@ -173,7 +180,7 @@ class EncodeActor:
         if ok.any():
             m, lv = self.enc.encode(images[ok])
             mean[ok], logvar[ok] = m, lv
-        batch.update(mean=mean, logvar=logvar)
+        batch.update(mean=mean, logvar=logvar, node=np.array([self.node] * n, dtype=object))
         return batch
 
 
@@ -382,17 +389,23 @@ def _run_ray(st: Settings, folder: str, rows: list[dict], writer: ShardWriter, t
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         n_actors, res, device, threads, decode_cpus = _encoder_layout(st)
-        blocks = max(1, math.ceil(len(rows) / max(128, st.encode_batch)))
+        # at least two blocks per encoder (a block goes to one encoder: a small job would leave actors idle)
+        blocks = min(len(rows), max(2 * n_actors, math.ceil(len(rows) / max(128, st.encode_batch))))
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
         ds = ds.map_batches(decode_batch, fn_kwargs=dict(folder=folder, resolution=st.resolution, min_side=st.min_side,
                                                          read_timeout=st.read_timeout),
                             batch_size=max(8, st.encode_batch), num_cpus=decode_cpus)
         ds = ds.map_batches(EncodeActor, fn_constructor_kwargs=dict(vae=st.vae, device=device, dtype=st.dtype,
                                                                     encode_batch=st.encode_batch, threads=threads),
-                            batch_size=st.encode_batch, compute=ray.data.ActorPoolStrategy(size=n_actors), **res)
+                            batch_size=st.encode_batch, compute=ray.data.ActorPoolStrategy(size=n_actors),
+                            scheduling_strategy="SPREAD", **res)  # the encoders over every node, not packed on one
+        per_node: collections.Counter = collections.Counter()
         with tqdm(total=len(rows), desc="encode", unit="img", disable=not st.progress) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                per_node.update(str(x) for x in batch.get("node", ()))
                 bar.update(writer.add_batch(batch))
+        nodes = {str(n["NodeManagerAddress"]) for n in ray.nodes() if n.get("Alive")}
+        log.info("images encoded per Ray node (%d node(s) alive): %s", len(nodes), json.dumps(dict(sorted(per_node.items()))))
     finally:
         if started:
             ray.shutdown()
