@@ -47,5 +47,14 @@ if [ "$slurm" = 1 ] && [ "${LAMAMBA_MULTINODE:-1}" != 0 ]; then
   set -e
   [ "$rc2" = 5 ] && rc2=0  # none selected (a -k that matches none of them)
   [ "$rc" = 0 ] && rc=$rc2
+  # nothing may stay behind: no daemon, namespace, link or hosts entry of the harness
+  bash cluster/slurm_harness.sh stop
+  left="$(ip netns list 2>/dev/null | grep '^lamamba-node' || true; ip -o link show 2>/dev/null | grep -E 'lmb-h|lamamba-br' || true;
+          grep '# lamamba slurm harness' /etc/hosts || true; pgrep -af "$ROOT/.cache/slurm" || true)"
+  if [ -n "$left" ]; then
+    echo "the Slurm harness left this behind after stop:" >&2
+    echo "$left" >&2
+    rc=1
+  fi
 fi
 exit $rc

@@ -46,9 +46,12 @@ def _quote(s: str) -> str:
 
 
 def _ray_env(temp: Path) -> dict:
-    # Ray 2.60 clusters started with `ray start` authenticate with the token in ~/.ray/auth_token (made on first
-    # use); every process of the cluster, and the driver, must use it
-    return {"RAY_DISABLE_USAGE_STATS": "1", "RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(temp)}
+    # Ray 2.60 clusters started with `ray start` may require token authentication (they do when ~/.ray/auth_token
+    # exists); one token of this test's own for every process of the cluster and the driver works either way
+    import secrets
+
+    return {"RAY_DISABLE_USAGE_STATS": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "RAY_TMPDIR": str(temp)}
 
 
 def _kill_ray_in(k: int, temp: Path) -> list[int]:
