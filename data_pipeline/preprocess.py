@@ -405,7 +405,8 @@ def _run_ray(st: Settings, folder: str, rows: list[dict], writer: ShardWriter, t
                 per_node.update(str(x) for x in batch.get("node", ()))
                 bar.update(writer.add_batch(batch))
         nodes = {str(n["NodeManagerAddress"]) for n in ray.nodes() if n.get("Alive")}
-        log.info("images encoded per Ray node (%d node(s) alive): %s", len(nodes), json.dumps(dict(sorted(per_node.items()))))
+        log.info("images encoded per Ray node (%d node(s) alive): %s", len(nodes),
+                 json.dumps(dict(sorted(per_node.items()))))
     finally:
         if started:
             ray.shutdown()

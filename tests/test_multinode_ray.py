@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -34,15 +35,9 @@ def _ns(k: int) -> str:
 
 def _in_node(k: int, cmd: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
     """Run ``cmd`` in node k's network namespace with the node's hostname."""
-    inner = f"hostname node{k} && exec {' '.join(map(_quote, cmd))}"
+    inner = f"hostname node{k} && exec {shlex.join(cmd)}"
     return subprocess.Popen(["nsenter", f"--net={_ns(k)}", "unshare", "--uts", "sh", "-c", inner],
                             env={**os.environ, **(env or {})}, **kw)
-
-
-def _quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
 
 
 def _ray_env(temp: Path) -> dict:

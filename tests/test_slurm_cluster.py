@@ -169,15 +169,14 @@ def _write_config(tmp: Path) -> Path:
 # --------------------------------------------------------------------------- (a) a 2-task job to the end
 
 
-@pytest.fixture(scope="module")
-def reference_run(slurm_cluster, tmp_path_factory):
-    """`lamamba submit` of the drill config on 2 tasks, uninterrupted (the high partition preempts nothing here)."""
+def submit_reference(base: Path, *placement: str) -> dict:
+    """`lamamba submit` of the drill config with ``placement`` (e.g. ``--tasks-per-node 2``) in the high
+    partition (which preempts nothing here), waited for to its end: the uninterrupted run a drill compares with."""
     from lamamba_dist.cli import main as cli_main
 
-    base = tmp_path_factory.mktemp("slurm_reference")
     cfg = _write_config(base)
     run_dir, job_dir = base / "run", base / "job"
-    rc = cli_main(["submit", "--config", str(cfg), "--set", f'checkpoint.dir="{run_dir}"', "--tasks-per-node", "2",
+    rc = cli_main(["submit", "--config", str(cfg), "--set", f'checkpoint.dir="{run_dir}"', *placement,
                    "--partition", "high", "--time", "15", "--job-dir", str(job_dir), "--max-requeues", "0"])
     assert rc == 0
     job_id = json.loads((job_dir / "job.json").read_text())["job_id"]
@@ -186,6 +185,12 @@ def reference_run(slurm_cluster, tmp_path_factory):
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
     return {"job_id": job_id, "job_dir": job_dir, "run_dir": run_dir}
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, tmp_path_factory):
+    """The drill config on 2 tasks of the one node, uninterrupted."""
+    return submit_reference(tmp_path_factory.mktemp("slurm_reference"), "--tasks-per-node", "2")
 
 
 def test_two_task_deepspeed_job_trains_to_the_end(reference_run):

@@ -97,29 +97,14 @@ def test_a_job_on_two_nodes_runs_a_task_on_each_and_the_ranks_meet_through_the_f
     assert all(r["sum"] == 3.0 and r["peers"] == ["node1", "node2"] and r["master"] == "node1" for r in ranks)
 
 
-
 @pytest.fixture(scope="module")
 def two_node_reference(two_nodes, tmp_path_factory):
     """`lamamba submit --nodes 2 --tasks-per-node 1 --cpus-per-task 2` of the drill config (tests/
     test_slurm_cluster.py), uninterrupted: one rank per node, each node full."""
-    import json
+    from test_slurm_cluster import submit_reference
 
-    from test_slurm_cluster import _wait_job_gone, _write_config
-
-    from lamamba_dist.cli import main as cli_main
-
-    base = tmp_path_factory.mktemp("two_node_reference")
-    cfg = _write_config(base)
-    run_dir, job_dir = base / "run", base / "job"
-    assert cli_main(["submit", "--config", str(cfg), "--set", f'checkpoint.dir="{run_dir}"', "--nodes", "2",
-                     "--tasks-per-node", "1", "--cpus-per-task", "2", "--partition", "high", "--time", "15",
-                     "--job-dir", str(job_dir), "--max-requeues", "0"]) == 0
-    job_id = json.loads((job_dir / "job.json").read_text())["job_id"]
-    try:
-        _wait_job_gone(job_id, job_dir, timeout=900)
-    finally:
-        subprocess.run(["scancel", job_id], capture_output=True)
-    return {"job_id": job_id, "job_dir": job_dir, "run_dir": run_dir}
+    return submit_reference(tmp_path_factory.mktemp("two_node_reference"), "--nodes", "2", "--tasks-per-node", "1",
+                            "--cpus-per-task", "2")
 
 
 def test_lamamba_submit_trains_on_two_nodes(two_node_reference):
