@@ -105,6 +105,10 @@ class TrainConfig:
     # (train/ds_config.py); fp32.
     precision: str = field(default="bf16", metadata=dict(choices=("fp32", "bf16", "bf16_autocast")))
     zero_stage: int = field(default=2, metadata=dict(choices=(0, 1, 2, 3)))
+    # ZeRO-1/2 gradients: "fused" (one flat reduction per step, no per-parameter hooks; the gradients of a whole
+    # step exist at the end of its backward) or "deepspeed" (DeepSpeed's per-parameter hooks, which let ZeRO-2 on
+    # several ranks release gradients bucket by bucket during the backward). train/ds_internals.py: FusedGradients.
+    grad_reduction: str = field(default="fused", metadata=dict(choices=("fused", "deepspeed")))
     seed: int = 0
     deterministic: bool = False
     compile: bool = False  # regional torch.compile of every block (lamamba_dist.models.compile); ZeRO 0-2

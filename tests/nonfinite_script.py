@@ -8,6 +8,7 @@ For each setup ``<stage>-<precision>`` given on the command line, from the same 
 3. a finite loss with one infinite gradient on rank 1 only: both ranks skip;
 4. a clean step again: applied (the skip did not stick), weights move.
 
+A ``-fused`` setup runs ZeRO-1/2's gradients through FusedGradients (train/ds_internals.py), as the trainer does.
 Each rank appends ``NONFINITE_OK <setup> <optimizer kind> <device|host skip> <grad norm of step 1> rank<r>`` to
 ``$NONFINITE_RESULTS_DIR/rank<r>.txt``; the test compares the norms across setups.
 """
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from lamamba_dist.config import OptimConfig, TrainConfig
 from lamamba_dist.models import create_model
 from lamamba_dist.train.ds_config import build_ds_config
+from lamamba_dist.train.ds_internals import FusedGradients
 from lamamba_dist.train.ema import ZeroEMA
 from lamamba_dist.train.nonfinite import NonFiniteGuard
 from train_helpers import report_line, run_setups
@@ -33,7 +35,7 @@ def adam_state(engine) -> list[torch.Tensor]:
     return out
 
 
-def run(stage: int, precision: str):
+def run(stage: int, precision: str, fused: bool = False):
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(0)
     model = create_model("LaMamba-debug", resolution=32, num_classes=10)
@@ -41,6 +43,7 @@ def run(stage: int, precision: str):
     ds = build_ds_config(tc, OptimConfig(lr=1e-3, warmup_steps=10), world, on_cuda=False,
                          num_params=sum(p.numel() for p in model.parameters()))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    grads = FusedGradients(engine, accum=1) if fused else None
     guard = NonFiniteGuard(engine, world_size=world, device=torch.device("cpu"))
     engine.lr_scheduler.step(4)  # mid warm-up: a non-zero LR that a skipped step must not advance
     ema = ZeroEMA(engine.module, 0.9, rank=rank)
@@ -57,9 +60,12 @@ def run(stage: int, precision: str):
         handle = None
         if inf_grad and rank == 1:
             handle = params[len(params) // 2].register_hook(lambda gr: torch.full_like(gr, float("inf")))
-        out = engine(x.to(dtype), t, y=y).float()
+        out = (grads.forward if fused else engine)(x.to(dtype), t, y=y).float()
         loss = out.pow(2).mean()
-        engine.backward(loss)
+        if fused:
+            grads.backward(loss, boundary=True)
+        else:
+            engine.backward(loss)
         if handle is not None:
             handle.remove()
         guard.check(loss.detach(), stop=False)
@@ -99,7 +105,7 @@ def run(stage: int, precision: str):
     after = ema.full_master_weights(dst=None)
     assert any(not torch.equal(before[n], after[n]) for n in before), "clean step after skips did not train"
     where = "device" if guard.skips_on_device else "host"
-    report_line("NONFINITE_RESULTS_DIR", f"NONFINITE_OK {stage}-{precision} {guard.kind} {where} {norm1!r} rank{rank}",
+    report_line("NONFINITE_RESULTS_DIR", f"NONFINITE_OK {stage}-{precision}{'-fused' if fused else ''} {guard.kind} {where} {norm1!r} rank{rank}",
                 rank)
     engine.destroy()
 

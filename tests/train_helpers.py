@@ -112,14 +112,15 @@ def report_line(env_var: str, line: str, rank: int) -> None:
 
 
 def run_setups(run) -> None:
-    """Main of a torchrun script: one process group, ``run(stage, precision)`` per ``<stage>-<precision>`` argument."""
+    """Main of a torchrun script: one process group, ``run(stage, precision)`` per ``<stage>-<precision>`` argument,
+    ``run(stage, precision, fused=True)`` per ``<stage>-<precision>-fused`` (ZeRO-1/2 through FusedGradients)."""
     import deepspeed
     import torch.distributed as dist
 
     deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
     for spec in sys.argv[1:]:
-        stage, precision = spec.split("-")
-        run(int(stage), precision)
+        stage, precision, *fused = spec.split("-")
+        run(int(stage), precision, **({"fused": True} if fused == ["fused"] else {}))
     dist.barrier()
     dist.destroy_process_group()
 

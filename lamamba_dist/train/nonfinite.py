@@ -26,22 +26,8 @@ switched off where DeepSpeed allows it (ds_config.py); where it does not (ZeRO-3
 BF16_Optimizer compute a norm inside ``step()`` and skip a non-finite one themselves), the check covers
 the loss and DeepSpeed's own skip covers the gradients.
 
-DeepSpeed internals are touched in one place, :class:`_DeepSpeedOptimizer` below, and only on the
-versions in :data:`TESTED_DEEPSPEED` (checked when the guard is built). What it reads and writes:
-
-* ZeRO-1/2 (``DeepSpeedZeroOptimizer``): reads ``averaged_gradients`` (this rank's reduced gradient
-  partition, the tensors ``step()`` itself consumes); to skip, sets ``check_grad_overflow`` and an
-  instance ``check_overflow`` that reports an overflow, for one step: DeepSpeed's own overflow path
-  then clears the gradients and counts a skipped step.
-* ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): to skip, an instance ``_overflow_check_and_loss_scale_update``
-  that reports an overflow for one step (DeepSpeed's fp16 path).
-* ``BF16_Optimizer`` (ZeRO-0/1 in bf16) and a plain torch optimizer (ZeRO-0 in fp32): to skip, an instance
-  ``step`` that clears the gradients (BF16_Optimizer's ``clear_hp_grads``/``clear_lp_grads``) and sets
-  ``overflow``, which the engine reads after ``step()`` (``engine.was_step_applied()``).
-* The device-side skip: the torch optimizer inside ZeRO-1/2's optimizer (``optimizer``) or the engine's own
-  (ZeRO-0) gets a ``found_inf`` attribute; after a skipped step the engine's ``skipped_steps`` and
-  ``_step_applied`` are set as DeepSpeed's own overflow path sets them, and the LR scheduler, which
-  ``engine.step()`` advanced, is stepped back (``lr_scheduler.step(last_batch_iteration - 1)``).
+DeepSpeed internals (what the check reads, how a skip is made) are touched only in ds_internals.py
+(:class:`~lamamba_dist.train.ds_internals.DeepSpeedOptimizer`), on the DeepSpeed versions tested there.
 """
 
 from __future__ import annotations
@@ -52,137 +38,7 @@ from typing import Optional
 
 import torch
 
-# DeepSpeed releases whose optimizer internals (above) this module was tested against: [low, high).
-TESTED_DEEPSPEED = ((0, 19, 8), (0, 20, 0))
-
-
-class UnsupportedDeepSpeed(RuntimeError):
-    """The installed DeepSpeed is outside :data:`TESTED_DEEPSPEED`."""
-
-
-def _version_tuple(v: str) -> tuple[int, int, int]:
-    parts = []
-    for p in v.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in p if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple((parts + [0, 0, 0])[:3])  # type: ignore[return-value]
-
-
-def check_deepspeed_version(version: Optional[str] = None) -> str:
-    """The installed DeepSpeed version, or :class:`UnsupportedDeepSpeed` naming the tested range."""
-    if version is None:
-        import deepspeed
-
-        version = deepspeed.__version__
-    lo, hi = TESTED_DEEPSPEED
-    if not lo <= _version_tuple(version) < hi:
-        raise UnsupportedDeepSpeed(
-            f"deepspeed {version} is not supported: lamamba_dist's non-finite step handling "
-            f"(lamamba_dist/train/nonfinite.py) reads DeepSpeed optimizer internals tested on "
-            f">={'.'.join(map(str, lo))},<{'.'.join(map(str, hi))}; install that range "
-            f"(pip install 'deepspeed>={'.'.join(map(str, lo))},<{'.'.join(map(str, hi))}')")
-    return version
-
-
-def optimizer_kind(opt) -> str:
-    """"zero12", "zero3", "bf16" (DeepSpeed's BF16_Optimizer) or "torch" (a plain torch optimizer, ZeRO-0 fp32)."""
-    name = type(opt).__name__
-    return {"DeepSpeedZeroOptimizer": "zero12", "DeepSpeedZeroOptimizer_Stage3": "zero3",
-            "BF16_Optimizer": "bf16"}.get(name, "torch")
-
-
-class _DeepSpeedOptimizer:
-    """The one touch-point of DeepSpeed optimizer internals (see the module docstring)."""
-
-    def __init__(self, engine):
-        check_deepspeed_version()
-        self.engine = engine
-        self.opt = engine.optimizer
-        self.kind = optimizer_kind(self.opt)
-
-    def local_grads(self) -> Optional[list[torch.Tensor]]:
-        """This rank's gradients as the optimizer will use them, or None where DeepSpeed checks them itself."""
-        if self.kind == "zero12":
-            out: list[torch.Tensor] = []
-            for grads in self.opt.averaged_gradients.values():  # padding is skipped, as DeepSpeed's own norm does
-                out.extend(g for g in (grads or ()) if g is not None and g.numel()
-                           and not getattr(g, "_zero_padding", False))
-            return out
-        if self.kind == "torch":
-            return [p.grad for p in self.engine.module.parameters() if p.grad is not None and p.grad.numel()]
-        return None
-
-    @property
-    def grads_partitioned(self) -> bool:
-        """True when each rank holds a disjoint part of the gradients (ZeRO-1/2), False when each holds all."""
-        return self.kind == "zero12"
-
-    def fused_torch_optimizer(self) -> Optional[torch.optim.Optimizer]:
-        """The torch fused Adam/AdamW that ``engine.step()`` runs, where a device-side skip applies, else None."""
-        inner = self.opt.optimizer if self.kind == "zero12" else self.opt if self.kind == "torch" else None
-        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and inner.defaults.get("fused"):
-            return inner
-        return None
-
-    def count_device_skip(self) -> None:
-        """After an ``engine.step()`` whose update the fused optimizer skipped on the device: DeepSpeed's
-        bookkeeping as its own overflow path leaves it (a skipped step counted, the LR schedule not advanced)."""
-        eng = self.engine
-        eng._step_applied = False
-        eng.skipped_steps += 1
-        sched = eng.lr_scheduler
-        if sched is not None:
-            sched.step(sched.last_batch_iteration - 1)
-
-    def skip_next_step(self) -> None:
-        """Make the coming ``engine.step()`` discard the gradients without updating anything."""
-        opt = self.opt
-        if self.kind == "zero12":
-            orig_flag = opt.check_grad_overflow
-
-            def check_overflow(*a, **k):
-                opt.overflow = True
-                opt.check_grad_overflow = orig_flag
-                del opt.check_overflow  # the class's method again
-
-            opt.check_grad_overflow = True
-            opt.check_overflow = check_overflow
-        elif self.kind == "zero3":
-            def forced(update_scale=True):
-                del opt._overflow_check_and_loss_scale_update
-                opt.overflow = True
-                return opt._loss_scale_update_and_overflow_cleanup() if update_scale else True
-
-            opt._overflow_check_and_loss_scale_update = forced
-        elif self.kind == "bf16":
-            def skipped_step(closure=None):
-                del opt.step
-                opt.overflow = True
-                opt._global_grad_norm = float("inf")
-                opt.clear_hp_grads()
-                opt.clear_lp_grads()
-
-            opt.step = skipped_step
-        else:  # plain torch optimizer: the engine zeroes the module grads after step()
-            def skipped_step(*a, **k):
-                del opt.step
-                opt.overflow = True
-
-            opt.step = skipped_step
-
-    def after_step(self) -> None:
-        """Forget a plain optimizer's skip mark (DeepSpeed's own optimizers reset ``overflow`` every step)."""
-        if self.kind == "torch" and "overflow" in vars(self.opt):
-            del self.opt.overflow
-
-    def deepspeed_grad_norm(self) -> Optional[float]:
-        """The norm DeepSpeed computed in the last ``step()`` (ZeRO-3, BF16_Optimizer), else None."""
-        if self.kind not in ("zero3", "bf16"):
-            return None
-        g = self.engine.get_global_grad_norm()
-        if g is None:
-            return None
-        return float(g.item() if torch.is_tensor(g) else g)
+from lamamba_dist.train.ds_internals import DeepSpeedOptimizer
 
 
 @dataclass
@@ -205,7 +61,7 @@ class NonFiniteGuard:
     """One per engine. Per step: :meth:`check` before ``engine.step()``, :meth:`finish` after it."""
 
     def __init__(self, engine, *, world_size: int, device: torch.device, group=None):
-        self.ds = _DeepSpeedOptimizer(engine)
+        self.ds = DeepSpeedOptimizer(engine)
         self.world = world_size
         self.device = device
         self.group = group

@@ -233,6 +233,17 @@ class Trainer:
         self.model_dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
         self.diffusion = create_diffusion(cfg.diffusion)
 
+        # ZeRO-1/2: the gradients of a step reduced in one pass, without DeepSpeed's per-parameter hooks
+        from lamamba_dist.train.ds_internals import FusedGradients, fused_gradients_unsupported
+
+        self.grads: Optional[FusedGradients] = None
+        if self.tcfg.grad_reduction == "fused":
+            why = fused_gradients_unsupported(self.engine)
+            if why is None:
+                self.grads = FusedGradients(self.engine, self.accum)
+            elif self.tcfg.zero_stage in (1, 2):
+                self.info(f"gradient reduction: DeepSpeed's per-parameter hooks ({why})")
+
         from lamamba_dist.train.nonfinite import NonFiniteGuard
 
         self.guard = NonFiniteGuard(self.engine, world_size=self.world, device=self.device)
@@ -388,7 +399,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _model(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The engine at the model boundary: input in the weights' dtype, output in fp32."""
-        return self.engine(x.to(self.model_dtype), t, y=y).float()
+        forward = self.grads.forward if self.grads is not None else self.engine
+        return forward(x.to(self.model_dtype), t, y=y).float()
 
     def train_step(self, it, meter=None) -> dict:
         """One optimizer step of the training loop (``lamamba train`` and ``lamamba bench-train`` both run this).
@@ -428,7 +440,10 @@ class Trainer:
             loss_sum = detached if loss_sum is None else loss_sum + detached
             micro_losses.append(detached)
             micro_keys.append(batch.get("key", []))
-            self.engine.backward(loss)
+            if self.grads is not None:
+                self.grads.backward(loss, boundary=micro == self.accum - 1)
+            else:
+                self.engine.backward(loss)
             if micro == self.accum - 1:
                 # the checkpoint writers' states ride along in the check's all-reduce (checkpointing.py)
                 self.guard.check(loss_sum, stop_requested(), self.ckpt.flags())
