@@ -6,18 +6,20 @@
 # Two phases, so that the whole check fits in about 8 minutes:
 #   1. untimed work, concurrently (the GPU has room for all of it; nothing here is a speed figure):
 #      TESTS   every GPU-marked test (one pytest, TEST_WORKERS processes with pytest-xdist when installed)
-#      RESUME  `lamamba train` LaMamba-XL 256 bf16 ZeRO-2 (micro MICRO): a checkpoint at step 50, kill -9 (the
-#              whole process group) once step 60 is logged, rerun the same command: it must resume from step 50
-#              and reach 70, with the losses of steps 51-60 equal to the killed run's within bf16 noise
+#      RESUME  `lamamba train` LaMamba-XL 256 bf16 ZeRO-2 (micro MICRO): a checkpoint at step 50 (written at
+#              once: a background save of XL takes longer than the ten steps to the kill; part CKPT and the GPU
+#              tests cover background saves), kill -9 (the whole process group) once step 60 is logged, rerun the
+#              same command: it must resume from step 50 and reach 70, with the losses of steps 51-60 equal to
+#              the killed run's within bf16 noise
 #      WARM    the compiled rows' first steps (fills the compile cache, TORCHINDUCTOR_CACHE_DIR)
 #   2. the timed rows, one process at a time, the GPU to themselves:
 #      EAGER    trainer step vs model step: `lamamba bench-train` (the trainer's own train_step, ZeRO-2) vs
 #               `lamamba bench` (a plain PyTorch loop), MODELS at 256 px, micro-batches MICROS
 #      COMPILED the same with the blocks compiled (default scan backend), micro-batches CMICROS (default MICRO):
 #               compiled training must run
-#   CKPT=1 (off by default: about 90 s, beyond the 8 minutes) adds `lamamba train` (RESUME's config) with a
-#   background save at step 40: the time training was blocked, and img/s while the save is written vs img/s before
-#   it (summary "background_save"). Alone: TESTS=0 RESUME=0 EAGER=0 COMPILED=0 CKPT=1 bash scripts/gpu_check.sh OUT
+#   CKPT=1 (off by default: about 100 s, beyond the 8 minutes) adds `lamamba train` (RESUME's config) with a
+#   background save at step CKPT_AT (100): the time training was blocked, and img/s while the save is written
+#   (about 20 s of steps) vs img/s over the steps before it (summary "background_save"). Alone: TESTS=0 RESUME=0 EAGER=0 COMPILED=0 CKPT=1 bash scripts/gpu_check.sh OUT
 #   AB=1 (off by default) adds the precision A/B: bf16 vs bf16_autocast, both models (AB_CONFIGS: others), AB_STEPS
 #   steps from one start.
 #   PROFILE_STEPS=N (off by default) adds N profiled steps to every timed row (torch.profiler after the timed steps:
@@ -92,9 +94,10 @@ if [ "${RESUME:-1}" = 1 ]; then
     R="$O/resume"; rm -rf "$R"
     XL=(--config $RESUME_CONFIG --set 'data.shards="synthetic"' --set "checkpoint.dir=\"$R\""
         --set train.micro_batch=$MICRO --set train.global_batch=$MICRO --set train.steps=70 --set checkpoint.every=50
-        --set train.log_every=1 --set train.zero_stage=2 --set 'train.precision="bf16"' --set data.num_workers=${WORKERS:-4})
-    # killed once step KILL_AT is logged and the step-50 checkpoint is published (a background save may still be
-    # written a few steps after 50; until it is published, a rerun would rightly start from scratch)
+        --set train.log_every=1 --set train.zero_stage=2 --set 'train.precision="bf16"' --set data.num_workers=${WORKERS:-4}
+        --set checkpoint.background=false)
+    # killed once step KILL_AT is logged and the step-50 checkpoint is published (until it is, a rerun would
+    # rightly start from scratch)
     mark "resume: first run (kill -9 at step ${KILL_AT:-60} or later, once step 50 is published)"
     setsid $LAMAMBA train "${XL[@]}" > "$O/resume_first.log" 2>&1 &
     pid=$!
@@ -152,10 +155,10 @@ if [ "${CKPT:-0}" = 1 ]; then
   # written against img/s before it (10-step windows; killed once the save is published and one more window is
   # logged: no final save to wait for)
   C="$O/ckpt"; rm -rf "$C"
-  mark "ckpt: a background save at step 40 of $RESUME_CONFIG"
+  mark "ckpt: a background save at step ${CKPT_AT:-100} of $RESUME_CONFIG"
   setsid timeout $(left) $LAMAMBA train --config $RESUME_CONFIG --set 'data.shards="synthetic"' \
     --set "checkpoint.dir=\"$C\"" --set train.micro_batch=$MICRO --set train.global_batch=$MICRO \
-    --set train.steps=100000 --set checkpoint.every=40 --set train.log_every=10 --set train.zero_stage=2 \
+    --set train.steps=100000 --set checkpoint.every=${CKPT_AT:-100} --set train.log_every=10 --set train.zero_stage=2 \
     --set 'train.precision="bf16"' --set data.num_workers=${WORKERS:-4} > "$O/ckpt.log" 2>&1 &
   cpid=$!
   while kill -0 $cpid 2>/dev/null; do

@@ -90,10 +90,12 @@ def test_background_saves_and_sample_grids_in_bf16_on_gpu(tmp_path):
 
 
 def test_trainer_step_has_one_host_sync(tmp_path, monkeypatch):
-    """The step's only device-to-host read is the fused check's (torch.cuda.set_sync_debug_mode counts them), and
-    it comes after the optimizer step has been queued (ZeRO-2 with fused AdamW skips a non-finite step on the
-    device)."""
+    """A settled step waits for the device at most once, in the fused check (nonfinite.py), after the optimizer
+    step has been queued (ZeRO-2 with fused AdamW skips a non-finite step on the device); a step settled during
+    the next one (the loop's steady state, trainer.py queue_step) the same. torch.cuda.set_sync_debug_mode
+    counts them."""
     import os
+    import warnings
 
     os.environ.setdefault("WANDB_MODE", "disabled")
     from lamamba_dist.config import load_config
@@ -103,24 +105,30 @@ def test_trainer_step_has_one_host_sync(tmp_path, monkeypatch):
                               "train.global_batch=8", "train.micro_batch=8", "data.num_workers=2",
                               "train.deterministic=false"])
     tr = Trainer(cfg, resume=False)
-    try:
-        it = iter(tr.loader)
-        for _ in range(3):
-            tr.train_step(it)
-        torch.cuda.synchronize()
-        import warnings
 
+    def syncs_of(fn) -> list[str]:
+        torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                tr.train_step(it)
+                fn()
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         # (torch also warns once that the debug mode is a prototype: not a sync)
-        syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
-                 if "called a synchronizing" in str(w.message)]
-        assert len(syncs) == 1 and "nonfinite.py" in syncs[0], syncs
+        return [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "called a synchronizing" in str(w.message)]
+
+    try:
+        assert tr.grads is not None  # ZeRO-2: the fused gradient reduction (ds_internals.py)
+        it = iter(tr.loader)
+        for _ in range(3):
+            tr.train_step(it)
+        syncs = syncs_of(lambda: tr.train_step(it))
+        assert len(syncs) <= 1 and all("nonfinite.py" in x for x in syncs), syncs
+        tr.queue_step(it, defer=True)
+        syncs = syncs_of(lambda: tr.queue_step(it, defer=True))  # settles the previous step
+        assert len(syncs) <= 1 and all("nonfinite.py" in x for x in syncs), syncs
+        assert [r["applied"] for r in tr.settle()] == [True]
         assert tr.guard.skips_on_device
     finally:
         tr.close()

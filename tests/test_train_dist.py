@@ -146,6 +146,54 @@ def test_nonfinite_loss_skips_the_step_then_rolls_back(tmp_path):
     assert all(v.isfinite().all() for v in raw(step_dir(tmp_path, 8)).values())
 
 
+def _assert_same_end(run: Path, ref: Path, steps: int):
+    """Same final weights, EMA and optimizer state (bitwise), and every logged loss of ``run`` (the mean over the
+    steps since its previous log line) equal to the same mean of ``ref``'s per-step losses."""
+    lr, lf = losses(run), losses(ref)
+    assert sorted(lf) == list(range(1, steps + 1)), lf
+    prev = 0
+    for s in sorted(lr):
+        acc = 0.0
+        for k in range(prev + 1, s + 1):
+            acc += lf[k][0]
+        assert lr[s][-1] == acc / (s - prev), f"step {s}: logged {lr[s][-1]!r}, per-step mean {acc / (s - prev)!r}"
+        prev = s
+    a, b = step_dir(run, steps), step_dir(ref, steps)
+    assert_same_tensors(raw(a), raw(b), "weights")
+    assert_same_tensors(weights(a / "ema.safetensors"), weights(b / "ema.safetensors"), "EMA")
+    assert_same_tensors(optimizer_tensors(a), optimizer_tensors(b), "optimizer state")
+
+
+def test_steps_settled_late_train_bitwise_like_steps_settled_at_once(tmp_path, reference):
+    """Steps with nothing due are settled during the next step (trainer.py queue_step): log lines every 3 steps
+    (steps 1, 2, 4, 5 settled late), killed after step 4 and resumed, give the run that settles every step at
+    once, bit for bit."""
+    sets = (f"train.steps={STEPS}", "checkpoint.every=3", "train.zero_stage=2", "train.log_every=3")
+    res = launch(tmp_path, 2, sets, env={"LAMAMBA_FAULT": "step:4"})
+    assert res.returncode != 0 and "SIGKILL at step step 4" in res.stderr, res.log
+    res = launch(tmp_path, 2, sets)
+    assert res.returncode == 0 and "step_00000003" in res.stderr, res.log
+    _assert_same_end(tmp_path, reference(2), STEPS)
+
+
+def test_a_nonfinite_step_settled_late_is_skipped_like_one_settled_at_once(tmp_path):
+    """NaN latents on rank 1 at step 3, which nothing is due at (settled during step 4): skipped and logged as
+    when every step is settled at once; the two runs end bitwise equal."""
+    runs = {}
+    for log_every in (1, 4):
+        d = tmp_path / f"log{log_every}"
+        res = launch(d, 2, ("train.steps=8", "checkpoint.every=4", "train.zero_stage=2", f"train.log_every={log_every}"),
+                     env={"LAMAMBA_FAULT": "nan:2:1"})
+        assert res.returncode == 0, res.log
+        events = [json.loads(l) for l in (d / "stats.jsonl").read_text().splitlines() if '"nonfinite"' in l]
+        assert [e["step"] for e in events] == [3], events
+        runs[log_every] = d
+    a, b = step_dir(runs[4], 8), step_dir(runs[1], 8)
+    assert_same_tensors(raw(a), raw(b), "weights")
+    assert_same_tensors(weights(a / "ema.safetensors"), weights(b / "ema.safetensors"), "EMA")
+    assert_same_tensors(optimizer_tensors(a), optimizer_tensors(b), "optimizer state")
+
+
 def _rank_pids(parent: int) -> dict[int, int]:
     """RANK -> pid of the torchrun workers below ``parent`` (read from /proc)."""
     out, todo = {}, [parent]
@@ -167,10 +215,12 @@ def _rank_pids(parent: int) -> dict[int, int]:
     return out
 
 
-def test_signal_saves_on_every_rank_and_exits_for_requeue(tmp_path, sig="SIGUSR2"):
+@pytest.mark.parametrize("log_every", [1, 7], ids=["settled_at_once", "settled_late"])
+def test_signal_saves_on_every_rank_and_exits_for_requeue(tmp_path, log_every, sig="SIGUSR2"):
     """SIGUSR2 reaches rank 1 only: both ranks agree at the next step boundary, save one complete
     checkpoint and exit with EXIT_REQUEUE (3); rerunning the command continues from it. (SIGTERM goes
-    through the same handler: tests/test_train_units.py.)"""
+    through the same handler: tests/test_train_units.py.) With log lines every 7 steps most steps are settled
+    during the next one (trainer.py queue_step): the stop is seen a step later, and acted on at once."""
     import signal
     import subprocess
     import sys
@@ -180,7 +230,7 @@ def test_signal_saves_on_every_rank_and_exits_for_requeue(tmp_path, sig="SIGUSR2
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lamamba_dist.cli",
            "train", "--config", str(DEBUG_CONFIG), "--set", f'checkpoint.dir="{tmp_path}"', "--set", "train.steps=500",
-           "--set", "checkpoint.every=1000", "--set", "train.log_every=1"]
+           "--set", "checkpoint.every=1000", "--set", f"train.log_every={log_every}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stats = tmp_path / "stats.jsonl"

@@ -344,7 +344,9 @@ class BenchTrain:
         tr.loader = tr.build_loader(micro)
         self._micro = micro
 
-    def _step(self, it) -> dict:
+    def _step(self, it, settle: bool = False) -> list[dict]:
+        """One trainer step as the training loop runs a step with nothing due (settled with the next one: see
+        ``Trainer.queue_step``), or settled at once with ``settle``; returns the results settled by the call."""
         import torch
 
         if self.fake_memory is not None:
@@ -358,9 +360,12 @@ class BenchTrain:
 
         if _fault_hit("bench_oom", len(self.results)):  # test hook: LAMAMBA_FAULT=bench_oom:ROW[:RANK]
             raise torch.cuda.OutOfMemoryError(f"planted OOM (LAMAMBA_FAULT) in row {len(self.results)}")
-        res = self.trainer.train_step(it)
-        self.trainer.step += 1
-        return res
+        tr = self.trainer
+        done = tr.queue_step(it, defer=True)
+        if settle:
+            done += tr.settle()
+        tr.step += len(done)
+        return done
 
     def _peak(self) -> tuple[Optional[float], Optional[float]]:
         import torch
@@ -387,10 +392,9 @@ class BenchTrain:
             skipped = 0
             reasons: set = set()
             t0 = time.perf_counter()
+            done: list[dict] = []
             for i in range(warmup):
-                res = self._step(it)
-                skipped += not res["applied"]
-                reasons.add(res.get("nonfinite"))
+                done += self._step(it, settle=i in (0, warmup - 1))
                 if i == 0:
                     self._sync()
                     local["first_step_s"] = time.perf_counter() - t0
@@ -398,13 +402,13 @@ class BenchTrain:
             if self.world > 1:
                 self.dist.barrier()
             t0 = time.perf_counter()
-            loss = None
-            for _ in range(steps):
-                res = self._step(it)
+            for i in range(steps):
+                done += self._step(it, settle=i == steps - 1)
+            self._sync()
+            for res in done:
                 skipped += not res["applied"]
                 reasons.add(res.get("nonfinite"))
-                loss = res["loss_sum"] / (tr.accum * self.world)
-            self._sync()
+            loss = done[-1]["loss_sum"] / (tr.accum * self.world) if done else None
             local["elapsed"] = time.perf_counter() - t0
             local["peak_gib"], local["peak_reserved_gib"] = self._peak()
             local["loss"] = loss
@@ -436,7 +440,9 @@ class BenchTrain:
         """torch.profiler over ``steps`` more trainer steps (lamamba_dist/bench.py ``profile_steps``)."""
         from lamamba_dist.bench import profile_steps
 
-        return profile_steps(lambda: self._step(it), steps, self.device)
+        prof = profile_steps(lambda: self._step(it), steps, self.device)
+        self._step(it, settle=True)  # the last profiled step is settled with this one
+        return prof
 
     def _throughput(self, m: dict, micro: int, accum: int, steps: int) -> dict:
         per_step = m["elapsed"] / steps

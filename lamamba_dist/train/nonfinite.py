@@ -6,7 +6,8 @@ backward and before ``engine.step()``; :meth:`NonFiniteGuard.finish` after it re
 * the loss summed over the step's micro-batches stays on the device (no sync per micro-batch);
 * the squared L2 norm of this rank's reduced gradients is one ``torch._foreach_norm`` over them;
 * (loss sum, grad sum of squares, stop flag) are stacked into one device tensor, all-reduced once
-  (the step's only collective of our own) and read once: the step's one host sync.
+  (the step's only collective of our own), copied to pinned host memory without waiting, and read once:
+  the step's one wait for the device, which covers the work up to the check and nothing queued after it.
 
 A step is *non-finite* when the global loss sum or the global grad norm is not finite; every rank then
 sees the same verdict and skips the optimizer step (weights, EMA, Adam state and LR schedule unchanged).
@@ -14,10 +15,11 @@ sees the same verdict and skips the optimizer step (weights, EMA, Adam state and
 Where the optimizer is torch's fused Adam/AdamW under ZeRO-0/1/2 (the default on GPUs and CPUs), the skip
 happens on the device: the verdict is written into the optimizer's ``found_inf`` tensor (torch's own
 mechanism for skipping a fused step, the one ``GradScaler`` uses), ``engine.step()`` is queued without
-waiting, and the verdict is read in :meth:`finish`, after the whole step has been queued. A host read before
+waiting, and the verdict is read in :meth:`finish`, after the whole step has been queued (the trainer may
+call it as late as after the next step's backward: trainer.py ``queue_step``). A host read before
 ``engine.step()`` would drain the device queue there and leave the device idle while the host runs the
-optimizer's Python (the per-parameter work of ZeRO's step); read after it, it costs only the wait for work
-already queued. After a device-side skip, :meth:`finish` restores DeepSpeed's bookkeeping of a skipped step
+optimizer's Python; read after it, it costs at most the wait for the work up to the check. After a device-side
+skip, :meth:`finish` restores DeepSpeed's bookkeeping of a skipped step
 (its skipped-step count, the LR schedule, ``engine.was_step_applied()``). Other optimizers (ZeRO-3,
 DeepSpeed's BF16_Optimizer, CPU-offloaded Adam) read the verdict in :meth:`check` and skip on the host.
 The grad norm of the check is also what the status line logs, so DeepSpeed's own per-tensor norm
@@ -70,6 +72,8 @@ class NonFiniteGuard:
         self._host_vals: tuple[float, ...] = (0.0,)
         self.last_grad_norm: Optional[float] = None
         self._flags: Optional[torch.Tensor] = None
+        self._flags_host: Optional[torch.Tensor] = None  # pinned copy of the flags (CUDA)
+        self._flags_ready = None  # CUDA event: the copy is done
         self._verdict: Optional[Verdict] = None
         self._has_grads = False
         self._found_inf: Optional[torch.Tensor] = None
@@ -122,7 +126,18 @@ class NonFiniteGuard:
             import torch.distributed as dist
 
             dist.all_reduce(flags, group=self.group)
-        self._flags, self._has_grads, self._verdict = flags, grads is not None, None
+        self._has_grads, self._verdict = grads is not None, None
+        if self.device.type == "cuda":
+            # copied to pinned host memory as soon as the device gets here; _read() waits for this copy only, not
+            # for the optimizer step queued after it (nor, when the step is settled late, for the next step)
+            if self._flags_host is None or self._flags_host.shape != flags.shape:
+                self._flags_host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+                self._flags_ready = torch.cuda.Event()
+            self._flags_host.copy_(flags, non_blocking=True)
+            self._flags_ready.record()
+            self._flags = self._flags_host
+        else:
+            self._flags = flags
         if self._found_inf is not None:
             self._found_inf.copy_(torch.isfinite(flags[:2]).all().logical_not())
         else:
@@ -131,7 +146,9 @@ class NonFiniteGuard:
                 self.ds.skip_next_step()
 
     def _read(self) -> Verdict:
-        loss, sq, stop_sum, *counts = self._flags.tolist()  # the step's one host sync
+        if self._flags is self._flags_host:
+            self._flags_ready.synchronize()  # the step's one wait for the device
+        loss, sq, stop_sum, *counts = self._flags.tolist()
         grads = self._has_grads
         if grads and not self.ds.grads_partitioned:
             sq /= self.world  # every rank holds the same full gradients

@@ -51,27 +51,23 @@ log = logging.getLogger("lamamba.train")
 __all__ = ["Trainer", "TrainingError", "SaveError", "build_model", "run_training"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_dist_env() -> None:
-    """Make a plain single-process call look like a 1-rank launch."""
+    """Make a plain single-process call look like a 1-rank launch (its rendezvous: init_device_and_process_group)."""
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
 
 
 def init_device_and_process_group() -> tuple[bool, torch.device]:
     """This rank's device (cuda:LOCAL_RANK with TF32 matmuls, or the CPU) and the DeepSpeed process group
-    (NCCL on GPUs, gloo on CPU), initialised once per process. Returns (on_cuda, device)."""
+    (NCCL on GPUs, gloo on CPU), initialised once per process. Returns (on_cuda, device).
+
+    A single process started without a launcher (no ``MASTER_PORT``) gets a 1-rank group on a store whose port
+    the OS picks when it binds, so that concurrent single-process runs never race for one port."""
     import deepspeed
     import torch.distributed as dist
 
@@ -84,6 +80,13 @@ def init_device_and_process_group() -> tuple[bool, torch.device]:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        if os.environ.get("WORLD_SIZE") == "1" and "MASTER_PORT" not in os.environ:
+            from deepspeed.accelerator import get_accelerator
+
+            store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), 0, 1, is_master=True)
+            os.environ["MASTER_PORT"] = str(store.port)
+            dist.init_process_group(get_accelerator().communication_backend_name(), store=store, rank=0,
+                                    world_size=1)
         deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
     return on_cuda, device
 
@@ -255,6 +258,7 @@ class Trainer:
 
         # ---------------------------------------------------------- training state
         self.step = 0
+        self._pending: Optional[tuple] = None  # a step queued but not yet settled (queue_step)
         self.images_seen = 0
         self.rollbacks = 0
         self.skipped_total = 0
@@ -403,29 +407,45 @@ class Trainer:
         return forward(x.to(self.model_dtype), t, y=y).float()
 
     def train_step(self, it, meter=None) -> dict:
+        """One optimizer step, settled (``lamamba bench-train``'s profiles, tests; the loop runs :meth:`queue_step`).
+        ``self.step`` is left to the caller."""
+        assert self._pending is None, "a deferred step is pending: settle() it first"
+        return self.queue_step(it, meter)[-1]
+
+    def queue_step(self, it, meter=None, defer: bool = False) -> list[dict]:
         """One optimizer step of the training loop (``lamamba train`` and ``lamamba bench-train`` both run this).
 
         ``accum`` micro-batches from the loader iterator ``it`` (each with its per-sample draws, made by the
         loader): forward with the fp32 diffusion loss, backward; after the last backward the fused check
-        (nonfinite.py: the step's one collective of ours and its one host sync); ``engine.step()`` on every
-        micro-batch (DeepSpeed counts them), skipped on every rank when the check failed; then the EMA update
-        when the step was applied. ``self.step`` is left to the caller. Returns ``{"applied": bool, "loss_sum":
-        float (sum of the micro-batch mean losses over micro-batches and ranks), "grad_norm": float or None,
-        "stop": bool, "bad_keys": [sample keys of this rank's non-finite micro-batches]}``.
+        (nonfinite.py: the step's one collective of ours); ``engine.step()`` on every micro-batch (DeepSpeed counts
+        them), where torch's fused AdamW skips a non-finite update on the device. Settling the step
+        (:meth:`_settle`: reading the check's verdict, the EMA update when the step was applied, DeepSpeed's
+        bookkeeping of a skipped one) waits for the device to reach the check. With ``defer`` it waits until the
+        next step's backward has been queued (it must come before that step's optimizer update, which the EMA
+        must not see): the host then never waits for the device, and queues the next forward while the device
+        still runs this step's backward and update, as a plain PyTorch loop does. A step after one that was not
+        applied, or that asked to stop, is settled at once (the loop acts on those at the step boundary).
+
+        Returns the results of the steps settled by this call, oldest first (a deferred previous one, then this
+        one unless deferred): ``{"applied": bool, "loss_sum": float (sum of the micro-batch mean losses over
+        micro-batches and ranks), "grad_norm": float or None, "stop": bool, "bad_keys": [sample keys of this
+        rank's non-finite micro-batches], ...}``. ``self.step`` is left to the caller.
         """
         t = self.tcfg
         dev = self.device
+        step = self.step + (self._pending is not None)  # steps done before this one
         loss_sum = None
         micro_losses: list[torch.Tensor] = []
         micro_keys: list[list] = []
+        done: list[dict] = []
         for micro in range(self.accum):
             tw = time.perf_counter()
             batch = next(it)
             if meter is not None:
                 meter.data_wait += time.perf_counter() - tw
-            torch.manual_seed(micro_seed(t.seed, self.step, self.rank, micro, self.rollbacks))
+            torch.manual_seed(micro_seed(t.seed, step, self.rank, micro, self.rollbacks))
             lat = batch["latent"]
-            if _fault_hit("nan", self.step):
+            if _fault_hit("nan", step):
                 lat = torch.full_like(lat, float("nan"))
             x0 = lat.to(dev, non_blocking=True)
             y = batch["label"].to(dev, non_blocking=True)
@@ -440,18 +460,32 @@ class Trainer:
             loss_sum = detached if loss_sum is None else loss_sum + detached
             micro_losses.append(detached)
             micro_keys.append(batch.get("key", []))
+            last = micro == self.accum - 1
             if self.grads is not None:
-                self.grads.backward(loss, boundary=micro == self.accum - 1)
+                self.grads.backward(loss, boundary=last)
             else:
                 self.engine.backward(loss)
-            if micro == self.accum - 1:
+            if last:
+                if self._pending is not None:  # the previous step, before this one's update
+                    done.append(self._settle())
+                    defer = defer and done[0]["applied"] and not done[0]["stop"]
                 # the checkpoint writers' states ride along in the check's all-reduce (checkpointing.py)
                 self.guard.check(loss_sum, stop_requested(), self.ckpt.flags())
             self.engine.step()
-        # The verdict is read once the whole step is queued (where the optimizer skips on the device), so the
-        # device never idles while the host runs the optimizer's Python.
+        self._pending = (micro_losses, micro_keys, self.engine.was_step_applied())
+        if not defer:
+            done.append(self._settle())
+        return done
+
+    def settle(self) -> list[dict]:
+        """The result of a deferred step ([] when none is pending); see :meth:`queue_step`."""
+        return [self._settle()] if self._pending is not None else []
+
+    def _settle(self) -> dict:
+        micro_losses, micro_keys, engine_applied = self._pending
+        self._pending = None
         verdict = self.guard.finish()
-        applied = self.engine.was_step_applied() and not verdict.nonfinite
+        applied = engine_applied and not verdict.nonfinite
         if applied:
             self.ema.update()
         bad_keys: list[str] = []
@@ -462,6 +496,15 @@ class Trainer:
         return {"applied": applied, "loss_sum": verdict.loss_sum, "grad_norm": verdict.grad_norm,
                 "stop": verdict.stop, "bad_keys": bad_keys, "ckpt_counts": verdict.counts,
                 "nonfinite": None if applied else verdict.reason()}
+
+    def _may_defer(self, step: int, steps_this_run: int) -> bool:
+        """Whether the loop may settle step ``step`` (counted from 1) late: nothing is due at it that needs the
+        settled state (log line, checkpoint, sample grid or FID, ``exit_after``, the last step), and the step
+        before it was applied (a streak of non-finite steps is acted on step by step)."""
+        t = self.tcfg
+        return not (step % t.log_every == 0 or step >= t.steps or step % self.ccfg.every == 0
+                    or any(self.watch.due(step)) or (t.exit_after and steps_this_run >= t.exit_after)
+                    or t.max_nonfinite_in_row <= 1 or self.nonfinite_in_row > 0)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -498,103 +541,115 @@ class Trainer:
         self.engine.train()
         code = EXIT_OK
         try:
-            while self.step < t.steps:
-                _fault("step", self.step)
-                res = self.train_step(it, meter)
-                self.ckpt.on_step(res["ckpt_counts"])  # publishes a save every rank has written; raises if one failed
-                applied, stop, bad_keys = res["applied"], res["stop"], res["bad_keys"]
-                self.step += 1
-                steps_this_run += 1
-                self.images_seen += t.global_batch
-                meter.images += t.global_batch
-                meter.steps += 1
-                bar.update(1)
-                if applied:
-                    self.nonfinite_in_row = 0
-                    loss_acc += res["loss_sum"] / (self.accum * self.world)
-                    n_acc += 1
-                else:
-                    self.skipped_total += 1
-                    self.nonfinite_in_row += 1
-                    if self.nonfinite_in_row == 1:
-                        self.streak_start = self.step
-                    gathered: list = [None] * self.world
-                    if self.world > 1:
-                        self.dist.all_gather_object(gathered, bad_keys)
+            while self.step + (self._pending is not None) < t.steps:
+                queued = self.step + (self._pending is not None)  # steps done or queued before this one
+                _fault("step", queued)
+                defer = self._may_defer(queued + 1, steps_this_run + (self._pending is not None) + 1)
+                results = self.queue_step(it, meter, defer=defer)
+                stop_any = any(r["stop"] for r in results)  # acted on at the newest settled step
+                end = False
+                for i, res in enumerate(results):
+                    self.ckpt.on_step(res["ckpt_counts"])  # publishes a save every rank has written; raises if one failed
+                    applied, bad_keys = res["applied"], res["bad_keys"]
+                    stop = stop_any and i == len(results) - 1
+                    self.step += 1
+                    steps_this_run += 1
+                    self.images_seen += t.global_batch
+                    meter.images += t.global_batch
+                    meter.steps += 1
+                    bar.update(1)
+                    if applied:
+                        self.nonfinite_in_row = 0
+                        loss_acc += res["loss_sum"] / (self.accum * self.world)
+                        n_acc += 1
                     else:
-                        gathered = [bad_keys]
-                    keys = [k for g in gathered for k in g]
-                    self.warn(f"step {self.step}: non-finite {res['nonfinite']}, optimizer step skipped "
-                              f"({self.nonfinite_in_row} in a row); batch keys: {keys[:32]}"
-                              + (" ..." if len(keys) > 32 else "")) if self.is_main else None
-                    if stats:
-                        stats.write({"event": "nonfinite", "what": res["nonfinite"], "step": self.step,
-                                     "images_seen": self.images_seen,
-                                     "keys": keys, "in_row": self.nonfinite_in_row, "time": time.time()})
-                    if self.nonfinite_in_row >= t.max_nonfinite_in_row:
-                        if self.rollbacks >= t.max_rollbacks:
-                            self.warn(f"giving up after {self.rollbacks} rollbacks")
-                            code = EXIT_FAILURE
-                            break
-                        try:
-                            self._rollback()
-                        except TrainingError as e:
-                            self.warn(str(e))
-                            code = EXIT_FAILURE
-                            break
-                        bar.n = self.step
-                        continue
+                        self.skipped_total += 1
+                        self.nonfinite_in_row += 1
+                        if self.nonfinite_in_row == 1:
+                            self.streak_start = self.step
+                        gathered: list = [None] * self.world
+                        if self.world > 1:
+                            self.dist.all_gather_object(gathered, bad_keys)
+                        else:
+                            gathered = [bad_keys]
+                        keys = [k for g in gathered for k in g]
+                        self.warn(f"step {self.step}: non-finite {res['nonfinite']}, optimizer step skipped "
+                                  f"({self.nonfinite_in_row} in a row); batch keys: {keys[:32]}"
+                                  + (" ..." if len(keys) > 32 else "")) if self.is_main else None
+                        if stats:
+                            stats.write({"event": "nonfinite", "what": res["nonfinite"], "step": self.step,
+                                         "images_seen": self.images_seen,
+                                         "keys": keys, "in_row": self.nonfinite_in_row, "time": time.time()})
+                        if self.nonfinite_in_row >= t.max_nonfinite_in_row:
+                            if self.rollbacks >= t.max_rollbacks:
+                                self.warn(f"giving up after {self.rollbacks} rollbacks")
+                                code = EXIT_FAILURE
+                                end = True
+                                break
+                            try:
+                                self._rollback()
+                            except TrainingError as e:
+                                self.warn(str(e))
+                                code = EXIT_FAILURE
+                                end = True
+                                break
+                            bar.n = self.step
+                            break  # the rolled-back state continues in the outer loop
 
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    snap = meter.snapshot()
-                    gnorm = res["grad_norm"] if res["grad_norm"] is not None else self.guard.grad_norm()
-                    rec = {
-                        "step": self.step, "images_seen": self.images_seen,
-                        "loss": loss_acc / n_acc if n_acc else None,
-                        "grad_norm": float(gnorm) if gnorm is not None else None,
-                        "lr": float(self.engine.get_lr()[0]), "img_per_s": snap["img_per_s"],
-                        "sec_per_step": snap["dt"] / max(snap["steps"], 1), "data_wait": snap["data_wait"],
-                        "skipped": self.skipped_total, "world_size": self.world, "time": time.time(),
-                    }
-                    if self.flops_per_image:
-                        rec["tflops_per_gpu"] = snap["img_per_s"] * self.flops_per_image / self.world / 1e12
-                        rec["mfu"] = rec["tflops_per_gpu"] / peak if peak else None
-                    if self.ckpt.pending_records:  # the saves published since the last line
-                        saves = self.ckpt.pending_records
-                        rec["ckpt_blocked_s"] = round(sum(r["blocked_s"] + r["wait_s"] for r in saves), 3)
-                        rec["ckpt_write_s"] = round(sum(r["write_s"] for r in saves), 3)
-                        self.ckpt.pending_records = []
-                    if self.on_cuda:
-                        rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                    else:
-                        import resource
+                    if self.step % t.log_every == 0 or self.step == t.steps:
+                        snap = meter.snapshot()
+                        gnorm = res["grad_norm"] if res["grad_norm"] is not None else self.guard.grad_norm()
+                        rec = {
+                            "step": self.step, "images_seen": self.images_seen,
+                            "loss": loss_acc / n_acc if n_acc else None,
+                            "grad_norm": float(gnorm) if gnorm is not None else None,
+                            "lr": float(self.engine.get_lr()[0]), "img_per_s": snap["img_per_s"],
+                            "sec_per_step": snap["dt"] / max(snap["steps"], 1), "data_wait": snap["data_wait"],
+                            "skipped": self.skipped_total, "world_size": self.world, "time": time.time(),
+                        }
+                        if self.flops_per_image:
+                            rec["tflops_per_gpu"] = snap["img_per_s"] * self.flops_per_image / self.world / 1e12
+                            rec["mfu"] = rec["tflops_per_gpu"] / peak if peak else None
+                        if self.ckpt.pending_records:  # the saves published since the last line
+                            saves = self.ckpt.pending_records
+                            rec["ckpt_blocked_s"] = round(sum(r["blocked_s"] + r["wait_s"] for r in saves), 3)
+                            rec["ckpt_write_s"] = round(sum(r["write_s"] for r in saves), 3)
+                            self.ckpt.pending_records = []
+                        if self.on_cuda:
+                            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                        else:
+                            import resource
 
-                        rec["peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-                    if self.is_main:
-                        bar.write(status_line(rec), file=sys.stderr)
-                        stats.write(rec)
-                        if wb:
-                            wb.log(rec, self.step)
-                    loss_acc = 0.0
-                    n_acc = 0
-                    meter.reset()
+                            rec["peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                        if self.is_main:
+                            bar.write(status_line(rec), file=sys.stderr)
+                            stats.write(rec)
+                            if wb:
+                                wb.log(rec, self.step)
+                        loss_acc = 0.0
+                        n_acc = 0
+                        meter.reset()
 
-                if not stop and self.watch.enabled:  # skipped when stopping: the save comes first
-                    spent = self._watch(stats, wb)
-                    meter.t0 += spent  # kept out of img/s
-                if stop:
-                    self.info(f"stop requested ({stop_reason() or 'another rank'}): saving at step {self.step}")
-                    self.save()
-                    code = EXIT_REQUEUE
-                    break
-                if self.step % self.ccfg.every == 0 or self.step == t.steps:
-                    self.save(background=self.step < t.steps)  # the last one completes before the run ends
-                if t.exit_after and steps_this_run >= t.exit_after and self.step < t.steps:
-                    if self.ckpt.last_saved_step != self.step:
+                    if not stop and self.watch.enabled:  # skipped when stopping: the save comes first
+                        spent = self._watch(stats, wb)
+                        meter.t0 += spent  # kept out of img/s
+                    if stop:
+                        self.info(f"stop requested ({stop_reason() or 'another rank'}): saving at step {self.step}")
                         self.save()
-                    self.ckpt.complete()
-                    self.info(f"[train] exit_after = {t.exit_after} steps reached: exiting for requeue")
-                    code = EXIT_REQUEUE
+                        code = EXIT_REQUEUE
+                        end = True
+                        break
+                    if self.step % self.ccfg.every == 0 or self.step == t.steps:
+                        self.save(background=self.step < t.steps)  # the last one completes before the run ends
+                    if t.exit_after and steps_this_run >= t.exit_after and self.step < t.steps:
+                        if self.ckpt.last_saved_step != self.step:
+                            self.save()
+                        self.ckpt.complete()
+                        self.info(f"[train] exit_after = {t.exit_after} steps reached: exiting for requeue")
+                        code = EXIT_REQUEUE
+                        end = True
+                        break
+                if end:
                     break
             else:
                 if self.ckpt.last_saved_step != self.step:
