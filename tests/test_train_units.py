@@ -358,3 +358,33 @@ def test_raw_weights_rebuilt_from_the_deepspeed_state_equal_model_safetensors(tm
     assert rebuilt.keys() == written.keys()
     for k in written:
         assert torch.equal(rebuilt[k], written[k]), k
+
+
+@pytest.mark.slow
+def test_a_process_that_trained_in_process_can_launch_training(tmp_path):
+    """A plain single-process Trainer (a notebook, a test worker) makes its own 1-rank process group; `lamamba train`
+    started from that process afterwards inherits its environment and must not try to bind the parent's port."""
+    import subprocess
+    import sys
+
+    from train_helpers import DEBUG_CONFIG, ROOT, train_env
+
+    from lamamba_dist.train.trainer import Trainer
+
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        pytest.skip("runs inside a launched process group")
+    saved = dict(os.environ)
+    try:
+        cfg = load_config(DEBUG_CONFIG, [f'checkpoint.dir="{tmp_path / "a"}"', "train.steps=1"])
+        tr = Trainer(cfg, resume=False)
+        tr.train_step(iter(tr.loader))
+        env = train_env({k: v for k, v in os.environ.items() if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                      "MASTER_ADDR", "MASTER_PORT")})
+        res = subprocess.run([sys.executable, "-m", "lamamba_dist.cli", "train", "--config", str(DEBUG_CONFIG),
+                              "--set", f'checkpoint.dir="{tmp_path / "b"}"', "--set", "train.steps=1"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        tr.close()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

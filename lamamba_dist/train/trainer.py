@@ -83,8 +83,8 @@ def init_device_and_process_group() -> tuple[bool, torch.device]:
         if os.environ.get("WORLD_SIZE") == "1" and "MASTER_PORT" not in os.environ:
             from deepspeed.accelerator import get_accelerator
 
+            # (its port is not exported: a process started from this one would inherit it and find it taken)
             store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), 0, 1, is_master=True)
-            os.environ["MASTER_PORT"] = str(store.port)
             dist.init_process_group(get_accelerator().communication_backend_name(), store=store, rank=0,
                                     world_size=1)
         deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
