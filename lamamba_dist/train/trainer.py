@@ -37,6 +37,7 @@ import random
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -150,6 +151,23 @@ def build_model(cfg, device: Optional[torch.device] = None) -> torch.nn.Module:
             return create_model(m.name, **model_kwargs(m))
     except (KeyError, ValueError, TypeError) as e:  # unknown name or arch_overrides field, bad geometry
         raise TrainingError(f"{cfg.source}: [model]: {e}") from None
+
+
+ROLLED_BACK = "rolled back"  # Trainer._after_step: the loop goes on from the rolled-back state
+
+
+@dataclass
+class _Loop:
+    """What the training loop keeps between steps (Trainer.run)."""
+
+    stats: Any
+    wb: Any
+    bar: Any
+    meter: Any
+    peak: Optional[float]
+    steps_this_run: int = 0
+    loss_acc: float = 0.0  # the applied steps' losses since the last log line: their sum and count
+    n_acc: int = 0
 
 
 class Trainer:
@@ -510,7 +528,7 @@ class Trainer:
     def run(self) -> int:
         from tqdm import tqdm
 
-        from lamamba_dist.train.monitor import JsonlWriter, Throughput, WandbLogger, peak_tflops, status_line
+        from lamamba_dist.train.monitor import JsonlWriter, Throughput, WandbLogger, peak_tflops
 
         t = self.tcfg
         stats = JsonlWriter(self.run_dir / "stats.jsonl") if self.is_main else None
@@ -519,14 +537,10 @@ class Trainer:
         wb = None
         if self.is_main and self.cfg.logging.wandb:
             wb = WandbLogger(self.cfg.logging, self.run_dir, self.run_id, self.cfg_dict, log=self.info)
-        peak = peak_tflops(t.precision)
-        steps_this_run = 0
         it = iter(self.loader)
-        meter = Throughput()
-        loss_acc = 0.0
-        n_acc = 0
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, desc="train", unit="step",
                    dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
+        lp = _Loop(stats=stats, wb=wb, bar=bar, meter=Throughput(), peak=peak_tflops(t.precision))
         if self.on_cuda:
             torch.cuda.reset_peak_memory_stats()
         if stats and self.resume_dir is not None:
@@ -544,112 +558,16 @@ class Trainer:
             while self.step + (self._pending is not None) < t.steps:
                 queued = self.step + (self._pending is not None)  # steps done or queued before this one
                 _fault("step", queued)
-                defer = self._may_defer(queued + 1, steps_this_run + (self._pending is not None) + 1)
-                results = self.queue_step(it, meter, defer=defer)
-                stop_any = any(r["stop"] for r in results)  # acted on at the newest settled step
-                end = False
+                defer = self._may_defer(queued + 1, lp.steps_this_run + (self._pending is not None) + 1)
+                results = self.queue_step(it, lp.meter, defer=defer)
+                stop = any(r["stop"] for r in results)  # acted on at the newest settled step
+                outcome = None
                 for i, res in enumerate(results):
-                    self.ckpt.on_step(res["ckpt_counts"])  # publishes a save every rank has written; raises if one failed
-                    applied, bad_keys = res["applied"], res["bad_keys"]
-                    stop = stop_any and i == len(results) - 1
-                    self.step += 1
-                    steps_this_run += 1
-                    self.images_seen += t.global_batch
-                    meter.images += t.global_batch
-                    meter.steps += 1
-                    bar.update(1)
-                    if applied:
-                        self.nonfinite_in_row = 0
-                        loss_acc += res["loss_sum"] / (self.accum * self.world)
-                        n_acc += 1
-                    else:
-                        self.skipped_total += 1
-                        self.nonfinite_in_row += 1
-                        if self.nonfinite_in_row == 1:
-                            self.streak_start = self.step
-                        gathered: list = [None] * self.world
-                        if self.world > 1:
-                            self.dist.all_gather_object(gathered, bad_keys)
-                        else:
-                            gathered = [bad_keys]
-                        keys = [k for g in gathered for k in g]
-                        self.warn(f"step {self.step}: non-finite {res['nonfinite']}, optimizer step skipped "
-                                  f"({self.nonfinite_in_row} in a row); batch keys: {keys[:32]}"
-                                  + (" ..." if len(keys) > 32 else "")) if self.is_main else None
-                        if stats:
-                            stats.write({"event": "nonfinite", "what": res["nonfinite"], "step": self.step,
-                                         "images_seen": self.images_seen,
-                                         "keys": keys, "in_row": self.nonfinite_in_row, "time": time.time()})
-                        if self.nonfinite_in_row >= t.max_nonfinite_in_row:
-                            if self.rollbacks >= t.max_rollbacks:
-                                self.warn(f"giving up after {self.rollbacks} rollbacks")
-                                code = EXIT_FAILURE
-                                end = True
-                                break
-                            try:
-                                self._rollback()
-                            except TrainingError as e:
-                                self.warn(str(e))
-                                code = EXIT_FAILURE
-                                end = True
-                                break
-                            bar.n = self.step
-                            break  # the rolled-back state continues in the outer loop
-
-                    if self.step % t.log_every == 0 or self.step == t.steps:
-                        snap = meter.snapshot()
-                        gnorm = res["grad_norm"] if res["grad_norm"] is not None else self.guard.grad_norm()
-                        rec = {
-                            "step": self.step, "images_seen": self.images_seen,
-                            "loss": loss_acc / n_acc if n_acc else None,
-                            "grad_norm": float(gnorm) if gnorm is not None else None,
-                            "lr": float(self.engine.get_lr()[0]), "img_per_s": snap["img_per_s"],
-                            "sec_per_step": snap["dt"] / max(snap["steps"], 1), "data_wait": snap["data_wait"],
-                            "skipped": self.skipped_total, "world_size": self.world, "time": time.time(),
-                        }
-                        if self.flops_per_image:
-                            rec["tflops_per_gpu"] = snap["img_per_s"] * self.flops_per_image / self.world / 1e12
-                            rec["mfu"] = rec["tflops_per_gpu"] / peak if peak else None
-                        if self.ckpt.pending_records:  # the saves published since the last line
-                            saves = self.ckpt.pending_records
-                            rec["ckpt_blocked_s"] = round(sum(r["blocked_s"] + r["wait_s"] for r in saves), 3)
-                            rec["ckpt_write_s"] = round(sum(r["write_s"] for r in saves), 3)
-                            self.ckpt.pending_records = []
-                        if self.on_cuda:
-                            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                        else:
-                            import resource
-
-                            rec["peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-                        if self.is_main:
-                            bar.write(status_line(rec), file=sys.stderr)
-                            stats.write(rec)
-                            if wb:
-                                wb.log(rec, self.step)
-                        loss_acc = 0.0
-                        n_acc = 0
-                        meter.reset()
-
-                    if not stop and self.watch.enabled:  # skipped when stopping: the save comes first
-                        spent = self._watch(stats, wb)
-                        meter.t0 += spent  # kept out of img/s
-                    if stop:
-                        self.info(f"stop requested ({stop_reason() or 'another rank'}): saving at step {self.step}")
-                        self.save()
-                        code = EXIT_REQUEUE
-                        end = True
+                    outcome = self._after_step(res, stop and i == len(results) - 1, lp)
+                    if outcome is not None:
                         break
-                    if self.step % self.ccfg.every == 0 or self.step == t.steps:
-                        self.save(background=self.step < t.steps)  # the last one completes before the run ends
-                    if t.exit_after and steps_this_run >= t.exit_after and self.step < t.steps:
-                        if self.ckpt.last_saved_step != self.step:
-                            self.save()
-                        self.ckpt.complete()
-                        self.info(f"[train] exit_after = {t.exit_after} steps reached: exiting for requeue")
-                        code = EXIT_REQUEUE
-                        end = True
-                        break
-                if end:
+                if outcome is not None and outcome != ROLLED_BACK:
+                    code = outcome
                     break
             else:
                 if self.ckpt.last_saved_step != self.step:
@@ -660,6 +578,105 @@ class Trainer:
             if wb:
                 wb.finish()
         return code
+
+    def _after_step(self, res: dict, stop: bool, lp: _Loop):
+        """The loop's work after a settled step: counters, the non-finite streak (rollback), the log line, samples,
+        checkpoints, a stop or ``exit_after``. Returns None to go on, :data:`ROLLED_BACK`, or the exit code."""
+        from lamamba_dist.train.monitor import status_line
+
+        t = self.tcfg
+        self.ckpt.on_step(res["ckpt_counts"])  # publishes a save every rank has written; raises if one failed
+        applied, bad_keys = res["applied"], res["bad_keys"]
+        self.step += 1
+        lp.steps_this_run += 1
+        self.images_seen += t.global_batch
+        lp.meter.images += t.global_batch
+        lp.meter.steps += 1
+        lp.bar.update(1)
+        if applied:
+            self.nonfinite_in_row = 0
+            lp.loss_acc += res["loss_sum"] / (self.accum * self.world)
+            lp.n_acc += 1
+        else:
+            self.skipped_total += 1
+            self.nonfinite_in_row += 1
+            if self.nonfinite_in_row == 1:
+                self.streak_start = self.step
+            gathered: list = [None] * self.world
+            if self.world > 1:
+                self.dist.all_gather_object(gathered, bad_keys)
+            else:
+                gathered = [bad_keys]
+            keys = [k for g in gathered for k in g]
+            self.warn(f"step {self.step}: non-finite {res['nonfinite']}, optimizer step skipped "
+                      f"({self.nonfinite_in_row} in a row); batch keys: {keys[:32]}"
+                      + (" ..." if len(keys) > 32 else "")) if self.is_main else None
+            if lp.stats:
+                lp.stats.write({"event": "nonfinite", "what": res["nonfinite"], "step": self.step,
+                                "images_seen": self.images_seen,
+                                "keys": keys, "in_row": self.nonfinite_in_row, "time": time.time()})
+            if self.nonfinite_in_row >= t.max_nonfinite_in_row:
+                if self.rollbacks >= t.max_rollbacks:
+                    self.warn(f"giving up after {self.rollbacks} rollbacks")
+                    return EXIT_FAILURE
+                try:
+                    self._rollback()
+                except TrainingError as e:
+                    self.warn(str(e))
+                    return EXIT_FAILURE
+                lp.bar.n = self.step
+                return ROLLED_BACK
+
+        if self.step % t.log_every == 0 or self.step == t.steps:
+            snap = lp.meter.snapshot()
+            gnorm = res["grad_norm"] if res["grad_norm"] is not None else self.guard.grad_norm()
+            rec = {
+                "step": self.step, "images_seen": self.images_seen,
+                "loss": lp.loss_acc / lp.n_acc if lp.n_acc else None,
+                "grad_norm": float(gnorm) if gnorm is not None else None,
+                "lr": float(self.engine.get_lr()[0]), "img_per_s": snap["img_per_s"],
+                "sec_per_step": snap["dt"] / max(snap["steps"], 1), "data_wait": snap["data_wait"],
+                "skipped": self.skipped_total, "world_size": self.world, "time": time.time(),
+            }
+            if self.flops_per_image:
+                rec["tflops_per_gpu"] = snap["img_per_s"] * self.flops_per_image / self.world / 1e12
+                rec["mfu"] = rec["tflops_per_gpu"] / lp.peak if lp.peak else None
+            if self.ckpt.pending_records:  # the saves published since the last line
+                saves = self.ckpt.pending_records
+                rec["ckpt_blocked_s"] = round(sum(r["blocked_s"] + r["wait_s"] for r in saves), 3)
+                rec["ckpt_write_s"] = round(sum(r["write_s"] for r in saves), 3)
+                self.ckpt.pending_records = []
+            if self.on_cuda:
+                rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            else:
+                import resource
+
+                rec["peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            if self.is_main:
+                lp.bar.write(status_line(rec), file=sys.stderr)
+                lp.stats.write(rec)
+                if lp.wb:
+                    lp.wb.log(rec, self.step)
+            lp.loss_acc = 0.0
+            lp.n_acc = 0
+            lp.meter.reset()
+
+        if not stop and self.watch.enabled:  # skipped when stopping: the save comes first
+            spent = self._watch(lp.stats, lp.wb)
+            lp.meter.t0 += spent  # kept out of img/s
+        if stop:
+            self.info(f"stop requested ({stop_reason() or 'another rank'}): saving at step {self.step}")
+            self.save()
+            return EXIT_REQUEUE
+        if self.step % self.ccfg.every == 0 or self.step == t.steps:
+            self.save(background=self.step < t.steps)  # the last one completes before the run ends
+        if t.exit_after and lp.steps_this_run >= t.exit_after and self.step < t.steps:
+            if self.ckpt.last_saved_step != self.step:
+                self.save()
+            self.ckpt.complete()
+            self.info(f"[train] exit_after = {t.exit_after} steps reached: exiting for requeue")
+            return EXIT_REQUEUE
+        return None
 
     def _watch(self, stats, wb) -> float:
         """Collective. This step's sample grid and FID where due (watch.py); returns the seconds they took."""
