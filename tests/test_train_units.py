@@ -388,3 +388,39 @@ def test_a_process_that_trained_in_process_can_launch_training(tmp_path):
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def test_checkpoint_files_are_hashed_as_they_are_written_and_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    """checkpointing._save_hashed: the digest it returns is the sha256 of the file it wrote (the one COMPLETE.json
+    lists), the file loads, and a write that fails raises the OSError with the file's path."""
+    import errno
+
+    import lamamba_dist.train.checkpointing as cp
+    from lamamba_dist.hashing import sha256_file
+
+    obj = {"w": torch.randn(300, 7), "b": [torch.arange(5), {"c": torch.ones(3, dtype=torch.bfloat16)}], "n": 3}
+    digest = cp._save_hashed(obj, tmp_path / "a.pt")
+    assert digest == sha256_file(tmp_path / "a.pt")
+    back = torch.load(tmp_path / "a.pt", weights_only=False)
+    assert torch.equal(back["w"], obj["w"]) and torch.equal(back["b"][1]["c"], obj["b"][1]["c"])
+
+    class Full:  # a disk that fills up after two writes
+        def __init__(self):
+            self.n = 0
+
+        def write(self, b):
+            self.n += 1
+            if self.n > 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return len(b)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(cp, "open", lambda *a, **k: Full(), raising=False)
+    with pytest.raises(OSError) as e:
+        cp._save_hashed({"w": torch.randn(100_000)}, tmp_path / "b.pt")
+    assert e.value.filename == str(tmp_path / "b.pt") and e.value.errno == errno.ENOSPC

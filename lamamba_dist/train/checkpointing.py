@@ -24,6 +24,7 @@ save that finds the previous one still writing waits for it, and the wait is rep
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -559,13 +560,13 @@ class CheckpointManager:
         # written as DeepSpeed's torch engine writes them (its "checkpoint_serialization" setting)
         zipfile = getattr(snap.inner, "zipfile_serialization", True)
         for path, state in captured:
-            write = lambda s=state, p=path: torch.save(s, p, _use_new_zipfile_serialization=zipfile)  # noqa: E731
+            write = lambda s=state, p=path: _save_hashed(s, Path(p), zipfile)  # noqa: E731
             sv.jobs.append((Path(path).name, write, Path(path)))
         rs_path = ckpt.rank_state_path(tmp, self.rank)
         rank_state = self._buffers.tree({**rank_state, "rank": self.rank, "world_size": self.world})
         sv.jobs.append(("rank state", lambda: (self.is_main or _enospc(step, rs_path),  # (test hook, ranks > 0)
                                               rs_path.parent.mkdir(parents=True, exist_ok=True),
-                                              torch.save(rank_state, rs_path)), rs_path))
+                                              _save_hashed(rank_state, rs_path))[-1], rs_path))
         if self.is_main:
             ema_host = self._buffers.tree(ema_sd)
             sv.jobs.append(("EMA", lambda: self._write_weights(step, tmp / ckpt.EMA_FILE, {**extras, **ema_host},
@@ -622,12 +623,13 @@ class CheckpointManager:
                     time.sleep(2.0)
                 digests: dict[str, dict] = {}
                 for i, (what, write, path) in enumerate(sv.jobs):
-                    write()
+                    digest = write()  # the sha256 of what it wrote, where it hashed while writing
                     _fsync_file(path)
                     if i == 0:
                         fault("save_write", sv.step)
                     rel = str(path.relative_to(sv.tmp))
-                    digests[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+                    digests[rel] = {"size": path.stat().st_size,
+                                    "sha256": digest if isinstance(digest, str) else _sha256(path)}
                 out = sv.tmp / DIGESTS_DIR / f"rank_{self.rank:05d}.json"
                 out.parent.mkdir(exist_ok=True)
                 ckpt.atomic_write_text(out, json.dumps(digests))
@@ -757,6 +759,43 @@ def _enospc(step: int, path: Path) -> None:
         import errno
 
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+class _HashingWriter(io.RawIOBase):
+    """A file for ``torch.save`` that hashes what goes through it (one pass over the bytes, not a write and a read),
+    and keeps the error of a write that failed (torch reports it as an unrelated internal error)."""
+
+    def __init__(self, f, h):
+        self.f, self.h = f, h
+        self.error: Optional[OSError] = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def _save_hashed(obj, path: Path, zipfile: bool = True) -> str:
+    """``torch.save(obj)`` to ``path``; returns the sha256 of the file's bytes. A failed write raises its OSError
+    with ``path`` as the file name (e.g. "No space left on device")."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        w = _HashingWriter(f, h)
+        try:
+            torch.save(obj, w, _use_new_zipfile_serialization=zipfile)
+        except Exception:
+            if w.error is not None:
+                raise OSError(w.error.errno, w.error.strerror or str(w.error), str(path)) from None
+            raise
+    return h.hexdigest()
 
 
 def _sha256(path: Path) -> str:
