@@ -242,9 +242,7 @@ class FusedGradients:
         self.group = opt.dp_process_group
         import torch.distributed as dist
 
-        self.dist = dist
         self.world = dist.get_world_size(group=self.group)
-        self.rank = dist.get_rank(group=self.group)
         self.groups: list[tuple[int, int]] = []  # per group: (first index into self.params, padding elements)
         params: list[torch.Tensor] = []
         for i, group in enumerate(opt.bit16_groups):
