@@ -114,10 +114,115 @@ def profile_steps(step, steps: int, device: torch.device, top: int = 12) -> dict
     }
 
 
+def _where(frame) -> str:
+    code = frame.f_code
+    parts = code.co_filename.replace("\\", "/").split("/")
+    for i in range(len(parts) - 1, -1, -1):  # from the package root on: lamamba_dist/..., torch/..., deepspeed/...
+        if parts[i] in ("lamamba_dist", "torch", "deepspeed", "threading.py", "queue.py", "multiprocessing"):
+            parts = parts[i:]
+            break
+    else:
+        parts = parts[-2:]
+    return f"{'/'.join(parts)}:{frame.f_lineno} {code.co_name}"
+
+
+def host_profile(step, steps: int, device: torch.device, top: int = 15, interval_s: float = 0.001) -> dict:
+    """Where the host's wall time goes over ``steps`` calls of ``step()``, at far less cost than torch.profiler: a
+    thread samples the calling thread's Python stack every ``interval_s`` (the innermost frame, and the innermost
+    frame of lamamba_dist, each with its share of the samples), the other Python threads' frames likewise, the time
+    spent in Python's garbage collector, the host time per ``step()`` call (percentiles), and the host syncs that
+    ``torch.cuda.set_sync_debug_mode`` reports (count per step and the Python lines that caused them). A wait for the
+    device shows as samples in the line that waits; host work between operators as samples spread over Python lines."""
+    import sys
+    import threading
+    import warnings
+    from collections import Counter
+
+    main = threading.get_ident()
+    leaf: Counter = Counter()
+    ours: Counter = Counter()
+    pair: Counter = Counter()
+    other: Counter = Counter()
+    samples = [0]
+    stop = threading.Event()
+    names = {}
+
+    def sampler():
+        me = threading.get_ident()
+        while not stop.wait(interval_s):
+            frames = sys._current_frames()
+            f = frames.get(main)
+            if f is None:
+                continue
+            samples[0] += 1
+            g = f
+            while g is not None and "lamamba_dist" not in g.f_code.co_filename:
+                g = g.f_back
+            a, b = _where(f), (_where(g) if g is not None else "(no lamamba_dist frame)")
+            leaf[a] += 1
+            ours[b] += 1
+            pair[f"{b} <- {a}"] += 1
+            for tid, fr in frames.items():
+                if tid not in (main, me):
+                    if tid not in names:
+                        names.update({t.ident: t.name for t in threading.enumerate()})
+                    other[f"[{names.get(tid, tid)}] {_where(fr)}"] += 1
+
+    gc_s = [0.0]
+    gc_t0 = [0.0]
+
+    def on_gc(phase, _info):
+        if phase == "start":
+            gc_t0[0] = time.perf_counter()
+        else:
+            gc_s[0] += time.perf_counter() - gc_t0[0]
+
+    on_cuda = device.type == "cuda"
+    _sync(device)
+    call_s: list[float] = []
+    th = threading.Thread(target=sampler, name="lamamba-host-sampler", daemon=True)
+    gc.callbacks.append(on_gc)
+    old_mode = torch.cuda.get_sync_debug_mode() if on_cuda else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if on_cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        th.start()
+        t0 = time.perf_counter()
+        try:
+            for _ in range(steps):
+                tc = time.perf_counter()
+                step()
+                call_s.append(time.perf_counter() - tc)
+            _sync(device)
+        finally:
+            wall = time.perf_counter() - t0
+            stop.set()
+            th.join()
+            gc.callbacks.remove(on_gc)
+            if on_cuda:
+                torch.cuda.set_sync_debug_mode(old_mode)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    where_sync = Counter(f"{Path(w.filename).name}:{w.lineno} {str(w.message)[:80]}" for w in syncs)
+    n = max(samples[0], 1)
+    share = lambda c: [{"where": k, "share": v / n} for k, v in c.most_common(top)]  # noqa: E731
+    call_s.sort()
+    pct = lambda q: call_s[min(len(call_s) - 1, int(q * len(call_s)))] * 1e3  # noqa: E731
+    return {
+        "steps": steps, "wall_ms_per_step": wall * 1e3 / steps, "samples": samples[0], "interval_ms": interval_s * 1e3,
+        "gc_ms_per_step": gc_s[0] * 1e3 / steps,
+        "call_ms": {"p50": pct(0.5), "p90": pct(0.9), "max": call_s[-1] * 1e3, "mean": sum(call_s) * 1e3 / steps},
+        "host_syncs_per_step": len(syncs) / steps, "host_sync_lines": dict(where_sync.most_common(top)),
+        "main_thread_leaf": share(leaf), "main_thread_lamamba": share(ours), "main_thread_pairs": share(pair),
+        "other_threads": share(other),
+    }
+
+
 def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int, device: torch.device,
                 precision: str, compile_model: bool, grad_checkpointing: bool = False,
                 scan_backend: str = "auto", attn_backend: str = "auto", peak_tflops: float | None = None,
-                memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0) -> dict:
+                memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0,
+                host_profile_steps: int = 0) -> dict:
     from lamamba_dist.diffusion import create_diffusion
     from lamamba_dist.flops import train_flops_per_image
     from lamamba_dist.models import create_model
@@ -192,6 +297,8 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
                params=sum(p.numel() for p in model.parameters()))
     if profile:
         res["profile"] = profile_steps(step, profile, device)
+    if host_profile_steps:
+        res["host_profile"] = host_profile(step, host_profile_steps, device)
     return res  # model, optimizer and activations are freed with this frame
 
 
@@ -212,7 +319,8 @@ def environment_info(device: torch.device) -> dict:
 def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int, device: str | None = None,
               precision: str | None = None, compile_model: bool = False, grad_checkpointing: bool = False,
               peak_tflops: float | None = None, scan_backend: str = "auto", attn_backend: str = "auto",
-              memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0) -> dict:
+              memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0,
+              host_profile_steps: int = 0) -> dict:
     """One row per (batch, model), batches in the given order (``batch``: an int or a list of them); the ratios
     are to the first model at the same batch."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -229,7 +337,7 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
             rows.append(bench_model(name, resolution, b, steps, warmup, dev, precision, compile_model,
                                     grad_checkpointing, scan_backend, attn_backend, peak_tflops=peak,
                                     memory_budget=memory_budget, lean_scan_backward=lean_scan_backward,
-                                    profile=profile))
+                                    profile=profile, host_profile_steps=host_profile_steps))
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -271,6 +379,10 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after the timed steps, N more under torch.profiler: CPU and device time per step, kernel "
                         "launches, host syncs, the top CPU operators and device kernels (in the JSON)")
+    p.add_argument("--host-profile", type=int, default=0, metavar="N",
+                   help="after the timed steps (and --profile's), N more with the host sampled instead (far cheaper "
+                        "than torch.profiler): where the main thread's wall time goes by Python line, GC time, host "
+                        "syncs and their lines (in the JSON)")
     p.add_argument("--out", default=None, help="write the JSON here (always printed)")
     p.set_defaults(func=_run)
     return p
@@ -294,7 +406,7 @@ def _run(args) -> int:
         raise CLIError(f"--memory-budget {args.memory_budget}: needs --compile and a value in [0, 1]")
     out = run_bench(models, args.resolution, batches, args.steps, args.warmup, args.device, args.precision,
                     args.compile, args.grad_checkpointing, args.peak_tflops, args.scan_backend, args.attn_backend,
-                    args.memory_budget, not args.plain_scan_backward, args.profile)
+                    args.memory_budget, not args.plain_scan_backward, args.profile, args.host_profile)
     text = json.dumps(out, indent=2)
     print(text)
     for r in out["results"]:

@@ -416,6 +416,8 @@ class BenchTrain:
             local["nonfinite"] = sorted(r for r in reasons if r)
             if getattr(self.args, "profile", 0):
                 local["profile"] = self._profile(it, self.args.profile)
+            if getattr(self.args, "host_profile", 0):
+                local["host_profile"] = self._host_profile(it, self.args.host_profile)
         except Exception as e:  # noqa: BLE001 - OOM and friends become error rows
             local = {"error": _short_error(e)}
         finally:
@@ -434,6 +436,7 @@ class BenchTrain:
         return {"elapsed": max(p["elapsed"] for p in parts), "first_step_s": parts[0].get("first_step_s"),
                 "peak_gib": max(peaks) if peaks else None, "peak_reserved_gib": max(reserved) if reserved else None,
                 "loss": parts[0]["loss"], "skipped_steps": parts[0]["skipped"], "profile": parts[0].get("profile"),
+                "host_profile": parts[0].get("host_profile"),
                 "nonfinite": parts[0].get("nonfinite")}
 
     def _profile(self, it, steps: int) -> dict:
@@ -444,13 +447,21 @@ class BenchTrain:
         self._step(it, settle=True)  # the last profiled step is settled with this one
         return prof
 
+    def _host_profile(self, it, steps: int) -> dict:
+        """The host sampled over ``steps`` more trainer steps (lamamba_dist/bench.py ``host_profile``)."""
+        from lamamba_dist.bench import host_profile
+
+        prof = host_profile(lambda: self._step(it), steps, self.device)
+        self._step(it, settle=True)
+        return prof
+
     def _throughput(self, m: dict, micro: int, accum: int, steps: int) -> dict:
         per_step = m["elapsed"] / steps
         img_s = micro * accum * self.world / per_step
         out = {"img_per_s_per_gpu": img_s / self.world, "img_per_s": img_s, "step_ms": per_step * 1e3,
                "peak_gib": m["peak_gib"], "peak_reserved_gib": m["peak_reserved_gib"],
                "first_step_s": m["first_step_s"], "final_loss": m["loss"], "skipped_steps": m["skipped_steps"],
-               "profile": m.get("profile"), "nonfinite": m.get("nonfinite") or None,
+               "profile": m.get("profile"), "host_profile": m.get("host_profile"), "nonfinite": m.get("nonfinite") or None,
                "model_tflops_per_gpu": None, "mfu": None}
         fpi = getattr(self.trainer, "flops_per_image", None) if self.trainer is not None else None
         if fpi:
@@ -647,6 +658,10 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after the timed steps, N more under torch.profiler: CPU and device time per step, kernel "
                         "launches and the top CPU operators in the JSON (rank 0's)")
+    p.add_argument("--host-profile", type=int, default=0, metavar="N",
+                   help="after the timed steps (and --profile's), N more with the host sampled instead (far cheaper "
+                        "than torch.profiler): the main thread's wall time by Python line, GC time, host syncs and "
+                        "their lines (in the JSON, rank 0's)")
     p.add_argument("--out", default=None, help="JSON file (rank 0), rewritten after every configuration")
     p.add_argument("--init-on", choices=("device", "cpu"), default="device",
                    help="build the model on the GPU (default: fast; other initial weights than training's CPU "
