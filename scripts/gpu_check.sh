@@ -22,6 +22,8 @@
 #   (about 20 s of steps) vs img/s over the steps before it (summary "background_save"). Alone: TESTS=0 RESUME=0 EAGER=0 COMPILED=0 CKPT=1 bash scripts/gpu_check.sh OUT
 #   AB=1 (off by default) adds the precision A/B: bf16 vs bf16_autocast, both models (AB_CONFIGS: others), AB_STEPS
 #   steps from one start.
+#   HOST_PROFILE_STEPS=N (off by default) adds N steps with the host sampled to every timed row (`--host-profile`:
+#   the main thread's time by Python line, GC, host syncs; far cheaper than torch.profiler).
 #   PROFILE_STEPS=N (off by default) adds N profiled steps to every timed row (torch.profiler after the timed steps:
 #   host time, device busy time and idle fraction per step, the top operators; the summary keeps the totals).
 # Each part can be switched off with PART=0 and runs under its own timeout; the timed rows also end by DEADLINE
@@ -35,8 +37,8 @@ PY=${PYTHON:-python3}
 MICRO=${MICRO:-32}           # the resume run's and the precision A/B's micro-batch
 MICROS=${MICROS:-"32 64"}    # the eager trainer-vs-model ratios' micro-batches
 CMICROS=${CMICROS:-$MICRO}   # the compiled ones' (compiling a row costs about a minute; 64 on demand: CMICROS="32 64")
-STEPS=${STEPS:-10}           # timed steps per ratio row (after WARMUP untimed ones)
-WARMUP=${WARMUP:-3}
+STEPS=${STEPS:-20}           # timed steps per ratio row (after WARMUP untimed ones): eager DiT-XL/2 at micro-batch 32
+WARMUP=${WARMUP:-8}          # is host-bound, and its first steps in a process (loader workers starting) vary by 10%
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/lamamba_inductor}
 T0=$(date +%s)
@@ -140,11 +142,13 @@ mark "timed rows start; other GPU processes: ${others:-none}"
 # ---------------------------------------------------------------- phase 2: timed, one at a time
 if [ "${EAGER:-1}" = 1 ]; then
   prof=(); [ "${PROFILE_STEPS:-0}" -gt 0 ] && prof=(--profile "$PROFILE_STEPS")
+  [ "${HOST_PROFILE_STEPS:-0}" -gt 0 ] && prof+=(--host-profile "$HOST_PROFILE_STEPS")
   mark "eager: lamamba bench, batch $BATCHES"; bench $BATCHES bench_eager $STEPS $WARMUP "${prof[@]}"
   mark "eager: lamamba bench-train, micro-batch $BATCHES"; bench_train $BATCHES train_eager $STEPS $WARMUP "${prof[@]}"
 fi
 if [ "${COMPILED:-1}" = 1 ]; then
   prof=(); [ "${PROFILE_STEPS:-0}" -gt 0 ] && prof=(--profile "$PROFILE_STEPS")
+  [ "${HOST_PROFILE_STEPS:-0}" -gt 0 ] && prof+=(--host-profile "$HOST_PROFILE_STEPS")
   mark "compiled: lamamba bench, batch $CBATCHES"; bench $CBATCHES bench_compiled $STEPS $WARMUP --compile "${prof[@]}"
   mark "compiled: lamamba bench-train, micro-batch $CBATCHES"
   bench_train $CBATCHES train_compiled $STEPS $WARMUP --set train.compile=true "${prof[@]}"

@@ -55,18 +55,43 @@ def run_path(stage: int, precision: str, fused: bool):
         ema.update()
     weights = ema.full_master_weights(dst=None)
     state = [v.clone() for st in engine.optimizer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    module = [p.detach().clone() for p in engine.module.parameters()]
+    if fused:
+        check_rebinding(engine.optimizer)
     engine.destroy()
-    return first, weights, state
+    return first, weights, state, module
+
+
+def views_of_flat(opt, i: int) -> bool:
+    flat = opt.bit16_groups_flat[i]
+    off = 0
+    for p in opt.bit16_groups[i]:
+        if p.data_ptr() != flat.data_ptr() + off * flat.element_size():
+            return False
+        off += p.numel()
+    return True
+
+
+def check_rebinding(opt):
+    """The weights are still views of the flat buffers after the steps (step() no longer re-points them), and
+    are re-pointed when a flat buffer moves (as offloading and reloading move it)."""
+    assert all(views_of_flat(opt, i) for i in range(len(opt.bit16_groups)))
+    flat = opt.bit16_groups_flat[0]
+    flat.data = flat.data.clone()
+    assert not views_of_flat(opt, 0)
+    opt._update_model_bit16_weights(0)
+    assert views_of_flat(opt, 0), "the weights were not re-pointed at the moved flat buffer"
 
 
 def run(stage: int, precision: str):
-    g0, w0, s0 = run_path(stage, precision, fused=False)
-    g1, w1, s1 = run_path(stage, precision, fused=True)
+    g0, w0, s0, m0 = run_path(stage, precision, fused=False)
+    g1, w1, s1, m1 = run_path(stage, precision, fused=True)
     what = f"{stage}-{precision}"
     assert g0.shape == g1.shape, f"{what}: partition sizes differ ({g0.shape} vs {g1.shape})"
     assert torch.equal(g0, g1), f"{what}: gradients differ, max {(g0 - g1).abs().max().item()}"
     assert all(torch.equal(w0[n], w1[n]) for n in w0), f"{what}: weights differ after 3 steps"
     assert len(s0) == len(s1) and all(torch.equal(a, b) for a, b in zip(s0, s1)), f"{what}: Adam state differs"
+    assert all(torch.equal(a, b) for a, b in zip(m0, m1)), f"{what}: the module's weights differ after 3 steps"
     report_line("FUSED_RESULTS_DIR", f"FUSED_OK {what} rank{dist.get_rank()}", dist.get_rank())
 
 

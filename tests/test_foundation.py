@@ -2,9 +2,11 @@
 
 import json
 import subprocess
+import time
 import sys
 
 import pytest
+import torch
 
 from lamamba_dist.cli import main as cli_main
 from lamamba_dist.config import ConfigError, load_config
@@ -168,3 +170,31 @@ def test_cpu_install_pulls_no_cuda_package(tmp_path):
     assert "torch" in names and "deepspeed" in names
     cuda = sorted(n for n in names if n.startswith(("nvidia-", "triton", "mamba-ssm", "causal-conv1d", "flash-attn")))
     assert not cuda, f"a CPU install would pull CUDA packages: {cuda}"
+
+
+def test_host_profile_finds_the_line_that_waits_and_the_collector():
+    """bench.py's host_profile: the sampled main thread's time lands on the line where the step waits; a step that
+    collects garbage shows GC time; a thread of the process shows under other_threads."""
+    import gc
+    import threading
+
+    from lamamba_dist.bench import host_profile
+
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait, name="helper-thread", daemon=True)
+    helper.start()
+
+    def step():
+        time.sleep(0.02)  # the line that waits
+        gc.collect()
+
+    try:
+        prof = host_profile(step, 10, torch.device("cpu"))
+    finally:
+        stop.set()
+    assert prof["steps"] == 10 and prof["samples"] >= 20
+    top = prof["main_thread_leaf"][0]
+    assert top["where"].endswith(" step") and top["share"] > 0.5, prof["main_thread_leaf"]
+    assert prof["gc_ms_per_step"] > 0
+    assert prof["call_ms"]["p50"] >= 20 and prof["host_syncs_per_step"] == 0
+    assert any("[helper-thread]" in e["where"] for e in prof["other_threads"])

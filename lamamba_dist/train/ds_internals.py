@@ -27,7 +27,11 @@ gradient reduction of ZeRO-1/2 (:class:`FusedGradients`). Both check the version
 * removes the optimizer's per-parameter gradient hooks (``_grad_acc_hooks``) once, at setup;
 * per optimizer step, writes this rank's reduced gradient partition into ``averaged_gradients[i]`` as a list
   with a ``flat_partition`` attribute: the form DeepSpeed's ``step()`` takes from a pass that has flattened the
-  partition itself (``_get_preflattened_grad_partition``, the entry DeepSpeed's DeepCompile uses).
+  partition itself (``_get_preflattened_grad_partition``, the entry DeepSpeed's DeepCompile uses);
+* sets an instance ``_update_model_bit16_weights`` that re-points the weights at their views of the flat buffer
+  only when the flat buffer has moved since it last did (offload and reload move it). ``step()`` calls it at its
+  end for every group ("we probably don't need this? just to be safe", DeepSpeed's comment), a Python loop over
+  every parameter tensor, twice, that re-creates the views the weights already are.
 """
 
 from __future__ import annotations
@@ -263,12 +267,30 @@ class FusedGradients:
         for handle in opt._grad_acc_hooks:
             handle.remove()
         opt._grad_acc_hooks.clear()
+        self._skip_redundant_rebinding(opt)
         self._acc: Optional[list[torch.Tensor]] = None
         # ZeRO-2 reduces every micro-batch and accumulates its partition, ZeRO-1 accumulates the full gradients
         # and reduces at the step: DeepSpeed's orders of summation, so that the results are bitwise its own
         self.per_micro_batch = bool(opt.partition_gradients)
         # torch >= 2.12 names the single-tensor reduce-scatter reduce_scatter_single
         self._reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+    @staticmethod
+    def _skip_redundant_rebinding(opt) -> None:
+        """See the module docstring: DeepSpeed's rebinding of the weights to the flat buffer, run only when the
+        buffer (its storage, size or device) is not the one the weights were last bound to."""
+        rebind = type(opt)._update_model_bit16_weights.__get__(opt)
+        flat_key = lambda i: (opt.bit16_groups_flat[i].data_ptr(), opt.bit16_groups_flat[i].numel(),  # noqa: E731
+                              opt.bit16_groups_flat[i].device)
+        bound = {i: flat_key(i) for i in range(len(opt.bit16_groups))}  # checked laid out so in __init__
+
+        def update_model_bit16_weights(group_index: int) -> None:
+            key = flat_key(group_index)
+            if bound.get(group_index) != key:
+                rebind(group_index)
+                bound[group_index] = key
+
+        opt._update_model_bit16_weights = update_model_bit16_weights
 
     def forward(self, *args, **kwargs):
         return self.engine.module(*args, **kwargs)
