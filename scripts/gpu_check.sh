@@ -22,6 +22,8 @@
 #   (about 20 s of steps) vs img/s over the steps before it (summary "background_save"). Alone: TESTS=0 RESUME=0 EAGER=0 COMPILED=0 CKPT=1 bash scripts/gpu_check.sh OUT
 #   AB=1 (off by default) adds the precision A/B: bf16 vs bf16_autocast, both models (AB_CONFIGS: others), AB_STEPS
 #   steps from one start.
+#   ABA=1 (off by default) runs the model rows again after the trainer's (model, trainer, model): the ratio is then
+#   to the mean of the two model figures, and "bench_drift" (second / first) shows how much the machine drifted.
 #   HOST_PROFILE_STEPS=N (off by default) adds N steps with the host sampled to every timed row (`--host-profile`:
 #   the main thread's time by Python line, GC, host syncs; far cheaper than torch.profiler).
 #   PROFILE_STEPS=N (off by default) adds N profiled steps to every timed row (torch.profiler after the timed steps:
@@ -145,6 +147,7 @@ if [ "${EAGER:-1}" = 1 ]; then
   [ "${HOST_PROFILE_STEPS:-0}" -gt 0 ] && prof+=(--host-profile "$HOST_PROFILE_STEPS")
   mark "eager: lamamba bench, batch $BATCHES"; bench $BATCHES bench_eager $STEPS $WARMUP "${prof[@]}"
   mark "eager: lamamba bench-train, micro-batch $BATCHES"; bench_train $BATCHES train_eager $STEPS $WARMUP "${prof[@]}"
+  [ "${ABA:-0}" = 1 ] && { mark "eager: lamamba bench again (ABA)"; bench $BATCHES bench_eager_after $STEPS $WARMUP; }
 fi
 if [ "${COMPILED:-1}" = 1 ]; then
   prof=(); [ "${PROFILE_STEPS:-0}" -gt 0 ] && prof=(--profile "$PROFILE_STEPS")
@@ -152,6 +155,8 @@ if [ "${COMPILED:-1}" = 1 ]; then
   mark "compiled: lamamba bench, batch $CBATCHES"; bench $CBATCHES bench_compiled $STEPS $WARMUP --compile "${prof[@]}"
   mark "compiled: lamamba bench-train, micro-batch $CBATCHES"
   bench_train $CBATCHES train_compiled $STEPS $WARMUP --set train.compile=true "${prof[@]}"
+  [ "${ABA:-0}" = 1 ] && { mark "compiled: lamamba bench again (ABA)"
+                           bench $CBATCHES bench_compiled_after $STEPS $WARMUP --compile; }
 fi
 
 if [ "${CKPT:-0}" = 1 ]; then

@@ -97,9 +97,16 @@ def ratios(out: Path, mode: str) -> dict | None:
     if not benches and train is None:
         return None
     res: dict = {"rows": []}
-    model_rows = {(r["model"], r["batch"]): r for b in benches if b for r in b.get("results", [])}
+    # bench_<mode>.json, and bench_<mode>_after.json where the model rows ran again after the trainer's (ABA=1):
+    # the model figure is then the mean of the two, and their ratio shows how much the machine drifted
+    model_rows: dict = {}
+    for b in benches:
+        for r in (b or {}).get("results", []):
+            model_rows.setdefault((r["model"], r["batch"]), []).append(r)
     for tr in (train or {}).get("results", []):
-        b = model_rows.get((tr.get("model"), tr.get("micro_batch")))
+        runs = model_rows.get((tr.get("model"), tr.get("micro_batch")), [])
+        b = dict(runs[0], step_ms=sum(r["step_ms"] for r in runs) / len(runs),
+                 img_per_s=sum(r["img_per_s"] for r in runs) / len(runs)) if runs else None
         row = {"model": tr.get("model"), "micro_batch": tr.get("micro_batch"), "zero_stage": tr.get("zero_stage"),
                "precision": tr.get("precision"), "train_step_ms": tr.get("step_ms"),
                "train_img_per_s": tr.get("img_per_s"), "train_peak_gib": tr.get("peak_gib"),
@@ -109,6 +116,9 @@ def ratios(out: Path, mode: str) -> dict | None:
         if b:
             row.update(bench_step_ms=b["step_ms"], bench_img_per_s=b["img_per_s"], bench_peak_gib=b.get("peak_gib"),
                        bench_first_step_s=b.get("time_to_first_step_s"))
+            if len(runs) > 1:
+                row["bench_step_ms_each"] = [r["step_ms"] for r in runs]
+                row["bench_drift"] = runs[-1]["step_ms"] / runs[0]["step_ms"]
             if b.get("profile"):
                 row["bench_profile"] = {k: v for k, v in b["profile"].items() if not k.startswith("top_")}
             if tr.get("step_ms"):

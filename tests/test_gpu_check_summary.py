@@ -64,3 +64,17 @@ def test_source_digest_follows_the_code_and_ignores_caches(tmp_path):
     assert summary.source_digest(tmp_path) == d0
     (tmp_path / "lamamba_dist" / "a.py").write_text("x = 2\n")
     assert summary.source_digest(tmp_path) != d0
+
+
+def test_ratios_take_the_mean_of_model_rows_run_before_and_after_the_trainer(tmp_path):
+    """ABA=1: bench_<mode>.json and bench_<mode>_after.json; the ratio is to their mean, the drift reported."""
+    row = lambda ms: {"model": "M", "batch": 32, "step_ms": ms, "img_per_s": 32e3 / ms}  # noqa: E731
+    (tmp_path / "bench_eager.json").write_text(json.dumps({"results": [row(100.0)]}))
+    train = {"results": [{"model": "M", "micro_batch": 32, "step_ms": 105.0, "img_per_s": 32e3 / 105, "error": None}]}
+    (tmp_path / "train_eager.json").write_text(json.dumps(train))
+    res = summary.ratios(tmp_path, "eager")
+    assert abs(res["rows"][0]["train_over_bench"] - 1.05) < 1e-9 and "bench_drift" not in res["rows"][0]
+    (tmp_path / "bench_eager_after.json").write_text(json.dumps({"results": [row(110.0)]}))
+    r = summary.ratios(tmp_path, "eager")["rows"][0]
+    assert r["bench_step_ms_each"] == [100.0, 110.0] and abs(r["bench_drift"] - 1.1) < 1e-9
+    assert abs(r["train_over_bench"] - 1.0) < 1e-9 and abs(r["bench_step_ms"] - 105.0) < 1e-9
