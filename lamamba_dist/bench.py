@@ -1,7 +1,10 @@
 """`lamamba bench`: training-step throughput of several models measured in one process.
 
-Each step is a full training step: bf16 autocast (fp32 on CPU unless asked), fp32 master weights, AdamW
-(fused on CUDA), the real diffusion loss (MSE + VLB) on random latents and labels, backward, optimizer step.
+Each step is a full training step in ``lamamba train``'s precision: on GPUs by default bf16 weights with fp32
+master weights (``--precision bf16``; ``bf16_autocast``: fp32 weights under bf16 autocast; fp32 on CPUs unless
+asked), AdamW (fused on CUDA), the real diffusion loss (MSE + VLB) on random latents and labels, backward,
+optimizer step. No data loader, EMA, DeepSpeed or non-finite check: ``lamamba bench-train`` runs the trainer's own
+step (lamamba_dist/train/bench.py), and scripts/gpu_check.sh sets the two against each other.
 Models run one after another in the same mode (eager vs eager, compiled vs compiled); warm-up steps are
 excluded from the timing; the first model in the list is the baseline of the reported ratios.
 """
@@ -218,6 +221,33 @@ def host_profile(step, steps: int, device: torch.device, top: int = 15, interval
     }
 
 
+PRECISIONS = ("bf16", "bf16_autocast", "fp32")
+
+
+class Bf16MasterWeights:
+    """The optimizer side of ``lamamba train``'s default precision (DeepSpeed's bf16 mode) for a plain loop: the
+    model's weights in bf16, an fp32 master copy of them in one flat tensor that fused AdamW steps, and after the
+    step the master copied back into the bf16 weights. As in DeepSpeed's ZeRO-1/2 path with the trainer's fused
+    gradient reduction (lamamba_dist/train/ds_internals.py): one step's bf16 gradients are flattened into one
+    buffer and converted to fp32 for the update."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, fused: bool):
+        model.to(torch.bfloat16)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = torch.nn.Parameter(torch._utils._flatten_dense_tensors([p.detach().float() for p in self.params]))
+        self.views = torch._utils._unflatten_dense_tensors(self.master.detach(), self.params)
+        self.opt = torch.optim.AdamW([self.master], lr=lr, weight_decay=weight_decay, fused=fused)
+
+    def step(self, loss: torch.Tensor) -> None:
+        grads = torch.autograd.grad(loss, self.params, materialize_grads=True)
+        self.master.grad = torch._utils._flatten_dense_tensors(grads).float()
+        del grads
+        self.opt.step()
+        self.master.grad = None
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.views)
+
+
 def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int, device: torch.device,
                 precision: str, compile_model: bool, grad_checkpointing: bool = False,
                 scan_backend: str = "auto", attn_backend: str = "auto", peak_tflops: float | None = None,
@@ -236,28 +266,37 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
         model = create_model(name, resolution=resolution, grad_checkpointing=grad_checkpointing,
                              scan_backend=scan_backend, attn_backend=attn_backend,
                              lean_scan_backward=lean_scan_backward)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     model.train()
     diffusion = create_diffusion()
     fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
+    master = Bf16MasterWeights(model, 1e-4, 0.01, fused) if precision == "bf16" else None
+    opt = None if master else torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
     if compile_model:
         from lamamba_dist.models.compile import compile_blocks
 
         compile_blocks(model, memory_budget=memory_budget)
-    fwd = model
+    if master:  # the trainer's model boundary (train/trainer.py Trainer._model): bf16 in, fp32 out
+        fwd = lambda x, t, **kw: model(x.to(torch.bfloat16), t, **kw).float()  # noqa: E731
+    else:
+        fwd = model
     s = model.latent_size
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 4, s, s, device=device, generator=g)
     y = torch.randint(0, 1000, (batch,), device=device, generator=g)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16_autocast")
 
     def step():
         t = diffusion.sample_t(batch, device)
         with amp:
             loss = diffusion.training_losses(fwd, x, t, model_kwargs=dict(y=y))["loss"].mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if master:
+            master.step(loss)
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss
 
     loss = step()
@@ -361,7 +400,9 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--steps", type=int, default=20, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per model (the first included)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="bf16: bf16 weights with fp32 master weights, as `lamamba train` by default; bf16_autocast: "
+                        "fp32 weights under bf16 autocast; fp32 (TF32 matmuls on GPUs). Default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks of every model (regional compilation, same mode for all)")
     p.add_argument("--grad-checkpointing", action="store_true")

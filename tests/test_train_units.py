@@ -424,3 +424,18 @@ def test_checkpoint_files_are_hashed_as_they_are_written_and_a_full_disk_names_t
     with pytest.raises(OSError) as e:
         cp._save_hashed({"w": torch.randn(100_000)}, tmp_path / "b.pt")
     assert e.value.filename == str(tmp_path / "b.pt") and e.value.errno == errno.ENOSPC
+
+
+def test_seed_rng_draws_like_torch_manual_seed():
+    """trainer.seed_rng seeds what a step draws from (CPU, and the step's GPU) as torch.manual_seed does."""
+    from lamamba_dist.train.trainer import seed_rng
+
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for dev in devices:
+        torch.manual_seed(123)
+        ref = torch.randn(5, device=dev), torch.rand(3)
+        torch.manual_seed(7)  # another state in between
+        torch.randn(2, device=dev)
+        seed_rng(123, dev)
+        got = torch.randn(5, device=dev), torch.rand(3)
+        assert all(torch.equal(a, b) for a, b in zip(ref, got)), dev

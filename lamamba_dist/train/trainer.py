@@ -97,6 +97,16 @@ def micro_seed(seed: int, step: int, rank: int, micro: int, salt: int) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
+def seed_rng(seed: int, device: torch.device) -> None:
+    """``torch.manual_seed(seed)`` for what a training step can draw from: the CPU generator and ``device``'s.
+    torch.manual_seed also seeds every other backend (XPU, MTIA, ...) through lazy calls that format a stack
+    trace each time: a tenth of a millisecond or more of host time per call."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+
+
 def rng_state() -> dict:
     st = {"torch": torch.get_rng_state(), "python": random.getstate()}
     try:
@@ -461,7 +471,7 @@ class Trainer:
             batch = next(it)
             if meter is not None:
                 meter.data_wait += time.perf_counter() - tw
-            torch.manual_seed(micro_seed(t.seed, step, self.rank, micro, self.rollbacks))
+            seed_rng(micro_seed(t.seed, step, self.rank, micro, self.rollbacks), dev)
             lat = batch["latent"]
             if _fault_hit("nan", step):
                 lat = torch.full_like(lat, float("nan"))
