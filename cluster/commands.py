@@ -70,7 +70,7 @@ def _request(args):
 
 def run_submit(args) -> int:
     from cluster import launcher, slurm
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
 
     req = _request(args)
     try:
@@ -150,7 +150,7 @@ def job_status(job_dir: Path) -> dict:
 
 def run_status(args) -> int:
     from cluster import launcher
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
 
     try:
         st = job_status(Path(args.job_dir).absolute())
@@ -195,7 +195,7 @@ def _add_cancel(sub, name: str, help_text: str):
 def run_cancel(args) -> int:
     from cluster import launcher, slurm
     from cluster.job import STOP_FILE
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
 
     job_dir = Path(args.job_dir).absolute()
     try:

@@ -446,7 +446,7 @@ def add_parser(sub, name: str, help_text: str) -> None:
 def _run_cli(args) -> int:
     import json
 
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     st = Settings(src=args.src, out=args.out, resolution=args.resolution, vae=args.vae, split=args.split,

@@ -175,7 +175,7 @@ def add_parser(sub, name: str, help_text: str) -> None:
 
 
 def _run_bench(args) -> int:
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
 
     if args.batch < 1 or args.iters < 1 or args.warmup < 0:
         raise CLIError("--batch and --iters must be >= 1, --warmup >= 0")

@@ -430,7 +430,7 @@ def add_parser(sub, name: str, help_text: str):
 
 
 def _run(args) -> int:
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
     from lamamba_dist.models import MODELS
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]

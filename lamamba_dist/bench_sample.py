@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def _cli_error(msg: str) -> Exception:
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
 
     return CLIError(msg)
 

@@ -13,10 +13,14 @@ import argparse
 import importlib
 import sys
 
+from lamamba_dist.errors import CLIError
+
+__all__ = ["COMMANDS", "CLIError", "build_parser", "main"]
+
 # (subcommand, module that defines it, one-line help). Order = order in --help.
 COMMANDS: list[tuple[str, str, str]] = [
     ("flops", "lamamba_dist.flops", "parameters and forward multiply-adds of a model"),
-    ("models", "lamamba_dist.models.registry", "list the registered model sizes"),
+    ("models", "lamamba_dist.model_list", "list the registered model sizes"),
     ("convert-official", "lamamba_dist.convert", "import a checkpoint of the official LaMamba-Diff code"),
     ("bench", "lamamba_dist.bench", "training-step img/s, memory and MFU of several models measured in one run"),
     ("parity", "lamamba_dist.parity", "fast vs reference kernels: 200-step loss curves on fixed data, gap vs run-to-run noise"),
@@ -35,10 +39,6 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("status", "cluster.commands", "state, requeues, events, logs and checkpoints of a `lamamba submit` job folder"),
     ("cancel", "cluster.commands", "cancel the Slurm job of a job folder (--save: checkpoint first, no requeue)"),
 ]
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit code 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,8 +87,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run through the imported module: under `python -m lamamba_dist.cli` this file is `__main__`, and the
-    # CLIError that subcommands import from `lamamba_dist.cli` would otherwise not be the one caught above.
-    from lamamba_dist.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

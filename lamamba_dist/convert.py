@@ -161,7 +161,7 @@ def add_parser(sub, name: str, help_text: str):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
 
     try:
         meta = convert(args.input, args.output, args.key, args.trust_pickle)

@@ -204,7 +204,7 @@ def _env() -> dict:
 
 def run_demo(out: Path, *, per_class: int, vae_steps: int, steps: int | None, nproc: int, sample_steps: int,
              cfg_scale: float, log=print) -> Path:
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
     from lamamba_dist.config import load_config
 
     out = Path(out).resolve()  # every path handed to a subprocess is absolute: the user's cwd decides, nothing else
@@ -326,7 +326,7 @@ def add_parser(sub, name: str, help_text: str):
 
 
 def _run(args) -> int:
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
 
     if args.per_class < 16 or args.nproc < 1 or args.sample_steps < 1:
         raise CLIError("--per-class must be >= 16, --nproc and --sample-steps >= 1")

@@ -44,7 +44,7 @@ INCEPTION_FILE_HINT = "weights-inception-2015-12-05-6726825d.pth (torch-fidelity
 
 
 def _cli_error(msg: str) -> Exception:
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
 
     return CLIError(msg)
 

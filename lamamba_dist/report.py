@@ -308,7 +308,7 @@ def add_parser(sub, name: str, help_text: str) -> None:
 
 
 def run(args) -> int:
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
 
     try:
         path = write_report(Path(args.run_dir), Path(args.out) if args.out else None,

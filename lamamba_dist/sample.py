@@ -37,7 +37,7 @@ SAMPLERS = ("ddpm", "ddim")
 
 
 def _cli_error(msg: str) -> Exception:
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
 
     return CLIError(msg)
 

@@ -79,19 +79,3 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if raw is None:
         raise ValueError(f"{path}: safetensors file has no 'lamamba' metadata (not written by lamamba export)")
     return sd, json.loads(raw)
-
-
-def build_from_weights(path: str | Path, device: str | torch.device = "cpu"):
-    """Build the registered model described by the file's metadata and load its weights strictly."""
-    from lamamba_dist.models import create_model, load_state_dict_strict
-
-    sd, meta = load_weights(path)
-    model = create_model(
-        meta["model"],
-        resolution=int(meta["resolution"]),
-        num_classes=int(meta["num_classes"]),
-        learn_sigma=bool(meta.get("learn_sigma", True)),
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in (meta.get("arch_overrides") or {}).items()},
-    )
-    load_state_dict_strict(model, sd, source=str(path))
-    return model.to(device).eval(), meta

@@ -209,7 +209,7 @@ def test_arch_overrides_reach_checkpoints_export_and_sampling(tmp_path):
 
     from lamamba_dist.models import create_model
     from lamamba_dist.sample import load_sampling_model
-    from lamamba_dist.weights import build_from_weights
+    from lamamba_dist.models import build_from_weights
 
     want = sum(p.numel() for p in create_model("LaMamba-debug", resolution=32, num_classes=10, base_width=48).parameters())
     model, meta = build_from_weights(step_dir(tmp_path, 2) / "ema.safetensors")

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from lamamba_dist.cli import main as cli_main
-from lamamba_dist.models import MODELS, create_model, load_state_dict_strict
-from lamamba_dist.weights import build_from_weights, load_weights, save_weights
+from lamamba_dist.diffusion.guidance import forward_with_cfg
+from lamamba_dist.models import MODELS, build_from_weights, create_model, load_state_dict_strict
+from lamamba_dist.weights import load_weights, save_weights
 from official_vectors import EXPECTED, TINY, official_state_dict
 
 
@@ -125,7 +126,7 @@ def _check_outputs(model, which):
     with torch.no_grad():
         out = model(x, torch.tensor([10, 500]), torch.tensor([1, 3]))
         x0 = x[0:1]
-        cfg = model.forward_with_cfg(torch.cat([x0, x0]), torch.tensor([10, 10]), torch.tensor([1, 10]), 4.0)
+        cfg = forward_with_cfg(model, torch.cat([x0, x0]), torch.tensor([10, 10]), torch.tensor([1, 10]), 4.0)
     assert out.shape == (2, 8, 16, 16)
     for got, key in [(out.sum(), "sum"), (out[:, :4].sum(), "eps_sum"), (out[:, 4:].sum(), "v_sum"),
                      (cfg.sum(), "cfg_sum"), (cfg[:, :4].sum(), "cfg_eps_sum")]:

@@ -78,7 +78,7 @@ def add_parser(sub, name: str, help_text: str) -> None:
 def _run(args) -> int:
     import os
 
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
 
     try:
         workers = [int(w) for w in args.workers.split(",") if w.strip()]

@@ -31,8 +31,13 @@ def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator
     return gens
 
 
-def _generic_forward_with_cfg(model, x, t, y, cfg_scale: float, guidance_channels: str) -> torch.Tensor:
-    """forward_with_cfg for models without one (same maths as DiT's, on the doubled batch)."""
+def forward_with_cfg(model, x, t, y, cfg_scale: float, guidance_channels: str = "all") -> torch.Tensor:
+    """Classifier-free guidance on a doubled batch (conditional half first, unconditional second): the first
+    half of ``x`` is run with both halves' labels, and the guided eps is written to both halves. Guidance applies
+    to all latent channels ("all", official LaMamba-Diff) or to the first three ("first3", DiT's sample.py);
+    the channels past the latent ones (the variance values) pass through from the conditional half."""
+    if guidance_channels not in GUIDANCE_CHANNELS:
+        raise ValueError(f"guidance_channels {guidance_channels!r}: choose from {GUIDANCE_CHANNELS}")
     half = x[: len(x) // 2]
     combined = torch.cat([half, half], dim=0)
     out = model(combined, t, y)
@@ -47,9 +52,9 @@ def _generic_forward_with_cfg(model, x, t, y, cfg_scale: float, guidance_channel
 def cfg_model_fn(model, cfg_scale: float, guidance_channels: str = "all", null_class: int | None = None) -> Callable:
     """A model function ``f(x, t, y) -> out`` on a batch of B samples, guided when cfg_scale > 1.
 
-    With guidance it doubles the batch internally ([x, x], [y, null]), calls
-    ``model.forward_with_cfg`` and returns the first half (guided eps + conditional v), so the
-    sampler and its per-sample noise only ever see the B real samples. cfg_scale == 1 is a plain
+    With guidance it doubles the batch internally ([x, x], [y, null]), runs :func:`forward_with_cfg` (or the
+    model's own ``forward_with_cfg`` method where it defines one) and returns the first half (guided eps +
+    conditional v), so the sampler and its per-sample noise only ever see the B real samples. cfg_scale == 1 is a plain
     conditional forward (no doubled batch), as in DiT's sample.py.
     """
     if cfg_scale < 1.0:
@@ -68,7 +73,7 @@ def cfg_model_fn(model, cfg_scale: float, guidance_channels: str = "all", null_c
         if hasattr(model, "forward_with_cfg"):
             out = model.forward_with_cfg(x2, t2, y2, cfg_scale, guidance_channels=guidance_channels)
         else:
-            out = _generic_forward_with_cfg(model, x2, t2, y2, cfg_scale, guidance_channels)
+            out = forward_with_cfg(model, x2, t2, y2, cfg_scale, guidance_channels)
         return out[:B]
 
     return guided

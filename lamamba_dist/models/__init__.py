@@ -2,6 +2,7 @@
 
 from lamamba_dist.models.dit import DiT
 from lamamba_dist.models.lamamba import LaMambaArch, LaMambaDiff
-from lamamba_dist.models.registry import MODELS, create_model, list_models, load_state_dict_strict
+from lamamba_dist.models.registry import MODELS, build_from_weights, create_model, list_models, load_state_dict_strict
 
-__all__ = ["DiT", "LaMambaArch", "LaMambaDiff", "MODELS", "create_model", "list_models", "load_state_dict_strict"]
+__all__ = ["DiT", "LaMambaArch", "LaMambaDiff", "MODELS", "build_from_weights", "create_model", "list_models",
+           "load_state_dict_strict"]

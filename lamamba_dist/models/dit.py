@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lamamba_dist.models.common import LabelEmbedder, TimestepEmbedder, modulate, sincos_2d
-from lamamba_dist.models.lamamba import guided_forward
 
 
 class Attention(nn.Module):
@@ -134,6 +133,3 @@ class DiT(nn.Module):
             else:
                 x = blk(x, c)
         return self.unpatchify(self.final_layer(x, c))
-
-    def forward_with_cfg(self, x, t, y, cfg_scale: float, guidance_channels: str = "all"):
-        return guided_forward(self, x, t, y, cfg_scale, guidance_channels)

@@ -440,24 +440,3 @@ class LaMambaDiff(nn.Module):
         h = self.final_up(h)
         h = modulate(self.norm_final(h), shift[:, None, None], scale[:, None, None])
         return self.final_linear(h).permute(0, 3, 1, 2)  # (B, 8, S, S)
-
-    def forward_with_cfg(self, x, t, y, cfg_scale: float, guidance_channels: str = "all"):
-        """Classifier-free guidance: the first half of the batch is guided, written to both halves.
-
-        Guidance applies to all latent channels (official LaMamba-Diff) or, with ``"first3"``, to the
-        first three only (DiT). Channels past in_channels (the variance values) pass through unguided.
-        """
-        return guided_forward(self, x, t, y, cfg_scale, guidance_channels)
-
-
-def guided_forward(model, x, t, y, cfg_scale: float, guidance_channels: str = "all"):
-    half = x[: len(x) // 2]
-    combined = torch.cat([half, half], dim=0)
-    out = model(combined, t, y)
-    n_guided = {"all": model.in_channels, "first3": 3}.get(guidance_channels)
-    if n_guided is None:
-        raise ValueError(f"guidance_channels must be 'all' or 'first3', got {guidance_channels!r}")
-    eps, rest = out[:, :n_guided], out[:, n_guided:]
-    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)

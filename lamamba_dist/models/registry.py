@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from lamamba_dist.models.dit import DiT
 from lamamba_dist.models.lamamba import LaMambaArch, LaMambaDiff
+from lamamba_dist.weights import load_weights, strip_wrapper_prefixes
 
 VAE_FACTOR = 8
 RESOLUTIONS = (256, 512)  # the paper's; any multiple of 32 px works for LaMamba (latent divisible by 4)
@@ -64,8 +65,6 @@ def create_model(name: str, resolution: int = 256, num_classes: int = 1000, clas
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "state dict") -> None:
     """Load all parameters, refusing missing or unexpected keys (named) and shape mismatches."""
-    from lamamba_dist.weights import strip_wrapper_prefixes
-
     state_dict = strip_wrapper_prefixes(state_dict)
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -84,13 +83,15 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "st
     model.load_state_dict(state_dict, strict=True)
 
 
-def add_parser(sub, name: str, help_text: str):
-    p = sub.add_parser(name, help=help_text, description="List the registered model sizes.")
-    p.set_defaults(func=_run)
-    return p
-
-
-def _run(args) -> int:
-    for n, (family, arch) in MODELS.items():
-        print(f"{n:16s} {family:8s} {arch}")
-    return 0
+def build_from_weights(path, device="cpu"):
+    """Build the registered model described by the file's metadata and load its weights strictly."""
+    sd, meta = load_weights(path)
+    model = create_model(
+        meta["model"],
+        resolution=int(meta["resolution"]),
+        num_classes=int(meta["num_classes"]),
+        learn_sigma=bool(meta.get("learn_sigma", True)),
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in (meta.get("arch_overrides") or {}).items()},
+    )
+    load_state_dict_strict(model, sd, source=str(path))
+    return model.to(device).eval(), meta

@@ -688,7 +688,7 @@ def add_parser(sub, name: str, help_text: str):
 def _run(args) -> int:
     import logging
 
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
 
     try:
         rows = expand(args.config, args.matrix)

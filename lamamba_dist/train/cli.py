@@ -23,7 +23,7 @@ def add_parser(sub, name: str, help_text: str):
 
 
 def run(args) -> int:
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
     from lamamba_dist.config import ConfigError, load_config
 
     try:
@@ -77,7 +77,7 @@ def add_export_parser(sub, name: str, help_text: str):
 
 
 def run_export(args) -> int:
-    from lamamba_dist.cli import CLIError
+    from lamamba_dist.errors import CLIError
     from lamamba_dist.train.checkpoint import CheckpointError, load_inference_weights
     from lamamba_dist.weights import save_weights
 
