@@ -25,7 +25,7 @@
 #   low  (default, PriorityTier=1,  PreemptMode=REQUEUE): preemptible; a preempted job gets SIGUSR2 (its
 #        --signal) at once, then SIGTERM and, GraceTime + KillWait later, SIGKILL; Slurm requeues it.
 #   high (PriorityTier=10, PreemptMode=OFF): jobs here preempt jobs in `low`.
-# Settings that matter (see ../shared/ENVIRONMENT.md): preempt_send_user_signal (else Slurm sends SIGTERM
+# Settings that matter: preempt_send_user_signal (else Slurm sends SIGTERM
 # only), cred_expire=10 and sched_interval=2 (requeued jobs restart in ~12 s instead of minutes), and
 # slurmdbd (without it sacct fails and submitit never learns that a job ended).
 set -Eeuo pipefail

@@ -20,8 +20,8 @@ What a user can rely on:
   listed with the reason.
 
 Ray: decoding runs as Ray Data tasks, encoding in an actor pool (one actor per GPU when the cluster
-has GPUs, otherwise CPU actors with fractional CPUs so read tasks always get a core; see
-ENVIRONMENT.md on the 2-core deadlock). The driver assembles and writes the shards, so OUT must be
+has GPUs, otherwise CPU actors with fractional CPUs so read tasks always get a core: on a 2-core machine, actors
+that hold every CPU leave the read tasks none and the pipeline deadlocks). The driver assembles and writes the shards, so OUT must be
 writable from the driver (on a multi-node cluster SRC must be readable by every node).
 """
 
@@ -306,7 +306,7 @@ def _encoder_layout(st: Settings) -> tuple[int, dict, str, int, float]:
     # One torch thread per CPU actor, always: CPU convolution results depend (by an ulp) on the thread
     # count, and the shard bytes must not depend on the machine. Parallelism comes from more actors.
     # Leave at least half of the CPUs to the decode tasks: actors that take every core starve the
-    # read tasks and the pipeline hangs (ENVIRONMENT.md); hence 0.5 CPU per actor on small machines.
+    # read tasks and the pipeline hangs; hence 0.5 CPU per actor on small machines.
     n = st.num_actors or max(1, int(cpus) // 2)
     per = 1.0 if n <= cpus / 2 else 0.5
     if cpus <= 2:

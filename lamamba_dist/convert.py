@@ -23,7 +23,7 @@ RECOMPUTED_BUFFERS = ("relative_position_index", "attn_mask")
 
 
 def official_to_ours(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip wrapper prefixes and drop the buffers that we rebuild from the geometry (spec §5, §10)."""
+    """Strip wrapper prefixes and drop the buffers that we rebuild from the geometry (docs/model.md §5, §10)."""
     sd = strip_wrapper_prefixes(state_dict)
     return {k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] not in RECOMPUTED_BUFFERS}
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Perf investigation on one H200 (issue 7): GPU parity tests, eager and compiled `lamamba bench` with compile
+# Perf investigation on one H200: GPU parity tests, eager and compiled `lamamba bench` with compile
 # statistics, then a profile of the compiled LaMamba step. Writes logs under $1 (default /tmp/probe).
 #   source scripts/device_env.sh && bash scripts/perf_probe.sh $OUT
 # SCANS="auto triton ss2d_triton": scan backends of the extra compiled LaMamba-only runs (part X, ratio against

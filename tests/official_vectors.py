@@ -1,4 +1,5 @@
-"""The spec's §11 parity recipe: deterministic weights on official key names, and the recorded outputs."""
+"""Parity with the official model (docs/model.md §10): deterministic weights on official key names, and the
+outputs the official code computed from them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def splitmix_uniform(seed: int, n: int) -> np.ndarray:
-    """b = 2u - 1 for i = 1..n of the spec's splitmix64 stream, float64."""
+    """b = 2u - 1 for i = 1..n of a splitmix64 stream, float64."""
     with np.errstate(over="ignore"):
         i = np.arange(1, n + 1, dtype=np.uint64)
         z = np.uint64(seed) + i * np.uint64(0x9E3779B97F4A7C15)
@@ -56,7 +57,7 @@ def official_state_dict(which: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-# Recorded outputs of the official model (spec §11), fp32 CPU.
+# Recorded outputs of the official model (docs/model.md §10), fp32 CPU.
 EXPECTED = {
     "A": dict(sum=37.972701, mean=0.00927068, abs_mean=0.36577448, eps_sum=85.288047, v_sum=-47.315346,
               e0000=0.4567232, e17_15_15=-0.7956212, e0359=0.2766103, cfg_sum=71.986422, cfg_eps_sum=123.268190,

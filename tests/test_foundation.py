@@ -14,7 +14,7 @@ from lamamba_dist.flops import model_stats
 
 
 @pytest.mark.parametrize("name,res,gmacs", [
-    ("LaMamba-XL", 256, 45.6),   # official code, torch.utils.flop_counter / 2 (ANCHORS.md)
+    ("LaMamba-XL", 256, 45.6),   # official code, torch.utils.flop_counter / 2 (README, Performance)
     ("LaMamba-XL", 512, 181.6),
     ("DiT-XL/2", 256, 118.6),
     ("DiT-XL/2", 512, 524.5),

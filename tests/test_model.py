@@ -1,4 +1,4 @@
-"""Model registry, parameter counts and shapes (spec §9-10), official parity (spec §11), checkpointing."""
+"""Model registry, parameter counts and shapes (docs/model.md §9-10), official parity (§10), checkpointing."""
 
 import argparse
 import subprocess

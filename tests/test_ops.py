@@ -17,7 +17,7 @@ from lamamba_dist.ops import (
 )
 from lamamba_dist.ops import cross_scan as cs_mod  # noqa: F401
 
-SPEC_PATHS = {  # spec §4 test vectors (flat indices)
+SPEC_PATHS = {  # the official paths (docs/model.md §4) (flat indices)
     (2, 0): ([0, 1, 3, 2], [0, 1, 3, 2]),
     (2, 1): ([2, 3, 1, 0], [3, 2, 0, 1]),
     (2, 2): ([2, 0, 1, 3], [1, 2, 0, 3]),
@@ -66,7 +66,7 @@ def test_cross_scan_and_merge_match_reference_with_grads(n):
     m.backward(g)
     mr.backward(g)
     torch.testing.assert_close(y.grad, y2.grad, rtol=0, atol=1e-6)
-    # merge(scan(x)) = 4x (spec §4 check)
+    # merge(scan(x)) = 4x (docs/model.md §4)
     torch.testing.assert_close(cross_merge(cross_scan(x.detach()), n), 4 * x.detach().flatten(2))
 
 
@@ -90,7 +90,7 @@ def _scan_inputs(batch, groups, d, n, length, dtype, device, seed=0):
 
 
 def _naive_scan(u, delta, A, B, C, D, bias):
-    """An independent restatement of spec §3.7 in float64 with explicit loops over (b, channel, step)."""
+    """An independent restatement of docs/model.md §3 (step 6) in float64 with explicit loops over (b, channel, step)."""
     u, delta, A, B, C, D, bias = (t.double() for t in (u, delta, A, B, C, D, bias))
     batch, dim, length = u.shape
     groups, n = B.shape[1], A.shape[1]

@@ -1,5 +1,5 @@
-"""Multi-process training on CPU (2 ranks under torchrun, gloo, fp32, deterministic): the acceptance tests of
-issue 5. Each test launches `lamamba train` with LaMamba-debug at 32 px, global batch 8, 6 steps; uninterrupted
+"""Multi-process training on CPU (2 ranks under torchrun, gloo, fp32, deterministic): resume, faults,
+signals and elastic restarts. Each test launches `lamamba train` with LaMamba-debug at 32 px, global batch 8, 6 steps; uninterrupted
 reference runs are shared through a module fixture. Faults are injected with LAMAMBA_FAULT (see trainer.py).
 """
 

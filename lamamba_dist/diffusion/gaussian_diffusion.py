@@ -1,4 +1,4 @@
-"""Gaussian diffusion: the DiT/IDDPM objective and its DDPM/DDIM samplers (spec §8).
+"""Gaussian diffusion: the DiT/IDDPM objective and its DDPM/DDIM samplers (docs/model.md §8).
 
 The network never sees noise schedules: it maps (x_t, t, y) to (eps, v). This module turns
 that prediction into a training loss (``training_losses``) and into samples

@@ -1,6 +1,6 @@
 """Classifier-free guidance wrapper and per-sample seeding for the samplers.
 
-Guidance (spec §8): the batch is run once with its labels and once with the null class,
+Guidance (docs/model.md §8): the batch is run once with its labels and once with the null class,
 eps = eps_u + s (eps_c - eps_u). The official LaMamba-Diff code guides all 4 latent channels
 ("all"); DiT guides only the first 3 ("first3"). The variance channels are never guided.
 """

@@ -2,7 +2,7 @@
 
 A respaced process keeps alpha_bar at the retained steps and recomputes betas from them,
 so q(x_t | x_0) is unchanged at those steps. The model is always called with the
-*original* timestep values (``timestep_map``), never the respaced indices (spec §8).
+*original* timestep values (``timestep_map``), never the respaced indices (docs/model.md §8).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """LaMamba-Diff: a U-shaped latent diffusion backbone whose blocks chain a 2D Mamba scan (SS2D over four
 snake paths, global context) and Swin window attention (local detail), conditioned by adaLN.
 
-Follows ../shared/LAMAMBA_SPEC.md section by section; parameter names equal the official state-dict keys
+Follows docs/model.md section by section; parameter names equal the official state-dict keys
 (minus the buffers ``relative_position_index`` and ``attn_mask``, which we recompute and cache in
 ``lamamba_dist.ops``), so importing an official checkpoint is a key check, not a rename.
 Maps are channels-last (B, H, W, C) inside the network.
@@ -35,7 +35,7 @@ from lamamba_dist.ops.ss2d_core import ss2d_core
 
 @dataclass(frozen=True)
 class LaMambaArch:
-    """Architecture hyper-parameters (spec §9). Widths are [C0, 2C0, 4C0, 4C0]."""
+    """Architecture hyper-parameters (docs/model.md §9). Widths are [C0, 2C0, 4C0, 4C0]."""
 
     base_width: int = 320
     depths: tuple = (2, 2, 2, 2)  # encoder stages; decoder stage j has depths[3 - j] + 1 blocks
@@ -62,7 +62,7 @@ class LaMambaArch:
 
 
 class SS2D(nn.Module):
-    """VMamba v2 selective-scan 2D over the four snake paths (spec §3). Channels-last in and out."""
+    """VMamba v2 selective-scan 2D over the four snake paths (docs/model.md §3). Channels-last in and out."""
 
     def __init__(self, dim: int, d_state: int = 1, ssm_ratio: float = 2.0, d_conv: int = 3, scan_backend: str = "auto",
                  resolution: int | None = None, lean_scan_backward: bool = True):
@@ -189,7 +189,7 @@ class SS2D(nn.Module):
 
 
 class WindowAttention(nn.Module):
-    """W-MSA / SW-MSA on a fixed r x r map (spec §5). Window clipped to r when r <= window."""
+    """W-MSA / SW-MSA on a fixed r x r map (docs/model.md §5). Window clipped to r when r <= window."""
 
     def __init__(self, dim: int, num_heads: int, resolution: int, window_size: int, shift: int, attn_backend: str = "auto"):
         super().__init__()
@@ -256,7 +256,7 @@ class Mlp(nn.Module):
 
 
 class LaMambaBlock(nn.Module):
-    """x += g_ssm * SS2D(mod(LN x)); x += g_attn * WinAttn(mod(LN x)); x += g_mlp * MLP(mod(LN x)) (spec §2)."""
+    """x += g_ssm * SS2D(mod(LN x)); x += g_attn * WinAttn(mod(LN x)); x += g_mlp * MLP(mod(LN x)) (docs/model.md §2)."""
 
     def __init__(self, dim: int, cond_dim: int, resolution: int, arch: LaMambaArch, shift: int, project_condition: bool,
                  scan_backend: str = "auto", attn_backend: str = "auto", lean_scan_backward: bool = True):
@@ -371,7 +371,7 @@ class LaMambaDiff(nn.Module):
         self.final_linear = nn.Linear(c0, self.out_channels)
         self.initialize_weights()
 
-    # ------------------------------------------------------------------ init (spec §7)
+    # ------------------------------------------------------------------ init (docs/model.md §7)
     @torch.no_grad()
     def initialize_weights(self):
         for m in self.modules():

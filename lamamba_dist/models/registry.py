@@ -16,12 +16,12 @@ RESOLUTIONS = (256, 512)  # the paper's; any multiple of 32 px works for LaMamba
 
 # name -> (family, architecture kwargs)
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
-    # LaMamba-Diff: XL is the official configuration (spec §9); S/B/L are the spec's width-only proposal.
+    # LaMamba-Diff: XL is the official configuration; S/B/L scale its width only (docs/model.md §9).
     "LaMamba-XL": ("lamamba", dict(base_width=320, num_heads=16)),
     "LaMamba-L": ("lamamba", dict(base_width=264, num_heads=12)),
     "LaMamba-B": ("lamamba", dict(base_width=144, num_heads=12)),
     "LaMamba-S": ("lamamba", dict(base_width=72, num_heads=6)),
-    # Tiny debug size = the spec's parity configuration Tiny-A (window 4, 2 heads, depths 1/1/1/1 + 1).
+    # Tiny debug size: the configuration of the recorded official outputs (tests/official_vectors.py TINY) (window 4, 2 heads, depths 1/1/1/1 + 1).
     "LaMamba-debug": ("lamamba", dict(base_width=32, depths=(1, 1, 1, 1), mid_depth=1, num_heads=2, window_size=4)),
     **{
         f"DiT-{size}/{p}": ("dit", dict(depth=d, hidden_size=h, num_heads=nh, patch_size=p))

@@ -1,4 +1,4 @@
-"""The four continuous ("snake") scan paths of LaMamba-Diff and their merge (spec §4).
+"""The four continuous ("snake") scan paths of LaMamba-Diff and their merge (docs/model.md §4).
 
 For an N x N map and step s in [0, N^2): q = s // N, m = s % N, sn = m if q is even else N-1-m.
 
@@ -21,7 +21,7 @@ import torch
 
 
 def snake_path_coords(n: int, k: int) -> list[tuple[int, int]]:
-    """(row, col) visited at each step by direction k on an n x n map (the spec's formula)."""
+    """(row, col) visited at each step by direction k on an n x n map (docs/model.md §4)."""
     coords = []
     for s in range(n * n):
         q, m = divmod(s, n)

@@ -1,4 +1,4 @@
-"""Selective scan (the Mamba recurrence, spec §3.7), fused CUDA kernel and pure-PyTorch reference.
+"""Selective scan (the Mamba recurrence, docs/model.md §3, step 6), fused CUDA kernel and pure-PyTorch reference.
 
 Shapes (mamba-ssm's convention, grouped B/C as VMamba uses them):
 

@@ -1,4 +1,4 @@
-"""Swin-style (shifted) window multi-head attention pieces (spec §5).
+"""Swin-style (shifted) window multi-head attention pieces (docs/model.md §5).
 
 Window geometry (partition / reverse, relative-position index, shift mask) is built once per
 (resolution, window, shift, device) and cached. ``window_attention_core`` is the single dispatch point

@@ -79,7 +79,7 @@ def build_ds_config(train, optim, world_size: int, *, on_cuda: bool, load_univer
     if not optim.offload_optimizer:
         # torch.optim.AdamW through DeepSpeed ("torch_adam"): no JIT build (FusedAdam takes ~50-85 s per fresh
         # machine and trips over TORCH_CUDA_ARCH_LIST=9.0a on the GPU image). Its fused kernel (``fused=True``,
-        # CUDA and CPU): the optimizer the anchors in ANCHORS.md were measured with, and one that skips a
+        # CUDA and CPU): the optimizer of the baselines in docs/performance.md, and one that skips a
         # non-finite step on the device (nonfinite.py).
         params["torch_adam"] = True
         params["fused"] = True

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-# Peak dense bf16 TFLOP/s per GPU used for MFU. H100/H200: the ~790 TFLOP/s that ANCHORS.md uses (the
-# achievable dense bf16 matmul rate; the datasheet says 989), so MFU figures compare with the anchors.
+# Peak dense bf16 TFLOP/s per GPU used for MFU. H100/H200: ~790 TFLOP/s (the dense bf16 matmul rate measured on
+# an H200; the datasheet says 989), the figure lamamba bench uses too (lamamba_dist/bench.py PEAK_TFLOPS).
 PEAK_BF16_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
