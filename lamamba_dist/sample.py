@@ -26,10 +26,10 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from lamamba_dist.distributed import setup_distributed, teardown_distributed
 from lamamba_dist.hashing import sha256_file
 
 DEFAULT_VAE_SCALE = 0.18215
@@ -40,52 +40,6 @@ def _cli_error(msg: str) -> Exception:
     from lamamba_dist.errors import CLIError
 
     return CLIError(msg)
-
-
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: Any = "cpu"
-    we_initialized: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group if the environment asks for one (gloo on CPU, nccl on CUDA)."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    info = DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
-    if world > 1 and not (dist.is_available() and dist.is_initialized()):
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-        info.we_initialized = True
-    return info
-
-
-def teardown_distributed(info: DistInfo, ok: bool = True) -> None:
-    """Leave the process group we joined (a barrier only on success: a failed rank must not hang the others)."""
-    import torch.distributed as dist
-
-    if info.we_initialized and dist.is_initialized():
-        if ok:
-            dist.barrier()
-        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- model / vae loading

@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[1] / "lamamba_dist"
 
 # package or module (the first name under lamamba_dist) -> layer, lowest first
 LAYERS = {
-    "errors": 0, "config": 0, "hashing": 0, "weights": 0, "runlock": 0,
+    "errors": 0, "config": 0, "hashing": 0, "weights": 0, "runlock": 0, "distributed": 0,
     "ops": 1,
     "models": 2,
     "diffusion": 3, "data": 3,

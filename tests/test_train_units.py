@@ -281,16 +281,16 @@ def test_export_and_sample_output_paths_that_cannot_be_written_are_one_line_erro
 
 
 def test_host_snapshot_copies_every_tensor_and_reuses_its_buffers():
-    """A background save's snapshot (checkpointing._HostBuffers): tensors copied (later in-place updates do not
+    """A background save's snapshot (snapshot.HostBuffers): tensors copied (later in-place updates do not
     reach it), containers rebuilt with their types, and the next save's copies land in the same buffers."""
     from collections import OrderedDict, namedtuple
 
-    from lamamba_dist.train.checkpointing import _HostBuffers
+    from lamamba_dist.train.snapshot import HostBuffers
 
     Pair = namedtuple("Pair", "a b")
     live = {"w": torch.ones(3), "shape": torch.Size([2, 3]), "groups": [torch.zeros(2, 2), 7, "x"],
             "od": OrderedDict(m=torch.arange(4)), "pair": Pair(torch.full((2,), 5.0), None)}
-    buf = _HostBuffers(pinned=False)
+    buf = HostBuffers(pinned=False)
     buf.start()
     snap = buf.tree(live)
     live["w"].add_(1)
@@ -322,7 +322,7 @@ def test_host_snapshot_copies_every_tensor_and_reuses_its_buffers():
     for k in ("w", "shape", "groups", "od"):
         f, fresh = io.BytesIO(), io.BytesIO()
         torch.save(snap[k], f)
-        torch.save(_HostBuffers(pinned=False).tree(snap[k]), fresh)  # the same values in buffers of their own
+        torch.save(HostBuffers(pinned=False).tree(snap[k]), fresh)  # the same values in buffers of their own
         assert len(f.getvalue()) == len(fresh.getvalue()), k
         f.seek(0)
         back = torch.load(f)
@@ -391,15 +391,15 @@ def test_a_process_that_trained_in_process_can_launch_training(tmp_path):
 
 
 def test_checkpoint_files_are_hashed_as_they_are_written_and_a_full_disk_names_the_file(tmp_path, monkeypatch):
-    """checkpointing._save_hashed: the digest it returns is the sha256 of the file it wrote (the one COMPLETE.json
+    """snapshot.save_hashed: the digest it returns is the sha256 of the file it wrote (the one COMPLETE.json
     lists), the file loads, and a write that fails raises the OSError with the file's path."""
     import errno
 
-    import lamamba_dist.train.checkpointing as cp
+    import lamamba_dist.train.snapshot as snapshot
     from lamamba_dist.hashing import sha256_file
 
     obj = {"w": torch.randn(300, 7), "b": [torch.arange(5), {"c": torch.ones(3, dtype=torch.bfloat16)}], "n": 3}
-    digest = cp._save_hashed(obj, tmp_path / "a.pt")
+    digest = snapshot.save_hashed(obj, tmp_path / "a.pt")
     assert digest == sha256_file(tmp_path / "a.pt")
     back = torch.load(tmp_path / "a.pt", weights_only=False)
     assert torch.equal(back["w"], obj["w"]) and torch.equal(back["b"][1]["c"], obj["b"][1]["c"])
@@ -420,15 +420,15 @@ def test_checkpoint_files_are_hashed_as_they_are_written_and_a_full_disk_names_t
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(cp, "open", lambda *a, **k: Full(), raising=False)
+    monkeypatch.setattr(snapshot, "open", lambda *a, **k: Full(), raising=False)
     with pytest.raises(OSError) as e:
-        cp._save_hashed({"w": torch.randn(100_000)}, tmp_path / "b.pt")
+        snapshot.save_hashed({"w": torch.randn(100_000)}, tmp_path / "b.pt")
     assert e.value.filename == str(tmp_path / "b.pt") and e.value.errno == errno.ENOSPC
 
 
 def test_seed_rng_draws_like_torch_manual_seed():
-    """trainer.seed_rng seeds what a step draws from (CPU, and the step's GPU) as torch.manual_seed does."""
-    from lamamba_dist.train.trainer import seed_rng
+    """train/rng.py seed_rng seeds what a step draws from (CPU, and the step's GPU) as torch.manual_seed does."""
+    from lamamba_dist.train.rng import seed_rng
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for dev in devices:

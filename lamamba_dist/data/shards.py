@@ -17,7 +17,6 @@ No latent sample is drawn when writing: the loader draws ``z = (mean + exp(logva
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from lamamba_dist.hashing import HashingWriter
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -81,23 +82,6 @@ def encode_sample(key: str, mean: np.ndarray, logvar: np.ndarray, label: int, me
     ]
 
 
-class _HashingWriter(io.RawIOBase):
-    """File wrapper that hashes what is written through it."""
-
-    def __init__(self, f):
-        self.f = f
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        self.sha.update(b)
-        self.size += len(b)
-        return self.f.write(b)
-
-
 def write_tar_atomic(path: str | Path, members: Iterable[tuple[str, bytes]]) -> tuple[str, int]:
     """Write ``members`` to ``path`` through ``path.tmp`` + fsync + rename; returns (sha256, bytes).
 
@@ -106,7 +90,7 @@ def write_tar_atomic(path: str | Path, members: Iterable[tuple[str, bytes]]) -> 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        hw = _HashingWriter(f)
+        hw = HashingWriter(f)
         with tarfile.open(fileobj=hw, mode="w|", format=tarfile.GNU_FORMAT) as tar:
             for name, data in members:
                 info = tarfile.TarInfo(name)

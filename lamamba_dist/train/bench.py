@@ -163,7 +163,7 @@ class BenchTrain:
         import torch
         import torch.distributed as dist
 
-        from lamamba_dist.train.trainer import ensure_dist_env, init_device_and_process_group
+        from lamamba_dist.distributed import ensure_dist_env, init_device_and_process_group
 
         self.args = args
         ensure_dist_env()
@@ -356,9 +356,9 @@ class BenchTrain:
                 raise torch.cuda.OutOfMemoryError(f"fake: {peak:.2f} GiB needed at micro-batch {self._micro}, "
                                                   f"{self.capacity_gib:.2f} GiB available")
             self._fake_peak = max(self._fake_peak, peak)
-        from lamamba_dist.train.trainer import _fault_hit
+        from lamamba_dist.train.faults import fault_hit
 
-        if _fault_hit("bench_oom", len(self.results)):  # test hook: LAMAMBA_FAULT=bench_oom:ROW[:RANK]
+        if fault_hit("bench_oom", len(self.results)):  # test hook: LAMAMBA_FAULT=bench_oom:ROW[:RANK]
             raise torch.cuda.OutOfMemoryError(f"planted OOM (LAMAMBA_FAULT) in row {len(self.results)}")
         tr = self.trainer
         done = tr.queue_step(it, defer=True)

@@ -8,7 +8,7 @@ DeepSpeed universal checkpoint on another world size, the load, the save, retent
 **Saves in the background.** A periodic save stops training only while this rank's state is copied to host
 memory (pinned on GPUs; the copies are queued on the training stream, so the next step cannot change a tensor
 before it is copied): the DeepSpeed engine state (DeepSpeed's own ``save_checkpoint``, with a checkpoint engine
-that snapshots each state dict instead of writing it, :class:`_SnapshotEngine`), the EMA (and, with ``[checkpoint]
+that snapshots each state dict instead of writing it, :class:`~lamamba_dist.train.snapshot.SnapshotEngine`), the EMA (and, with ``[checkpoint]
 inference_weights``, the raw fp32 weights), RNG and data-loader state. A writer thread per rank then writes the
 files into the save's temporary folder, fsyncs them and records their sizes and sha256 in
 ``.digests/rank_XXXXX.json``. Each rank's writer status (written, failed) travels in the one small all-reduce
@@ -24,7 +24,6 @@ save that finds the previous one still writing waits for it, and the wait is rep
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import queue
@@ -38,7 +37,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from lamamba_dist.hashing import sha256_file
 from lamamba_dist.train import checkpoint as ckpt
+from lamamba_dist.train.faults import enospc, fault, fault_hit
+from lamamba_dist.train.snapshot import HostBuffers, SnapshotEngine, fsync_file, save_hashed
 
 DIGESTS_DIR = ".digests"
 
@@ -50,210 +52,6 @@ class TrainingError(RuntimeError):
 class SaveError(TrainingError):
     """Writing a checkpoint failed (disk full, permission, storage gone): the run ends with exit 1, the earlier
     checkpoints intact."""
-
-
-# --------------------------------------------------------------------------- fault injection (tests)
-
-
-def fault_hit(point: str, step: int) -> bool:
-    """Test hook: ``LAMAMBA_FAULT=point:step[:rank][,point:step[:rank]...]`` (rank 0 by default).
-
-    Points: ``step`` (SIGKILL before training step ``step + 1``), ``save_write`` (SIGKILL in the background
-    writer of the step-``step`` checkpoint, after its first file), ``save_before_marker`` (SIGKILL after every
-    file of the step-``step`` checkpoint is written, before its completion marker), ``save_after_marker``
-    (SIGKILL once the step-``step`` checkpoint is published), ``slow_write`` (the writer of the step-``step``
-    checkpoint sleeps 2 s first; ``step`` may be ``a-b``), ``nan`` (the latents of the batches of step ``step +
-    1`` on that rank become NaN; ``step`` may be ``a-b``), ``enospc`` (writing the step-``step`` checkpoint fails
-    with "No space left on device": rank 0's EMA file, another rank's rank-state file).
-    """
-    spec = os.environ.get("LAMAMBA_FAULT")
-    if not spec:
-        return False
-    rank = int(os.environ.get("RANK", "0"))
-    for item in spec.split(","):
-        parts = item.split(":")
-        if parts[0] != point:
-            continue
-        lo, _, hi = parts[1].partition("-")
-        if int(lo) <= step <= int(hi or lo) and rank == (int(parts[2]) if len(parts) > 2 else 0):
-            with _FAULT_LOCK:
-                if (point, step) in _FAULTS_FIRED:  # each fault fires once per process (a rollback re-runs steps)
-                    return False
-                _FAULTS_FIRED.add((point, step))
-            return True
-    return False
-
-
-_FAULTS_FIRED: set = set()
-_FAULT_LOCK = threading.Lock()
-
-
-def fault(point: str, step: int) -> None:
-    if fault_hit(point, step):
-        import signal
-
-        sys.stderr.write(f"[fault injection] SIGKILL at {point} step {step}\n")
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# --------------------------------------------------------------------------- snapshots in host memory
-
-
-class _HostBuffers:
-    """Host copies of a state, their memory reused from one save to the next (at most one save is in flight).
-
-    On GPUs the copies go to pinned memory, carved in order out of one pinned arena that :meth:`reserve` allocates
-    in a background thread ahead of the first save (pinning ~10 GiB takes seconds: not while training waits).
-    Whatever does not fit (or comes before the arena is ready) gets a buffer of its own, kept for the next save."""
-
-    ALIGN = 64
-
-    def __init__(self, pinned: bool):
-        self.pinned = pinned
-        self._pool: list[torch.Tensor] = []
-        self._next = 0
-        self.nbytes = 0
-        self._arena: Optional[torch.Tensor] = None
-        self._arena_np = None  # the arena as a buffer: each copy is a tensor of its own storage inside it
-        self._arena_ready = threading.Event()
-        self._offset = 0
-
-    def reserve(self, nbytes: int) -> None:
-        """Allocate (in the background) a pinned arena of ``nbytes`` for the coming saves."""
-        if not self.pinned or nbytes <= 0:
-            return
-        self._arena_ready.clear()
-
-        def alloc():
-            try:
-                self.set_arena(torch.empty(int(nbytes), dtype=torch.uint8, pin_memory=True))
-            except RuntimeError:  # not enough pinnable memory: per-tensor buffers instead
-                self._arena = self._arena_np = None
-            self._arena_ready.set()
-
-        threading.Thread(target=alloc, name="lamamba-pinned-arena", daemon=True).start()
-
-    def set_arena(self, arena: torch.Tensor) -> None:
-        """Carve the copies out of ``arena`` (uint8, on the host) from the next :meth:`start` on."""
-        self._arena, self._arena_np = arena, arena.numpy()
-        self._arena_ready.set()
-
-    def start(self) -> None:
-        self._next = 0
-        self._offset = 0
-        self.nbytes = 0
-
-    def _from_arena(self, t: torch.Tensor) -> Optional[torch.Tensor]:
-        if not self._arena_ready.is_set() or self._arena_np is None:
-            return None
-        n = t.numel() * t.element_size()
-        start = -(-self._offset // self.ALIGN) * self.ALIGN
-        if n == 0 or start + n > self._arena.numel():
-            return None
-        self._offset = start + n
-        # Not a view of the arena (``arena[a:b].view(...)``): a view shares the arena's storage, and torch.save and
-        # safetensors write a tensor's whole storage (the arena, in every file). frombuffer makes a storage of
-        # exactly these bytes, at this address inside the arena (still pinned memory).
-        return torch.frombuffer(self._arena_np, dtype=t.dtype, count=t.numel(), offset=start).view(t.shape)
-
-    def copy(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
-        self.nbytes += t.numel() * t.element_size()
-        out = self._from_arena(t)
-        if out is None:
-            i = self._next
-            self._next += 1
-            buf = self._pool[i] if i < len(self._pool) else None
-            if buf is None or buf.dtype != t.dtype or buf.numel() != t.numel():
-                buf = torch.empty(t.numel(), dtype=t.dtype, pin_memory=self.pinned and t.device.type == "cuda")
-                if i < len(self._pool):
-                    self._pool[i] = buf
-                else:
-                    self._pool.append(buf)
-            out = buf.view(t.shape)
-        out.copy_(t, non_blocking=t.device.type == "cuda")
-        return out
-
-    def tree(self, obj: Any) -> Any:
-        """``obj`` with every tensor replaced by its host copy (containers rebuilt, other objects shared)."""
-        if torch.is_tensor(obj):
-            return self.copy(obj)
-        if isinstance(obj, torch.Size):
-            return obj
-        if isinstance(obj, dict):
-            out = type(obj)() if type(obj) is not dict else {}
-            try:
-                for k, v in obj.items():
-                    out[k] = self.tree(v)
-            except TypeError:  # a dict subclass that cannot be built empty
-                out = {k: self.tree(v) for k, v in obj.items()}
-            return out
-        if isinstance(obj, list):
-            return [self.tree(v) for v in obj]
-        if isinstance(obj, tuple):
-            items = [self.tree(v) for v in obj]
-            return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-        return obj
-
-
-class _SnapshotEngine:
-    """A DeepSpeed checkpoint engine (``engine.checkpoint_engine``) whose ``save`` copies the state dict to host
-    memory and records where it goes, for the writer thread; loading goes to DeepSpeed's own engine.
-
-    ``engine.checkpoint_engine`` is DeepSpeed's pluggable checkpoint-engine slot (its Nebula, FastPersist and
-    DataStates engines use the same interface: ``create``, ``save``, ``load``, ``commit``, ``makedirs``)."""
-
-    def __init__(self, inner, buffers: _HostBuffers):
-        self.inner = inner
-        self.name = "LamambaSnapshot"
-        self.buffers = buffers
-        self.captured: Optional[list[tuple[str, Any]]] = None  # (path, host state) of the save being taken
-
-    # the interface DeepSpeed calls
-    def create(self, info) -> None:
-        pass
-
-    def makedirs(self, path, exist_ok=False) -> None:
-        os.makedirs(path, exist_ok=exist_ok)
-
-    def save(self, state_dict, path: str) -> None:
-        if self.captured is None:  # a save outside CheckpointManager: DeepSpeed's own engine writes it now
-            self.inner.save(state_dict, path)
-            return
-        self.captured.append((str(path), self.buffers.tree(state_dict)))
-
-    def load(self, path: str, map_location=None):
-        return self.inner.load(path, map_location=map_location)
-
-    def commit(self, info) -> bool:
-        return True
-
-    def is_data_parallel_writer(self, dp_rank) -> bool:
-        return dp_rank == 0
-
-    def is_decoupled(self) -> bool:
-        return False
-
-    def set_commit_info(self, info) -> None:
-        pass
-
-    def get_commit_info(self):
-        return None
-
-    def cleanup(self) -> None:
-        pass
-
-    def preserves_storage_sharing(self) -> bool:
-        return False  # every tensor is copied on its own: DeepSpeed need not clone views first
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Save:
@@ -301,7 +99,7 @@ class CheckpointManager:
         self.pending_records: list[dict] = []
         self._publish_error: Optional[str] = None
         self._failed_save: Optional[_Save] = None
-        self._buffers = _HostBuffers(pinned=device.type == "cuda")
+        self._buffers = HostBuffers(pinned=device.type == "cuda")
         self._queue: "queue.Queue[Optional[_Save]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
 
@@ -435,7 +233,7 @@ class CheckpointManager:
     def attach(self, engine, ema) -> None:
         """The engine and EMA whose state is saved and loaded; installs the snapshotting checkpoint engine."""
         self.engine, self.ema = engine, ema
-        engine.checkpoint_engine = _SnapshotEngine(engine.checkpoint_engine, self._buffers)
+        engine.checkpoint_engine = SnapshotEngine(engine.checkpoint_engine, self._buffers)
         if self.device.type == "cuda":
             self._buffers.reserve(self._snapshot_estimate())
 
@@ -479,7 +277,7 @@ class CheckpointManager:
             self.saved.append((step, step_dir))
         loader_state = st.get("loader_state")
         if int(st.get("world_size", -1)) == self.world:
-            from lamamba_dist.train.trainer import set_rng_state
+            from lamamba_dist.train.rng import set_rng_state
 
             rs = torch.load(ckpt.rank_state_path(step_dir, self.rank), map_location="cpu", weights_only=False)
             set_rng_state(rs["rng"])
@@ -560,13 +358,13 @@ class CheckpointManager:
         # written as DeepSpeed's torch engine writes them (its "checkpoint_serialization" setting)
         zipfile = getattr(snap.inner, "zipfile_serialization", True)
         for path, state in captured:
-            write = lambda s=state, p=path: _save_hashed(s, Path(p), zipfile)  # noqa: E731
+            write = lambda s=state, p=path: save_hashed(s, Path(p), zipfile)  # noqa: E731
             sv.jobs.append((Path(path).name, write, Path(path)))
         rs_path = ckpt.rank_state_path(tmp, self.rank)
         rank_state = self._buffers.tree({**rank_state, "rank": self.rank, "world_size": self.world})
-        sv.jobs.append(("rank state", lambda: (self.is_main or _enospc(step, rs_path),  # (test hook, ranks > 0)
+        sv.jobs.append(("rank state", lambda: (self.is_main or enospc(step, rs_path),  # (test hook, ranks > 0)
                                               rs_path.parent.mkdir(parents=True, exist_ok=True),
-                                              _save_hashed(rank_state, rs_path))[-1], rs_path))
+                                              save_hashed(rank_state, rs_path))[-1], rs_path))
         if self.is_main:
             ema_host = self._buffers.tree(ema_sd)
             sv.jobs.append(("EMA", lambda: self._write_weights(step, tmp / ckpt.EMA_FILE, {**extras, **ema_host},
@@ -600,7 +398,7 @@ class CheckpointManager:
     @staticmethod
     def _write_weights(step: int, path: Path, tensors: dict, meta: dict, save_weights, fault: bool = False) -> None:
         if fault:
-            _enospc(step, path)
+            enospc(step, path)
         save_weights(path, tensors, meta)
 
     # ------------------------------------------------------------------ the writer thread
@@ -624,12 +422,12 @@ class CheckpointManager:
                 digests: dict[str, dict] = {}
                 for i, (what, write, path) in enumerate(sv.jobs):
                     digest = write()  # the sha256 of what it wrote, where it hashed while writing
-                    _fsync_file(path)
+                    fsync_file(path)
                     if i == 0:
                         fault("save_write", sv.step)
                     rel = str(path.relative_to(sv.tmp))
                     digests[rel] = {"size": path.stat().st_size,
-                                    "sha256": digest if isinstance(digest, str) else _sha256(path)}
+                                    "sha256": digest if isinstance(digest, str) else sha256_file(path)}
                 out = sv.tmp / DIGESTS_DIR / f"rank_{self.rank:05d}.json"
                 out.parent.mkdir(exist_ok=True)
                 ckpt.atomic_write_text(out, json.dumps(digests))
@@ -751,57 +549,6 @@ class CheckpointManager:
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
         self.release_lock()
-
-
-def _enospc(step: int, path: Path) -> None:
-    """Test hook (``LAMAMBA_FAULT=enospc:STEP[:RANK]``): the disk fills up while this rank writes ``path``."""
-    if fault_hit("enospc", step):
-        import errno
-
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
-
-class _HashingWriter(io.RawIOBase):
-    """A file for ``torch.save`` that hashes what goes through it (one pass over the bytes, not a write and a read),
-    and keeps the error of a write that failed (torch reports it as an unrelated internal error)."""
-
-    def __init__(self, f, h):
-        self.f, self.h = f, h
-        self.error: Optional[OSError] = None
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        self.h.update(b)
-        try:
-            return self.f.write(b)
-        except OSError as e:
-            self.error = e
-            raise
-
-
-def _save_hashed(obj, path: Path, zipfile: bool = True) -> str:
-    """``torch.save(obj)`` to ``path``; returns the sha256 of the file's bytes. A failed write raises its OSError
-    with ``path`` as the file name (e.g. "No space left on device")."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "wb") as f:
-        w = _HashingWriter(f, h)
-        try:
-            torch.save(obj, w, _use_new_zipfile_serialization=zipfile)
-        except Exception:
-            if w.error is not None:
-                raise OSError(w.error.errno, w.error.strerror or str(w.error), str(path)) from None
-            raise
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    from lamamba_dist.hashing import sha256_file
-
-    return sha256_file(path)
 
 
 def jsonable(x: Any) -> Any:

@@ -71,6 +71,38 @@ def status_line(rec: dict) -> str:
     return " | ".join(parts)
 
 
+def step_record(step: int, images_seen: int, loss: Optional[float], grad_norm, lr: float, snap: dict, *,
+                skipped: int, world: int, flops_per_image: Optional[float], peak_tflops: Optional[float],
+                saves: list, on_cuda: bool) -> dict:
+    """The record of one log line (the status line, ``stats.jsonl``, wandb): ``loss`` is the mean over the applied
+    steps since the last line, ``snap`` a :meth:`Throughput.snapshot`, ``saves`` the checkpoint records published
+    since the last line (their blocked and background-write seconds are summed)."""
+    import time
+
+    import torch
+
+    rec = {
+        "step": step, "images_seen": images_seen, "loss": loss,
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "lr": lr, "img_per_s": snap["img_per_s"],
+        "sec_per_step": snap["dt"] / max(snap["steps"], 1), "data_wait": snap["data_wait"],
+        "skipped": skipped, "world_size": world, "time": time.time(),
+    }
+    if flops_per_image:
+        rec["tflops_per_gpu"] = snap["img_per_s"] * flops_per_image / world / 1e12
+        rec["mfu"] = rec["tflops_per_gpu"] / peak_tflops if peak_tflops else None
+    if saves:
+        rec["ckpt_blocked_s"] = round(sum(r["blocked_s"] + r["wait_s"] for r in saves), 3)
+        rec["ckpt_write_s"] = round(sum(r["write_s"] for r in saves), 3)
+    if on_cuda:
+        rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        import resource
+
+        rec["peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return rec
+
+
 class JsonlWriter:
     def __init__(self, path: Path):
         self.path = Path(path)

@@ -29,11 +29,9 @@ are not replayed: the RNG salt changes too).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
-import random
 import socket
 import sys
 import time
@@ -44,123 +42,23 @@ from typing import Any, Optional
 import torch
 
 from lamamba_dist.train import checkpoint as ckpt
-from lamamba_dist.train.checkpointing import (CheckpointManager, SaveError, TrainingError, jsonable, fault,
-                                              fault_hit)
+from lamamba_dist.distributed import ensure_dist_env, init_device_and_process_group
+from lamamba_dist.train.checkpointing import CheckpointManager, SaveError, TrainingError, jsonable
+from lamamba_dist.train.engine import build_engine, build_model, flops_per_image, vae_meta
+from lamamba_dist.train.faults import fault, fault_hit
+from lamamba_dist.train.rng import micro_seed, rng_state, seed_rng
 from lamamba_dist.train.signals import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, StopSignals, stop_reason, stop_requested
 
 log = logging.getLogger("lamamba.train")
 __all__ = ["Trainer", "TrainingError", "SaveError", "build_model", "run_training"]
 
 
-def ensure_dist_env() -> None:
-    """Make a plain single-process call look like a 1-rank launch (its rendezvous: init_device_and_process_group)."""
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-
-
-def init_device_and_process_group() -> tuple[bool, torch.device]:
-    """This rank's device (cuda:LOCAL_RANK with TF32 matmuls, or the CPU) and the DeepSpeed process group
-    (NCCL on GPUs, gloo on CPU), initialised once per process. Returns (on_cuda, device).
-
-    A single process started without a launcher (no ``MASTER_PORT``) gets a 1-rank group on a store whose port
-    the OS picks when it binds, so that concurrent single-process runs never race for one port."""
-    import deepspeed
-    import torch.distributed as dist
-
-    on_cuda = torch.cuda.is_available()
-    if on_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        device = torch.device("cuda", torch.cuda.current_device())
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        if os.environ.get("WORLD_SIZE") == "1" and "MASTER_PORT" not in os.environ:
-            from deepspeed.accelerator import get_accelerator
-
-            # (its port is not exported: a process started from this one would inherit it and find it taken)
-            store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), 0, 1, is_master=True)
-            dist.init_process_group(get_accelerator().communication_backend_name(), store=store, rank=0,
-                                    world_size=1)
-        deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
-    return on_cuda, device
-
-
-def micro_seed(seed: int, step: int, rank: int, micro: int, salt: int) -> int:
-    h = hashlib.blake2b(f"lamamba/{seed}/{step}/{rank}/{micro}/{salt}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-def seed_rng(seed: int, device: torch.device) -> None:
-    """``torch.manual_seed(seed)`` for what a training step can draw from: the CPU generator and ``device``'s.
-    torch.manual_seed also seeds every other backend (XPU, MTIA, ...) through lazy calls that format a stack
-    trace each time: a tenth of a millisecond or more of host time per call."""
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.default_generators[index].manual_seed(seed)
-
-
-def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    try:
-        import numpy as np
-
-        st["numpy"] = np.random.get_state()
-    except Exception:  # pragma: no cover
-        pass
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    if "numpy" in st:
-        import numpy as np
-
-        np.random.set_state(st["numpy"])
-    if "cuda" in st and torch.cuda.is_available():
-        try:
-            torch.cuda.set_rng_state_all(st["cuda"])
-        except Exception:  # different GPU count per node: per-step reseeding makes this harmless
-            pass
-
-
-# fault injection for tests: LAMAMBA_FAULT (the points are listed in checkpointing.fault_hit)
+# fault injection for tests: LAMAMBA_FAULT (the points: faults.fault_hit); tests/slurm_entry.py wraps _fault
 _fault_hit = fault_hit
 _fault = fault
 
 
 # --------------------------------------------------------------------------- trainer
-
-
-def build_model(cfg, device: Optional[torch.device] = None) -> torch.nn.Module:
-    """The model of ``[model]`` from the registry (``arch_overrides`` included), seeded by ``[train] seed``.
-
-    ``device=None`` builds on the CPU, as training does (identical initial weights on every rank and every
-    machine). Another device builds there directly (much faster for XL-size models; same seed, but the
-    device's RNG stream, so other initial weights): what ``lamamba bench-train`` uses.
-    """
-    from lamamba_dist.config import model_kwargs
-    from lamamba_dist.models import create_model
-
-    m = cfg.model
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    try:
-        if device is None or device.type == "cpu":
-            return create_model(m.name, **model_kwargs(m))
-        with torch.device(device):
-            return create_model(m.name, **model_kwargs(m))
-    except (KeyError, ValueError, TypeError) as e:  # unknown name or arch_overrides field, bad geometry
-        raise TrainingError(f"{cfg.source}: [model]: {e}") from None
 
 
 ROLLED_BACK = "rolled back"  # Trainer._after_step: the loop goes on from the rolled-back state
@@ -189,7 +87,6 @@ class Trainer:
         When step folders exist but none verifies, training refuses to start (it would overwrite them) unless
         ``move_damaged_aside``: they are then moved to ``RUN/damaged/`` and training starts at step 0.
         """
-        import deepspeed
         import torch.distributed as dist
 
         from lamamba_dist.config import to_dict
@@ -225,63 +122,13 @@ class Trainer:
         if self.elastic:
             universal_dir = self.ckpt.to_universal(self.resume_dir, saved_world)
 
-        # ---------------------------------------------------------- model, engine, objective
-        from lamamba_dist.diffusion import create_diffusion
-        from lamamba_dist.train.ds_config import aligned_param_order, build_ds_config
-
-        m = cfg.model
-        model = build_model(cfg, self.device if init_on_device else None)
-        self.latent_size = int(model.latent_size)
-        # Class dropout is drawn per sample by the trainer (world-size independent); switch the model's off.
-        from lamamba_dist.models.common import LabelEmbedder
-
-        embedders = [mod for mod in model.modules() if isinstance(mod, LabelEmbedder)]
-        self.class_dropout = float(embedders[0].dropout_prob) if embedders else 0.0
-        self.null_class = int(m.num_classes)
-        for mod in embedders:
-            mod.dropout_prob = 0.0
-        if self.tcfg.compile:
-            if self.tcfg.zero_stage == 3:
-                raise TrainingError(f"{cfg.source}: [train] compile = true is not supported with zero_stage = 3 "
-                                    "(ZeRO-3 gathers parameters in module hooks that compiled blocks would bypass)")
-            from lamamba_dist.models.compile import compile_blocks, use_compile_cache
-
-            cache = use_compile_cache(Path(self.ccfg.dir) / ".compile_cache")
-            self.info(f"torch.compile cache: {cache} (reused by every restart)")
-            # regional torch.compile of each block, in place (state-dict keys unchanged)
-            compile_blocks(model, memory_budget=self.tcfg.compile_memory_budget)
-        try:
-            self.ds_config = build_ds_config(self.tcfg, self.ocfg, self.world, on_cuda=self.on_cuda,
-                                             load_universal=universal_dir is not None,
-                                             num_params=sum(p.numel() for p in model.parameters()))
-        except ValueError as e:
-            raise TrainingError(f"{cfg.source}: {e}") from None
-        self.accum = self.ds_config["gradient_accumulation_steps"]
-        # ZeRO-1/2 flatten the weights in this order: 16-byte aligned wherever their sizes allow (ds_config.py).
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=aligned_param_order(model.parameters()), config=self.ds_config)
-        # The dtype of the engine's weights: the model input is cast to it, the output back to fp32.
-        self.model_dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
-        self.diffusion = create_diffusion(cfg.diffusion)
-
-        # ZeRO-1/2: the gradients of a step reduced in one pass, without DeepSpeed's per-parameter hooks
-        from lamamba_dist.train.ds_internals import FusedGradients, fused_gradients_unsupported
-
-        self.grads: Optional[FusedGradients] = None
-        if self.tcfg.grad_reduction == "fused":
-            why = fused_gradients_unsupported(self.engine)
-            if why is None:
-                self.grads = FusedGradients(self.engine, self.accum)
-            elif self.tcfg.zero_stage in (1, 2):
-                self.info(f"gradient reduction: DeepSpeed's per-parameter hooks ({why})")
-
-        from lamamba_dist.train.nonfinite import NonFiniteGuard
-
-        self.guard = NonFiniteGuard(self.engine, world_size=self.world, device=self.device)
-
-        from lamamba_dist.train.ema import ZeroEMA
-
-        self.ema = ZeroEMA(self.engine.module, self.ocfg.ema_decay, rank=self.rank)
+        # ---------------------------------------------------------- model, engine, objective (engine.py)
+        parts = build_engine(cfg, rank=self.rank, world=self.world, on_cuda=self.on_cuda, device=self.device,
+                             init_on_device=init_on_device, load_universal=universal_dir is not None, info=self.info)
+        self.engine, self.ds_config, self.accum = parts.engine, parts.ds_config, parts.accum
+        self.model_dtype, self.diffusion, self.latent_size = parts.model_dtype, parts.diffusion, parts.latent_size
+        self.class_dropout, self.null_class = parts.class_dropout, parts.null_class
+        self.grads, self.guard, self.ema = parts.grads, parts.guard, parts.ema
         self.ckpt.attach(self.engine, self.ema)
 
         # ---------------------------------------------------------- training state
@@ -306,8 +153,8 @@ class Trainer:
             self.run_id = self._bcast(new_run_id() if self.is_main else None)
 
         self.loader = self.build_loader(self.tcfg.micro_batch, loader_state)
-        self.flops_per_image = self._flops_per_image()
-        self.vae_meta = self._vae_meta()
+        self.flops_per_image = flops_per_image(cfg, self.info)
+        self.vae_meta = vae_meta(cfg)
         from lamamba_dist.train.watch import RunWatcher
 
         self.watch = RunWatcher(cfg, engine=self.engine, ema=self.ema, dist=dist, rank=self.rank, world=self.world,
@@ -345,30 +192,6 @@ class Trainer:
         box = [obj]
         self.dist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def _vae_meta(self) -> dict:
-        """The VAE the latents were made with (from the shard manifest), so samplers decode with the right one."""
-        if self.cfg.data.shards == "synthetic":
-            return {}
-        try:
-            from lamamba_dist.data.loader import resolve_shards
-
-            man = resolve_shards(self.cfg.data.shards)[0]
-            out = {"vae": man.get("vae"), "vae_scale": man.get("scale_factor")}
-            return {k: v for k, v in out.items() if v is not None}
-        except Exception:  # informative only
-            return {}
-
-    def _flops_per_image(self) -> Optional[float]:
-        try:
-            from lamamba_dist.flops import model_stats
-
-            m = self.cfg.model
-            st = model_stats(m.name, m.resolution, num_classes=m.num_classes, arch_overrides=m.arch_overrides)
-            return 6.0 * st["gmacs"] * 1e9
-        except Exception as e:  # MFU is informative only
-            self.info(f"model FLOPs unknown ({e}); TFLOP/s and MFU not reported")
-            return None
 
     # ------------------------------------------------------------------ checkpoints (checkpointing.py)
     def _load(self, step_dir: Path, universal_dir: Optional[Path]) -> Optional[dict]:
@@ -592,7 +415,7 @@ class Trainer:
     def _after_step(self, res: dict, stop: bool, lp: _Loop):
         """The loop's work after a settled step: counters, the non-finite streak (rollback), the log line, samples,
         checkpoints, a stop or ``exit_after``. Returns None to go on, :data:`ROLLED_BACK`, or the exit code."""
-        from lamamba_dist.train.monitor import status_line
+        from lamamba_dist.train.monitor import status_line, step_record
 
         t = self.tcfg
         self.ckpt.on_step(res["ckpt_counts"])  # publishes a save every rank has written; raises if one failed
@@ -640,28 +463,11 @@ class Trainer:
         if self.step % t.log_every == 0 or self.step == t.steps:
             snap = lp.meter.snapshot()
             gnorm = res["grad_norm"] if res["grad_norm"] is not None else self.guard.grad_norm()
-            rec = {
-                "step": self.step, "images_seen": self.images_seen,
-                "loss": lp.loss_acc / lp.n_acc if lp.n_acc else None,
-                "grad_norm": float(gnorm) if gnorm is not None else None,
-                "lr": float(self.engine.get_lr()[0]), "img_per_s": snap["img_per_s"],
-                "sec_per_step": snap["dt"] / max(snap["steps"], 1), "data_wait": snap["data_wait"],
-                "skipped": self.skipped_total, "world_size": self.world, "time": time.time(),
-            }
-            if self.flops_per_image:
-                rec["tflops_per_gpu"] = snap["img_per_s"] * self.flops_per_image / self.world / 1e12
-                rec["mfu"] = rec["tflops_per_gpu"] / lp.peak if lp.peak else None
-            if self.ckpt.pending_records:  # the saves published since the last line
-                saves = self.ckpt.pending_records
-                rec["ckpt_blocked_s"] = round(sum(r["blocked_s"] + r["wait_s"] for r in saves), 3)
-                rec["ckpt_write_s"] = round(sum(r["write_s"] for r in saves), 3)
-                self.ckpt.pending_records = []
-            if self.on_cuda:
-                rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            else:
-                import resource
-
-                rec["peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            saves, self.ckpt.pending_records = self.ckpt.pending_records, []  # published since the last line
+            rec = step_record(self.step, self.images_seen, lp.loss_acc / lp.n_acc if lp.n_acc else None, gnorm,
+                              float(self.engine.get_lr()[0]), snap, skipped=self.skipped_total,
+                              world=self.world, flops_per_image=self.flops_per_image, peak_tflops=lp.peak,
+                              saves=saves, on_cuda=self.on_cuda)
             if self.is_main:
                 lp.bar.write(status_line(rec), file=sys.stderr)
                 lp.stats.write(rec)
@@ -672,8 +478,7 @@ class Trainer:
             lp.meter.reset()
 
         if not stop and self.watch.enabled:  # skipped when stopping: the save comes first
-            spent = self._watch(lp.stats, lp.wb)
-            lp.meter.t0 += spent  # kept out of img/s
+            lp.meter.t0 += self.watch.run_due(self.step, self.images_seen, lp.stats, lp.wb)  # kept out of img/s
         if stop:
             self.info(f"stop requested ({stop_reason() or 'another rank'}): saving at step {self.step}")
             self.save()
@@ -687,33 +492,6 @@ class Trainer:
             self.info(f"[train] exit_after = {t.exit_after} steps reached: exiting for requeue")
             return EXIT_REQUEUE
         return None
-
-    def _watch(self, stats, wb) -> float:
-        """Collective. This step's sample grid and FID where due (watch.py); returns the seconds they took."""
-        do_samples, do_fid = self.watch.due(self.step)
-        spent = 0.0
-        if do_samples:
-            path, secs = self.watch.sample_grid(self.step)
-            spent += secs
-            if self.is_main:
-                self.info(f"samples at step {self.step}: {path} ({secs:.1f}s)")
-                if stats:
-                    stats.write({"event": "samples", "step": self.step, "images_seen": self.images_seen,
-                                 "path": str(path), "seconds": round(secs, 3), "time": time.time()})
-                if wb:
-                    wb.log_image("samples", path, self.step, caption=f"step {self.step}")
-        if do_fid:
-            value, secs = self.watch.fid(self.step)
-            spent += secs
-            if self.is_main:
-                n = self.tcfg.fid_samples
-                self.info(f"FID at step {self.step}: {value:.2f} ({n} samples, {secs:.1f}s; not the paper's 50k FID)")
-                if stats:
-                    stats.write({"event": "fid", "step": self.step, "images_seen": self.images_seen, "fid": value,
-                                 "samples": n, "seconds": round(secs, 3), "time": time.time()})
-                if wb:
-                    wb.log({f"fid{n // 1000}k" if n >= 1000 else f"fid{n}": value}, self.step)
-        return spent
 
     def close(self) -> None:
         try:

@@ -76,10 +76,39 @@ class RunWatcher:
         return bool(t.sample_every and step % t.sample_every == 0), bool(t.fid_every and step % t.fid_every == 0)
 
     # ------------------------------------------------------------------ shared parts
+    def run_due(self, step: int, images_seen: int, stats=None, wb=None) -> float:
+        """Collective. The sample grid and FID due at ``step``: written, logged (status line, ``stats.jsonl``
+        records, wandb on rank 0); returns the seconds they took (the trainer keeps them out of img/s)."""
+        do_samples, do_fid = self.due(step)
+        spent = 0.0
+        main = self.rank == 0
+        if do_samples:
+            path, secs = self.sample_grid(step)
+            spent += secs
+            if main:
+                self.info(f"samples at step {step}: {path} ({secs:.1f}s)")
+                if stats:
+                    stats.write({"event": "samples", "step": step, "images_seen": images_seen,
+                                 "path": str(path), "seconds": round(secs, 3), "time": time.time()})
+                if wb:
+                    wb.log_image("samples", path, step, caption=f"step {step}")
+        if do_fid:
+            value, secs = self.fid(step)
+            spent += secs
+            if main:
+                n = self.t.fid_samples
+                self.info(f"FID at step {step}: {value:.2f} ({n} samples, {secs:.1f}s; not the paper's 50k FID)")
+                if stats:
+                    stats.write({"event": "fid", "step": step, "images_seen": images_seen, "fid": value,
+                                 "samples": n, "seconds": round(secs, 3), "time": time.time()})
+                if wb:
+                    wb.log({f"fid{n // 1000}k" if n >= 1000 else f"fid{n}": value}, step)
+        return spent
+
     def _ema_model(self):
         """Collective. A model holding the full fp32 EMA weights (rebuilt weights every call, the module once)."""
         if self._model is None:
-            from lamamba_dist.train.trainer import build_model
+            from lamamba_dist.train.engine import build_model
 
             with training_rng_untouched():
                 self._model = build_model(self.cfg, self.device).eval().requires_grad_(False)
