@@ -23,18 +23,11 @@ import torch
 from lamamba_dist.ops.selective_scan import BACKENDS as SCAN_BACKENDS
 from lamamba_dist.ops.window_attention import BACKENDS as ATTN_BACKENDS
 
-# Dense bf16 matrix peak used for MFU (the device notes' working figure for an H200 / H100 SXM).
-PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0}
-
-
 def device_peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, val in PEAK_TFLOPS.items():
-        if key in name:
-            return val
-    return None
+    """The bf16 peak used for MFU (lamamba_dist/flops.py), None off GPUs or for an unknown GPU."""
+    from lamamba_dist.flops import peak_bf16_tflops
+
+    return peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def _is_number(v) -> bool:
@@ -257,6 +250,8 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
     from lamamba_dist.flops import train_flops_per_image
     from lamamba_dist.models import create_model
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -266,8 +261,6 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
         model = create_model(name, resolution=resolution, grad_checkpointing=grad_checkpointing,
                              scan_backend=scan_backend, attn_backend=attn_backend,
                              lean_scan_backward=lean_scan_backward)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     model.train()
     diffusion = create_diffusion()
     fused = device.type == "cuda"

@@ -14,6 +14,19 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
+# Dense bf16 matmul peak per GPU, for MFU: ~790 TFLOP/s on an H100/H200 (the rate measured on an H200; the
+# datasheet says 989). The trainer's status line and `lamamba bench` both use this table.
+PEAK_BF16_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of the GPU named ``device_name`` (``torch.cuda.get_device_name``), None if unknown."""
+    for key, val in PEAK_BF16_TFLOPS.items():
+        if key in device_name:
+            return val
+    return None
+
+
 def _hashable(v):
     return tuple(_hashable(x) for x in v) if isinstance(v, (list, tuple)) else v
 

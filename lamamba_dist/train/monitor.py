@@ -20,12 +20,8 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-# Peak dense bf16 TFLOP/s per GPU used for MFU. H100/H200: ~790 TFLOP/s (the dense bf16 matmul rate measured on
-# an H200; the datasheet says 989), the figure lamamba bench uses too (lamamba_dist/bench.py PEAK_TFLOPS).
-PEAK_BF16_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
 def peak_tflops(precision: str) -> Optional[float]:
+    """The peak used for MFU on this process's GPU (lamamba_dist/flops.py), in ``precision``."""
     try:
         import torch
 
@@ -34,10 +30,12 @@ def peak_tflops(precision: str) -> Optional[float]:
         name = torch.cuda.get_device_name()
     except Exception:  # pragma: no cover
         return None
-    for key, val in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return val if precision.startswith("bf16") else val / 2  # TF32 tensor cores: half the bf16 rate
-    return None
+    from lamamba_dist.flops import peak_bf16_tflops
+
+    val = peak_bf16_tflops(name)
+    if val is None:
+        return None
+    return val if precision.startswith("bf16") else val / 2  # TF32 tensor cores: half the bf16 rate
 
 
 def new_run_id() -> str:
