@@ -17,9 +17,10 @@
 #               `lamamba bench` (a plain PyTorch loop), MODELS at 256 px, micro-batches MICROS
 #      COMPILED the same with the blocks compiled (default scan backend), micro-batches CMICROS (default MICRO):
 #               compiled training must run
-#   CKPT=1 (off by default: about 100 s, beyond the 8 minutes) adds `lamamba train` (RESUME's config) with a
-#   background save at step CKPT_AT (100): the time training was blocked, and img/s while the save is written
-#   (about 20 s of steps) vs img/s over the steps before it (summary "background_save"). Alone: TESTS=0 RESUME=0 EAGER=0 COMPILED=0 CKPT=1 bash scripts/gpu_check.sh OUT
+#   CKPT=1 (off by default: about 120 s, beyond the 8 minutes) adds `lamamba train` (RESUME's config) with a
+#   background save at step CKPT_AT (200): the time training was blocked, and img/s while the save is written
+#   (about 20 s of steps) vs img/s over the steps before it and the CKPT_AFTER (5) windows after it (summary
+#   "background_save"). Alone: TESTS=0 RESUME=0 EAGER=0 COMPILED=0 CKPT=1 bash scripts/gpu_check.sh OUT
 #   AB=1 (off by default) adds the precision A/B: bf16 vs bf16_autocast, both models (AB_CONFIGS: others), AB_STEPS
 #   steps from one start.
 #   ABA=1 (off by default) runs the model rows again after the trainer's (model, trainer, model): the ratio is then
@@ -161,18 +162,18 @@ fi
 
 if [ "${CKPT:-0}" = 1 ]; then
   # A periodic (background) save in timed training: the time training was blocked, and img/s while the save is
-  # written against img/s before it (10-step windows; killed once the save is published and one more window is
-  # logged: no final save to wait for)
+  # written against img/s before it and after it (10-step windows; killed once the save is published and
+  # CKPT_AFTER more windows are logged, before the next save is due: no final save to wait for)
   C="$O/ckpt"; rm -rf "$C"
-  mark "ckpt: a background save at step ${CKPT_AT:-100} of $RESUME_CONFIG"
+  mark "ckpt: a background save at step ${CKPT_AT:-200} of $RESUME_CONFIG"
   setsid timeout $(left) $LAMAMBA train --config $RESUME_CONFIG --set 'data.shards="synthetic"' \
     --set "checkpoint.dir=\"$C\"" --set train.micro_batch=$MICRO --set train.global_batch=$MICRO \
-    --set train.steps=100000 --set checkpoint.every=${CKPT_AT:-100} --set train.log_every=10 --set train.zero_stage=2 \
+    --set train.steps=100000 --set checkpoint.every=${CKPT_AT:-200} --set train.log_every=10 --set train.zero_stage=2 \
     --set 'train.precision="bf16"' --set data.num_workers=${WORKERS:-4} > "$O/ckpt.log" 2>&1 &
   cpid=$!
   while kill -0 $cpid 2>/dev/null; do
-    n=$(grep -A1 '"event": "checkpoint"' "$C/stats.jsonl" 2>/dev/null | wc -l)
-    [ "$n" -ge 2 ] && break
+    n=$(grep -A${CKPT_AFTER:-5} '"event": "checkpoint"' "$C/stats.jsonl" 2>/dev/null | wc -l)
+    [ "$n" -ge $(( ${CKPT_AFTER:-5} + 1 )) ] && break
     sleep 0.2
   done
   kill -9 -- -$cpid 2>/dev/null; wait $cpid 2>/dev/null

@@ -144,9 +144,11 @@ def precision_ab(out: Path) -> list | None:
 
 
 def background_save(out: Path, threshold_s: float = 3.0) -> dict | None:
-    """Part CKPT: the periodic save's blocked time (at most ``threshold_s``), and img/s while it is written (the
-    10-step windows after the save that ended before its last file was written: a later window may hold the next
-    save's wait for this one) against the windows before it (the first one is warm-up)."""
+    """Part CKPT: the periodic save's blocked time (at most ``threshold_s``), and img/s over the 10-step windows
+    written while it is written (after the save, ended before its last file was) against the windows without a
+    save in flight: before the save (the first window is warm-up) and after the write (started after it ended).
+    Comparing to both sides keeps a drift of the machine's speed over the run out of the ratio; the ratios to
+    each side alone are reported too. A window holding the next save's wait for this one is in neither."""
     stats = out / "ckpt" / "stats.jsonl"
     if not stats.is_file():
         return None
@@ -156,13 +158,22 @@ def background_save(out: Path, threshold_s: float = 3.0) -> dict | None:
     res: dict = {"saves": saves, "windows": [(r["step"], round(r["img_per_s"], 1)) for r in windows]}
     if saves:
         sv = saves[0]
+        ended = sv.get("write_ended", sv["time"])
+        later = saves[1]["step"] if len(saves) > 1 else float("inf")
         before = [r for r in windows[1:] if r["step"] <= sv["step"]]
-        after = [r for r in windows if r["step"] > sv["step"]]
-        during = [r for r in after if r["time"] <= sv.get("write_ended", sv["time"])] or after[:1]
-        if before and during:
-            spd = lambda rs: sum(r["sec_per_step"] for r in rs) / len(rs)  # noqa: E731 (equal-size windows)
-            res["img_per_s_ratio"] = spd(before) / spd(during)
-            res["compared"] = {"before": [r["step"] for r in before], "during": [r["step"] for r in during]}
+        after_save = [r for r in windows if r["step"] > sv["step"]]
+        during = [r for r in after_save if r["time"] <= ended] or after_save[:1]
+        starts = {b["step"]: a["time"] for a, b in zip(windows, windows[1:])}  # a window starts where the last ended
+        after = [r for r in after_save if r not in during and starts.get(r["step"], 0.0) >= ended
+                 and r["step"] < later]
+        spd = lambda rs: sum(r["sec_per_step"] for r in rs) / len(rs)  # noqa: E731 (equal-size windows)
+        if (before or after) and during:
+            res["img_per_s_ratio"] = spd(before + after) / spd(during)
+            for side, rs in (("before", before), ("after", after)):
+                if rs:
+                    res[f"img_per_s_ratio_to_{side}"] = spd(rs) / spd(during)
+            res["compared"] = {"before": [r["step"] for r in before], "during": [r["step"] for r in during],
+                               "after": [r["step"] for r in after]}
         res["blocked_s"] = sv["blocked_s"] + sv["wait_s"]
     res["ok"] = bool(saves and res["blocked_s"] <= threshold_s and res.get("img_per_s_ratio", 0) >= 0.95)
     return res

@@ -38,7 +38,8 @@ def test_resume_check_compares_the_steps_the_killed_run_logged_after_the_checkpo
 
 
 def test_background_save_windows_are_the_ones_written_during_the_write(tmp_path):
-    """The windows after the save that ended before its write did: not the one holding the next save's wait."""
+    """The windows after the save that ended before its write did, against those before it and those that started
+    after the write ended; not the one holding the next save's wait."""
     win = lambda step, t, sps: {"step": step, "time": t, "sec_per_step": sps, "img_per_s": 32 / sps}  # noqa: E731
     recs = [win(10, 10.0, 0.5), win(20, 12.0, 0.2), win(30, 14.0, 0.2), win(40, 16.0, 0.2),
             win(50, 18.1, 0.21), win(60, 20.2, 0.21), win(70, 22.3, 0.21), win(80, 24.4, 0.21),
@@ -47,12 +48,32 @@ def test_background_save_windows_are_the_ones_written_during_the_write(tmp_path)
             win(90, 36.5, 1.2)]  # the step-80 save waited for the step-40 one: not a window of the write
     _write(tmp_path / "ckpt" / "stats.jsonl", recs)
     res = summary.background_save(tmp_path)
-    assert res["compared"] == {"before": [20, 30, 40], "during": [50, 60, 70, 80]}
+    assert res["compared"] == {"before": [20, 30, 40], "during": [50, 60, 70, 80], "after": []}
     assert abs(res["img_per_s_ratio"] - 0.2 / 0.21) < 1e-9 and res["ok"]
     # a save that blocked training for longer than the threshold fails
     recs[8]["blocked_s"] = 3.5
     _write(tmp_path / "ckpt" / "stats.jsonl", recs)
     assert not summary.background_save(tmp_path)["ok"]
+
+
+def test_background_save_compares_to_windows_before_and_after_the_write(tmp_path):
+    """A machine that slows down over the run: the write's windows are compared to both sides (the ratio to the
+    windows before alone would blame the write for the drift). The window straddling the write's end is in
+    neither side, and a window at or after the next save is left out."""
+    win = lambda step, t, sps: {"step": step, "time": t, "sec_per_step": sps, "img_per_s": 32 / sps}  # noqa: E731
+    recs = [win(10, 5.0, 0.5), win(20, 7.0, 0.20), win(30, 9.0, 0.20),  # before (10: warm-up)
+            win(40, 11.2, 0.22), win(50, 13.4, 0.22),  # during (the write ends at 13.5)
+            win(60, 15.7, 0.23),  # started before the write ended, ended after: neither side
+            {"event": "checkpoint", "step": 30, "blocked_s": 0.3, "wait_s": 0.0, "write_ended": 13.5, "time": 15.8},
+            win(70, 18.1, 0.24), win(80, 20.5, 0.24),  # after
+            {"event": "checkpoint", "step": 90, "blocked_s": 0.3, "wait_s": 0.0, "write_ended": 30.0, "time": 31.0},
+            win(90, 22.9, 0.24), win(100, 26.0, 0.31)]  # from the next save on: left out
+    _write(tmp_path / "ckpt" / "stats.jsonl", recs)
+    res = summary.background_save(tmp_path)
+    assert res["compared"] == {"before": [20, 30], "during": [40, 50], "after": [70, 80]}
+    assert abs(res["img_per_s_ratio"] - 0.22 / 0.22) < 1e-9 and res["ok"]
+    assert abs(res["img_per_s_ratio_to_before"] - 0.20 / 0.22) < 1e-9
+    assert abs(res["img_per_s_ratio_to_after"] - 0.24 / 0.22) < 1e-9
 
 
 def test_source_digest_follows_the_code_and_ignores_caches(tmp_path):

@@ -439,3 +439,27 @@ def test_seed_rng_draws_like_torch_manual_seed():
         seed_rng(123, dev)
         got = torch.randn(5, device=dev), torch.rand(3)
         assert all(torch.equal(a, b) for a, b in zip(ref, got)), dev
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are a POSIX (Linux) feature")
+def test_checkpoint_writer_thread_runs_at_a_lower_cpu_priority_than_training():
+    """The background writer lowers its own thread's priority (checkpointing.WRITER_NICE), not the process's: the
+    training thread that queues the GPU's work keeps its priority."""
+    import threading
+
+    from lamamba_dist.train.checkpointing import WRITER_NICE
+    from lamamba_dist.train.snapshot import lower_thread_priority
+
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def writer():
+        seen["ok"] = lower_thread_priority(WRITER_NICE)
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    t = threading.Thread(target=writer)
+    t.start()
+    t.join()
+    assert WRITER_NICE > 0 and seen["ok"]
+    assert seen["nice"] == min(19, main_before + WRITER_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before

@@ -40,9 +40,13 @@ import torch
 from lamamba_dist.hashing import sha256_file
 from lamamba_dist.train import checkpoint as ckpt
 from lamamba_dist.train.faults import enospc, fault, fault_hit
-from lamamba_dist.train.snapshot import HostBuffers, SnapshotEngine, fsync_file, save_hashed
+from lamamba_dist.train.snapshot import (HostBuffers, SnapshotEngine, fsync_file, lower_thread_priority,
+                                         save_hashed)
 
 DIGESTS_DIR = ".digests"
+# The background writer's CPU priority (nice, Linux: per thread): where the host is busy, the training thread
+# that queues the GPU's work goes first; the write only needs to end before the next save is due.
+WRITER_NICE = 10
 
 
 class TrainingError(RuntimeError):
@@ -408,6 +412,7 @@ class CheckpointManager:
             self._thread.start()
 
     def _writer(self) -> None:
+        lower_thread_priority(WRITER_NICE)
         while True:
             sv = self._queue.get()
             if sv is None:

@@ -162,6 +162,19 @@ class SnapshotEngine:
         return False  # every tensor is copied on its own: DeepSpeed need not clone views first
 
 
+def lower_thread_priority(nice: int) -> bool:
+    """Raise the calling thread's nice value by ``nice`` (Linux schedules threads one by one: the process's other
+    threads keep theirs). Returns whether it took effect; elsewhere, or where refused, nothing changes."""
+    if nice <= 0 or not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:
+        return False
+    return True
+
+
 def fsync_file(path: Path) -> None:
     fd = os.open(str(path), os.O_RDONLY)
     try:
