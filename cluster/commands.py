@@ -1,4 +1,4 @@
-"""`lamamba submit`, `lamamba status`, `lamamba cancel`: thin CLI over :mod:`cluster.launcher`."""
+"""`lamamba submit`, `lamamba status`, `lamamba cancel`: thin CLI over :mod:`lamamba_dist.cluster.launcher`."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _add_submit(sub, name: str, help_text: str):
 
 
 def _request(args):
-    from cluster.launcher import SubmitRequest
+    from lamamba_dist.cluster.launcher import SubmitRequest
 
     return SubmitRequest(
         config=args.config, time_min=args.time_min, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
@@ -69,7 +69,7 @@ def _request(args):
 
 
 def run_submit(args) -> int:
-    from cluster import launcher, slurm
+    from lamamba_dist.cluster import launcher, slurm
     from lamamba_dist.errors import CLIError
 
     req = _request(args)
@@ -108,8 +108,8 @@ def _add_status(sub, name: str, help_text: str):
 
 def job_status(job_dir: Path) -> dict:
     """Everything `lamamba status` shows, as a dict."""
-    from cluster import launcher, slurm
-    from cluster.job import EVENTS_FILE
+    from lamamba_dist.cluster import launcher, slurm
+    from lamamba_dist.cluster.job import EVENTS_FILE
 
     rec = launcher.read_job_record(job_dir)
     if rec is None:
@@ -149,7 +149,7 @@ def job_status(job_dir: Path) -> dict:
 
 
 def run_status(args) -> int:
-    from cluster import launcher
+    from lamamba_dist.cluster import launcher
     from lamamba_dist.errors import CLIError
 
     try:
@@ -193,8 +193,8 @@ def _add_cancel(sub, name: str, help_text: str):
 
 
 def run_cancel(args) -> int:
-    from cluster import launcher, slurm
-    from cluster.job import STOP_FILE
+    from lamamba_dist.cluster import launcher, slurm
+    from lamamba_dist.cluster.job import STOP_FILE
     from lamamba_dist.errors import CLIError
 
     job_dir = Path(args.job_dir).absolute()

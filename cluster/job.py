@@ -138,7 +138,7 @@ class TrainJob:
         """Why the trainer was stopped: 'preempted', 'time limit', 'cancel --save' or 'signal'."""
         if (Path(self.job_dir) / STOP_FILE).exists():
             return "cancel --save"
-        from cluster import slurm
+        from lamamba_dist.cluster import slurm
 
         rec = None
         try:
@@ -223,7 +223,7 @@ class TrainJob:
         """Rank 0, after a signal-triggered save: requeue (or not) and record why."""
         from submitit.core.utils import JobPaths
 
-        from cluster import slurm
+        from lamamba_dist.cluster import slurm
 
         reason = self.stop_reason()
         restarts = restart_count()

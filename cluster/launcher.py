@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from cluster import slurm
-from cluster.job import DEFAULT_ENTRY
+from lamamba_dist.cluster import slurm
+from lamamba_dist.cluster.job import DEFAULT_ENTRY
 
 SUBMITIT_COMMAND = "-u -m submitit.core._submit"
 
@@ -296,7 +296,7 @@ def submit(req: SubmitRequest, argv: Optional[list[str]] = None) -> Submission:
     """Validate, write the job folder, submit one job; returns its id. Raises SubmitError before queueing."""
     import submitit
 
-    from cluster.job import STOP_FILE, TrainJob
+    from lamamba_dist.cluster.job import STOP_FILE, TrainJob
     from lamamba_dist.config import to_dict
 
     cfg, job_dir, partition = prepare(req, check_cluster=True)

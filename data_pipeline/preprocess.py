@@ -39,10 +39,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from data_pipeline.images import (READ_TIMEOUT_S, SourceError, SourceImage, file_list_digest, load_image, scan_source,
-                                  split_folder)
 from lamamba_dist.data.shards import (FORMAT_VERSION, MANIFEST_NAME, encode_sample, sample_key, shard_name,
                                       write_json_atomic, write_tar_atomic)
+from lamamba_dist.data_pipeline.images import (READ_TIMEOUT_S, SourceError, SourceImage, file_list_digest,
+                                               load_image, scan_source, split_folder)
 from lamamba_dist.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class EncodeActor:
     """Ray Data actor: posterior of the decoded images (skipped rows get zero latents, ignored later)."""
 
     def __init__(self, vae: str, device: str, dtype: str, encode_batch: int, threads: int):
-        from data_pipeline.vae import VaeEncoder
+        from lamamba_dist.data_pipeline.vae import VaeEncoder
 
         self.enc = VaeEncoder(vae, device=device, dtype=dtype, encode_batch=encode_batch, threads=threads)
         try:  # where this actor runs (the driver counts the images encoded per node)
@@ -316,7 +316,7 @@ def _encoder_layout(st: Settings) -> tuple[int, dict, str, int, float]:
 
 def run_preprocess(st: Settings) -> dict:
     """Run (or finish) the job; returns the final manifest."""
-    from data_pipeline.vae import VaeError, load_vae
+    from lamamba_dist.data_pipeline.vae import VaeError, load_vae
 
     if st.resolution % 8 != 0 or st.resolution < 16:
         raise PreprocessError(f"resolution {st.resolution}: must be a multiple of 8 and >= 16")
@@ -351,7 +351,7 @@ def _run_locked(st: Settings, out: Path, folder: Path, classes: list[str], image
                 scale: float) -> dict:
     from tqdm import tqdm
 
-    from data_pipeline.vae import vae_identity
+    from lamamba_dist.data_pipeline.vae import vae_identity
 
     record = _settings_record(st, folder, classes, images, scale, vae_identity(st.vae))
     old = _check_existing(out / MANIFEST_NAME, record)
@@ -416,7 +416,7 @@ def _run_ray(st: Settings, folder: str, rows: list[dict], writer: ShardWriter, t
 
 
 def add_parser(sub, name: str, help_text: str) -> None:
-    from data_pipeline.vae import DEFAULT_VAE, DTYPES
+    from lamamba_dist.data_pipeline.vae import DEFAULT_VAE, DTYPES
 
     p = sub.add_parser(name, help=help_text, description=(
         "Encode an ImageNet-style folder (SRC/train/<wnid>/*.JPEG, or SRC/<wnid>/*.JPEG) into WebDataset shards of "

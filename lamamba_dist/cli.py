@@ -32,12 +32,12 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("export", "lamamba_dist.train.export", "write a run's EMA (or raw) weights as one safetensors file"),
     ("report", "lamamba_dist.report", "an offline HTML report of a run (finished or live): curves, sample grids, checkpoint and requeue timeline"),
     ("demo", "lamamba_dist.demo", "end-to-end CPU demo: shapes dataset, tiny VAE, Ray preprocessing, 2-rank DeepSpeed training, sample grid"),
-    ("preprocess", "data_pipeline.preprocess", "encode an ImageNet-style folder into VAE-latent WebDataset shards with Ray (rerun resumes)"),
+    ("preprocess", "lamamba_dist.data_pipeline.preprocess", "encode an ImageNet-style folder into VAE-latent WebDataset shards with Ray (rerun resumes)"),
     ("bench-loader", "lamamba_dist.data.bench", "latent loader samples/s per worker on CPU (JSON)"),
-    ("bench-vae", "data_pipeline.vae", "VAE posterior-encode images/s of preprocessing, without Ray (JSON)"),
-    ("submit", "cluster.commands", "submit a training job to Slurm (submitit): one task per GPU, requeue + resume on preemption"),
-    ("status", "cluster.commands", "state, requeues, events, logs and checkpoints of a `lamamba submit` job folder"),
-    ("cancel", "cluster.commands", "cancel the Slurm job of a job folder (--save: checkpoint first, no requeue)"),
+    ("bench-vae", "lamamba_dist.data_pipeline.vae", "VAE posterior-encode images/s of preprocessing, without Ray (JSON)"),
+    ("submit", "lamamba_dist.cluster.commands", "submit a training job to Slurm (submitit): one task per GPU, requeue + resume on preemption"),
+    ("status", "lamamba_dist.cluster.commands", "state, requeues, events, logs and checkpoints of a `lamamba submit` job folder"),
+    ("cancel", "lamamba_dist.cluster.commands", "cancel the Slurm job of a job folder (--save: checkpoint first, no requeue)"),
 ]
 
 

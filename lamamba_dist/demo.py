@@ -7,7 +7,7 @@
    SD's VAE) trained for a minute or two on those images, saved with ``save_pretrained``; its
    ``scaling_factor`` is set to 1 / std of the latents; the posterior std starts small (e^-4) so that
    reconstruction is learned from the first steps. (A randomly initialised VAE would decode noise.)
-3. **Preprocessing**: the real Ray job (``data_pipeline.preprocess``) encodes the folder into latent shards.
+3. **Preprocessing**: the real Ray job (``lamamba_dist.data_pipeline.preprocess``) encodes the folder into latent shards.
 4. **Training**: ``lamamba train`` with DeepSpeed ZeRO-2 on 2 CPU ranks (torchrun, gloo, fp32), from
    ``configs/demo.toml``, checkpointing as usual.
 5. **Sampling**: ``lamamba sample --checkpoint RUN`` (EMA weights, DDIM + classifier-free guidance) decodes a
@@ -227,7 +227,7 @@ def run_demo(out: Path, *, per_class: int, vae_steps: int, steps: int | None, np
     log(f"[2/5] tiny AutoencoderKL in {out / 'vae'} (scaling factor {scale:.4f})")
 
     t = time.monotonic()
-    from data_pipeline.preprocess import Settings, run_preprocess
+    from lamamba_dist.data_pipeline.preprocess import Settings, run_preprocess
 
     st = Settings(src=str(out / "images"), out=str(out / "latents"), resolution=res, vae=str(out / "vae"),
                   shard_size=max(64, n // 4), num_cpus=2, num_actors=1, object_store_memory=200 << 20,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster import launcher, slurm
-from cluster.job import STOP_FILE, TrainJob, master_port
+from lamamba_dist.cluster import launcher, slurm
+from lamamba_dist.cluster.job import STOP_FILE, TrainJob, master_port
 from lamamba_dist.cli import main as cli_main
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -35,7 +35,7 @@ def test_bench_loader_cli(tmp_path):
 def test_bench_vae_cpu_with_local_vae(tmp_path):
     from image_folder import make_tiny_vae
 
-    from data_pipeline.vae import bench_vae
+    from lamamba_dist.data_pipeline.vae import bench_vae
 
     vae = make_tiny_vae(tmp_path / "vae")
     res = bench_vae(resolution=256, batch=2, dtype="fp32", vae=str(vae), device="cpu", warmup=1, iters=1)
@@ -47,7 +47,7 @@ def test_bench_vae_cpu_with_local_vae(tmp_path):
 
 @pytest.mark.gpu
 def test_bench_vae_gpu_bf16():
-    from data_pipeline.vae import bench_vae
+    from lamamba_dist.data_pipeline.vae import bench_vae
 
     res = bench_vae(resolution=256, batch=8, dtype="bf16", device="cuda", warmup=1, iters=2)
     assert res["images_per_s"] > 0 and res["peak_memory_gib"] > 0
@@ -59,7 +59,7 @@ def test_encoder_batch_invariant_on_gpu(dtype):
     """Byte-identical reruns on GPU need a sample's latents not to depend on its batch neighbours."""
     import numpy as np
 
-    from data_pipeline.vae import VaeEncoder
+    from lamamba_dist.data_pipeline.vae import VaeEncoder
 
     enc = VaeEncoder(None, device="cuda", dtype=dtype, encode_batch=8)
     x = np.random.default_rng(0).integers(0, 256, (11, 256, 256, 3), dtype=np.uint8)

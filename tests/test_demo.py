@@ -54,9 +54,15 @@ def test_demo_runs_from_another_folder_with_a_normal_install(tmp_path):
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = subprocess.run([str(py), "-c", "import lamamba_dist, data_pipeline; print(lamamba_dist.__file__); "
-                            "print(data_pipeline.__file__)"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    where = subprocess.run([str(py), "-c", "import lamamba_dist, lamamba_dist.data_pipeline, lamamba_dist.cluster; "
+                            "print(lamamba_dist.__file__); print(lamamba_dist.data_pipeline.__file__); "
+                            "print(lamamba_dist.cluster.__file__)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True)
     assert where.returncode == 0 and all(str(venv) in line for line in where.stdout.split()), where.stdout + where.stderr
+    # installed inside our namespace only: a user's own top-level `cluster` / `data_pipeline` cannot collide with ours
+    for name in ("cluster", "data_pipeline"):
+        res = subprocess.run([str(py), "-c", f"import {name}"], cwd=elsewhere, env=env, capture_output=True, text=True)
+        assert res.returncode != 0 and "ModuleNotFoundError" in res.stderr, (name, res.stdout, res.stderr)
     run_env = {**train_env(), "PIP_CACHE_DIR": env["PIP_CACHE_DIR"]}
     run_env.pop("PYTHONPATH", None)
     res = subprocess.run([str(venv / "bin" / "lamamba"), "demo", "--out", "rel/demo", "--per-class", "16",

@@ -110,7 +110,7 @@ def _per_node(log: str) -> dict:
 
 @pytest.mark.timeout(1200)
 def test_preprocess_on_two_ray_nodes_matches_one_node_and_survives_losing_the_worker(two_node_ray, tmp_path):
-    from data_pipeline.preprocess import Settings, run_preprocess
+    from lamamba_dist.data_pipeline.preprocess import Settings, run_preprocess
 
     # more than 128 rows: Ray Data cuts them into two blocks or more (one block goes to one encoder)
     src = make_image_folder(tmp_path / "imagenet", size=64, per_class=45)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.images import SourceError, center_crop_arr, load_image, scan_source, split_folder
-from data_pipeline.preprocess import PreprocessError, Settings, plan_shards, run_preprocess
+from lamamba_dist.data_pipeline.images import SourceError, center_crop_arr, load_image, scan_source, split_folder
+from lamamba_dist.data_pipeline.preprocess import PreprocessError, Settings, plan_shards, run_preprocess
 from image_folder import PLANTED_CONVERTED, PLANTED_SKIPPED, make_image_folder, make_tiny_vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_plan_shards_deterministic_and_complete():
 
 
 def test_encoder_batch_invariant_and_flip_layout(assets):
-    from data_pipeline.vae import VaeEncoder
+    from lamamba_dist.data_pipeline.vae import VaeEncoder
 
     _, vae = assets
     enc = VaeEncoder(str(vae), encode_batch=4)
@@ -98,8 +98,8 @@ def test_encoder_batch_invariant_and_flip_layout(assets):
 
 
 def test_rerun_with_other_settings_is_refused(assets, tmp_path):
-    from data_pipeline.preprocess import _settings_record
-    from data_pipeline.vae import vae_identity
+    from lamamba_dist.data_pipeline.preprocess import _settings_record
+    from lamamba_dist.data_pipeline.vae import vae_identity
 
     src, vae = assets
     st = Settings(src=str(src), out=str(tmp_path), resolution=64, vae=str(vae))
@@ -170,7 +170,7 @@ def test_ray_preprocess_end_to_end_killed_and_rerun(assets, tmp_path):
     assert all(note in converted[p] for p, note in PLANTED_CONVERTED.items())
     assert man["images_written"] == n - len(PLANTED_SKIPPED) == sum(s["count"] for s in man["shards"])
     # shard contents: names, key order, members, labels, latents equal to a direct encode
-    from data_pipeline.vae import VaeEncoder
+    from lamamba_dist.data_pipeline.vae import VaeEncoder
 
     enc = VaeEncoder(str(vae), encode_batch=4, threads=1)  # CPU actors run one thread
     by_rel = {im.rel: im for im in images}
@@ -250,7 +250,7 @@ def _tiny_png(path):
 
 def test_scan_visits_each_real_directory_once_and_never_opens_special_files(tmp_path):
     """`ln -s .. n01/loop` used to multiply the images (all labelled class 0); a FIFO named *.JPEG hung the job."""
-    from data_pipeline.images import scan_source
+    from lamamba_dist.data_pipeline.images import scan_source
 
     for wnid in ("n01", "n02"):
         (tmp_path / wnid).mkdir()
@@ -278,7 +278,7 @@ def test_a_read_that_stalls_times_out_and_the_image_is_skipped(tmp_path, monkeyp
     later reads still work. The hang is a FIFO without a writer behind the real read path."""
     import time
 
-    from data_pipeline import images
+    from lamamba_dist.data_pipeline import images
 
     _tiny_png(tmp_path / "ok.png")
     fifo = tmp_path / "stuck"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import launcher, slurm
+from lamamba_dist.cluster import launcher, slurm
 
 REPO = Path(__file__).resolve().parent.parent
 HARNESS_CONF = REPO / ".cache" / "slurm" / "etc" / "slurm.conf"
@@ -215,7 +215,7 @@ def test_two_task_deepspeed_job_trains_to_the_end(reference_run):
     assert [r["step"] for r in _stats(run_dir)] == list(range(1, STEPS + 1))
     assert "export DS_ACCELERATOR=cpu" in (job_dir / "sbatch.sh").read_text()
     # `lamamba status` reads the same folder.
-    from cluster.commands import job_status
+    from lamamba_dist.cluster.commands import job_status
 
     st = job_status(job_dir)
     assert st["state"] == "COMPLETED" and st["restarts"] == 0 and st["checkpoints"][-1] == final.name

@@ -115,7 +115,7 @@ def test_lamamba_submit_trains_on_two_nodes(two_node_reference):
 
     from test_slurm_cluster import STEPS, _diagnose, _events, _final_step_dir, _stats
 
-    from cluster import slurm
+    from lamamba_dist.cluster import slurm
 
     job_id, job_dir, run_dir = (two_node_reference[k] for k in ("job_id", "job_dir", "run_dir"))
     assert [r["State"] for r in slurm.job_history(job_id)] == ["COMPLETED"], _diagnose(job_dir)
@@ -172,7 +172,7 @@ def test_a_node_failing_without_warning_costs_only_the_steps_since_the_last_chec
     from test_slurm_cluster import (STEPS, _diagnose, _event, _events, _final_step_dir, _load, _stats, _wait,
                                     _write_config)
 
-    from cluster import launcher, slurm
+    from lamamba_dist.cluster import launcher, slurm
     from lamamba_dist.train.checkpoint import raw_weights
 
     cfg = _write_config(tmp_path)

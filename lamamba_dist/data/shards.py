@@ -11,7 +11,7 @@ file stem). Members of a sample::
 
 Shards are named ``{split}-{index:06d}.tar``; members are written in key order with fixed
 metadata (mtime 0, uid/gid 0, mode 0644), so the bytes of a shard are a pure function of its
-samples. ``manifest.json`` next to the shards describes them (see ``data_pipeline.preprocess``).
+samples. ``manifest.json`` next to the shards describes them (see ``lamamba_dist.data_pipeline.preprocess``).
 No latent sample is drawn when writing: the loader draws ``z = (mean + exp(logvar/2) * eps) * scale``.
 """
 
