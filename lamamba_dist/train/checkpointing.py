@@ -533,6 +533,10 @@ class CheckpointManager:
     def _fail(self) -> None:
         """Collective. Some rank's write (or rank 0's publish) failed: remove the folder, raise on every rank."""
         sv = self.in_flight or self._failed_save
+        if sv is not None:
+            # this rank's writer may still be writing into the folder (another rank failed first): let it end, so
+            # that no file lands in the folder after it is removed (the gather below waits for every rank's)
+            sv.done.wait()
         mine = (sv.step if sv is not None else -1, self._publish_error or (sv.error if sv is not None else None))
         errors = [mine]
         if self.world > 1:
