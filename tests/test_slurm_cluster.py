@@ -136,8 +136,23 @@ def _wait(what: str, cond, timeout: float, job_dir: Path, poll: float = 0.5):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{_diagnose(job_dir)}")
 
 
+# Job states of a run that has not ended yet, as sacct reports them (`man sacct`, JOB STATE CODES).
+_ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
+                  "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+
+
 def _wait_job_gone(job_id: str, job_dir: Path, timeout: float) -> None:
+    """Until the job has left the queue and accounting has recorded how its last run ended.
+
+    slurmctld hands the end of a job to slurmdbd asynchronously, so sacct may still say RUNNING for a moment after
+    squeue has forgotten the job."""
     _wait(f"job {job_id} to leave the queue", lambda: slurm.queue_state(job_id) is None, timeout, job_dir, poll=2)
+
+    def settled():
+        runs = slurm.job_history(job_id)
+        return bool(runs) and runs[-1]["State"].split()[0] not in _ACTIVE_STATES
+
+    _wait(f"accounting to record the end of job {job_id}", settled, 120, job_dir, poll=1)
 
 
 def _event(job_dir: Path, kind: str, restart: int):
@@ -293,6 +308,7 @@ def run_drill(reference_run_dir: Path, tmp_path: Path, nodes: int, tasks_per_nod
     runs = slurm.job_history(job_id)
     assert [r["State"] for r in runs] == ["REQUEUED"] * 3 + ["COMPLETED"], _diagnose(job_dir)
     for pid in preemptors:
+        _wait_job_gone(pid, job_dir, timeout=120)
         assert [r["State"] for r in slurm.job_history(pid)] == ["COMPLETED"]
     # What the job saw: Slurm's PreemptTime twice, its time limit once, each followed by a save and a requeue.
     stops = [e["reason"] for e in _events(job_dir) if e["event"] == "stop"]

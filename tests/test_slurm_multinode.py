@@ -170,7 +170,7 @@ def test_a_node_failing_without_warning_costs_only_the_steps_since_the_last_chec
     import time
 
     from test_slurm_cluster import (STEPS, _diagnose, _event, _events, _final_step_dir, _load, _stats, _wait,
-                                    _write_config)
+                                    _wait_job_gone, _write_config)
 
     from lamamba_dist.cluster import launcher, slurm
     from lamamba_dist.train.checkpoint import raw_weights
@@ -211,7 +211,7 @@ def test_a_node_failing_without_warning_costs_only_the_steps_since_the_last_chec
         restart = _wait("the job to start again", lambda: next(
             (e for e in _events(job_dir) if e["event"] == "start" and e["restart"] > 0), None), 300, job_dir, poll=1)
         timeline["restart"] = restart["time"]
-        _wait("the job to end", lambda: slurm.queue_state(job_id) is None, 600, job_dir, poll=2)
+        _wait_job_gone(job_id, job_dir, timeout=600)
         timeline["end"] = time.time()
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
