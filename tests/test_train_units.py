@@ -280,6 +280,38 @@ def test_export_and_sample_output_paths_that_cannot_be_written_are_one_line_erro
         assert not list(ro.iterdir())  # no *.tmp left
 
 
+def test_host_buffers_wait_for_their_background_arena(monkeypatch):
+    """HostBuffers.reserve pins its arena in a thread; wait_reserved returns at once when nothing is reserved,
+    blocks until the thread is done otherwise, and returns even when pinning fails (no pinnable memory)."""
+    import threading
+
+    from lamamba_dist.train import snapshot
+    from lamamba_dist.train.snapshot import HostBuffers
+
+    hb = HostBuffers(pinned=True)
+    assert hb.wait_reserved(timeout=5) == 0.0  # nothing reserved: no wait
+    gate = threading.Event()
+    real_empty = torch.empty
+
+    def slow_empty(*a, pin_memory=False, **k):
+        if pin_memory:
+            gate.wait(30)
+            return real_empty(*a, **k)  # stands in for pinned memory on this CPU machine
+        return real_empty(*a, **k)
+
+    monkeypatch.setattr(snapshot.torch, "empty", slow_empty)
+    hb.reserve(4096)
+    assert hb.wait_reserved(timeout=0.2) >= 0.15 and not hb._arena_ready.is_set()  # still pinning
+    threading.Timer(0.3, gate.set).start()
+    assert hb.wait_reserved(timeout=30) > 0.0 and hb._arena is not None and hb._arena.numel() == 4096
+    assert hb.wait_reserved() == 0.0
+    monkeypatch.setattr(snapshot.torch, "empty", real_empty)  # pinning fails here: no accelerator
+    hb2 = HostBuffers(pinned=True)
+    hb2.reserve(4096)
+    hb2.wait_reserved(timeout=30)
+    assert hb2._arena_ready.is_set() and hb2._arena is None and not hb2._reserving
+
+
 def test_host_snapshot_copies_every_tensor_and_reuses_its_buffers():
     """A background save's snapshot (snapshot.HostBuffers): tensors copied (later in-place updates do not
     reach it), containers rebuilt with their types, and the next save's copies land in the same buffers."""

@@ -241,6 +241,11 @@ class CheckpointManager:
         if self.device.type == "cuda":
             self._buffers.reserve(self._snapshot_estimate())
 
+    def wait_host_buffers(self, timeout: Optional[float] = None) -> float:
+        """Wait for the pinned host memory of background saves that :meth:`attach` allocates in the background;
+        returns the seconds waited (``lamamba bench-train`` times steady training, after it)."""
+        return self._buffers.wait_reserved(timeout)
+
     def _snapshot_estimate(self) -> int:
         """Bytes of this rank's snapshot, estimated from the parameter count (a few percent over): the module's
         weights (rank 0 under ZeRO-0/1/2, a partition under ZeRO-3), the fp32 master weights and Adam's two

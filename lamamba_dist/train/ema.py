@@ -9,7 +9,8 @@ copy it owns, and updates it locally after every optimizer step (no communicatio
 * stage 0 in fp32 (no partitioning): the module parameter itself, kept on rank 0 only.
 
 The update is DiT's ``ema.mul_(decay).add_(w, alpha=1 - decay)`` in fp32, so the result equals a plain
-PyTorch EMA of the full fp32 weights bit for bit. :meth:`full_state_dict` assembles full tensors (a
+PyTorch EMA of the full fp32 weights bit for bit (on CUDA as one pass over each flat buffer,
+lamamba_dist/ops/ema_update.py, rounded as the two ops). :meth:`full_state_dict` assembles full tensors (a
 reduction of disjoint slices, exact) for saving, so the saved EMA is independent of the world size;
 :meth:`load_full_state_dict` slices a full EMA back onto whatever partitioning the new run has.
 Parameters with ``requires_grad=False`` are not averaged (they never change).
@@ -20,6 +21,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from lamamba_dist.ops.ema_update import ema_update_
 
 
 def _dist():
@@ -57,8 +60,9 @@ class ZeroEMA:
 
     The local slices are resolved once (:meth:`relink`, again after every checkpoint load, which may give the
     master weights new storage). Slices that are views of one flat master buffer (ZeRO-1/2 fragments, ZeRO-3
-    partitions) get their shadows laid out the same way in one flat fp32 buffer, so :meth:`update` is two
-    kernels per flat buffer (``mul_``, ``add_``) instead of two per parameter; the remaining slices are
+    partitions) get their shadows laid out the same way in one flat fp32 buffer, so :meth:`update` is one
+    kernel per flat buffer on CUDA (``ops.ema_update.ema_update_``; ``mul_`` and ``add_`` elsewhere) instead of
+    two per parameter; the remaining slices are
     updated with ``torch._foreach_mul_`` / ``_foreach_add_``. Both compute exactly ``s * d + w * (1 - d)``
     per element, as the per-parameter loop did.
     """
@@ -130,7 +134,7 @@ class ZeroEMA:
     def update(self, decay: Optional[float] = None) -> None:
         d = self.decay if decay is None else float(decay)
         for buf, span in self._flat:
-            buf.mul_(d).add_(span, alpha=1.0 - d)
+            ema_update_(buf, span, d)
         shadows, weights = self._loose
         if shadows:
             torch._foreach_mul_(shadows, d)

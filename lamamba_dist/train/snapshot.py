@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,6 +32,7 @@ class HostBuffers:
         self._arena: Optional[torch.Tensor] = None
         self._arena_np = None  # the arena as a buffer: each copy is a tensor of its own storage inside it
         self._arena_ready = threading.Event()
+        self._reserving = False
         self._offset = 0
 
     def reserve(self, nbytes: int) -> None:
@@ -38,15 +40,29 @@ class HostBuffers:
         if not self.pinned or nbytes <= 0:
             return
         self._arena_ready.clear()
+        self._reserving = True
 
         def alloc():
             try:
                 self.set_arena(torch.empty(int(nbytes), dtype=torch.uint8, pin_memory=True))
-            except RuntimeError:  # not enough pinnable memory: per-tensor buffers instead
+            except Exception:  # noqa: BLE001 - not enough pinnable memory (or none): per-tensor buffers instead
                 self._arena = self._arena_np = None
-            self._arena_ready.set()
+            finally:
+                self._reserving = False
+                self._arena_ready.set()
 
         threading.Thread(target=alloc, name="lamamba-pinned-arena", daemon=True).start()
+
+    def wait_reserved(self, timeout: Optional[float] = None) -> float:
+        """Wait until the arena of :meth:`reserve` is allocated (at most ``timeout`` s); returns the seconds waited.
+
+        Pinning the arena holds the host for seconds (page locking; the driver serialises other CUDA calls
+        meanwhile), so the steps taken while it runs are slower: a measurement of steady training waits first."""
+        if not self._reserving:
+            return 0.0
+        t0 = time.perf_counter()
+        self._arena_ready.wait(timeout)
+        return time.perf_counter() - t0
 
     def set_arena(self, arena: torch.Tensor) -> None:
         """Carve the copies out of ``arena`` (uint8, on the host) from the next :meth:`start` on."""
