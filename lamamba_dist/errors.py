@@ -3,3 +3,7 @@
 
 class CLIError(Exception):
     """A user error: printed as one line, exit code 2, no traceback (lamamba_dist/cli.py)."""
+
+
+class DataError(RuntimeError):
+    """The data cannot be served as configured (bad layout, too many bad samples, mismatched state)."""

@@ -110,7 +110,7 @@ def vae_meta(cfg) -> dict:
     if cfg.data.shards == "synthetic":
         return {}
     try:
-        from lamamba_dist.data.loader import resolve_shards
+        from lamamba_dist.data.reading import resolve_shards
 
         man = resolve_shards(cfg.data.shards)[0]
         out = {"vae": man.get("vae"), "vae_scale": man.get("scale_factor")}
