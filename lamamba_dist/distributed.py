@@ -51,6 +51,17 @@ def init_device_and_process_group() -> tuple[bool, torch.device]:
     return on_cuda, device
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Collective: rank ``src``'s ``obj`` on every rank (the object itself in a group of one)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 # --------------------------------------------------------------------------- sampling's group (no DeepSpeed)
 
 

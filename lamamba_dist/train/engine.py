@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from lamamba_dist.train.checkpointing import TrainingError
+from lamamba_dist.errors import TrainingError
 
 
 def build_model(cfg, device: Optional[torch.device] = None) -> torch.nn.Module:

@@ -13,9 +13,11 @@ import json
 import math
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -248,3 +250,56 @@ class Throughput:
     def snapshot(self) -> dict:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         return {"dt": dt, "img_per_s": self.images / dt, "data_wait": min(self.data_wait / dt, 1.0), "steps": self.steps}
+
+
+@dataclass
+class LoopMetrics:
+    """What the training loop shows between steps (lamamba_dist/train/trainer.py ``Trainer.run``): the status line
+    and ``stats.jsonl`` (rank 0), wandb, the progress bar, the throughput meter, and the losses of the steps applied
+    since the last line."""
+
+    stats: Optional[JsonlWriter]
+    wb: Optional[WandbLogger]
+    bar: Any
+    meter: Throughput
+    peak: Optional[float]
+    steps_this_run: int = 0
+    loss_acc: float = 0.0  # the applied steps' losses since the last log line: their sum and count
+    n_acc: int = 0
+
+    @classmethod
+    def open(cls, *, run_dir: Path, is_main: bool, log_cfg, run_id: str, config: dict, steps: int, initial: int,
+             precision: str, log=print) -> "LoopMetrics":
+        from tqdm import tqdm
+
+        stats = JsonlWriter(run_dir / "stats.jsonl") if is_main else None
+        wb = WandbLogger(log_cfg, run_dir, run_id, config, log=log) if is_main and log_cfg.wandb else None
+        bar = tqdm(total=steps, initial=initial, disable=not is_main, desc="train", unit="step", dynamic_ncols=True,
+                   mininterval=2.0, file=sys.stderr)
+        return cls(stats=stats, wb=wb, bar=bar, meter=Throughput(), peak=peak_tflops(precision))
+
+    def add_loss(self, loss: float) -> None:
+        self.loss_acc += loss
+        self.n_acc += 1
+
+    def log(self, step: int, images_seen: int, snap: dict, grad_norm, lr: float, *, skipped: int, world: int,
+            flops_per_image: Optional[float], saves: list, on_cuda: bool, is_main: bool) -> dict:
+        """One interval's record (``snap``: the meter's snapshot at its end): the status line, ``stats.jsonl`` and
+        wandb on rank 0; the interval's losses and meter start again."""
+        rec = step_record(step, images_seen, self.loss_acc / self.n_acc if self.n_acc else None, grad_norm, lr, snap,
+                          skipped=skipped, world=world, flops_per_image=flops_per_image, peak_tflops=self.peak,
+                          saves=saves, on_cuda=on_cuda)
+        if is_main:
+            self.bar.write(status_line(rec), file=sys.stderr)
+            self.stats.write(rec)
+            if self.wb:
+                self.wb.log(rec, step)
+        self.loss_acc = 0.0
+        self.n_acc = 0
+        self.meter.reset()
+        return rec
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.wb:
+            self.wb.finish()

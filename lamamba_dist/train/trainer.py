@@ -35,15 +35,15 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from lamamba_dist.train import checkpoint as ckpt
-from lamamba_dist.distributed import ensure_dist_env, init_device_and_process_group
-from lamamba_dist.train.checkpointing import CheckpointManager, SaveError, TrainingError, jsonable
+from lamamba_dist.distributed import broadcast_object, ensure_dist_env, init_device_and_process_group
+from lamamba_dist.errors import SaveError, TrainingError
+from lamamba_dist.train.checkpointing import CheckpointManager, jsonable
 from lamamba_dist.train.engine import build_engine, build_model, flops_per_image, vae_meta
 from lamamba_dist.train.faults import fault, fault_hit
 from lamamba_dist.train.rng import micro_seed, rng_state, seed_rng
@@ -64,20 +64,6 @@ _fault = fault
 ROLLED_BACK = "rolled back"  # Trainer._after_step: the loop goes on from the rolled-back state
 
 
-@dataclass
-class _Loop:
-    """What the training loop keeps between steps (Trainer.run)."""
-
-    stats: Any
-    wb: Any
-    bar: Any
-    meter: Any
-    peak: Optional[float]
-    steps_this_run: int = 0
-    loss_acc: float = 0.0  # the applied steps' losses since the last log line: their sum and count
-    n_acc: int = 0
-
-
 class Trainer:
     def __init__(self, cfg, *, resume: bool = True, init_on_device: bool = False, move_damaged_aside: bool = False):
         """Join the process group, find the checkpoint to resume from, build model, engine, EMA and loader.
@@ -87,6 +73,16 @@ class Trainer:
         When step folders exist but none verifies, training refuses to start (it would overwrite them) unless
         ``move_damaged_aside``: they are then moved to ``RUN/damaged/`` and training starts at step 0.
         """
+        self._join(cfg)  # the process group and this rank's device (lamamba_dist/distributed.py)
+        universal_dir, saved_world = self._find_resume_point(resume, move_damaged_aside)  # checkpointing.py
+        self._build_engine(init_on_device, universal_dir)  # model, engine, objective, EMA (engine.py)
+        loader_state = self._restore(universal_dir, saved_world)  # the training state: fresh, or resumed
+        self.loader = self.build_loader(self.tcfg.micro_batch, loader_state)
+        self.flops_per_image = flops_per_image(cfg, self.info)
+        self.vae_meta = vae_meta(cfg)
+        self._build_watch()  # samples and FID during training (watch.py)
+
+    def _join(self, cfg) -> None:
         import torch.distributed as dist
 
         from lamamba_dist.config import to_dict
@@ -106,9 +102,11 @@ class Trainer:
         self.run_dir = Path(self.ccfg.dir)
         self.cfg_dict = to_dict(cfg)
 
-        # ---------------------------------------------------------- find the checkpoint to resume from
-        self.ckpt = CheckpointManager(cfg, dist=dist, rank=self.rank, world=self.world, device=self.device,
-                                      info=self.info, warn=self.warn, bcast=self._bcast)
+    def _find_resume_point(self, resume: bool, move_damaged_aside: bool) -> tuple[Optional[Path], int]:
+        """The checkpoint to resume from (``self.resume_dir``, ``self.state``); returns the universal checkpoint
+        to load from when the world size changed under a partitioned optimizer state, and the saved world size."""
+        self.ckpt = CheckpointManager(self.cfg, dist=self.dist, rank=self.rank, world=self.world, device=self.device,
+                                      info=self.info, warn=self.warn, bcast=broadcast_object)
         self.resume_dir: Optional[Path] = self.ckpt.discover(move_damaged_aside) if resume else None
         self.state: dict[str, Any] = ckpt.read_trainer_state(self.resume_dir) if self.resume_dir else {}
         if self.state:
@@ -121,9 +119,10 @@ class Trainer:
         universal_dir = None
         if self.elastic:
             universal_dir = self.ckpt.to_universal(self.resume_dir, saved_world)
+        return universal_dir, saved_world
 
-        # ---------------------------------------------------------- model, engine, objective (engine.py)
-        parts = build_engine(cfg, rank=self.rank, world=self.world, on_cuda=self.on_cuda, device=self.device,
+    def _build_engine(self, init_on_device: bool, universal_dir: Optional[Path]) -> None:
+        parts = build_engine(self.cfg, rank=self.rank, world=self.world, on_cuda=self.on_cuda, device=self.device,
                              init_on_device=init_on_device, load_universal=universal_dir is not None, info=self.info)
         self.engine, self.ds_config, self.accum = parts.engine, parts.ds_config, parts.accum
         self.model_dtype, self.diffusion, self.latent_size = parts.model_dtype, parts.diffusion, parts.latent_size
@@ -131,7 +130,8 @@ class Trainer:
         self.grads, self.guard, self.ema = parts.grads, parts.guard, parts.ema
         self.ckpt.attach(self.engine, self.ema)
 
-        # ---------------------------------------------------------- training state
+    def _restore(self, universal_dir: Optional[Path], saved_world: int) -> Optional[dict]:
+        """The counters of a fresh run, then the resumed state when there is one; returns the loader's state."""
         self.step = 0
         self._pending: Optional[tuple] = None  # a step queued but not yet settled (queue_step)
         self.images_seen = 0
@@ -150,15 +150,14 @@ class Trainer:
         if self.run_id is None:
             from lamamba_dist.train.monitor import new_run_id
 
-            self.run_id = self._bcast(new_run_id() if self.is_main else None)
+            self.run_id = broadcast_object(new_run_id() if self.is_main else None)
+        return loader_state
 
-        self.loader = self.build_loader(self.tcfg.micro_batch, loader_state)
-        self.flops_per_image = flops_per_image(cfg, self.info)
-        self.vae_meta = vae_meta(cfg)
+    def _build_watch(self) -> None:
         from lamamba_dist.train.watch import RunWatcher
 
-        self.watch = RunWatcher(cfg, engine=self.engine, ema=self.ema, dist=dist, rank=self.rank, world=self.world,
-                                device=self.device, run_dir=self.run_dir, vae_meta=self.vae_meta,
+        self.watch = RunWatcher(self.cfg, engine=self.engine, ema=self.ema, dist=self.dist, rank=self.rank,
+                                world=self.world, device=self.device, run_dir=self.run_dir, vae_meta=self.vae_meta,
                                 precision=self.tcfg.precision, info=self.info, warn=self.warn)
 
     def build_loader(self, micro_batch: int, state: Optional[dict] = None):
@@ -185,13 +184,6 @@ class Trainer:
             tqdm.write(f"[lamamba train r{getattr(self, 'rank', 0)}] {msg}", file=sys.stderr)
         except Exception:  # pragma: no cover
             print(msg, file=sys.stderr, flush=True)
-
-    def _bcast(self, obj):
-        if self.dist.get_world_size() == 1:
-            return obj
-        box = [obj]
-        self.dist.broadcast_object_list(box, src=0)
-        return box[0]
 
     # ------------------------------------------------------------------ checkpoints (checkpointing.py)
     def _load(self, step_dir: Path, universal_dir: Optional[Path]) -> Optional[dict]:
@@ -359,21 +351,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
-        from tqdm import tqdm
-
-        from lamamba_dist.train.monitor import JsonlWriter, Throughput, WandbLogger, peak_tflops
+        from lamamba_dist.train.monitor import LoopMetrics
 
         t = self.tcfg
-        stats = JsonlWriter(self.run_dir / "stats.jsonl") if self.is_main else None
+        lp = LoopMetrics.open(run_dir=self.run_dir, is_main=self.is_main, log_cfg=self.cfg.logging, run_id=self.run_id,
+                              config=self.cfg_dict, steps=t.steps, initial=self.step, precision=t.precision,
+                              log=self.info)
+        stats = lp.stats
         if stats:
             self.ckpt.on_saved = stats.write  # one "checkpoint" event per published save
-        wb = None
-        if self.is_main and self.cfg.logging.wandb:
-            wb = WandbLogger(self.cfg.logging, self.run_dir, self.run_id, self.cfg_dict, log=self.info)
         it = iter(self.loader)
-        bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, desc="train", unit="step",
-                   dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
-        lp = _Loop(stats=stats, wb=wb, bar=bar, meter=Throughput(), peak=peak_tflops(t.precision))
         if self.on_cuda:
             torch.cuda.reset_peak_memory_stats()
         if stats and self.resume_dir is not None:
@@ -407,16 +394,12 @@ class Trainer:
                     self.save()
             self.ckpt.complete()  # nothing of this run is left unpublished (a no-op after a synchronous save)
         finally:
-            bar.close()
-            if wb:
-                wb.finish()
+            lp.close()
         return code
 
-    def _after_step(self, res: dict, stop: bool, lp: _Loop):
+    def _after_step(self, res: dict, stop: bool, lp):
         """The loop's work after a settled step: counters, the non-finite streak (rollback), the log line, samples,
         checkpoints, a stop or ``exit_after``. Returns None to go on, :data:`ROLLED_BACK`, or the exit code."""
-        from lamamba_dist.train.monitor import status_line, step_record
-
         t = self.tcfg
         self.ckpt.on_step(res["ckpt_counts"])  # publishes a save every rank has written; raises if one failed
         applied, bad_keys = res["applied"], res["bad_keys"]
@@ -428,8 +411,7 @@ class Trainer:
         lp.bar.update(1)
         if applied:
             self.nonfinite_in_row = 0
-            lp.loss_acc += res["loss_sum"] / (self.accum * self.world)
-            lp.n_acc += 1
+            lp.add_loss(res["loss_sum"] / (self.accum * self.world))
         else:
             self.skipped_total += 1
             self.nonfinite_in_row += 1
@@ -464,18 +446,9 @@ class Trainer:
             snap = lp.meter.snapshot()
             gnorm = res["grad_norm"] if res["grad_norm"] is not None else self.guard.grad_norm()
             saves, self.ckpt.pending_records = self.ckpt.pending_records, []  # published since the last line
-            rec = step_record(self.step, self.images_seen, lp.loss_acc / lp.n_acc if lp.n_acc else None, gnorm,
-                              float(self.engine.get_lr()[0]), snap, skipped=self.skipped_total,
-                              world=self.world, flops_per_image=self.flops_per_image, peak_tflops=lp.peak,
-                              saves=saves, on_cuda=self.on_cuda)
-            if self.is_main:
-                lp.bar.write(status_line(rec), file=sys.stderr)
-                lp.stats.write(rec)
-                if lp.wb:
-                    lp.wb.log(rec, self.step)
-            lp.loss_acc = 0.0
-            lp.n_acc = 0
-            lp.meter.reset()
+            lp.log(self.step, self.images_seen, snap, gnorm, float(self.engine.get_lr()[0]), skipped=self.skipped_total,
+                   world=self.world, flops_per_image=self.flops_per_image, saves=saves, on_cuda=self.on_cuda,
+                   is_main=self.is_main)
 
         if not stop and self.watch.enabled:  # skipped when stopping: the save comes first
             lp.meter.t0 += self.watch.run_due(self.step, self.images_seen, lp.stats, lp.wb)  # kept out of img/s
