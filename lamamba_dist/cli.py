@@ -15,30 +15,36 @@ import sys
 
 from lamamba_dist.errors import CLIError
 
-__all__ = ["COMMANDS", "CLIError", "build_parser", "main"]
+__all__ = ["BENCHES", "COMMANDS", "CLIError", "build_parser", "main"]
 
 # (subcommand, module that defines it, one-line help). Order = order in --help.
 COMMANDS: list[tuple[str, str, str]] = [
     ("flops", "lamamba_dist.flops", "parameters and forward multiply-adds of a model"),
     ("models", "lamamba_dist.model_list", "list the registered model sizes"),
     ("convert-official", "lamamba_dist.convert", "import a checkpoint of the official LaMamba-Diff code"),
-    ("bench", "lamamba_dist.bench", "training-step img/s, memory and MFU of several models measured in one run"),
+    ("bench", "lamamba_dist.bench.model", "benchmarks, JSON out: `lamamba bench [model]` training-step img/s, memory and MFU of several models in one run; `lamamba bench train|sample|loader|vae ...`"),
     ("parity", "lamamba_dist.parity", "fast vs reference kernels: 200-step loss curves on fixed data, gap vs run-to-run noise"),
     ("sample", "lamamba_dist.sample", "sample images (PNGs, grid, ADM npz) from weights or a run, on one or many ranks"),
     ("eval", "lamamba_dist.evaluate", "FID, sFID, IS, precision and recall of a sample npz against a reference batch"),
-    ("bench-sample", "lamamba_dist.bench_sample", "images/s of DDPM+CFG sampling for several models in one run"),
+    ("bench-sample", "lamamba_dist.bench.sample", "= `lamamba bench sample`: images/s of DDPM+CFG sampling for several models in one run"),
     ("train", "lamamba_dist.train.cli", "train or resume (rerun the same command) with DeepSpeed ZeRO; exit 3 = saved on signal, requeue"),
-    ("bench-train", "lamamba_dist.train.bench", "the trainer's real step (DeepSpeed ZeRO) for a matrix of configurations in one launch; --fit-batch: largest micro-batch"),
+    ("bench-train", "lamamba_dist.bench.train", "= `lamamba bench train`: the trainer's real step (DeepSpeed ZeRO) for a matrix of configurations in one launch; --fit-batch: largest micro-batch"),
     ("export", "lamamba_dist.train.export", "write a run's EMA (or raw) weights as one safetensors file"),
     ("report", "lamamba_dist.report", "an offline HTML report of a run (finished or live): curves, sample grids, checkpoint and requeue timeline"),
     ("demo", "lamamba_dist.demo", "end-to-end CPU demo: shapes dataset, tiny VAE, Ray preprocessing, 2-rank DeepSpeed training, sample grid"),
     ("preprocess", "lamamba_dist.data_pipeline.preprocess", "encode an ImageNet-style folder into VAE-latent WebDataset shards with Ray (rerun resumes)"),
-    ("bench-loader", "lamamba_dist.data.bench", "latent loader samples/s per worker on CPU (JSON)"),
-    ("bench-vae", "lamamba_dist.data_pipeline.vae", "VAE posterior-encode images/s of preprocessing, without Ray (JSON)"),
+    ("bench-loader", "lamamba_dist.bench.loader", "= `lamamba bench loader`: latent loader samples/s per worker on CPU (JSON)"),
+    ("bench-vae", "lamamba_dist.data_pipeline.vae", "= `lamamba bench vae`: VAE posterior-encode images/s of preprocessing, without Ray (JSON)"),
     ("submit", "lamamba_dist.cluster.commands", "submit a training job to Slurm (submitit): one task per GPU, requeue + resume on preemption"),
     ("status", "lamamba_dist.cluster.commands", "state, requeues, events, logs and checkpoints of a `lamamba submit` job folder"),
     ("cancel", "lamamba_dist.cluster.commands", "cancel the Slurm job of a job folder (--save: checkpoint first, no requeue)"),
 ]
+
+
+# `lamamba bench WHAT ...` runs the command of the bench WHAT (lamamba_dist/bench/); without WHAT, the model bench.
+# The per-bench command names (bench-train, bench-sample, bench-loader, bench-vae) stay as aliases.
+BENCHES: dict[str, str] = {"model": "bench", "train": "bench-train", "sample": "bench-sample",
+                           "loader": "bench-loader", "vae": "bench-vae"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
+    if argv[0] == "bench" and len(argv) > 1 and argv[1] in BENCHES:
+        argv = [BENCHES[argv[1]], *argv[2:]]
     table = {name: (name, module, h) for name, module, h in COMMANDS}
     if argv[0] not in table:
         top.print_usage(sys.stderr)

@@ -12,7 +12,8 @@ import pytest
 
 from train_helpers import DEBUG_CONFIG, ROOT, step_dir, train_env
 
-from lamamba_dist.train.bench import expand, fit_memory, parse_matrix, predict_micro_batch, step_down
+from lamamba_dist.bench.fit import fit_memory, predict_micro_batch, step_down
+from lamamba_dist.bench.matrix import expand, parse_matrix
 
 
 def _bench(tmp_path, nproc: int, args: list, env: dict | None = None, timeout: int = 240):
@@ -116,7 +117,7 @@ def test_help_and_lazy_imports():
     with pytest.raises(SystemExit) as e:
         main(["bench-train", "--help"])
     assert e.value.code == 0
-    code = "import sys, lamamba_dist.train.bench; assert 'deepspeed' not in sys.modules and 'torch' not in sys.modules"
+    code = "import sys, lamamba_dist.bench.train; assert 'deepspeed' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 

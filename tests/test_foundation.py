@@ -41,6 +41,27 @@ def test_help_lists_subcommands():
     assert bad.returncode == 2 and "unknown command" in bad.stderr
 
 
+def test_bench_what_runs_each_bench_and_the_old_names_stay(tmp_path, capsys):
+    """`lamamba bench WHAT` is the command of bench WHAT (lamamba_dist/cli.py BENCHES); `lamamba bench` alone and
+    `bench model` are the model bench; bench-train and friends still work."""
+    from lamamba_dist.cli import BENCHES
+
+    assert set(BENCHES) == {"model", "train", "sample", "loader", "vae"}
+    for what, alias in BENCHES.items():
+        for argv in (["bench", what, "--help"], [alias, "--help"]):
+            with pytest.raises(SystemExit) as e:
+                cli_main(argv)
+            assert e.value.code == 0, argv
+        text = capsys.readouterr().out
+        assert text.count("usage: lamamba " + alias) == 2, (what, text[:300])
+    assert cli_main(["bench", "loader", "--workers", "x"]) == 2
+    assert "lamamba bench-loader: error: --workers 'x'" in capsys.readouterr().err
+    out = tmp_path / "m.json"
+    assert cli_main(["bench", "model", "--models", "DiT-debug/2", "--resolution", "32", "--batch", "2", "--steps", "1",
+                     "--warmup", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["bench"] == "model"
+
+
 def _write(tmp_path, text):
     p = tmp_path / "exp.toml"
     p.write_text(text)
@@ -112,7 +133,7 @@ def test_bench_runs_on_cpu_with_debug_models(tmp_path, capsys):
     for r in (r0, r1):
         assert r["img_per_s"] > 0 and r["train_gflops_per_img"] > 0 and r["time_to_first_step_s"] > 0
         assert r["final_loss"] == r["final_loss"]  # finite, not NaN
-    assert data["environment"]["torch"]
+    assert data["bench"] == "model" and data["environment"]["torch"] and data["environment"]["device"] == "cpu"
     assert cli_main(["bench", "--models", "LaMamba-XXL"]) == 2
     assert cli_main(["bench", "--models", "DiT-debug/2", "--batch", "2,x"]) == 2
 
@@ -142,7 +163,7 @@ def test_profile_counts_device_busy_time_once_where_events_overlap():
 
     from torch.autograd import DeviceType
 
-    from lamamba_dist.bench import busy_time, device_busy_us
+    from lamamba_dist.bench.profiling import busy_time, device_busy_us
 
     assert busy_time([]) == 0.0
     assert busy_time([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17.0
@@ -178,7 +199,7 @@ def test_host_profile_finds_the_line_that_waits_and_the_collector():
     import gc
     import threading
 
-    from lamamba_dist.bench import host_profile
+    from lamamba_dist.bench.profiling import host_profile
 
     stop = threading.Event()
     helper = threading.Thread(target=stop.wait, name="helper-thread", daemon=True)
@@ -203,7 +224,7 @@ def test_host_profile_finds_the_line_that_waits_and_the_collector():
 def test_bench_bf16_keeps_fp32_master_weights_and_copies_them_back():
     """bench.py's Bf16MasterWeights (the trainer's default precision in a plain loop): bf16 weights, an fp32 master
     stepped by AdamW on the fp32 copy of the bf16 gradients, and the weights are the master rounded to bf16."""
-    from lamamba_dist.bench import Bf16MasterWeights
+    from lamamba_dist.bench.model import Bf16MasterWeights
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))

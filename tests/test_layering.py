@@ -18,7 +18,7 @@ LAYERS = {
     "ops": 1,
     "models": 2,
     "diffusion": 3, "data": 3,
-    "train": 4, "sample": 4, "bench": 4, "bench_sample": 4, "parity": 4, "evaluate": 4, "convert": 4,
+    "train": 4, "sample": 4, "bench": 4, "parity": 4, "evaluate": 4, "convert": 4,
     "flops": 4, "report": 4, "demo": 4, "model_list": 4, "data_pipeline": 4,
     "cli": 5, "cluster": 5,
     "": 5,  # lamamba_dist/__init__.py

@@ -1,4 +1,5 @@
-"""`lamamba bench-train`: the trainer's real training step, measured for a list of configurations in ONE launch.
+"""`lamamba bench train` (alias `lamamba bench-train`): the trainer's real training step, measured for a list of
+configurations in ONE launch.
 
 One process group (torchrun with N ranks, or a plain call = a 1-rank group, as ``lamamba train``) runs every
 configuration of a matrix one after another. Each configuration is built by the trainer itself
@@ -27,126 +28,24 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
-import json
-import math
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-# Short matrix axis names -> config keys. Any "section.key" works as an axis too.
-AXES = {
-    "zero": "train.zero_stage",
-    "gc": "model.grad_checkpointing",
-    "micro": "train.micro_batch",
-    "model": "model.name",
-    "res": "model.resolution",
-    "precision": "train.precision",
-}
-SPECIAL_AXES = ("config", "accum")
+from lamamba_dist.bench.common import environment, error_kind, short_error, write_json
+from lamamba_dist.bench.fit import add_fit_arguments, fit_row
+from lamamba_dist.bench.matrix import AXES, expand
+
 GIB = 2**30
 # Test hook: LAMAMBA_BENCH_FAKE_MEMORY="static,per_sample[,quadratic]" (GiB) makes the peak memory of a step
 # static + per_sample * micro + quadratic * micro^2 and raises an OOM above --gpu-memory-gib (CPU tests of --fit-batch).
 FAKE_MEMORY_ENV = "LAMAMBA_BENCH_FAKE_MEMORY"
 
 
-# --------------------------------------------------------------------------- matrix
-
-
-def parse_matrix(spec: str) -> list[dict[str, str]]:
-    """``"zero=1,2;gc=false,true"`` -> the cartesian product as dicts (first axis slowest), values as written."""
-    axes: list[tuple[str, list[str]]] = []
-    for part in spec.split(";"):
-        part = part.strip()
-        if not part:
-            continue
-        if "=" not in part:
-            raise ValueError(f"matrix axis {part!r}: expected name=value[,value...]")
-        name, values = part.split("=", 1)
-        name = name.strip()
-        vals = [v.strip() for v in values.split(",") if v.strip()]
-        if not name or not vals:
-            raise ValueError(f"matrix axis {part!r}: expected name=value[,value...]")
-        if name not in AXES and name not in SPECIAL_AXES and "." not in name:
-            raise ValueError(f"matrix axis {name!r}: use one of {', '.join([*AXES, *SPECIAL_AXES])} or section.key")
-        if any(name == n for n, _ in axes):
-            raise ValueError(f"matrix axis {name!r} given twice")
-        axes.append((name, vals))
-    if not axes:
-        return [{}]
-    return [dict(zip([n for n, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
-
-
-def expand(configs: list[str], matrices: list[str]) -> list[tuple[str, dict[str, str]]]:
-    """(config path, combo) per row: each matrix in order; a matrix without a ``config`` axis runs on every --config."""
-    rows: list[tuple[str, dict[str, str]]] = []
-    for spec in matrices or [""]:
-        combos = parse_matrix(spec)
-        if any("config" in c for c in combos):
-            rows += [(c["config"], {k: v for k, v in c.items() if k != "config"}) for c in combos]
-        else:
-            if not configs:
-                raise ValueError(f"matrix {spec!r} has no config axis and no --config was given")
-            rows += [(path, c) for path in configs for c in combos]
-    return rows
-
-
-# --------------------------------------------------------------------------- fit arithmetic (pure)
-
-
-def fit_memory(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """Least-squares line ``peak = static + per_sample * micro`` through ``(micro, peak)`` points (>= 2 micros)."""
-    if len({b for b, _ in points}) < 2:
-        raise ValueError(f"need peaks at two different micro-batches, got {points}")
-    n = len(points)
-    mb = sum(b for b, _ in points) / n
-    mp = sum(p for _, p in points) / n
-    per = sum((b - mb) * (p - mp) for b, p in points) / sum((b - mb) ** 2 for b, _ in points)
-    return mp - per * mb, per
-
-
-def predict_micro_batch(static: float, per_sample: float, budget: float, multiple: int = 1,
-                        max_batch: Optional[int] = None) -> int:
-    """Largest micro-batch ``b`` (a multiple of ``multiple`` when possible) with ``static + per_sample * b <= budget``.
-
-    0 when not even one sample fits; ``max_batch`` (if given) caps the answer, also when memory barely grows.
-    """
-    if budget < static + max(per_sample, 0.0):
-        return 0
-    if per_sample <= 0:
-        b = max_batch if max_batch else 1 << 20
-    else:
-        b = int(math.floor((budget - static) / per_sample + 1e-9))
-    if max_batch:
-        b = min(b, max_batch)
-    if multiple > 1 and b >= multiple:
-        b -= b % multiple
-    return max(b, 0)
-
-
-def step_down(b: int, multiple: int = 1, factor: float = 0.9) -> int:
-    """The next micro-batch to try after an OOM at ``b``: about ``factor * b``, a multiple of ``multiple`` when it can
-    be, always smaller than ``b`` (0 when ``b`` is 1)."""
-    nxt = min(int(b * factor), b - 1)
-    if multiple > 1 and nxt >= multiple:
-        nxt -= nxt % multiple
-    return max(nxt, 0)
-
-
 # --------------------------------------------------------------------------- the sweep
-
-
-def _short_error(e: BaseException) -> str:
-    msg = f"{type(e).__name__}: {e}".strip().replace("\n", " ")
-    return msg if len(msg) <= 600 else msg[:600] + " ..."
-
-
-def _is_oom(msg: Optional[str]) -> bool:
-    return bool(msg) and ("OutOfMemoryError" in msg or "out of memory" in msg.lower())
 
 
 def model_label(cfg) -> str:
@@ -190,7 +89,7 @@ class BenchTrain:
             self.peak_tflops = args.peak_tflops
         else:
             try:
-                from lamamba_dist.bench import device_peak_tflops
+                from lamamba_dist.bench.model import device_peak_tflops
             except ImportError:  # pragma: no cover
                 from lamamba_dist.train.monitor import peak_tflops as _pt
 
@@ -201,33 +100,8 @@ class BenchTrain:
 
     # ------------------------------------------------------------------ bookkeeping
     def _environment(self) -> dict:
-        import torch
-
-        env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
-                               "hostname": platform.node(), "world_size": self.world, "device": self.device.type,
-                               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                               "command": self._command(), "peak_tflops": self.peak_tflops,
-                               "gpu_memory_gib": self.capacity_gib}
-        try:
-            import deepspeed
-
-            env["deepspeed"] = deepspeed.__version__
-        except Exception:  # pragma: no cover
-            pass
-        if self.on_cuda:
-            env.update(gpu=torch.cuda.get_device_name(self.device), cuda=torch.version.cuda,
-                       gpus_visible=torch.cuda.device_count())
-            try:
-                env["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
-            except Exception:  # pragma: no cover
-                pass
-        try:
-            from lamamba_dist.ops import fused_available
-
-            env["fused_scan"] = bool(fused_available())
-        except Exception:  # pragma: no cover
-            pass
-        return env
+        return environment(self.device, world_size=self.world, command=self._command(), peak_tflops=self.peak_tflops,
+                           gpu_memory_gib=self.capacity_gib)
 
     def _command(self) -> str:
         """How to rerun this launch (argv after the program, behind the launcher for this world size)."""
@@ -236,23 +110,17 @@ class BenchTrain:
         launcher = ("python3 -m lamamba_dist.cli" if self.world == 1 else
                     f"python3 -m torch.distributed.run --standalone --nproc_per_node {self.world} -m lamamba_dist.cli")
         args = sys.argv[1:]
-        if "bench-train" not in args:  # called as a library
-            return launcher + " bench-train ..."
-        return launcher + " " + shlex.join(args[args.index("bench-train"):])
+        for i, a in enumerate(args):
+            if a == "bench-train" or (a == "bench" and args[i + 1:i + 2] == ["train"]):
+                return launcher + " " + shlex.join(args[i:])
+        return launcher + " bench train ..."  # called as a library
 
     def _write(self) -> None:
         if not self.is_main:
             return
-        out = {"environment": self.environment,
-               "settings": {k: v for k, v in vars(self.args).items() if k != "func"},
-               "results": self.results}
-        text = json.dumps(out, indent=1, default=str)
-        if self.args.out:
-            path = Path(self.args.out)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text + "\n")
-            tmp.replace(path)
+        write_json(self.args.out, {"bench": "train", "environment": self.environment,
+                                   "settings": {k: v for k, v in vars(self.args).items() if k != "func"},
+                                   "results": self.results}, indent=1)
 
     def _agree(self, local: dict) -> list[dict]:
         """Collective: every rank's ``local`` dict, on every rank."""
@@ -334,7 +202,7 @@ class BenchTrain:
             # steps taken meanwhile are slower (a start-up cost of training, not its steady speed)
             self.host_buffers_wait_s = self.trainer.ckpt.wait_host_buffers(timeout=600)
         except Exception as e:  # noqa: BLE001 - every failure becomes an error row
-            err = _short_error(e)
+            err = short_error(e)
         build_s = time.perf_counter() - t0
         err = self._first_error(self._agree({"error": err}))
         if err:
@@ -422,7 +290,7 @@ class BenchTrain:
             if getattr(self.args, "host_profile", 0):
                 local["host_profile"] = self._host_profile(it, self.args.host_profile)
         except Exception as e:  # noqa: BLE001 - OOM and friends become error rows
-            local = {"error": _short_error(e)}
+            local = {"error": short_error(e)}
         finally:
             if it is not None:
                 it.close()  # stops the loader's worker processes
@@ -443,16 +311,16 @@ class BenchTrain:
                 "nonfinite": parts[0].get("nonfinite")}
 
     def _profile(self, it, steps: int) -> dict:
-        """torch.profiler over ``steps`` more trainer steps (lamamba_dist/bench.py ``profile_steps``)."""
-        from lamamba_dist.bench import profile_steps
+        """torch.profiler over ``steps`` more trainer steps (lamamba_dist/bench/profiling.py ``profile_steps``)."""
+        from lamamba_dist.bench.profiling import profile_steps
 
         prof = profile_steps(lambda: self._step(it), steps, self.device)
         self._step(it, settle=True)  # the last profiled step is settled with this one
         return prof
 
     def _host_profile(self, it, steps: int) -> dict:
-        """The host sampled over ``steps`` more trainer steps (lamamba_dist/bench.py ``host_profile``)."""
-        from lamamba_dist.bench import host_profile
+        """The host sampled over ``steps`` more trainer steps (lamamba_dist/bench/profiling.py ``host_profile``)."""
+        from lamamba_dist.bench.profiling import host_profile
 
         prof = host_profile(lambda: self._step(it), steps, self.device)
         self._step(it, settle=True)
@@ -480,7 +348,7 @@ class BenchTrain:
         try:
             cfg = self.make_config(path, combo)
         except (ConfigError, ValueError) as e:  # identical on every rank: no collective needed
-            return {**self._row_base(path, combo), "error": _short_error(e), "error_kind": "config"}
+            return {**self._row_base(path, combo), "error": short_error(e), "error_kind": "config"}
         row = self._row_base(path, combo, cfg)
         row.update(steps=self.args.steps, warmup=self.args.warmup)
         self._micro = cfg.train.micro_batch
@@ -497,7 +365,7 @@ class BenchTrain:
                 self._own_peak(row)
         self._free()
         if err:
-            row.update(error=err, error_kind="oom" if _is_oom(err) else "error")
+            row.update(error=err, error_kind=error_kind(err))
         row["memory_after_free_gib"] = self._allocated_gib()
         row["wall_s"] = time.perf_counter() - t_row
         return row
@@ -518,84 +386,8 @@ class BenchTrain:
         return torch.cuda.memory_allocated(self.device) / GIB if self.on_cuda else None
 
     def fit_row(self, path: str, combo: dict[str, str]) -> dict:
-        """Largest micro-batch of one configuration: probes, straight-line fit, verified prediction."""
-        from lamamba_dist.config import ConfigError
-
-        a = self.args
-        t_row = time.perf_counter()
-        probes = sorted({int(x) for x in a.fit_probes.split(",") if x.strip()})
-        try:
-            if len(probes) < 2:
-                raise ValueError(f"--fit-probes {a.fit_probes!r}: give at least two different micro-batches")
-            cfg = self.make_config(path, combo, micro=probes[0])
-        except (ConfigError, ValueError) as e:
-            return {**self._row_base(path, combo), "fit": True, "error": _short_error(e), "error_kind": "config"}
-        row = self._row_base(path, combo, cfg)
-        accum = row["accum"]
-        row.update(fit=True, capacity_gib=self.capacity_gib, margin_gib=a.fit_margin_gib, probes=[], attempts=[])
-        if self.capacity_gib is None:
-            row.update(error="--fit-batch needs a GPU (or --gpu-memory-gib with the fake-memory test hook)",
-                       error_kind="config")
-            return row
-
-        def fail(msg: str) -> dict:
-            self._free()
-            row.update(error=msg, error_kind="oom" if _is_oom(msg) else "error",
-                       memory_after_free_gib=self._allocated_gib(), wall_s=time.perf_counter() - t_row)
-            return row
-
-        self._micro = probes[0]
-        row["memory_before_gib"] = self._allocated_gib()
-        err, row["build_s"] = self._build(cfg)
-        if err:
-            return fail(f"build: {err}")
-        for b in probes:
-            self._use_micro_batch(b)
-            m = self._measure(0, a.fit_probe_steps)
-            if m.get("error"):
-                return fail(f"probe at micro-batch {b}: {m['error']}")
-            row["probes"].append({"micro_batch": b, "peak_gib": m["peak_gib"],
-                                  "img_per_s_per_gpu": b * accum * a.fit_probe_steps / m["elapsed"]})
-        static, per = fit_memory([(p["micro_batch"], p["peak_gib"]) for p in row["probes"]])
-        budget = self.capacity_gib - a.fit_margin_gib
-        pred = predict_micro_batch(static, per, budget, a.fit_multiple, a.fit_max_batch)
-        row.update(static_gib=static, per_sample_gib=per, budget_gib=budget, predicted_micro_batch=pred)
-        b = pred
-        for _ in range(a.fit_tries):
-            if b < 1:
-                break
-            if self.trainer is None:  # rebuilt after an OOM: the old engine's state is not trusted
-                self._micro = b
-                err, _ = self._build(self.make_config(path, combo, micro=b))
-                if err:
-                    row["attempts"].append({"micro_batch": b, "ok": False, "error": f"build: {err}"})
-                    b = step_down(b, a.fit_multiple)
-                    continue
-            self._use_micro_batch(b)
-            m = self._measure(1, a.fit_verify_steps)
-            if m.get("error"):
-                row["attempts"].append({"micro_batch": b, "ok": False, "error": m["error"]})
-                self._free()
-                b = step_down(b, a.fit_multiple)
-                continue
-            if m["peak_gib"] is not None and m["peak_gib"] > budget:  # ran, but inside the margin: not a fit
-                row["attempts"].append({"micro_batch": b, "ok": False, "peak_gib": m["peak_gib"],
-                                        "error": f"peak {m['peak_gib']:.2f} GiB above the budget {budget:.2f} GiB"})
-                b = step_down(b, a.fit_multiple)
-                continue
-            row["attempts"].append({"micro_batch": b, "ok": True, "peak_gib": m["peak_gib"]})
-            row.update(fit_micro_batch=b, micro_batch=b, global_batch=b * accum * self.world,
-                       steps=a.fit_verify_steps, warmup=1, **self._throughput(m, b, accum, a.fit_verify_steps))
-            if m["peak_gib"] is not None:
-                row["headroom_gib"] = self.capacity_gib - m["peak_gib"]
-            break
-        self._free()
-        if "fit_micro_batch" not in row:
-            row.update(fit_micro_batch=None, error=f"no verified micro-batch (predicted {pred}; "
-                       f"attempts {[x['micro_batch'] for x in row['attempts']]})", error_kind="fit")
-        row["memory_after_free_gib"] = self._allocated_gib()
-        row["wall_s"] = time.perf_counter() - t_row
-        return row
+        """Largest micro-batch of one configuration (lamamba_dist/bench/fit.py)."""
+        return fit_row(self, path, combo)
 
     def run(self, rows: list[tuple[str, dict[str, str]]]) -> list[dict]:
         self._write()
@@ -672,20 +464,7 @@ def add_parser(sub, name: str, help_text: str):
                    help="build the model on the GPU (default: fast; other initial weights than training's CPU "
                         "build, same seed) or on the CPU as `lamamba train` does")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak used for MFU (default: by GPU name)")
-    g = p.add_argument_group("largest micro-batch per configuration (--fit-batch)")
-    g.add_argument("--fit-batch", action="store_true",
-                   help="fit peak = static + per_sample x micro from two probes, verify the largest micro-batch "
-                        "under the GPU memory minus the margin (10%% smaller per OOM) and report its throughput")
-    g.add_argument("--fit-probes", default="16,32", help="micro-batches measured for the fit (default 16,32)")
-    g.add_argument("--fit-probe-steps", type=int, default=2, help="steps per probe (the first allocates Adam state)")
-    g.add_argument("--fit-verify-steps", type=int, default=2, help="timed steps at the predicted micro-batch")
-    g.add_argument("--fit-margin-gib", type=float, default=8.0,
-                   help="memory kept free below the GPU's total (allocator slack, CUDA context, NCCL); default 8")
-    g.add_argument("--fit-multiple", type=int, default=4, help="round micro-batches down to a multiple of this")
-    g.add_argument("--fit-max-batch", type=int, default=1024, help="never try more than this micro-batch")
-    g.add_argument("--fit-tries", type=int, default=4, help="verification attempts (OOM -> 10%% smaller)")
-    g.add_argument("--gpu-memory-gib", type=float, default=None,
-                   help="memory per GPU to fit into (default: the device's total)")
+    add_fit_arguments(p)
     p.set_defaults(func=_run)
     return p
 

@@ -1,4 +1,4 @@
-"""``lamamba bench-loader``: latent loader throughput (samples/s, per worker) on CPU.
+"""``lamamba bench loader`` (alias ``lamamba bench-loader``): latent loader throughput (samples/s, per worker) on CPU.
 
 Without ``--shards`` it writes a temporary shard set of random posteriors at the requested
 resolution (the format of ``lamamba preprocess``), so the number measures tar reading, npy decoding,
@@ -7,10 +7,11 @@ the posterior draw and collation, not the disk. Each configuration is measured a
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
+
+from lamamba_dist.bench.common import environment, write_json
 
 
 def make_random_shards(folder: Path, num_samples: int, shard_size: int, resolution: int, seed: int = 0) -> Path:
@@ -91,10 +92,7 @@ def _run(args) -> int:
         if shards is None:
             shards = str(make_random_shards(Path(tmp), args.samples, args.shard_size, args.resolution))
         res = bench_loader(shards, args.resolution // 8, workers, args.micro_batch, args.batches)
-    out = {"resolution": args.resolution, "shards": args.shards or f"random ({args.samples} samples)",
+    out = {"bench": "loader", "environment": environment("cpu"), "resolution": args.resolution, "shards": args.shards or f"random ({args.samples} samples)",
            "cpu_count": os.cpu_count(), "torch_threads_main": __import__("torch").get_num_threads(), "results": res}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print(write_json(args.out, out, indent=1))
     return 0

@@ -1,6 +1,7 @@
-"""`lamamba bench-sample`: images/s of DDPM + classifier-free guidance sampling, several models in one run.
+"""`lamamba bench sample` (alias `lamamba bench-sample`): images/s of DDPM + classifier-free guidance sampling,
+several models in one run.
 
-    lamamba bench-sample --models LaMamba-XL,DiT-XL/2 --resolution 256,512 --batch 64 --steps 250 \
+    lamamba bench sample --models LaMamba-XL,DiT-XL/2 --resolution 256,512 --batch 64 --steps 250 \
         --cfg-scale 1.5 --out bench_sample.json
 
 Random weights, no VAE: it times the denoising loop exactly as ``lamamba sample`` runs it
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import time
 from pathlib import Path
+
+from lamamba_dist.bench.common import environment, write_json
 
 
 def _cli_error(msg: str) -> Exception:
@@ -148,6 +150,8 @@ def run(args) -> int:
         for r in at:
             r["ratio_to_first"] = r["images_per_s"] / at[0]["images_per_s"]
     result = {
+        "bench": "sample",
+        "environment": environment(device),
         "benchmark": "DDPM sampling with classifier-free guidance, random weights, latents only (no VAE)",
         "models": models,
         "resolutions": resolutions,
@@ -163,10 +167,7 @@ def run(args) -> int:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_json(out, result)
     for r in rows:
         print(f"{r['model']:14s} {r['resolution']:4d}px  {r['images_per_s']:.4f} img/s  x{r['ratio_to_first']:.3f}")
     print(f"wrote {out}")

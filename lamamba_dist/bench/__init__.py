@@ -1,0 +1,13 @@
+"""The benchmarks, all behind ``lamamba bench WHAT ...`` (lamamba_dist/cli.py ``BENCHES``), each writing one JSON
+file with the same environment block (common.py):
+
+* ``model`` (model.py, the default WHAT): a plain PyTorch training step of several models in one process;
+* ``train`` (train.py, with matrix.py and fit.py): the trainer's own step, ``Trainer.queue_step``, for a matrix of
+  configurations in one launch, and the largest micro-batch that fits;
+* ``sample`` (sample.py): DDPM with classifier-free guidance, as ``lamamba sample`` runs it;
+* ``loader`` (loader.py): the latent loader's samples/s per worker;
+* ``vae``: the preprocessing VAE's encode throughput (lamamba_dist/data_pipeline/vae.py).
+
+profiling.py times where a step's host and device time go, for the model and train benches alike.
+Importing this package imports no torch (``lamamba bench train`` reads its matrix before DeepSpeed starts).
+"""
