@@ -16,7 +16,7 @@
 #   bash scripts/gpu_scaling.sh OUT_DIR            # PARTS=abde (default abcde; c rides with a and b), BUDGET=460
 # Writes at most 8 files into OUT_DIR: bench_1gpu.json bench_2gpu.json train_elastic.json fit_1gpu.json
 # fit_2gpu.json scaling.md gpu_scaling.log. Checkpoints (~14 GB each) go to WORK (default /tmp/lamamba_gpu_scaling)
-# and are deleted at the end. Tables: python3 scripts/scaling_table.py OUT_DIR/*.json --out docs/scaling.md
+# and are deleted at the end. Tables: python3 -m lamamba_dist.cli bench scaling OUT_DIR/*.json --out docs/scaling.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash scripts/gpu_scaling.sh OUT_DIR}

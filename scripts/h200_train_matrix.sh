@@ -4,7 +4,7 @@
 # resolution, the engine rebuilt and freed between rows; a failure is an error row). About 8 minutes.
 #   bash scripts/device_env.sh --stage                                     # here, once
 #   source scripts/device_env.sh && bash scripts/h200_train_matrix.sh OUT  # on the GPU machine
-#   python3 scripts/scaling_table.py OUT/train_matrix_*.json                # the tables (markdown)
+#   python3 -m lamamba_dist.cli bench scaling OUT/train_matrix_*.json                # the tables (markdown)
 # MICRO256 / MICRO512: micro-batches (default 32 / 16); STEPS / WARMUP: timed / untimed steps per row;
 # RESOLUTIONS: which halves (default "256 512").
 set -uo pipefail

@@ -1,7 +1,6 @@
 """`lamamba bench-train` (the trainer's real step for a matrix of configurations in one launch), its --fit-batch
-arithmetic, scripts/scaling_table.py, and config-only models through ``[model] arch_overrides`` (LaMamba-XXL)."""
+arithmetic, `lamamba bench scaling` (lamamba_dist/bench/scaling.py), and config-only models through ``[model] arch_overrides`` (LaMamba-XXL)."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -121,14 +120,13 @@ def test_help_and_lazy_imports():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 
-# --------------------------------------------------------------------------- scripts/scaling_table.py
+# --------------------------------------------------------------------------- lamamba bench scaling
 
 
 def _scaling_table():
-    spec = importlib.util.spec_from_file_location("scaling_table", ROOT / "scripts" / "scaling_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from lamamba_dist.bench import scaling
+
+    return scaling
 
 
 def _row(world, ips, zero=2, gc=False, **kw):

@@ -6,7 +6,8 @@ file with the same environment block (common.py):
   configurations in one launch, and the largest micro-batch that fits;
 * ``sample`` (sample.py): DDPM with classifier-free guidance, as ``lamamba sample`` runs it;
 * ``loader`` (loader.py): the latent loader's samples/s per worker;
-* ``vae``: the preprocessing VAE's encode throughput (lamamba_dist/data_pipeline/vae.py).
+* ``vae``: the preprocessing VAE's encode throughput (lamamba_dist/data_pipeline/vae.py);
+* ``scaling`` (scaling.py): the markdown tables of docs/scaling.md from ``train`` JSON files.
 
 profiling.py times where a step's host and device time go, for the model and train benches alike.
 Importing this package imports no torch (``lamamba bench train`` reads its matrix before DeepSpeed starts).
