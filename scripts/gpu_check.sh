@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU acceptance of the product in one call, on one H200. Writes $1/summary.json (and logs beside it).
-#   bash scripts/device_env.sh --stage          # here: copy the device wheels into .whl/ (carry .whl)
+#   bash scripts/device_env.sh --stage WHEEL_DIR   # here: copy the GPU wheels into .whl/ (copy .whl along)
 #   source scripts/device_env.sh && bash scripts/gpu_check.sh $OUT     # on the GPU machine
 #
 # Two phases, so that the whole check fits in about 8 minutes:

@@ -2,7 +2,7 @@
 # The trainer's matrix on one H200: DiT-XL/2 and LaMamba-XL, 256 and 512 px, bf16, ZeRO 0/1/2/3, activation
 # checkpointing off/on: img/s and peak memory of `lamamba train`'s own step (`lamamba bench-train`, one launch per
 # resolution, the engine rebuilt and freed between rows; a failure is an error row). About 8 minutes.
-#   bash scripts/device_env.sh --stage                                     # here, once
+#   bash scripts/device_env.sh --stage WHEEL_DIR                           # here, once
 #   source scripts/device_env.sh && bash scripts/h200_train_matrix.sh OUT  # on the GPU machine
 #   python3 -m lamamba_dist.cli bench scaling OUT/train_matrix_*.json                # the tables (markdown)
 # MICRO256 / MICRO512: micro-batches (default 32 / 16); STEPS / WARMUP: timed / untimed steps per row;
