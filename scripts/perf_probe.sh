@@ -51,7 +51,9 @@ for mb in ${MEMBUDGETS:-}; do  # both models compiled with AOT autograd's activa
     | sed "s/^/[budget $mb] /" | tee -a "$O/membudget.log"
 done
 if [ "${PROFILE:-1}" = 1 ]; then
-  timeout 120 $PY scripts/profile_step.py --model LaMamba-XL --resolution $RES --batch $BATCH --rows 40 ${PCOMPILE:---compile} \
-    > "$O/profile.log" 2>&1
-  grep -v -i warn "$O/profile.log" | grep -E "kernel launches|Self CUDA" | tee "$O/profile_short.txt"
+  # torch.profiler over 3 steps after the timed ones: the JSON's "profile" has the kernel launches per step and the
+  # top device kernels
+  timeout 180 $PY -m lamamba_dist.cli bench --models LaMamba-XL --resolution $RES --batch $BATCH --steps 3 --warmup 3 \
+    --profile 3 ${PCOMPILE:---compile} --out "$O/profile.json" > "$O/profile.log" 2>&1
+  grep "^#" "$O/profile.log" | tee "$O/profile_short.txt"
 fi
