@@ -309,3 +309,32 @@ def test_labels_reaching_the_models_null_class_are_refused_before_training(tmp_p
         build_latent_loader(cfg_for(tmp_path), **kw, num_classes=3)
     with pytest.raises(DataError, match="synthetic_num_classes = 10 is more than"):
         build_latent_loader(DataConfig(shards="synthetic", synthetic_num_classes=10), **kw, num_classes=5)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_batch_is_one_buffer_whose_views_are_its_tensors(workers):
+    """A batch with diffusion draws reaches the trainer as one buffer (one shared-memory block from a worker,
+    one pin, one device copy): its tensors are views of it, with the values and dtypes a per-tensor batch has."""
+    from lamamba_dist.data.loader import Batch, pack, unpack
+
+    cfg = DataConfig(shards="synthetic", num_workers=workers, num_streams=2, synthetic_num_classes=10)
+    it = iter(build_latent_loader(cfg, micro_batch=3, rank=0, world_size=1, seed=0, latent_size=4,
+                                  num_timesteps=1000))
+    b = next(it)
+    assert isinstance(b, Batch) and set(b) == {"latent", "label", "key", "t", "noise", "u"}
+    dtypes = {k: b[k].dtype for k in ("latent", "label", "t", "noise", "u")}
+    assert dtypes == {"latent": torch.float32, "label": torch.long, "t": torch.long, "noise": torch.float32,
+                      "u": torch.float32}
+    base = b.packed.untyped_storage().data_ptr()
+    for k in dtypes:
+        assert b[k].untyped_storage().data_ptr() == base, k  # a view of the one buffer
+        assert (b[k].data_ptr() - base) % 64 == 0
+    assert b["latent"].shape == b["noise"].shape == (3, 4, 4, 4) and b["t"].shape == (3,)
+    moved = b.to("cpu")
+    assert moved["key"] == b["key"] and all(torch.equal(moved[k], b[k]) for k in dtypes)
+    # pack/unpack keep every value and dtype, non-contiguous inputs included
+    src = {"a": torch.arange(12.0).view(3, 4).t(), "b": torch.tensor([1, -2], dtype=torch.long),
+           "c": torch.tensor([True, False, True])}
+    buf, layout = pack(src)
+    out = unpack(buf, layout)
+    assert buf.dtype == torch.uint8 and all(torch.equal(out[k], src[k]) and out[k].dtype == src[k].dtype for k in src)

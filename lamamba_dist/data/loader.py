@@ -265,19 +265,70 @@ class _RankStreams(torch.utils.data.IterableDataset):
                     noises.append(n)
                     us.append(u)
             bad, reader.new_bad = reader.new_bad, []
-            batch = {"latent": torch.stack(lat), "label": torch.tensor(lab, dtype=torch.long), "key": keys, "_bad": bad}
+            tensors = {"latent": torch.stack(lat), "label": torch.tensor(lab, dtype=torch.long)}
             if self.plan.draws:
-                batch.update(t=torch.tensor(ts, dtype=torch.long), noise=torch.stack(noises),
-                             u=torch.tensor(us, dtype=torch.float32))
-            yield batch
+                tensors.update(t=torch.tensor(ts, dtype=torch.long), noise=torch.stack(noises),
+                               u=torch.tensor(us, dtype=torch.float32))
+            packed, layout = pack(tensors)
+            yield {"_packed": packed, "_layout": layout, "key": keys, "_bad": bad}
             j += self.nw
+
+
+# --------------------------------------------------------------------------- one buffer per batch
+
+_ALIGN = 64  # bytes between the starts of a packed batch's tensors: any dtype's view of the buffer is aligned
+
+
+def pack(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[tuple]]:
+    """The tensors of a batch in one uint8 buffer, and its layout ``[(name, dtype, shape, offset, bytes)]``.
+
+    A DataLoader worker hands a tensor over as a shared-memory block with a file descriptor passed through a
+    socket, the pin-memory thread pins each tensor, and the trainer copies each to the device: per tensor a
+    round of host work on the thread that also launches the step's kernels. One buffer per batch makes that
+    one round (:func:`unpack`, :meth:`Batch.to`)."""
+    layout, off = [], 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        layout.append((name, t.dtype, tuple(t.shape), off, n))
+        off += -(-n // _ALIGN) * _ALIGN
+    buf = torch.empty(off, dtype=torch.uint8)
+    for (_, dtype, _, o, n), t in zip(layout, tensors.values()):
+        buf[o:o + n].view(dtype).copy_(t.reshape(-1))
+    return buf, layout
+
+
+def unpack(buf: torch.Tensor, layout: list[tuple]) -> dict[str, torch.Tensor]:
+    """The tensors of :func:`pack`'s buffer (on whichever device ``buf`` is), as views of it."""
+    return {name: buf[o:o + n].view(dtype).view(shape) for name, dtype, shape, o, n in layout}
+
+
+class Batch(dict):
+    """One micro-batch of :class:`LatentLoader`: ``{"latent", "label", "key"}`` and, with diffusion draws,
+    ``"t"``, ``"noise"``, ``"u"``. Its tensors are views of one host buffer (``packed``, pinned when the loader
+    pins), which :meth:`to` copies to a device in one transfer."""
+
+    packed: torch.Tensor
+    layout: list
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, layout: list, **rest) -> "Batch":
+        b = cls(unpack(packed, layout), **rest)
+        b.packed, b.layout = packed, layout
+        return b
+
+    def to(self, device, non_blocking: bool = False) -> dict:
+        """The batch on ``device``: its tensors as views of one copy of the buffer; other entries as they are."""
+        out = {k: v for k, v in self.items() if not torch.is_tensor(v)}
+        out.update(unpack(self.packed.to(device, non_blocking=non_blocking), self.layout))
+        return out
 
 
 # --------------------------------------------------------------------------- the loader
 
 
 class LatentLoader:
-    """Iterable of batches ``{"latent": (B,C,S,S) float32, "label": (B,) long, "key": list[str]}``; infinite.
+    """Iterable of batches (:class:`Batch`) ``{"latent": (B,C,S,S) float32, "label": (B,) long, "key": list[str]}``;
+    infinite.
 
     ``state_dict()`` describes the global position (all streams, all ranks); pass it back to
     :func:`build_latent_loader` as ``state=`` to continue with exactly the next samples.
@@ -359,12 +410,13 @@ class LatentLoader:
             it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                                   prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
                                                   worker_init_fn=_worker_init))
-        for batch in it:
+        for raw in it:
+            packed = raw.pop("_packed")
             if self.pin_memory and self.num_workers == 0:
-                batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
-            self._note_bad(batch.pop("_bad"))
+                packed = packed.pin_memory()
+            self._note_bad(raw.pop("_bad"))
             self._consumed += 1
-            yield batch
+            yield Batch.from_packed(packed, raw.pop("_layout"), **raw)
 
     def _note_bad(self, bad: list[dict]) -> None:
         for b in bad:

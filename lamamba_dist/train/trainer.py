@@ -287,16 +287,12 @@ class Trainer:
             if meter is not None:
                 meter.data_wait += time.perf_counter() - tw
             seed_rng(micro_seed(t.seed, step, self.rank, micro, self.rollbacks), dev)
-            lat = batch["latent"]
+            b = batch.to(dev, non_blocking=True)  # one transfer (data/loader.py Batch)
+            x0, y, tt, noise = b["latent"], b["label"], b["t"], b["noise"]
             if _fault_hit("nan", step):
-                lat = torch.full_like(lat, float("nan"))
-            x0 = lat.to(dev, non_blocking=True)
-            y = batch["label"].to(dev, non_blocking=True)
-            tt = batch["t"].to(dev, non_blocking=True)
-            noise = batch["noise"].to(dev, non_blocking=True)
+                x0 = torch.full_like(x0, float("nan"))
             if self.class_dropout > 0:
-                u = batch["u"].to(dev, non_blocking=True)
-                y = torch.where(u < self.class_dropout, self.null_class, y)
+                y = torch.where(b["u"] < self.class_dropout, self.null_class, y)
             losses = self.diffusion.training_losses(self._model, x0, tt, model_kwargs={"y": y}, noise=noise)
             loss = losses["loss"].float().mean()
             detached = loss.detach()
