@@ -86,7 +86,7 @@ if [ "${TESTS:-1}" = 1 ]; then
     # SIGINT at the suite's limit: pytest stops and still writes its report (which test ran long, in --durations)
     setsid timeout -s INT -k 20 ${TESTS_TIMEOUT:-300} $PY -m pytest -m gpu -p no:cacheprovider -o addopts="" -v -rfE \
       --tb=short --durations=15 "${par[@]}" --timeout ${TEST_TIMEOUT:-240} --junitxml "$O/gpu_tests.xml" \
-      $(grep -l "mark.gpu" tests/test_*.py) > "$O/gpu_tests.log" 2>&1 &
+      $(grep -rl --include="test_*.py" "mark.gpu" tests | sort) > "$O/gpu_tests.log" 2>&1 &
     tp=$!; echo $tp > "$O/.tests.pgid"; wait $tp
     echo $? > "$O/gpu_tests.rc"
     mark "tests: done (rc $(cat "$O/gpu_tests.rc"))"

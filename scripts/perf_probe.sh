@@ -11,8 +11,8 @@ export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tm
 PY=${PYTHON:-python3}
 RES=${RES:-256}; BATCH=${BATCH:-64}
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout ${TTIMEOUT:-240} $PY -m pytest -q -m gpu tests/test_ops.py tests/test_gpu_model.py tests/test_scan_triton.py \
-    $(ls tests/test_ss2d_triton.py 2>/dev/null) tests/test_parity.py -k "not 200_steps" 2>&1 | tail -8 | tee "$O/gpu_tests.log"
+  timeout ${TTIMEOUT:-240} $PY -m pytest -q -m gpu tests/ops/test_ops.py tests/models/test_gpu_model.py tests/ops/test_scan_triton.py \
+    $(ls tests/ops/test_ss2d_triton.py 2>/dev/null) tests/bench/test_parity.py -k "not 200_steps" 2>&1 | tail -8 | tee "$O/gpu_tests.log"
 fi
 if [ "${PARITY:-1}" = 1 ]; then
   for scan in ${PARITY_SCANS:-auto}; do

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/official_vectors.py and other helpers
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))  # tests/helpers/: code the tests share
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 

@@ -1,6 +1,6 @@
 """``lamamba bench train --fit-batch``: the largest micro-batch of a configuration that fits the GPU. Peak memory at
 two probe micro-batches, a straight line through them, the largest micro-batch under the budget, then a verified
-run at it (10% smaller per OOM). The arithmetic is pure (tests/test_bench_train.py)."""
+run at it (10% smaller per OOM). The arithmetic is pure (tests/bench/test_bench_train.py)."""
 
 from __future__ import annotations
 

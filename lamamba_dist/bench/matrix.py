@@ -1,5 +1,5 @@
 """The configurations of ``lamamba bench train``: a matrix of config overrides (pure functions, no torch;
-tests/test_bench_train.py)."""
+tests/bench/test_bench_train.py)."""
 
 from __future__ import annotations
 

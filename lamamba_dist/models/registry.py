@@ -21,7 +21,7 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "LaMamba-L": ("lamamba", dict(base_width=264, num_heads=12)),
     "LaMamba-B": ("lamamba", dict(base_width=144, num_heads=12)),
     "LaMamba-S": ("lamamba", dict(base_width=72, num_heads=6)),
-    # Tiny debug size: the configuration of the recorded official outputs (tests/official_vectors.py TINY) (window 4, 2 heads, depths 1/1/1/1 + 1).
+    # Tiny debug size: the configuration of the recorded official outputs (tests/helpers/official_vectors.py TINY) (window 4, 2 heads, depths 1/1/1/1 + 1).
     "LaMamba-debug": ("lamamba", dict(base_width=32, depths=(1, 1, 1, 1), mid_depth=1, num_heads=2, window_size=4)),
     **{
         f"DiT-{size}/{p}": ("dit", dict(depth=d, hidden_size=h, num_heads=nh, patch_size=p))

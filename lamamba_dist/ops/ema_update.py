@@ -7,7 +7,7 @@ memory traffic as the fused AdamW step itself. :func:`ema_update_` reads each sh
 and writes the shadow once (12 bytes per parameter) and rounds as the two kernels do: the product
 ``s * d`` rounded to fp32 (torch's ``mul`` kernel), then ``w * alpha + that`` as one fused multiply-add
 (torch's CUDA ``add`` with ``alpha`` computes ``a + b * alpha``, which nvcc contracts into one FMA). So the
-result equals :func:`ema_update_reference` bit for bit (tests/test_ops.py on the GPU).
+result equals :func:`ema_update_reference` bit for bit (tests/ops/test_ops.py on the GPU).
 
 Where the kernel does not apply (CPU tensors, other dtypes, triton missing) :func:`ema_update_` runs the
 reference: the two torch ops.

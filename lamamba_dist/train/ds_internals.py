@@ -229,7 +229,7 @@ class FusedGradients:
       the step's last micro-batch the partition goes to ``averaged_gradients`` for ``engine.step()``.
 
     The optimizer step, the master weights, checkpoints and the EMA are DeepSpeed's as before; the gradients
-    are bitwise those of DeepSpeed's own path (tests/test_fused_gradients.py, 2 ranks, ZeRO-1/2, fp32 and
+    are bitwise those of DeepSpeed's own path (tests/train/test_fused_gradients.py, 2 ranks, ZeRO-1/2, fp32 and
     bf16, with accumulation). Memory: ZeRO-2 on several ranks releases each bucket of gradients as it is
     reduced during the backward; here a micro-batch's gradients and their flat copy exist together at the end
     of its backward. ``[train] grad_reduction = "deepspeed"`` keeps DeepSpeed's path for a model whose

@@ -53,7 +53,7 @@ log = logging.getLogger("lamamba.train")
 __all__ = ["Trainer", "TrainingError", "SaveError", "build_model", "run_training"]
 
 
-# fault injection for tests: LAMAMBA_FAULT (the points: faults.fault_hit); tests/slurm_entry.py wraps _fault
+# fault injection for tests: LAMAMBA_FAULT (the points: faults.fault_hit); tests/helpers/slurm_entry.py wraps _fault
 _fault_hit = fault_hit
 _fault = fault
 

@@ -13,7 +13,7 @@ import torch
 
 from latent_shards import make_shards
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAMAMBA = [sys.executable, "-c", "import sys; from lamamba_dist.cli import main; sys.exit(main())"]
 
 

@@ -1,8 +1,8 @@
 """`lamamba submit` / `status` / `cancel` against a mocked Slurm (fake sinfo/sbatch/squeue/... on PATH).
 
 No cluster needed: these run everywhere. The real-Slurm tests are in test_slurm_cluster.py.
-The sbatch script is compared to a recorded golden file (tests/golden/); regenerate it after an intended change
-with `UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_cluster_launcher.py -k golden`.
+The sbatch script is compared to a recorded golden file (tests/cluster/golden/); regenerate it after an intended change
+with `UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/cluster/test_cluster_launcher.py -k golden`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """In-loop FID during training (lamamba_dist/train/watch.py) and its configuration errors. (The sample grids on 2
-ranks, with a kill and a bitwise resume: tests/test_train_dist.py.)"""
+ranks, with a kill and a bitwise resume: tests/train/test_train_dist.py.)"""
 
 import json
 import subprocess

@@ -9,7 +9,7 @@ import pytest
 
 from lamamba_dist.train.ds_internals import UnsupportedDeepSpeed, check_deepspeed_version
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # (setup, the optimizer DeepSpeed builds for it; bf16 at ZeRO-0 runs as bf16_autocast: fp32 weights, ds_config.py)
 SETUPS = {"0-fp32": "torch", "0-bf16": "torch", "1-fp32": "zero12", "1-bf16": "bf16",
@@ -34,7 +34,7 @@ def test_nonfinite_loss_or_grad_on_one_rank_skips_the_step_on_every_optimizer_pa
     from train_helpers import train_env
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "nonfinite_script.py"), *SETUPS]
+           str(ROOT / "tests" / "helpers" / "nonfinite_script.py"), *SETUPS]
     env = {**train_env(), "NONFINITE_RESULTS_DIR": str(tmp_path)}
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
@@ -62,7 +62,7 @@ def test_zero2_without_contiguous_gradient_buffer_is_bitwise_the_same(tmp_path):
     from train_helpers import train_env
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "contiguous_grads_script.py"), "fp32", "bf16"]
+           str(ROOT / "tests" / "helpers" / "contiguous_grads_script.py"), "fp32", "bf16"]
     res = subprocess.run(cmd, cwd=ROOT, env={**train_env(), "CONTIG_RESULTS_DIR": str(tmp_path)},
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPERS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HELPERS))
 
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None,
@@ -22,7 +23,7 @@ needs_triton = pytest.mark.skipif(
 def run_interpreter_cases(test_file: str) -> None:
     """Run ``test_file`` as a script under TRITON_INTERPRET=1 (set before triton is imported, hence a fresh
     process); its ``__main__`` runs the CPU cases and prints "interpreter cases passed"."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, HELPERS, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, os.path.abspath(test_file)], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=900)
     print(proc.stdout[-4000:], proc.stderr[-4000:])

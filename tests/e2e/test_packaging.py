@@ -13,7 +13,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 import lamamba_dist
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pyproject() -> dict:

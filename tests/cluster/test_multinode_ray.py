@@ -23,7 +23,7 @@ from image_folder import make_image_folder, make_tiny_vae
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 PORT = 6391
 HEAD = "10.77.0.11"

@@ -13,7 +13,7 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEBUG = str(ROOT / "configs" / "debug.toml")
 LAMAMBA = [sys.executable, "-m", "lamamba_dist.cli"]
 # Sequence-scan backends run through SS2D's lean core; ss2d_triton changes SS2D's layout. The literal

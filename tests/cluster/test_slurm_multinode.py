@@ -45,7 +45,7 @@ def two_nodes() -> list[str]:
             pytest.fail(problem)
         pytest.skip(problem)
     # The jobs inherit this environment (sbatch --export=ALL): share the DeepSpeed JIT cache with scripts/test.sh.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"))
     os.environ.setdefault("WANDB_MODE", "offline")
     return nodes
 
@@ -140,7 +140,7 @@ def test_lamamba_submit_trains_on_two_nodes(two_node_reference):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_preemption_drill_across_two_nodes_matches_the_uninterrupted_run(two_node_reference, tmp_path):
-    """tests/test_slurm_cluster.py's drill (preempted twice, then its time limit; every stop saves, requeues and
+    """tests/cluster/test_slurm_cluster.py's drill (preempted twice, then its time limit; every stop saves, requeues and
     resumes) with one rank on each node: the same steps, and weights and EMA bit-identical to the reference."""
     from test_slurm_cluster import run_drill
 
@@ -148,7 +148,7 @@ def test_preemption_drill_across_two_nodes_matches_the_uninterrupted_run(two_nod
 
 
 def _harness(*args: str) -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     res = subprocess.run(["bash", str(root / "cluster" / "slurm_harness.sh"), *args], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -182,7 +182,7 @@ def test_a_node_failing_without_warning_costs_only_the_steps_since_the_last_chec
         config=str(cfg), overrides=[f'checkpoint.dir="{run_dir}"', f"checkpoint.every={every}"], time_min=20,
         nodes=2, tasks_per_node=1, cpus_per_task=2, partition="low", job_dir=str(job_dir), max_requeues=3,
         entry="slurm_entry:run_training",
-        env=[f"PYTHONPATH={Path(__file__).resolve().parent}", "LAMAMBA_DRILL_STEP_SLEEP=0.5"])
+        env=[f"PYTHONPATH={Path(__file__).resolve().parents[1] / 'helpers'}", "LAMAMBA_DRILL_STEP_SLEEP=0.5"])
     job_id = launcher.submit(req).job_id
     timeline: dict = {"job_id": job_id, "checkpoint_every": every}
     try:

@@ -25,7 +25,7 @@ import pytest
 
 from lamamba_dist.cluster import launcher, slurm
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HARNESS_CONF = REPO / ".cache" / "slurm" / "etc" / "slurm.conf"
 STEPS = 70
 DRILL_TIME_MIN = 10
@@ -34,7 +34,7 @@ DRILL_SIGNAL_DELAY_S = 160
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 CONFIG = f"""\
-# The debug model at 32 px on 2 CPU ranks, deterministic fp32 (tests/test_slurm_cluster.py).
+# The debug model at 32 px on 2 CPU ranks, deterministic fp32 (tests/cluster/test_slurm_cluster.py).
 [model]
 name = "LaMamba-debug"
 resolution = 32
@@ -265,7 +265,7 @@ def run_drill(reference_run_dir: Path, tmp_path: Path, nodes: int, tasks_per_nod
               cpus_per_task: int | None = None) -> None:
     """The drill on ``nodes`` x ``tasks_per_node`` tasks that fill the nodes (a 1-CPU job in `high` must preempt
     it); its final weights must equal those of ``reference_run_dir`` (an uninterrupted run of the same config on
-    as many ranks). tests/test_slurm_multinode.py runs it across two nodes."""
+    as many ranks). tests/cluster/test_slurm_multinode.py runs it across two nodes."""
     cfg = _write_config(tmp_path)
     run_dir, job_dir = tmp_path / "run", tmp_path / "job"
     req = launcher.SubmitRequest(
@@ -273,7 +273,7 @@ def run_drill(reference_run_dir: Path, tmp_path: Path, nodes: int, tasks_per_nod
         signal_delay_s=DRILL_SIGNAL_DELAY_S, nodes=nodes, tasks_per_node=tasks_per_node,
         cpus_per_task=cpus_per_task, partition="low", job_dir=str(job_dir),
         max_requeues=10, entry="slurm_entry:run_training",
-        env=[f"PYTHONPATH={REPO / 'tests'}", "LAMAMBA_DRILL_STEP_SLEEP=0.5"],
+        env=[f"PYTHONPATH={REPO / 'tests' / 'helpers'}", "LAMAMBA_DRILL_STEP_SLEEP=0.5"],
     )
     sub = launcher.submit(req)
     job_id = sub.job_id
@@ -350,7 +350,7 @@ def test_cancel_save_and_requeue_limit_end_the_job_with_a_checkpoint(slurm_clust
     req = launcher.SubmitRequest(
         config=str(cfg), overrides=[f'checkpoint.dir="{run_dir}"'], time_min=10, signal_delay_s=60,
         tasks_per_node=2, partition="low", job_dir=str(job_dir), max_requeues=0, entry="slurm_entry:run_training",
-        env=[f"PYTHONPATH={REPO / 'tests'}", "LAMAMBA_DRILL_STEP_SLEEP=0.5"],
+        env=[f"PYTHONPATH={REPO / 'tests' / 'helpers'}", "LAMAMBA_DRILL_STEP_SLEEP=0.5"],
     )
     saved_steps = []
     preemptor = None

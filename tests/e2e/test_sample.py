@@ -14,7 +14,7 @@ import torch
 
 from lamamba_dist.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RES = 32  # pixels: latent 4x4, the smallest LaMamba-debug accepts
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SETUPS = ("1-fp32", "2-fp32", "2-bf16")
 
 
@@ -17,7 +17,7 @@ def test_fused_reduction_is_bitwise_deepspeeds_on_two_ranks(tmp_path):
     from train_helpers import train_env
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "fused_grads_script.py"), *SETUPS]
+           str(ROOT / "tests" / "helpers" / "fused_grads_script.py"), *SETUPS]
     res = subprocess.run(cmd, cwd=ROOT, env={**train_env(), "FUSED_RESULTS_DIR": str(tmp_path)},
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]

@@ -6,7 +6,7 @@ until it is)."""
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "lamamba_dist"
 # the package's folders: lamamba_dist/ itself, and the two installed inside it (pyproject.toml package-dir)
 FOLDERS = {PKG: "lamamba_dist", ROOT / "cluster": "lamamba_dist.cluster",
@@ -39,7 +39,7 @@ def _sources():
 def _layer(module: str) -> int:
     parts = module.split(".")
     key = parts[1] if len(parts) > 1 else ""
-    assert key in LAYERS, f"{module}: not placed in a layer (tests/test_layering.py LAYERS)"
+    assert key in LAYERS, f"{module}: not placed in a layer (tests/e2e/test_layering.py LAYERS)"
     return LAYERS[key]
 
 

@@ -13,7 +13,7 @@ from lamamba_dist.train import EXIT_REQUEUE, clear_stop_request, request_stop, s
 from lamamba_dist.train import checkpoint as ckpt
 from lamamba_dist.train.ds_config import build_ds_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fake_checkpoint(run_dir: Path, step: int, payload: bytes = b"x" * 100) -> Path:
@@ -179,7 +179,7 @@ def test_ema_under_zero_equals_plain_pytorch_ema(tmp_path):
 
     setups = ["3-fp32", "2-bf16", "0-fp32", "1-fp32"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "ema_zero_script.py"), *setups]
+           str(ROOT / "tests" / "helpers" / "ema_zero_script.py"), *setups]
     env = {**train_env(), "EMA_RESULTS_DIR": str(tmp_path)}
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]

@@ -93,7 +93,7 @@ def test_sigkill_during_save_and_damaged_checkpoints_fall_back(tmp_path, referen
     assert "step_00000006 is not usable" in res.stderr and "truncated" in res.stderr, res.log
     assert "resumed from" in res.stderr and "step_00000004" in res.stderr, res.log
     assert_equivalent(tmp_path, reference(2))
-    # (A missing file, a flipped byte and a broken marker take the same path: tests/test_train_units.py.)
+    # (A missing file, a flipped byte and a broken marker take the same path: tests/train/test_train_units.py.)
 
 
 @pytest.mark.parametrize("stage,first,second", [(3, 2, 1), (2, 1, 2)], ids=["zero3_2to1", "zero2_1to2"])
@@ -223,7 +223,7 @@ def _rank_pids(parent: int) -> dict[int, int]:
 def test_signal_saves_on_every_rank_and_exits_for_requeue(tmp_path, log_every, sig="SIGUSR2"):
     """SIGUSR2 reaches rank 1 only: both ranks agree at the next step boundary, save one complete
     checkpoint and exit with EXIT_REQUEUE (3); rerunning the command continues from it. (SIGTERM goes
-    through the same handler: tests/test_train_units.py.) With log lines every 7 steps most steps are settled
+    through the same handler: tests/train/test_train_units.py.) With log lines every 7 steps most steps are settled
     during the next one (trainer.py queue_step): the stop is seen a step later, and acted on at once."""
     import signal
     import subprocess

@@ -19,7 +19,7 @@ from lamamba_dist.data_pipeline.images import SourceError, center_crop_arr, load
 from lamamba_dist.data_pipeline.preprocess import PreprocessError, Settings, plan_shards, run_preprocess
 from image_folder import PLANTED_CONVERTED, PLANTED_SKIPPED, make_image_folder, make_tiny_vae
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Not `python -m lamamba_dist.cli`: run as __main__, its CLIError is another class than the one commands raise.
 LAMAMBA = [sys.executable, "-c", "import sys; from lamamba_dist.cli import main; sys.exit(main())"]
 

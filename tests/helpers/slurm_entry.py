@@ -1,4 +1,4 @@
-"""Training entry point for the Slurm preemption drill (tests/test_slurm_cluster.py).
+"""Training entry point for the Slurm preemption drill (tests/cluster/test_slurm_cluster.py).
 
 The real trainer, slowed down by ``LAMAMBA_DRILL_STEP_SLEEP`` seconds per step so that preemptions and the time
 limit land mid-run however fast the machine is. The sleep goes through the trainer's per-step test hook
@@ -18,7 +18,7 @@ def run_training(cfg) -> int:
     sleep = float(os.environ.get("LAMAMBA_DRILL_STEP_SLEEP", "0"))
     hook = getattr(trainer, "_fault", None)
     if hook is None:  # fail loudly rather than run an unthrottled (flaky) drill
-        raise RuntimeError("lamamba_dist.train.trainer._fault (the per-step test hook) is gone; update tests/slurm_entry.py")
+        raise RuntimeError("lamamba_dist.train.trainer._fault (the per-step test hook) is gone; update tests/helpers/slurm_entry.py")
 
     def throttled(point: str, step: int) -> None:
         if point == "step" and sleep > 0:

@@ -109,7 +109,7 @@ def test_malformed_set_is_a_one_line_error_with_rc_2(override, needle, capsys):
 
     from pathlib import Path
 
-    debug = Path(__file__).resolve().parents[1] / "configs" / "debug.toml"
+    debug = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
     rc = cli(["train", "--config", str(debug), "--set", override, "--dry-run"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -180,7 +180,7 @@ def test_cpu_install_pulls_no_cuda_package(tmp_path):
     import os
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     report = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed", "--report", str(report),
