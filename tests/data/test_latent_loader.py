@@ -315,7 +315,7 @@ def test_labels_reaching_the_models_null_class_are_refused_before_training(tmp_p
 def test_a_batch_is_one_buffer_whose_views_are_its_tensors(workers):
     """A batch with diffusion draws reaches the trainer as one buffer (one shared-memory block from a worker,
     one pin, one device copy): its tensors are views of it, with the values and dtypes a per-tensor batch has."""
-    from lamamba_dist.data.loader import Batch, pack, unpack
+    from lamamba_dist.data.batch import Batch, pack, unpack
 
     cfg = DataConfig(shards="synthetic", num_workers=workers, num_streams=2, synthetic_num_classes=10)
     it = iter(build_latent_loader(cfg, micro_batch=3, rank=0, world_size=1, seed=0, latent_size=4,
