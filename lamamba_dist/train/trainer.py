@@ -287,7 +287,7 @@ class Trainer:
             if meter is not None:
                 meter.data_wait += time.perf_counter() - tw
             seed_rng(micro_seed(t.seed, step, self.rank, micro, self.rollbacks), dev)
-            b = batch.to(dev, non_blocking=True)  # one transfer (data/loader.py Batch)
+            b = batch.to(dev, non_blocking=True)  # one transfer (lamamba_dist/data/batch.py Batch)
             x0, y, tt, noise = b["latent"], b["label"], b["t"], b["noise"]
             if _fault_hit("nan", step):
                 x0 = torch.full_like(x0, float("nan"))
