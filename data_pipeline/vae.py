@@ -1,4 +1,4 @@
-"""The VAE encoder used by preprocessing, and its throughput benchmark (no Ray needed).
+"""The VAE encoder used by preprocessing (its throughput: ``lamamba bench vae``, lamamba_dist/bench/vae.py).
 
 Batch-invariant by construction: every forward pass has the same shape (``encode_batch`` images and
 their mirrors; a short last batch is padded), and the encoder has no cross-sample operation
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -118,74 +117,3 @@ class VaeEncoder:
             means.append(np.stack([mean[:m], mean[b:b + m]], axis=1).astype(np.float16))
             logvars.append(np.stack([logvar[:m], logvar[b:b + m]], axis=1).astype(np.float16))
         return np.concatenate(means), np.concatenate(logvars)
-
-
-# --------------------------------------------------------------------------- benchmark
-
-
-def bench_vae(resolution: int = 256, batch: int = 64, dtype: str = "bf16", vae: str | None = None,
-              device: str | None = None, warmup: int = 3, iters: int = 10, fast: bool = False) -> dict:
-    """Images/s of the posterior encode (image + mirror = 2 forward images per image), no Ray."""
-    import torch
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    enc = VaeEncoder(vae, device=device, dtype=dtype, encode_batch=batch, deterministic=not fast)
-    images = np.random.default_rng(0).integers(0, 256, (batch, resolution, resolution, 3), dtype=np.uint8)
-
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        enc.encode(images)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        enc.encode(images)
-    sync()
-    dt = time.perf_counter() - t0
-    out = {
-        "resolution": resolution, "batch": batch, "dtype": dtype, "device": device,
-        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "vae": vae or "random-init sd-vae-ft-mse architecture",
-        "mode": "fast (cudnn autotune, channels-last)" if fast else "as preprocessing (deterministic kernels, NCHW)",
-        "iters": iters, "seconds": dt, "images_per_s": batch * iters / dt,
-        "note": "each image is encoded twice (image and its horizontal mirror); includes host->device copy and "
-                "device->host fp16 latents",
-    }
-    if device.startswith("cuda"):
-        out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return out
-
-
-def add_parser(sub, name: str, help_text: str) -> None:
-    p = sub.add_parser(name, help=help_text, description="Measure VAE posterior-encode throughput (images/s) "
-                       "of the preprocessing step, without Ray. Random-init sd-vae-ft-mse weights unless --vae.")
-    p.add_argument("--resolution", type=int, default=256, choices=(256, 512))
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
-    p.add_argument("--vae", default=None, help="local AutoencoderKL folder or hub id (default: random init)")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--fast", action="store_true", help="cudnn autotuning + channels-last instead of the "
-                   "deterministic kernels preprocessing uses")
-    p.add_argument("--out", default=None, help="write the JSON result here too")
-    p.set_defaults(func=_run_bench)
-
-
-def _run_bench(args) -> int:
-    from lamamba_dist.errors import CLIError
-
-    if args.batch < 1 or args.iters < 1 or args.warmup < 0:
-        raise CLIError("--batch and --iters must be >= 1, --warmup >= 0")
-    try:
-        res = bench_vae(args.resolution, args.batch, args.dtype, args.vae, args.device, args.warmup, args.iters, args.fast)
-    except VaeError as e:
-        raise CLIError(str(e)) from None
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return 0

@@ -22,7 +22,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("flops", "lamamba_dist.flops", "parameters and forward multiply-adds of a model"),
     ("models", "lamamba_dist.model_list", "list the registered model sizes"),
     ("convert-official", "lamamba_dist.convert", "import a checkpoint of the official LaMamba-Diff code"),
-    ("bench", "lamamba_dist.bench.model", "benchmarks, JSON out: `lamamba bench [model]` training-step img/s, memory and MFU of several models in one run; `lamamba bench train|sample|loader|vae|scaling ...`"),
+    ("bench", "lamamba_dist.bench.model", "benchmarks, JSON out: `lamamba bench [model]` training-step img/s, memory and MFU of several models in one run; `lamamba bench train|sample|loader|vae|kernels|scaling ...`"),
     ("parity", "lamamba_dist.parity", "fast vs reference kernels: 200-step loss curves on fixed data, gap vs run-to-run noise"),
     ("sample", "lamamba_dist.sample", "sample images (PNGs, grid, ADM npz) from weights or a run, on one or many ranks"),
     ("eval", "lamamba_dist.evaluate", "FID, sFID, IS, precision and recall of a sample npz against a reference batch"),
@@ -35,7 +35,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("preprocess", "lamamba_dist.data_pipeline.preprocess", "encode an ImageNet-style folder into VAE-latent WebDataset shards with Ray (rerun resumes)"),
     ("bench-loader", "lamamba_dist.bench.loader", "= `lamamba bench loader`: latent loader samples/s per worker on CPU (JSON)"),
     ("bench-scaling", "lamamba_dist.bench.scaling", "= `lamamba bench scaling`: markdown tables of `bench train` JSON files (docs/scaling.md)"),
-    ("bench-vae", "lamamba_dist.data_pipeline.vae", "= `lamamba bench vae`: VAE posterior-encode images/s of preprocessing, without Ray (JSON)"),
+    ("bench-vae", "lamamba_dist.bench.vae", "= `lamamba bench vae`: VAE posterior-encode images/s of preprocessing, without Ray (JSON)"),
+    ("bench-kernels", "lamamba_dist.bench.kernels", "= `lamamba bench kernels`: the selective-scan kernels of SS2D by backend on one GPU (JSON)"),
     ("submit", "lamamba_dist.cluster.commands", "submit a training job to Slurm (submitit): one task per GPU, requeue + resume on preemption"),
     ("status", "lamamba_dist.cluster.commands", "state, requeues, events, logs and checkpoints of a `lamamba submit` job folder"),
     ("cancel", "lamamba_dist.cluster.commands", "cancel the Slurm job of a job folder (--save: checkpoint first, no requeue)"),
@@ -45,7 +46,8 @@ COMMANDS: list[tuple[str, str, str]] = [
 # `lamamba bench WHAT ...` runs the command of the bench WHAT (lamamba_dist/bench/); without WHAT, the model bench.
 # The per-bench command names (bench-train, bench-sample, bench-loader, bench-vae) stay as aliases.
 BENCHES: dict[str, str] = {"model": "bench", "train": "bench-train", "sample": "bench-sample",
-                           "loader": "bench-loader", "vae": "bench-vae", "scaling": "bench-scaling"}
+                           "loader": "bench-loader", "vae": "bench-vae", "kernels": "bench-kernels",
+                           "scaling": "bench-scaling"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,6 +93,9 @@ class OptimConfig:
     warmup_steps: int = field(default=0, metadata=dict(ge=0))
     grad_clip: float = field(default=0.0, metadata=dict(ge=0))  # 0 = off (paper recipe)
     ema_decay: float = field(default=0.9999, metadata=dict(ge=0.0, le=1.0))
+    # CUDA: the EMA update on a stream of its own, beside the next step's forward and backward (the same bits;
+    # lamamba_dist/train/ema.py). Off: after the optimizer step on the training stream.
+    ema_overlap: bool = False
     offload_optimizer: bool = False
 
 

@@ -1,8 +1,9 @@
 """`lamamba parity`: does the fast path train like the reference path? Loss curves on fixed data.
 
 Kernel parity tests compare one forward/backward; this compares whole training runs. The same model is
-built three times from the same initial weights and trained for ``--steps`` AdamW steps (fp32 master weights,
-bf16 autocast on GPU) on one fixed, learnable dataset (class-dependent smooth latent patterns):
+built three times from the same initial weights and trained for ``--steps`` AdamW steps of the plain training step
+(lamamba_dist/train/step.py; on GPUs by default in ``lamamba train``'s precision: bf16 weights, fp32 master
+weights) on one fixed, learnable dataset (class-dependent smooth latent patterns):
 
 * ``fast``       the candidate kernels (default: the auto backends: mamba-ssm / Triton scan, SDPA attention);
 * ``reference``  the pure-PyTorch kernels (literal scan recurrence, explicit attention), with exactly the same
@@ -25,6 +26,7 @@ import torch
 
 from lamamba_dist.ops.selective_scan import BACKENDS as SCAN_BACKENDS
 from lamamba_dist.ops.window_attention import BACKENDS as ATTN_BACKENDS
+from lamamba_dist.train.step import PRECISIONS, TrainStep
 import torch.nn.functional as F
 
 
@@ -52,25 +54,18 @@ def train_curve(model_name: str, resolution: int, batch: int, steps: int, device
                          scan_backend=scan_backend, attn_backend=attn_backend).to(device)
     model.train()
     diffusion = create_diffusion()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=device.type == "cuda")
+    step = TrainStep(model, diffusion, precision, lr=lr, weight_decay=0.0)  # lamamba_dist/train/step.py
     data, labels = fixed_dataset(pool, model.latent_size, num_classes, seed=1234)
     g = torch.Generator().manual_seed(draw_seed)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     losses = []
-    for step in range(steps):
+    for i in range(steps):
         idx = torch.randint(0, pool, (batch,), generator=g)
         t = diffusion.sample_t(batch, "cpu", generator=g)
         noise = torch.randn(batch, *data.shape[1:], generator=g)
-        x, y = data[idx].to(device), labels[idx].to(device)
-        with amp:
-            loss = diffusion.training_losses(model, x, t.to(device), model_kwargs=dict(y=y),
-                                             noise=noise.to(device))["loss"].mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = step(data[idx].to(device), t.to(device), labels[idx].to(device), noise.to(device))
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise FloatingPointError(f"{model_name} ({scan_backend}/{attn_backend}): loss {value} at step {step}")
+            raise FloatingPointError(f"{model_name} ({scan_backend}/{attn_backend}): loss {value} at step {i}")
         losses.append(value)
     return losses
 
@@ -134,7 +129,9 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--window", type=int, default=20, help="trailing-mean window of the smoothed curves")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="the step's precision (lamamba_dist/train/step.py): bf16 (bf16 weights, fp32 master weights, "
+                        "as `lamamba train`), bf16_autocast or fp32; default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--scan-backend", choices=SCAN_BACKENDS, default="auto",
                    help="scan kernel of the fast run")
     p.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="auto",

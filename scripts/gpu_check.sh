@@ -27,6 +27,8 @@
 #   to the mean of the two model figures, and "bench_drift" (second / first) shows how much the machine drifted.
 #   HOST_PROFILE_STEPS=N (off by default) adds N steps with the host sampled to every timed row (`--host-profile`:
 #   the main thread's time by Python line, GC, host syncs; far cheaper than torch.profiler).
+#   TRAIN_AXES="section.key=a,b" adds matrix axes to the trainer's timed rows (A/B of a trainer setting in one
+#   process, e.g. TRAIN_AXES="optim.ema_overlap=false,true"); each row gets its ratio to the same model row.
 #   PROFILE_STEPS=N (off by default) adds N profiled steps to every timed row (torch.profiler after the timed steps:
 #   host time, device busy time and idle fraction per step, the top operators; the summary keeps the totals).
 # Each part can be switched off with PART=0 and runs under its own timeout; the timed rows also end by DEADLINE
@@ -70,7 +72,7 @@ bench() {  # batches out-name steps warmup extra...: `lamamba bench`, every mode
 }
 bench_train() {  # the same for `lamamba bench-train` (the trainer's own step)
   local batches=$1 name=$2 steps=$3 warmup=$4; shift 4
-  timeout $(left) $LAMAMBA bench-train $CONFIGS --matrix "micro=$batches" \
+  timeout $(left) $LAMAMBA bench-train $CONFIGS --matrix "micro=$batches${TRAIN_AXES:+;$TRAIN_AXES}" \
     --steps $steps --warmup $warmup "$@" --out "$O/$name.json" > "$O/$name.log" 2>&1
 }
 

@@ -107,7 +107,8 @@ def ratios(out: Path, mode: str) -> dict | None:
         runs = model_rows.get((tr.get("model"), tr.get("micro_batch")), [])
         b = dict(runs[0], step_ms=sum(r["step_ms"] for r in runs) / len(runs),
                  img_per_s=sum(r["img_per_s"] for r in runs) / len(runs)) if runs else None
-        row = {"model": tr.get("model"), "micro_batch": tr.get("micro_batch"), "zero_stage": tr.get("zero_stage"),
+        row = {"model": tr.get("model"), "micro_batch": tr.get("micro_batch"), "matrix": tr.get("matrix"),
+               "zero_stage": tr.get("zero_stage"),
                "precision": tr.get("precision"), "train_step_ms": tr.get("step_ms"),
                "train_img_per_s": tr.get("img_per_s"), "train_peak_gib": tr.get("peak_gib"),
                "train_first_step_s": tr.get("first_step_s"), "error": tr.get("error")}

@@ -1,9 +1,9 @@
 """`lamamba bench` (or `lamamba bench model`): training-step throughput of several models measured in one process.
 
-Each step is a full training step in ``lamamba train``'s precision: on GPUs by default bf16 weights with fp32
-master weights (``--precision bf16``; ``bf16_autocast``: fp32 weights under bf16 autocast; fp32 on CPUs unless
-asked), AdamW (fused on CUDA), the real diffusion loss (MSE + VLB) on random latents and labels, backward,
-optimizer step. No data loader, EMA, DeepSpeed or non-finite check: ``lamamba bench-train`` runs the trainer's own
+Each step is the plain training step of lamamba_dist/train/step.py in ``lamamba train``'s precision: on GPUs by
+default bf16 weights with fp32 master weights (``--precision bf16``; ``bf16_autocast``: fp32 weights under bf16
+autocast; fp32 on CPUs unless asked), AdamW (fused on CUDA), the real diffusion loss (MSE + VLB) on random latents
+and labels, backward, optimizer step. No data loader, EMA, DeepSpeed or non-finite check: ``lamamba bench-train`` runs the trainer's own
 step (lamamba_dist/bench/train.py), and scripts/gpu_check.sh sets the two against each other.
 Models run one after another in the same mode (eager vs eager, compiled vs compiled); warm-up steps are
 excluded from the timing; the first model in the list is the baseline of the reported ratios.
@@ -21,6 +21,7 @@ from lamamba_dist.bench.common import environment, write_json
 from lamamba_dist.bench.profiling import _sync, host_profile, profile_steps
 from lamamba_dist.ops.selective_scan import BACKENDS as SCAN_BACKENDS
 from lamamba_dist.ops.window_attention import BACKENDS as ATTN_BACKENDS
+from lamamba_dist.train.step import PRECISIONS, TrainStep
 
 def device_peak_tflops(device: torch.device) -> float | None:
     """The bf16 peak used for MFU (lamamba_dist/flops.py), None off GPUs or for an unknown GPU."""
@@ -35,33 +36,6 @@ def _is_number(v) -> bool:
         return True
     except (TypeError, ValueError):
         return False
-
-
-PRECISIONS = ("bf16", "bf16_autocast", "fp32")
-
-
-class Bf16MasterWeights:
-    """The optimizer side of ``lamamba train``'s default precision (DeepSpeed's bf16 mode) for a plain loop: the
-    model's weights in bf16, an fp32 master copy of them in one flat tensor that fused AdamW steps, and after the
-    step the master copied back into the bf16 weights. As in DeepSpeed's ZeRO-1/2 path with the trainer's fused
-    gradient reduction (lamamba_dist/train/ds_internals.py): one step's bf16 gradients are flattened into one
-    buffer and converted to fp32 for the update."""
-
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, fused: bool):
-        model.to(torch.bfloat16)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.master = torch.nn.Parameter(torch._utils._flatten_dense_tensors([p.detach().float() for p in self.params]))
-        self.views = torch._utils._unflatten_dense_tensors(self.master.detach(), self.params)
-        self.opt = torch.optim.AdamW([self.master], lr=lr, weight_decay=weight_decay, fused=fused)
-
-    def step(self, loss: torch.Tensor) -> None:
-        grads = torch.autograd.grad(loss, self.params, materialize_grads=True)
-        self.master.grad = torch._utils._flatten_dense_tensors(grads).float()
-        del grads
-        self.opt.step()
-        self.master.grad = None
-        with torch.no_grad():
-            torch._foreach_copy_(self.params, self.views)
 
 
 def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int, device: torch.device,
@@ -86,34 +60,19 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
                              lean_scan_backward=lean_scan_backward)
     model.train()
     diffusion = create_diffusion()
-    fused = device.type == "cuda"
-    master = Bf16MasterWeights(model, 1e-4, 0.01, fused) if precision == "bf16" else None
-    opt = None if master else torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
+    # the plain training step (lamamba_dist/train/step.py), built before compiling (bf16 casts the weights)
+    train_step = TrainStep(model, diffusion, precision, lr=1e-4, weight_decay=0.01)
     if compile_model:
         from lamamba_dist.models.compile import compile_blocks
 
         compile_blocks(model, memory_budget=memory_budget)
-    if master:  # the trainer's model boundary (train/trainer.py Trainer._model): bf16 in, fp32 out
-        fwd = lambda x, t, **kw: model(x.to(torch.bfloat16), t, **kw).float()  # noqa: E731
-    else:
-        fwd = model
     s = model.latent_size
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 4, s, s, device=device, generator=g)
     y = torch.randint(0, 1000, (batch,), device=device, generator=g)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16_autocast")
 
     def step():
-        t = diffusion.sample_t(batch, device)
-        with amp:
-            loss = diffusion.training_losses(fwd, x, t, model_kwargs=dict(y=y))["loss"].mean()
-        if master:
-            master.step(loss)
-        else:
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return loss
+        return train_step(x, diffusion.sample_t(batch, device), y)
 
     loss = step()
     _sync(device)

@@ -148,6 +148,8 @@ class BenchTrain:
         tr, self.trainer = self.trainer, None
         if tr is not None:
             try:
+                if tr.ema is not None:
+                    tr.ema.join()  # a queued EMA update reads memory freed below
                 tr.engine.destroy()
             except Exception:  # pragma: no cover
                 pass

@@ -237,8 +237,8 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 
 def _fwd_config(rep: int, chunk: int, sub_d=None, num_warps=None):
-    # Measured on an H200 (scripts/bench_scan.py --sweep): ~2048-element tiles at 16 elements a thread, at
-    # most 4 warps (L 4096: 4 warps 0.51 ms, 8 warps 0.54, 16 warps 0.57).
+    # Measured on an H200 (`lamamba bench kernels --sweep`, lamamba_dist/bench/kernels.py): ~2048-element tiles at
+    # 16 elements a thread, at most 4 warps (L 4096: 4 warps 0.51 ms, 8 warps 0.54, 16 warps 0.57).
     sub_d = sub_d or _pow2_divisor(rep, max(1, 2048 // chunk))
     if rep % sub_d:
         raise ValueError(f"sub_d={sub_d} must divide the group size {rep}")

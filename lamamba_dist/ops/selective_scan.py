@@ -16,7 +16,7 @@ y_s = C_s · h_s + D u_s.  The result has u's dtype; the state is always compute
 specialised for d_state 1 (scan_triton.py, custom ops ``lamamba::scan1_fwd/bwd``) when triton imports and
 N == 1; the reference otherwise. Both custom ops let torch.compile trace through without a graph break.
 The Triton kernel is opt-in ("triton") while mamba-ssm is installed: on one H200 it beat mamba's kernel at
-L = 1024 and 256 but lost at L = 4096 (scripts/bench_scan.py), and it has not yet been timed inside a
+L = 1024 and 256 but lost at L = 4096 (lamamba_dist/bench/kernels.py), and it has not yet been timed inside a
 whole training step.
 
 ``ss2d_scan`` is SS2D's four-direction scan read straight from the channels-last grid (no cross_scan /

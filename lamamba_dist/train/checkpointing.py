@@ -134,6 +134,7 @@ class CheckpointManager(RunFolder):
         from lamamba_dist.weights import load_weights
 
         st = ckpt.read_trainer_state(step_dir)
+        self.ema.join()  # an EMA update still reading the master weights comes before the load replaces them
         if universal_dir:
             load_dir, tag = universal_dir, f"{ckpt.DS_TAG}_universal"
             self.engine._config.load_universal_checkpoint = True

@@ -14,6 +14,13 @@ lamamba_dist/ops/ema_update.py, rounded as the two ops). :meth:`full_state_dict`
 reduction of disjoint slices, exact) for saving, so the saved EMA is independent of the world size;
 :meth:`load_full_state_dict` slices a full EMA back onto whatever partitioning the new run has.
 Parameters with ``requires_grad=False`` are not averaged (they never change).
+
+On CUDA the update may run on a stream of its own (``overlap``): it waits, on the device, for the optimizer
+step it averages (an event the caller records after ``engine.step()``), and the next ``engine.step()`` waits, on
+the device, for it (:meth:`join`, which the trainer calls before every ``engine.step()``). In between, the
+update's one pass over the master weights (memory-bound, about 1.9 ms for 675M parameters on an H200) runs
+beside the next step's forward and backward instead of after them. The host never waits. Every method that
+reads or replaces the shadows or the master weights' storage joins first, so the results are the same bits.
 """
 
 from __future__ import annotations
@@ -67,7 +74,7 @@ class ZeroEMA:
     per element, as the per-parameter loop did.
     """
 
-    def __init__(self, module: torch.nn.Module, decay: float, rank: int = 0):
+    def __init__(self, module: torch.nn.Module, decay: float, rank: int = 0, overlap: bool = False):
         self.module = module
         self.decay = float(decay)
         self.rank = rank
@@ -80,6 +87,9 @@ class ZeroEMA:
         self.shadow: dict[str, tuple[int, torch.Tensor]] = {}
         self._flat: list[tuple[torch.Tensor, torch.Tensor]] = []  # (shadow buffer, master span) pairs
         self._loose: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # (shadows, master slices)
+        self._stream: Optional[torch.cuda.Stream] = None  # the update's own stream (overlap on CUDA)
+        self._done: Optional[torch.cuda.Event] = None  # the last update queued on it, not yet joined
+        self._overlap = bool(overlap)
         self.relink()
         self.reset_from_weights()
 
@@ -93,6 +103,7 @@ class ZeroEMA:
 
     def relink(self) -> None:
         """Resolve this rank's master-weight slices and lay out fresh (zeroed) shadows to match them."""
+        self.join()  # the old shadows may still be read by a queued update
         self._frags: dict[str, tuple[int, torch.Tensor]] = {}
         for name in self.names:
             frag = self._fragment(name)
@@ -123,16 +134,49 @@ class ZeroEMA:
                 self.shadow[n] = (self._frags[n][0], buf[o - lo: o - lo + w.numel()])
             self._flat.append((buf, span))
         self._loose = (loose_s, loose_w)
+        devices = {b.device for b, _ in self._flat} | {x.device for x in loose_s}
+        self._stream = None
+        if self._overlap and len(devices) == 1 and next(iter(devices)).type == "cuda":
+            self._stream = torch.cuda.Stream(device=next(iter(devices)))
+
+    @property
+    def overlapped(self) -> bool:
+        """Whether :meth:`update` runs on a stream of its own (``overlap`` on CUDA)."""
+        return self._stream is not None
+
+    def join(self) -> None:
+        """Make the current stream wait, on the device, for the last queued update (no host wait)."""
+        if self._done is not None:
+            torch.cuda.current_stream(self._stream.device).wait_event(self._done)
+            self._done = None
 
     @torch.no_grad()
     def reset_from_weights(self) -> None:
         """EMA := current weights (DiT initialises the EMA as a copy of the model)."""
+        self.join()
         for name, (_, s) in self.shadow.items():
             s.copy_(self._frags[name][1])
 
     @torch.no_grad()
-    def update(self, decay: Optional[float] = None) -> None:
+    def update(self, decay: Optional[float] = None, after: Optional[torch.cuda.Event] = None) -> None:
+        """One EMA step from the current master weights. With ``overlap`` on CUDA it is queued on the update's own
+        stream behind ``after`` (an event recorded after the optimizer step it averages; None: everything queued
+        so far on the current stream), and the caller joins (:meth:`join`) before the master weights change."""
         d = self.decay if decay is None else float(decay)
+        if self._stream is None:
+            self._apply(d)
+            return
+        self.join()  # a previous update not joined yet comes first
+        if after is None:
+            after = torch.cuda.Event()
+            after.record(torch.cuda.current_stream(self._stream.device))
+        self._stream.wait_event(after)
+        with torch.cuda.stream(self._stream):
+            self._apply(d)
+            self._done = torch.cuda.Event()
+            self._done.record(self._stream)
+
+    def _apply(self, d: float) -> None:
         for buf, span in self._flat:
             ema_update_(buf, span, d)
         shadows, weights = self._loose

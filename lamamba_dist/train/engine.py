@@ -102,7 +102,7 @@ def build_engine(cfg, *, rank: int, world: int, on_cuda: bool, device: torch.dev
         diffusion=create_diffusion(cfg.diffusion), latent_size=int(model.latent_size), class_dropout=class_dropout,
         null_class=int(cfg.model.num_classes), grads=grads,
         guard=NonFiniteGuard(engine, world_size=world, device=device),
-        ema=ZeroEMA(engine.module, cfg.optim.ema_decay, rank=rank))
+        ema=ZeroEMA(engine.module, cfg.optim.ema_decay, rank=rank, overlap=cfg.optim.ema_overlap))
 
 
 def vae_meta(cfg) -> dict:

@@ -47,6 +47,7 @@ from lamamba_dist.train.checkpointing import CheckpointManager, jsonable
 from lamamba_dist.train.engine import build_engine, build_model, flops_per_image, vae_meta
 from lamamba_dist.train.faults import fault, fault_hit
 from lamamba_dist.train.rng import micro_seed, rng_state, seed_rng
+from lamamba_dist.train.step import diffusion_loss, model_boundary
 from lamamba_dist.train.signals import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, StopSignals, stop_reason, stop_requested
 
 log = logging.getLogger("lamamba.train")
@@ -128,6 +129,8 @@ class Trainer:
         self.model_dtype, self.diffusion, self.latent_size = parts.model_dtype, parts.diffusion, parts.latent_size
         self.class_dropout, self.null_class = parts.class_dropout, parts.null_class
         self.grads, self.guard, self.ema = parts.grads, parts.guard, parts.ema
+        # the engine at the model boundary: input in the weights' dtype, output in fp32 (step.py)
+        self._model = model_boundary(self.grads.forward if self.grads is not None else self.engine, self.model_dtype)
         self.ckpt.attach(self.engine, self.ema)
 
     def _restore(self, universal_dir: Optional[Path], saved_world: int) -> Optional[dict]:
@@ -244,11 +247,6 @@ class Trainer:
         self._images_discarded = getattr(self, "_images_discarded", 0) + images_now - self.images_seen
 
     # ------------------------------------------------------------------ one step
-    def _model(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The engine at the model boundary: input in the weights' dtype, output in fp32."""
-        forward = self.grads.forward if self.grads is not None else self.engine
-        return forward(x.to(self.model_dtype), t, y=y).float()
-
     def train_step(self, it, meter=None) -> dict:
         """One optimizer step, settled (``lamamba bench-train``'s profiles, tests; the loop runs :meth:`queue_step`).
         ``self.step`` is left to the caller."""
@@ -293,8 +291,7 @@ class Trainer:
                 x0 = torch.full_like(x0, float("nan"))
             if self.class_dropout > 0:
                 y = torch.where(b["u"] < self.class_dropout, self.null_class, y)
-            losses = self.diffusion.training_losses(self._model, x0, tt, model_kwargs={"y": y}, noise=noise)
-            loss = losses["loss"].float().mean()
+            loss = diffusion_loss(self.diffusion, self._model, x0, tt, y, noise)
             detached = loss.detach()
             loss_sum = detached if loss_sum is None else loss_sum + detached
             micro_losses.append(detached)
@@ -310,8 +307,13 @@ class Trainer:
                     defer = defer and done[0]["applied"] and not done[0]["stop"]
                 # the checkpoint writers' states ride along in the check's all-reduce (checkpointing.py)
                 self.guard.check(loss_sum, stop_requested(), self.ckpt.flags())
+            self.ema.join()  # an EMA update on its own stream reads the master weights this step may change
             self.engine.step()
-        self._pending = (micro_losses, micro_keys, self.engine.was_step_applied())
+        updated = None
+        if self.ema.overlapped:  # the EMA of this step waits on the device for this point (ema.py)
+            updated = torch.cuda.Event()
+            updated.record()
+        self._pending = (micro_losses, micro_keys, self.engine.was_step_applied(), updated)
         if not defer:
             done.append(self._settle())
         return done
@@ -321,12 +323,12 @@ class Trainer:
         return [self._settle()] if self._pending is not None else []
 
     def _settle(self) -> dict:
-        micro_losses, micro_keys, engine_applied = self._pending
+        micro_losses, micro_keys, engine_applied, updated = self._pending
         self._pending = None
         verdict = self.guard.finish()
         applied = engine_applied and not verdict.nonfinite
         if applied:
-            self.ema.update()
+            self.ema.update(after=updated)
         bad_keys: list[str] = []
         if verdict.nonfinite:  # the rare path: which micro-batches of this rank were non-finite
             for value, keys in zip(torch.stack(micro_losses).tolist(), micro_keys):

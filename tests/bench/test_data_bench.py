@@ -35,11 +35,16 @@ def test_bench_loader_cli(tmp_path):
 def test_bench_vae_cpu_with_local_vae(tmp_path):
     from image_folder import make_tiny_vae
 
-    from lamamba_dist.data_pipeline.vae import bench_vae
-
     vae = make_tiny_vae(tmp_path / "vae")
-    res = bench_vae(resolution=256, batch=2, dtype="fp32", vae=str(vae), device="cpu", warmup=1, iters=1)
-    assert res["images_per_s"] > 0 and res["device"] == "cpu" and res["vae"] == str(vae)
+    out = tmp_path / "vae.json"
+    r = subprocess.run([*LAMAMBA, "bench", "vae", "--vae", str(vae), "--device", "cpu", "--batch", "1,2",
+                        "--dtype", "fp32", "--warmup", "1", "--iters", "1", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["bench"] == "vae" and res["environment"]["device"] == "cpu"
+    assert [(x["resolution"], x["batch"]) for x in res["results"]] == [(256, 1), (256, 2)]
+    assert all(x["images_per_s"] > 0 and x["vae"] == str(vae) for x in res["results"])
     r = subprocess.run([*LAMAMBA, "bench-vae", "--vae", str(tmp_path / "missing"), "--device", "cpu"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "cannot load the VAE" in r.stderr.strip().splitlines()[-1]
@@ -47,7 +52,7 @@ def test_bench_vae_cpu_with_local_vae(tmp_path):
 
 @pytest.mark.gpu
 def test_bench_vae_gpu_bf16():
-    from lamamba_dist.data_pipeline.vae import bench_vae
+    from lamamba_dist.bench.vae import bench_vae
 
     res = bench_vae(resolution=256, batch=8, dtype="bf16", device="cuda", warmup=1, iters=2)
     assert res["images_per_s"] > 0 and res["peak_memory_gib"] > 0

@@ -46,7 +46,7 @@ def test_bench_what_runs_each_bench_and_the_old_names_stay(tmp_path, capsys):
     `bench model` are the model bench; bench-train and friends still work."""
     from lamamba_dist.cli import BENCHES
 
-    assert set(BENCHES) == {"model", "train", "sample", "loader", "vae", "scaling"}
+    assert set(BENCHES) == {"model", "train", "sample", "loader", "vae", "kernels", "scaling"}
     for what, alias in BENCHES.items():
         for argv in (["bench", what, "--help"], [alias, "--help"]):
             with pytest.raises(SystemExit) as e:
@@ -219,31 +219,6 @@ def test_host_profile_finds_the_line_that_waits_and_the_collector():
     assert prof["gc_ms_per_step"] > 0
     assert prof["call_ms"]["p50"] >= 20 and prof["host_syncs_per_step"] == 0
     assert any("[helper-thread]" in e["where"] for e in prof["other_threads"])
-
-
-def test_bench_bf16_keeps_fp32_master_weights_and_copies_them_back():
-    """bench.py's Bf16MasterWeights (the trainer's default precision in a plain loop): bf16 weights, an fp32 master
-    stepped by AdamW on the fp32 copy of the bf16 gradients, and the weights are the master rounded to bf16."""
-    from lamamba_dist.bench.model import Bf16MasterWeights
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
-    lr, wd = 1e-2, 0.1
-    mw = Bf16MasterWeights(model, lr, wd, fused=False)
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters()) and mw.master.dtype == torch.float32
-    before = mw.master.detach().clone()
-    x = torch.randn(32, 8)
-    loss = model(x.to(torch.bfloat16)).float().pow(2).mean()
-    grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
-    g = torch.cat([gr.reshape(-1).float() for gr in grads])
-    mw.step(loss)
-    # Adam's first step moves each weight by lr * sign(grad) (m / sqrt(v) = g / |g|), after the decoupled decay
-    expect = before * (1 - lr * wd) - lr * torch.sign(g)
-    moved = g.abs() > 1e-6
-    assert torch.allclose(mw.master.detach()[moved], expect[moved], atol=1e-5)
-    for p, v in zip(model.parameters(), mw.views):
-        assert torch.equal(p.detach(), v.to(torch.bfloat16))
-    assert mw.master.grad is None
 
 
 def test_bench_runs_in_each_precision_mode(tmp_path):

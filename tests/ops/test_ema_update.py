@@ -90,6 +90,56 @@ def test_zero_ema_flat_buffers_use_the_kernel_and_match_dit_update():
     assert all(torch.equal(full[n].cuda(), plain[n]) for n in plain)
 
 
+def _flat_model(device):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.SiLU(), torch.nn.Linear(128, 8)).to(device)
+    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    ps = list(model.parameters())
+    for p, v in zip(ps, torch._utils._unflatten_dense_tensors(flat, [p.data for p in ps])):
+        p.data = v
+    return model, flat
+
+
+def test_zero_ema_overlap_off_gpus_is_the_plain_update():
+    from lamamba_dist.train.ema import ZeroEMA
+
+    model, flat = _flat_model("cpu")
+    ema = ZeroEMA(model, 0.9, overlap=True)
+    assert not ema.overlapped  # CPU tensors: no stream of its own
+    before = {n: s.clone() for n, (_, s) in ema.shadow.items()}
+    with torch.no_grad():
+        flat.add_(1.0)
+    ema.update()
+    ema.join()
+    for n, p in model.named_parameters():
+        assert torch.equal(ema.shadow[n][1], before[n].mul(0.9).add(p.detach().reshape(-1), alpha=1 - 0.9))
+
+
+@pytest.mark.gpu
+def test_zero_ema_on_its_own_stream_waits_for_the_step_and_is_joined():
+    """The update on the EMA's stream (ZeroEMA overlap) behind long work on the training stream: it must read the
+    weights after the step it averages (the event), and the next step must not change them before it has read
+    them (join). Bit for bit the plain update's result."""
+    from lamamba_dist.train.ema import ZeroEMA
+
+    model, flat = _flat_model("cuda")
+    ema = ZeroEMA(model, 0.99, overlap=True)
+    assert ema.overlapped
+    plain = {n: p.detach().clone() for n, p in model.named_parameters()}
+    a = torch.randn(2048, 2048, device="cuda")
+    for i in range(8):
+        ema.join()
+        for _ in range(20):  # keeps the training stream busy, so that a missing wait would read early
+            a = torch.tanh(a @ a * 1e-3)
+        with torch.no_grad():
+            flat.add_(torch.randn_like(flat) * 0.1 + a[0, 0])  # the "optimizer step", after the long work
+        ema.update()
+        for n, p in model.named_parameters():
+            plain[n].mul_(0.99).add_(p.detach(), alpha=1 - 0.99)
+    full = ema.full_state_dict(dst=None)  # joins
+    assert all(torch.equal(full[n].cuda(), plain[n]) for n in plain)
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1 (the test sets it)"
     _interpreter_cases()

@@ -1,0 +1,351 @@
+"""``lamamba bench kernels``: the selective-scan kernels of LaMamba-Diff's SS2D, timed on one GPU (JSON out).
+
+``--what scan`` (the default): the d_state-1 selective scan, mamba-ssm's ``selective_scan_cuda`` (the "fused"
+backend, when it imports) against the Triton kernels (lamamba_dist/ops/scan_triton.py), forward and forward+backward,
+bf16, at the shapes of LaMamba-Diff's SS2D (4 directions, dim = 4 * d_inner)::
+
+    batch 64, dim 2560, L 1024   (256 px, stage 1)
+    batch 64, dim 5120, L 256    (256 px, stage 2)
+    batch 16, dim 2560, L 4096   (512 px, stage 1)
+
+with the bandwidth the Triton kernels reach, counting the bytes they must move (forward: u and delta read, y written,
+6 bytes an element in bf16; backward: u, delta, dy read, du and ddelta written, 10 bytes), and the largest relative
+difference of the two backends (output and 7 gradients). ``--sweep`` adds the launch configurations of the Triton
+kernels.
+
+``--what ss2d``: SS2D's sequence-scan path (cross_scan of the (B, D, H, W) map, the scan over (B, 4D, L), cross_merge,
+the transpose to channels-last) against the gathered scan (lamamba_dist/ops/ss2d_triton.py: channels-last x, no
+cross_scan or cross_merge), forward and forward+backward, bf16, and then whole SS2D modules (bf16 autocast) per scan
+backend, at LaMamba-XL's shapes (batch x d_inner x map side): 64x640x32, 64x1280x16, 16x640x64. ``--sweep`` adds
+the launch configurations of the gathered kernels.
+
+Times are the median of ``triton.testing.do_bench``. ``--device cpu`` is a smoke run of the same code under Triton's
+interpreter (TRITON_INTERPRET=1 set before the start, tiny shapes; its times mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+
+from lamamba_dist.bench.common import environment, write_json
+
+GROUPS = 4
+SCAN_SHAPES = [(64, 2560, 1024), (64, 5120, 256), (16, 2560, 4096)]  # batch, dim, L
+SS2D_SHAPES = [(64, 640, 32), (64, 1280, 16), (16, 640, 64)]  # batch, d_inner, map side
+
+
+def _timer(device: str, reps: int):
+    """A function timing ``fn`` in ms: do_bench's median on CUDA, the mean of ``reps`` calls elsewhere."""
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50)
+
+    def timed(fn):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps * 1e3
+
+    return timed
+
+
+def _rel_diff(xs, ys) -> float:
+    """The largest difference between paired tensors, relative to the largest magnitude of the second."""
+    return max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6)).item()
+               for a, b in zip(xs, ys))
+
+
+def time_fwd_bwd(timer, fn, args, gy) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of ``fn(*args)`` with output gradient ``gy``."""
+    import torch
+
+    leaves = [a.detach().requires_grad_() for a in args]
+    with torch.no_grad():
+        fwd = timer(lambda: fn(*args))
+
+    def fwd_bwd():
+        torch.autograd.grad(fn(*leaves), leaves, gy)
+
+    return fwd, timer(fwd_bwd)
+
+
+# ----------------------------------------------------------------------------- the sequence scan
+
+
+def scan_inputs(batch, dim, length, device, seed=0):
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    mk = lambda *s, scale=1.0: torch.randn(*s, generator=g, device=device) * scale  # noqa: E731
+    bf = torch.bfloat16
+    return [mk(batch, dim, length).to(bf), mk(batch, dim, length, scale=0.5).to(bf), -torch.exp(mk(dim, 1, scale=0.5)),
+            mk(batch, GROUPS, 1, length).to(bf), mk(batch, GROUPS, 1, length).to(bf), mk(dim), mk(dim, scale=0.5) - 2.0]
+
+
+def bench_scan(shapes, device: str, timer, sweep: bool) -> list[dict]:
+    import torch
+
+    from lamamba_dist.ops import scan_triton as st
+    from lamamba_dist.ops.selective_scan import _cuda_module, selective_scan_fused
+
+    have_mamba = device == "cuda" and _cuda_module() is not None
+    rows = []
+    for batch, dim, length in shapes:
+        args = scan_inputs(batch, dim, length, device)
+        gy = torch.randn(batch, dim, length, device=device, dtype=torch.bfloat16)
+        elems = batch * dim * length
+        backends = [("triton", st.selective_scan_triton)] + ([("fused", selective_scan_fused)] if have_mamba else [])
+        for name, scan in backends:
+            fwd, fb = time_fwd_bwd(timer, scan, args, gy)
+            bwd = max(fb - fwd, 1e-9)
+            rows.append({"kernel": "selective_scan", "shape": [batch, dim, length], "backend": name, "fwd_ms": fwd,
+                         "fwd_bwd_ms": fb, "bwd_ms": bwd, "fwd_gb_per_s": 6 * elems / fwd / 1e6,
+                         "bwd_gb_per_s": 10 * elems / bwd / 1e6})
+        if have_mamba:  # the two backends compute the same function
+            res = []
+            for scan in (st.selective_scan_triton, selective_scan_fused):
+                leaves = [a.detach().requires_grad_() for a in args]
+                out = scan(*leaves)
+                res.append([out, *torch.autograd.grad(out, leaves, gy)])
+            rows[-1]["max_rel_diff_to_triton"] = _rel_diff(res[1], res[0])
+        if sweep:
+            rows += scan_sweep(args, gy, timer)
+        del args, gy
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def scan_sweep(args, gy, timer) -> list[dict]:
+    import triton
+
+    from lamamba_dist.ops import scan_triton as st
+
+    u, delta, A, B, C, D, bias = args
+    batch, dim, length = u.shape
+    rep, chunk = dim // GROUPS, st.default_chunk(length)
+    n_chunks = triton.cdiv(length, chunk)
+    _, states = st.scan1_fwd_launch(u, delta, A, B, C, D, bias, True, chunk)
+    rows = []
+
+    def add(kind, launch, config):
+        row = {"kernel": f"selective_scan_{kind}_launch", "shape": [batch, dim, length], "config": config}
+        try:
+            row["ms"] = timer(launch)
+        except Exception as e:  # noqa: BLE001 - out of resources, say: a row that says so
+            row["error"] = type(e).__name__
+        rows.append(row)
+
+    for sub_d, nw in itertools.product([1, 2, 4, 8], [1, 2, 4, 8]):
+        if rep % sub_d == 0 and 256 <= sub_d * chunk <= 8192:
+            add("fwd", lambda: st.scan1_fwd_launch(u, delta, A, B, C, D, bias, True, chunk, sub_d=sub_d, num_warps=nw),
+                {"sub_d": sub_d, "num_warps": nw, "chunk": chunk})
+    for sub_d, dblk, nw in itertools.product([1, 2, 4], [16, 64], [1, 2, 4]):
+        nsub = 1 if n_chunks > 1 else dblk // sub_d
+        if rep % (sub_d * nsub) or not 256 <= sub_d * chunk <= 16384 or (n_chunks > 1 and dblk > 16):
+            continue
+        add("bwd", lambda: st.scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, True, chunk, sub_d=sub_d,
+                                               nsub=nsub, num_warps=nw),
+            {"sub_d": sub_d, "nsub": nsub, "num_warps": nw, "chunk": chunk})
+    return rows
+
+
+# ----------------------------------------------------------------------------- SS2D: sequence path vs gathered scan
+
+
+def ss2d_inputs(batch, dim, n, device, seed=0):
+    """Grid-layout inputs of ss2d_scan: x (B, L, D), delta (B, L, 4, D), B/C (B, L, 4), A (4D, 1), D, bias (4D,)."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    mk = lambda *s, scale=1.0: torch.randn(*s, generator=g, device=device) * scale  # noqa: E731
+    bf, length = torch.bfloat16, n * n
+    return [mk(batch, length, dim).to(bf), mk(batch, length, GROUPS, dim, scale=0.5).to(bf),
+            mk(batch, length, GROUPS).to(bf), mk(batch, length, GROUPS).to(bf),
+            -torch.exp(mk(GROUPS * dim, 1, scale=0.5)), mk(GROUPS * dim), mk(GROUPS * dim, scale=0.5) - 2.0]
+
+
+def sequence_layout(args, n, tables):
+    """The same numbers in the sequence path's layout: x (B, D, n, n), delta (B, 4D, L), B/C (B, 4, 1, L)."""
+    import torch
+
+    x, delta, B, C, A, D, bias = args
+    paths = tables[0]
+    batch, length, dim = x.shape
+    x_map = x.transpose(1, 2).reshape(batch, dim, n, n).contiguous()
+    ds = torch.stack([delta[:, paths[k], k].transpose(1, 2) for k in range(GROUPS)], 1)
+    bs = torch.stack([B[:, paths[k], k] for k in range(GROUPS)], 1).unsqueeze(2).contiguous()
+    cs = torch.stack([C[:, paths[k], k] for k in range(GROUPS)], 1).unsqueeze(2).contiguous()
+    return [x_map, ds.reshape(batch, GROUPS * dim, length).contiguous(), bs, cs, A, D, bias]
+
+
+def sequence_ss2d_scan(scan, n, tables):
+    """cross_scan -> sequence scan over (B, 4D, L) -> cross_merge -> channels-last (B, L, D), as SS2D does it."""
+    from lamamba_dist.ops.cross_scan import cross_merge, cross_scan
+
+    def run(x_map, delta, B, C, A, D, bias):
+        batch, dim = x_map.shape[:2]
+        ys = scan(cross_scan(x_map, tables).view(batch, GROUPS * dim, n * n), delta, A, B, C, D, bias)
+        return cross_merge(ys.view(batch, GROUPS, dim, n * n), n, tables).transpose(1, 2).contiguous()
+
+    return run
+
+
+def bench_ss2d(shapes, device: str, timer, sweep: bool) -> list[dict]:
+    import torch
+
+    from lamamba_dist.models.lamamba import SS2D
+    from lamamba_dist.ops import scan_triton as st
+    from lamamba_dist.ops import ss2d_triton as sst
+    from lamamba_dist.ops.cross_scan import snake_tables
+    from lamamba_dist.ops.selective_scan import _cuda_module, selective_scan_fused
+
+    have_mamba = device == "cuda" and _cuda_module() is not None
+    rows = []
+    for batch, dim, n in shapes:
+        tables = snake_tables(n, device)
+        args = ss2d_inputs(batch, dim, n, device)
+        seq_args = sequence_layout(args, n, tables)
+        gy = torch.randn(batch, n * n, dim, device=device, dtype=torch.bfloat16)
+        paths = [("sequence+triton", sequence_ss2d_scan(st.selective_scan_triton, n, tables), seq_args)]
+        if have_mamba:
+            paths.insert(0, ("sequence+fused", sequence_ss2d_scan(selective_scan_fused, n, tables), seq_args))
+        gathered = lambda *a: sst.ss2d_scan(*a, tables[0], tables[1])  # noqa: E731
+        paths.append(("gathered", gathered, args))
+        base = None
+        for name, fn, a in paths:
+            fwd, fb = time_fwd_bwd(timer, fn, a, gy)
+            base = base or fb
+            rows.append({"kernel": "ss2d_scan", "shape": [batch, dim, n], "path": name, "fwd_ms": fwd,
+                         "fwd_bwd_ms": fb, "speedup_to_first": base / fb})
+        # the two layouts compute the same function: the output and the gradients they share
+        res = []
+        for fn, a in ((paths[-2][1], seq_args), (gathered, args)):
+            leaves = [t.detach().requires_grad_() for t in a]
+            out = fn(*leaves)
+            gx, gA, gD, gbias = torch.autograd.grad(out, [leaves[0], leaves[4], leaves[5], leaves[6]], gy)
+            res.append([out, gx.reshape(batch, dim, n * n).transpose(1, 2) if gx.dim() == 4 else gx, gA, gD, gbias])
+        rows[-1]["max_rel_diff_to_sequence"] = _rel_diff(res[1], res[0])
+        if sweep:
+            rows += ss2d_sweep(args, gy, tables, timer)
+        del args, seq_args, gy
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    for batch, dim, n in shapes:  # whole SS2D modules (in_proj ... out_proj), bf16 autocast, per scan backend
+        torch.manual_seed(0)
+        module = SS2D(dim // 2, resolution=n).to(device)  # d_inner = 2 * the block's dim
+        module.reset_ssm_parameters()
+        u = torch.randn(batch, n, n, dim // 2, device=device, requires_grad=True)
+        for backend in (["fused"] if have_mamba else []) + ["triton", "ss2d_triton"]:
+            module.scan_backend = backend
+
+            def fwd():
+                with torch.autocast(device, dtype=torch.bfloat16):
+                    return module(u)
+
+            with torch.no_grad():
+                t_fwd = timer(fwd)
+            t_fb = timer(lambda: fwd().float().square().mean().backward())
+            rows.append({"kernel": "ss2d_module", "shape": [batch, dim, n], "backend": backend, "fwd_ms": t_fwd,
+                         "fwd_bwd_ms": t_fb})
+        del module, u
+    return rows
+
+
+def ss2d_sweep(args, gy, tables, timer) -> list[dict]:
+    import triton
+
+    from lamamba_dist.ops import ss2d_triton as sst
+
+    x, delta, B, C, A, D, bias = args
+    A, paths, length = A.reshape(-1), tables[0], x.shape[1]
+    rows = []
+
+    def add(kind, launch, config):
+        row = {"kernel": f"ss2d_{kind}_launch", "shape": list(x.shape), "config": config}
+        try:
+            row["ms"] = timer(launch)
+        except Exception as e:  # noqa: BLE001 - out of resources, say
+            row["error"] = type(e).__name__
+        rows.append(row)
+
+    for sub_d, tile in itertools.product([8, 16, 32], [1024, 2048, 4096]):
+        chunk = min(triton.next_power_of_2(length), tile // sub_d)
+        _, states = sst.ss2d_fwd_launch(x, delta, B, C, A, D, bias, paths, True, chunk, sub_d=sub_d)
+        for nw in [2, 4, 8]:
+            add("fwd", lambda: sst.ss2d_fwd_launch(x, delta, B, C, A, D, bias, paths, True, chunk, sub_d=sub_d,
+                                                   num_warps=nw), {"sub_d": sub_d, "chunk": chunk, "num_warps": nw})
+        for nw in [4, 8, 16]:
+            add("bwd", lambda: sst.ss2d_bwd_launch(x, delta, B, C, A, D, bias, paths, gy, states, True, chunk,
+                                                   sub_d=sub_d, num_warps=nw),
+                {"sub_d": sub_d, "chunk": chunk, "num_warps": nw})
+    return rows
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def run_bench(what: str, shapes, device: str, sweep: bool = False, reps: int = 3) -> dict:
+    import triton
+
+    timer = _timer(device, reps)
+    rows = (bench_scan if what == "scan" else bench_ss2d)(shapes, device, timer, sweep)
+    return {"bench": "kernels", "environment": environment(device, triton=triton.__version__,
+                                                           interpreter=os.environ.get("TRITON_INTERPRET") == "1"),
+            "settings": {"what": what, "shapes": [list(s) for s in shapes], "sweep": sweep}, "results": rows}
+
+
+def _shapes(text: str):
+    from lamamba_dist.errors import CLIError
+
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in text.split(",") if s.strip()]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        raise CLIError(f"--shapes {text!r}: give AxBxC triples separated by commas, e.g. 64x2560x1024")
+    return shapes
+
+
+def add_parser(sub, name: str, help_text: str):
+    p = sub.add_parser(name, help=help_text, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--what", choices=("scan", "ss2d"), default="scan",
+                   help="scan: the sequence scan by backend; ss2d: SS2D's scan paths and modules")
+    p.add_argument("--shapes", default=None, help="batch x dim x L (scan) or batch x d_inner x map side (ss2d), "
+                   "comma separated (default: LaMamba-XL's)")
+    p.add_argument("--sweep", action="store_true", help="also time launch configurations of the Triton kernels")
+    p.add_argument("--device", default=None, help="cuda (default), or cpu for a smoke run under TRITON_INTERPRET=1")
+    p.add_argument("--out", default=None, help="write the JSON here (always printed)")
+    p.set_defaults(func=_run)
+    return p
+
+
+def _run(args) -> int:
+    import importlib.util
+
+    import torch
+
+    from lamamba_dist.errors import CLIError
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cuda", "cpu"):
+        raise CLIError(f"--device {device!r}: cuda or cpu")
+    if importlib.util.find_spec("triton") is None:
+        raise CLIError("`lamamba bench kernels` needs triton (it ships with CUDA builds of torch)")
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise CLIError("the kernels run on a CUDA GPU; on a CPU only as a smoke run under Triton's interpreter "
+                       "(TRITON_INTERPRET=1 lamamba bench kernels --device cpu --shapes 1x8x16)")
+    shapes = _shapes(args.shapes) if args.shapes else (SCAN_SHAPES if args.what == "scan" else SS2D_SHAPES)
+    out = run_bench(args.what, shapes, device, args.sweep)
+    print(write_json(args.out, out))
+    for r in out["results"]:
+        if "fwd_ms" in r:
+            label = r.get("backend") or r.get("path")
+            print(f"# {r['kernel']:14s} {'x'.join(map(str, r['shape'])):>14s} {label:>16s}  fwd {r['fwd_ms']:8.3f} ms  "
+                  f"fwd+bwd {r['fwd_bwd_ms']:8.3f} ms")
+    return 0
