@@ -2,11 +2,12 @@
 
 ``--what scan`` (the default): the d_state-1 selective scan, mamba-ssm's ``selective_scan_cuda`` (the "fused"
 backend, when it imports) against the Triton kernels (lamamba_dist/ops/scan_triton.py), forward and forward+backward,
-bf16, at the shapes of LaMamba-Diff's SS2D (4 directions, dim = 4 * d_inner)::
+bf16, at the shapes of LaMamba-XL's SS2D (4 directions, dim = 4 * d_inner; docs/model.md), by stage width::
 
-    batch 64, dim 2560, L 1024   (256 px, stage 1)
-    batch 64, dim 5120, L 256    (256 px, stage 2)
-    batch 16, dim 2560, L 4096   (512 px, stage 1)
+    256 px, batch 64:  64 x 2560 x L 1024 (32x32 map),  64 x 5120 x L 256 (16x16),  64 x 10240 x L 64 (8x8)
+    512 px, batch 16:  16 x 2560 x L 4096 (64x64),      16 x 5120 x L 1024 (32x32), 16 x 10240 x L 256 (16x16)
+
+(the 1280-wide stages at the smallest map hold 12 of LaMamba-XL's 22 blocks)
 
 with the bandwidth the Triton kernels reach, counting the bytes they must move (forward: u and delta read, y written,
 6 bytes an element in bf16; backward: u, delta, dy read, du and ddelta written, 10 bytes), and the largest relative
@@ -16,8 +17,8 @@ kernels.
 ``--what ss2d``: SS2D's sequence-scan path (cross_scan of the (B, D, H, W) map, the scan over (B, 4D, L), cross_merge,
 the transpose to channels-last) against the gathered scan (lamamba_dist/ops/ss2d_triton.py: channels-last x, no
 cross_scan or cross_merge), forward and forward+backward, bf16, and then whole SS2D modules (bf16 autocast) per scan
-backend, at LaMamba-XL's shapes (batch x d_inner x map side): 64x640x32, 64x1280x16, 16x640x64. ``--sweep`` adds
-the launch configurations of the gathered kernels.
+backend, at LaMamba-XL's shapes (batch x d_inner x map side): 64x640x32, 64x1280x16, 64x2560x8 (256 px) and
+16x640x64, 16x1280x32, 16x2560x16 (512 px). ``--sweep`` adds the launch configurations of the gathered kernels.
 
 Times are the median of ``triton.testing.do_bench``. ``--device cpu`` is a smoke run of the same code under Triton's
 interpreter (TRITON_INTERPRET=1 set before the start, tiny shapes; its times mean nothing).
@@ -33,8 +34,10 @@ import time
 from lamamba_dist.bench.common import environment, write_json
 
 GROUPS = 4
-SCAN_SHAPES = [(64, 2560, 1024), (64, 5120, 256), (16, 2560, 4096)]  # batch, dim, L
-SS2D_SHAPES = [(64, 640, 32), (64, 1280, 16), (16, 640, 64)]  # batch, d_inner, map side
+SCAN_SHAPES = [(64, 2560, 1024), (64, 5120, 256), (64, 10240, 64),  # batch, dim, L: 256 px, batch 64
+               (16, 2560, 4096), (16, 5120, 1024), (16, 10240, 256)]  # 512 px, batch 16
+SS2D_SHAPES = [(64, 640, 32), (64, 1280, 16), (64, 2560, 8),  # batch, d_inner, map side
+               (16, 640, 64), (16, 1280, 32), (16, 2560, 16)]
 
 
 def _timer(device: str, reps: int):
