@@ -46,8 +46,9 @@ class ModelConfig:
     grad_checkpointing: bool = False
     # "auto": fused kernels on CUDA when importable, references otherwise.
     # "ss2d_triton" (opt-in): SS2D gathers its scan from the channels-last map (ops/ss2d_triton.py).
+    # "mixed" (opt-in): the Triton scan for short sequences, mamba-ssm's for long ones (ops/selective_scan.py).
     scan_backend: str = field(default="auto", metadata=dict(
-        choices=("auto", "fused", "triton", "reference", "ss2d_triton", "ss2d_reference")))
+        choices=("auto", "fused", "triton", "mixed", "reference", "ss2d_triton", "ss2d_reference")))
     attn_backend: str = field(default="auto", metadata=dict(choices=("auto", "sdpa", "flash", "reference")))
     # Architecture fields replacing the registry's for ``name`` (``create_model(**arch_overrides)``), e.g.
     # ``arch_overrides = { base_width = 384, num_heads = 16 }``: a config-only model (configs/lamamba_XXL_256.toml).

@@ -156,7 +156,7 @@ class SS2D(nn.Module):
         z = F.silu(z)
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))  # (B, D, H, W)
         a = -torch.exp(self.A_logs.float())  # (4D, N)
-        kernel = scan_kernel(self.scan_backend, x, n)
+        kernel = scan_kernel(self.scan_backend, x, n, length=length)
         if self.lean_scan_backward and kernel != "reference":
             paths, inverse = self._gathered_tables(h, x.device)
             y = ss2d_core(x.reshape(b, d, length), self.x_proj_weight, self.dt_projs_weight, a, self.Ds,

@@ -174,7 +174,12 @@ def selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus: bool
     return _SCAN_TRITON.selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
 
 
-BACKENDS = ("auto", "triton", "fused", "reference", "ss2d_triton", "ss2d_reference")
+BACKENDS = ("auto", "triton", "fused", "mixed", "reference", "ss2d_triton", "ss2d_reference")
+# "mixed": on CUDA the Triton d_state-1 kernel for sequences of at most MIXED_TRITON_MAX_LENGTH steps, mamba-ssm's
+# kernel for longer ones (the Triton kernel beat it at L = 1024 and 256 on one H200 and lost at 4096:
+# lamamba_dist/bench/kernels.py); either one alone where the other is missing. The length of a block's sequences
+# is fixed, so each block always runs the same kernel (torch.compile sees a constant).
+MIXED_TRITON_MAX_LENGTH = 1024
 # Backends that change SS2D's layout (models/lamamba.py): the scan is gathered from the channels-last grid, with
 # no cross_scan / cross_merge (ss2d_scan below). Opt-in only: "auto" never picks them. A plain sequence scan
 # called with one of them runs the matching sequence kernel ("triton" / "reference").
@@ -197,8 +202,8 @@ def resolve_backend(backend: str) -> str:
 
 def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = True, backend: str = "auto"):
     """The dispatch point. backend: "auto" (on CUDA: mamba-ssm's fused kernel when it imports, else triton for
-    N == 1 when triton imports; the reference otherwise), "fused", "triton" or "reference" ("ss2d_triton" and
-    "ss2d_reference" run "triton" and "reference" here)."""
+    N == 1 when triton imports; the reference otherwise), "fused", "triton", "mixed" (by sequence length, above)
+    or "reference" ("ss2d_triton" and "ss2d_reference" run "triton" and "reference" here)."""
     kernel = scan_kernel(backend, u, A.shape[1])
     if kernel == "fused":
         return selective_scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus)
@@ -207,13 +212,20 @@ def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = True
     return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)
 
 
-def scan_kernel(backend: str, u: torch.Tensor, d_state: int) -> str:
+def scan_kernel(backend: str, u: torch.Tensor, d_state: int, length: int | None = None) -> str:
     """The sequence-scan kernel that ``selective_scan(..., backend=backend)`` runs for u: "fused", "triton" or
-    "reference" (SS2D asks this too, to run the same kernel through its lean-backward core)."""
+    "reference" (SS2D asks this too, to run the same kernel through its lean-backward core). ``length``: the
+    sequence length ("mixed" decides by it; default u's last dimension)."""
     backend = resolve_backend(backend)  # the operator's override of "auto"; an unknown name is an error
     backend = {"ss2d_triton": "triton", "ss2d_reference": "reference"}.get(backend, backend)
     if backend == "reference":
         return "reference"
+    if backend == "mixed":
+        length = int(u.shape[-1]) if length is None else int(length)
+        triton_fits = u.is_cuda and d_state == 1 and _SCAN_TRITON is not None
+        if triton_fits and (length <= MIXED_TRITON_MAX_LENGTH or _cuda_module() is None):
+            return "triton"
+        backend = "auto"
     if backend == "fused" or (backend == "auto" and u.is_cuda and _cuda_module() is not None):
         return "fused"
     if backend == "triton" or (backend == "auto" and u.is_cuda and _SCAN_TRITON is not None and d_state == 1):

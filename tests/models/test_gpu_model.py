@@ -31,6 +31,22 @@ def test_fast_model_matches_reference_model(dtype):
     assert_models_match(fast, ref, dtype)
 
 
+def test_mixed_scan_backend_model_matches_reference_model(monkeypatch):
+    """scan_backend "mixed" with both kernels in one model: mamba-ssm's for the 16x16 maps, Triton's for the
+    smaller ones (the limit lowered to 64 steps for LaMamba-debug's maps)."""
+    import importlib
+
+    if not fused_available():
+        pytest.skip("mamba-ssm's selective_scan_cuda is not installed")
+    ss = importlib.import_module("lamamba_dist.ops.selective_scan")
+    monkeypatch.setattr(ss, "MIXED_TRITON_MAX_LENGTH", 64)
+    fast, ref = _pair(torch.bfloat16, scan_backend="mixed")
+    lengths = {m.scan_paths.shape[-1] for m in fast.modules() if type(m).__name__ == "SS2D"}
+    kernels = {n: ss.scan_kernel("mixed", torch.zeros(1, device="cuda"), 1, length=n) for n in lengths}
+    assert set(kernels.values()) == {"fused", "triton"}, kernels
+    assert_models_match(fast, ref, torch.bfloat16)
+
+
 def test_compile_traces_through_fused_scan_without_graph_break():
     if not fused_available():
         pytest.skip("mamba-ssm's selective_scan_cuda is not installed")
