@@ -92,7 +92,7 @@ class SS2D(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4):
-        """Spec §7: x_proj default Linear init, dt_proj U(±R^-½), inverse-softplus dt bias, S4D-real A, D = 1."""
+        """docs/model.md §7: x_proj default Linear init, dt_proj U(±R^-½), inverse-softplus dt bias, S4D-real A, D = 1."""
         bound = 1.0 / math.sqrt(self.d_inner)
         self.x_proj_weight.uniform_(-bound, bound)
         self.dt_projs_weight.uniform_(-self.rank ** -0.5, self.rank ** -0.5)
