@@ -116,6 +116,9 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     compile: bool = False  # regional torch.compile of every block (lamamba_dist.models.compile); ZeRO 0-2
+    # With compile: torch.compile's mode; "reduce-overhead" replays each block as a CUDA graph (models/compile.py)
+    compile_mode: str = field(default="default", metadata=dict(
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")))
     # With compile: AOT autograd's activation memory budget (1 = torch's default; lower recomputes more in the
     # backward to keep less; lamamba_dist.models.compile.set_activation_memory_budget)
     compile_memory_budget: float = field(default=1.0, metadata=dict(ge=0.0, le=1.0))

@@ -19,6 +19,7 @@ import torch
 
 from lamamba_dist.bench.common import environment, write_json
 from lamamba_dist.bench.profiling import _sync, host_profile, profile_steps
+from lamamba_dist.models.compile import COMPILE_MODES, compile_blocks, uses_cudagraphs
 from lamamba_dist.ops.selective_scan import BACKENDS as SCAN_BACKENDS
 from lamamba_dist.ops.window_attention import BACKENDS as ATTN_BACKENDS
 from lamamba_dist.train.step import PRECISIONS, TrainStep
@@ -42,7 +43,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
                 precision: str, compile_model: bool, grad_checkpointing: bool = False,
                 scan_backend: str = "auto", attn_backend: str = "auto", peak_tflops: float | None = None,
                 memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0,
-                host_profile_steps: int = 0) -> dict:
+                host_profile_steps: int = 0, compile_mode: str = "default") -> dict:
     from lamamba_dist.diffusion import create_diffusion
     from lamamba_dist.flops import train_flops_per_image
     from lamamba_dist.models import create_model
@@ -61,11 +62,10 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
     model.train()
     diffusion = create_diffusion()
     # the plain training step (lamamba_dist/train/step.py), built before compiling (bf16 casts the weights)
-    train_step = TrainStep(model, diffusion, precision, lr=1e-4, weight_decay=0.01)
+    cudagraphs = compile_model and device.type == "cuda" and uses_cudagraphs(compile_mode)
+    train_step = TrainStep(model, diffusion, precision, lr=1e-4, weight_decay=0.01, cudagraphs=cudagraphs)
     if compile_model:
-        from lamamba_dist.models.compile import compile_blocks
-
-        compile_blocks(model, memory_budget=memory_budget)
+        compile_blocks(model, mode=compile_mode, memory_budget=memory_budget)
     s = model.latent_size
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 4, s, s, device=device, generator=g)
@@ -100,7 +100,8 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
     flops_img = train_flops_per_image(name, resolution)
     tflops = img_s * flops_img / 1e12
     res = dict(model=name, resolution=resolution, batch=batch, steps=steps, warmup=warmup, precision=precision,
-               compiled=compile_model, grad_checkpointing=grad_checkpointing,
+               compiled=compile_model, compile_mode=compile_mode if compile_model else None,
+               grad_checkpointing=grad_checkpointing,
                memory_budget=memory_budget if compile_model else None,
                scan_backend=scan_backend, attn_backend=attn_backend, lean_scan_backward=lean_scan_backward,
                img_per_s=img_s, step_ms=step_s * 1e3, model_tflops_per_s=tflops,
@@ -125,7 +126,7 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
               precision: str | None = None, compile_model: bool = False, grad_checkpointing: bool = False,
               peak_tflops: float | None = None, scan_backend: str = "auto", attn_backend: str = "auto",
               memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0,
-              host_profile_steps: int = 0) -> dict:
+              host_profile_steps: int = 0, compile_mode: str = "default") -> dict:
     """One row per (batch, model), batches in the given order (``batch``: an int or a list of them); the ratios
     are to the first model at the same batch."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -142,7 +143,8 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
             rows.append(bench_model(name, resolution, b, steps, warmup, dev, precision, compile_model,
                                     grad_checkpointing, scan_backend, attn_backend, peak_tflops=peak,
                                     memory_budget=memory_budget, lean_scan_backward=lean_scan_backward,
-                                    profile=profile, host_profile_steps=host_profile_steps))
+                                    profile=profile, host_profile_steps=host_profile_steps,
+                                    compile_mode=compile_mode))
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -172,6 +174,8 @@ def add_parser(sub, name: str, help_text: str):
                         "fp32 weights under bf16 autocast; fp32 (TF32 matmuls on GPUs). Default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks of every model (regional compilation, same mode for all)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="with --compile: torch.compile's mode; reduce-overhead replays each block as a CUDA graph")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--memory-budget", type=float, default=None,
                    help="with --compile: AOT autograd's activation memory budget in [0, 1] for every model (1 = torch's "
@@ -212,9 +216,12 @@ def _run(args) -> int:
         raise CLIError("--batch and --steps must be >= 1")
     if args.memory_budget is not None and not (args.compile and 0.0 <= args.memory_budget <= 1.0):
         raise CLIError(f"--memory-budget {args.memory_budget}: needs --compile and a value in [0, 1]")
+    if args.compile_mode != "default" and not args.compile:
+        raise CLIError(f"--compile-mode {args.compile_mode}: needs --compile")
     out = run_bench(models, args.resolution, batches, args.steps, args.warmup, args.device, args.precision,
                     args.compile, args.grad_checkpointing, args.peak_tflops, args.scan_backend, args.attn_backend,
-                    args.memory_budget, not args.plain_scan_backward, args.profile, args.host_profile)
+                    args.memory_budget, not args.plain_scan_backward, args.profile, args.host_profile,
+                    args.compile_mode)
     text = write_json(args.out, out)
     print(text)
     for r in out["results"]:

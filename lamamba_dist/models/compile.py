@@ -11,6 +11,25 @@ from __future__ import annotations
 import torch.nn as nn
 
 
+# torch.compile's modes (``[train] compile_mode``, ``lamamba bench --compile-mode``). "reduce-overhead" (and
+# "max-autotune") replay each compiled block as a CUDA graph: one launch per block instead of one per kernel, for a
+# step bound by the host's launches; the training loop then marks the start of every micro-batch
+# (:func:`step_begin`), so that a replay never overwrites an output the previous micro-batch still uses.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def uses_cudagraphs(mode: str | None) -> bool:
+    """Whether blocks compiled with ``mode`` run as CUDA graphs (on CUDA devices)."""
+    return mode in ("reduce-overhead", "max-autotune")
+
+
+def step_begin() -> None:
+    """Tell torch.compile's CUDA graph trees that a new micro-batch starts (a no-op without CUDA graphs)."""
+    import torch
+
+    torch.compiler.cudagraph_mark_step_begin()
+
+
 def block_types() -> tuple[type, ...]:
     from lamamba_dist.models.dit import DiTBlock
     from lamamba_dist.models.lamamba import LaMambaBlock
@@ -33,9 +52,14 @@ def set_activation_memory_budget(budget: float) -> None:
 
 def compile_blocks(model: nn.Module, mode: str | None = None, fullgraph: bool = True, backend: str = "inductor",
                    memory_budget: float | None = None) -> nn.Module:
-    """Compile every transformer/LaMamba block of ``model`` in place; returns the model. ``memory_budget``:
-    see set_activation_memory_budget (None leaves the process's setting alone)."""
+    """Compile every transformer/LaMamba block of ``model`` in place; returns the model. ``mode``: one of
+    :data:`COMPILE_MODES` ("default" or None: torch's default). ``memory_budget``: see set_activation_memory_budget
+    (None leaves the process's setting alone)."""
     import torch._dynamo
+
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
+    mode = None if mode == "default" else mode
 
     if memory_budget is not None:
         set_activation_memory_budget(memory_budget)

@@ -47,6 +47,7 @@ class EngineParts:
     grads: Any  # ds_internals.FusedGradients, or None for DeepSpeed's own gradient path
     guard: Any  # nonfinite.NonFiniteGuard
     ema: Any  # ema.ZeroEMA
+    cudagraphs: bool  # the compiled blocks replay as CUDA graphs ([train] compile_mode, models/compile.py)
 
 
 def build_engine(cfg, *, rank: int, world: int, on_cuda: bool, device: torch.device, init_on_device: bool,
@@ -57,6 +58,7 @@ def build_engine(cfg, *, rank: int, world: int, on_cuda: bool, device: torch.dev
 
     from lamamba_dist.diffusion import create_diffusion
     from lamamba_dist.models.common import LabelEmbedder
+    from lamamba_dist.models.compile import uses_cudagraphs
     from lamamba_dist.train.ds_config import aligned_param_order, build_ds_config
     from lamamba_dist.train.ds_internals import FusedGradients, fused_gradients_unsupported
     from lamamba_dist.train.ema import ZeroEMA
@@ -78,7 +80,7 @@ def build_engine(cfg, *, rank: int, world: int, on_cuda: bool, device: torch.dev
         cache = use_compile_cache(Path(cfg.checkpoint.dir) / ".compile_cache")
         info(f"torch.compile cache: {cache} (reused by every restart)")
         # regional torch.compile of each block, in place (state-dict keys unchanged)
-        compile_blocks(model, memory_budget=t.compile_memory_budget)
+        compile_blocks(model, mode=t.compile_mode, memory_budget=t.compile_memory_budget)
     try:
         ds_config = build_ds_config(t, cfg.optim, world, on_cuda=on_cuda, load_universal=load_universal,
                                     num_params=sum(p.numel() for p in model.parameters()))
@@ -102,7 +104,8 @@ def build_engine(cfg, *, rank: int, world: int, on_cuda: bool, device: torch.dev
         diffusion=create_diffusion(cfg.diffusion), latent_size=int(model.latent_size), class_dropout=class_dropout,
         null_class=int(cfg.model.num_classes), grads=grads,
         guard=NonFiniteGuard(engine, world_size=world, device=device),
-        ema=ZeroEMA(engine.module, cfg.optim.ema_decay, rank=rank, overlap=cfg.optim.ema_overlap))
+        ema=ZeroEMA(engine.module, cfg.optim.ema_decay, rank=rank, overlap=cfg.optim.ema_overlap),
+        cudagraphs=bool(on_cuda and t.compile and uses_cudagraphs(t.compile_mode)))
 
 
 def vae_meta(cfg) -> dict:

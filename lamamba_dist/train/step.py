@@ -20,14 +20,20 @@ from typing import Callable, Optional
 
 import torch
 
+from lamamba_dist.models.compile import step_begin
+
 PRECISIONS = ("bf16", "bf16_autocast", "fp32")
 
 
-def model_boundary(forward: Callable, dtype: torch.dtype) -> Callable:
+def model_boundary(forward: Callable, dtype: torch.dtype, cudagraphs: bool = False) -> Callable:
     """``forward`` at the model boundary of a training step: input in the weights' ``dtype``, output in fp32
-    (the diffusion loss is computed in fp32, under autocast too)."""
+    (the diffusion loss is computed in fp32, under autocast too). ``cudagraphs``: the model's compiled blocks
+    replay as CUDA graphs, and every forward (one per micro-batch) first marks a new step for them
+    (lamamba_dist/models/compile.py ``step_begin``)."""
 
     def call(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        if cudagraphs:
+            step_begin()
         return forward(x.to(dtype), t, **kwargs).float()
 
     return call
@@ -68,10 +74,12 @@ class Bf16MasterWeights:
 class TrainStep:
     """``step(x0, t, y, noise=None) -> loss``: one optimizer step of ``model`` on the batch ``x0`` (latents), ``t``
     (timesteps), ``y`` (labels), with ``noise`` drawn by the diffusion when None. Returns the batch's mean loss
-    (detached). Build it before compiling the model's blocks: ``bf16`` casts the weights to bf16 in place."""
+    (detached). Build it before compiling the model's blocks: ``bf16`` casts the weights to bf16 in place.
+    ``cudagraphs``: the blocks were compiled to replay as CUDA graphs (see :func:`model_boundary`)."""
 
     def __init__(self, model: torch.nn.Module, diffusion, precision: str, *, lr: float = 1e-4,
-                 weight_decay: float = 0.0, betas: tuple = (0.9, 0.999), fused: Optional[bool] = None):
+                 weight_decay: float = 0.0, betas: tuple = (0.9, 0.999), fused: Optional[bool] = None,
+                 cudagraphs: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         device = next(model.parameters()).device
@@ -82,7 +90,7 @@ class TrainStep:
         if self.master is None:
             self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=tuple(betas),
                                          fused=fused)
-        self.forward = model_boundary(model, torch.bfloat16 if precision == "bf16" else torch.float32)
+        self.forward = model_boundary(model, torch.bfloat16 if precision == "bf16" else torch.float32, cudagraphs)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16_autocast")
 
     def loss(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: Optional[torch.Tensor] = None):

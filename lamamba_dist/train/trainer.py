@@ -130,7 +130,8 @@ class Trainer:
         self.class_dropout, self.null_class = parts.class_dropout, parts.null_class
         self.grads, self.guard, self.ema = parts.grads, parts.guard, parts.ema
         # the engine at the model boundary: input in the weights' dtype, output in fp32 (step.py)
-        self._model = model_boundary(self.grads.forward if self.grads is not None else self.engine, self.model_dtype)
+        self._model = model_boundary(self.grads.forward if self.grads is not None else self.engine, self.model_dtype,
+                                     cudagraphs=parts.cudagraphs)
         self.ckpt.attach(self.engine, self.ema)
 
     def _restore(self, universal_dir: Optional[Path], saved_world: int) -> Optional[dict]:

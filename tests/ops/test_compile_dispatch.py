@@ -119,3 +119,17 @@ def test_mixed_backend_picks_the_kernel_by_sequence_length(monkeypatch):
     assert ss.scan_kernel("mixed", cuda(4096), 1) == "triton"
     monkeypatch.setattr(ss, "_SCAN_TRITON", None)
     assert ss.scan_kernel("mixed", cuda(64), 1) == "reference"
+
+
+def test_compile_modes_of_the_config_are_the_ones_compile_blocks_takes():
+    import dataclasses
+
+    from lamamba_dist.config import TrainConfig
+    from lamamba_dist.models import create_model
+    from lamamba_dist.models.compile import COMPILE_MODES, compile_blocks, uses_cudagraphs
+
+    choices = {f.name: f for f in dataclasses.fields(TrainConfig)}["compile_mode"].metadata["choices"]
+    assert tuple(choices) == COMPILE_MODES and TrainConfig().compile_mode == "default"
+    assert [m for m in COMPILE_MODES if uses_cudagraphs(m)] == ["reduce-overhead", "max-autotune"]
+    with pytest.raises(ValueError, match="compile mode 'fast'"):
+        compile_blocks(create_model("DiT-debug/2", resolution=32), mode="fast")

@@ -53,6 +53,23 @@ def test_bench_train_compiles_in_bf16_with_every_scan_backend(tmp_path, scan):
     assert r["final_loss"] == r["final_loss"] and r["skipped_steps"] == 0, r
 
 
+def test_cuda_graph_compile_mode_in_bench_and_trainer(tmp_path):
+    """``reduce-overhead``: every block replayed as a CUDA graph, in the model bench and in the trainer with two
+    micro-batches per step (each marked as a new step for the graph trees: models/compile.py)."""
+    out = tmp_path / "bench.json"
+    _run(["bench", "--models", "DiT-debug/2,LaMamba-debug", "--resolution", "32", "--batch", "8", "--steps", "3",
+          "--warmup", "2", "--compile", "--compile-mode", "reduce-overhead", "--out", str(out)], tmp_path)
+    rows = json.loads(out.read_text())["results"]
+    assert [r["compile_mode"] for r in rows] == ["reduce-overhead"] * 2
+    assert all(r["compile"]["graph_breaks"] == 0 and r["final_loss"] == r["final_loss"] for r in rows), rows
+    out = tmp_path / "bench_train.json"
+    _run(["bench-train", "--config", DEBUG, "--set", "train.compile=true", "--set", 'train.compile_mode="reduce-overhead"',
+          "--set", 'train.precision="bf16"', "--accum", "2", "--micro-batch", "8", "--steps", "3",
+          "--warmup", "2", "--out", str(out)], tmp_path)
+    (r,) = json.loads(out.read_text())["results"]
+    assert "error" not in r and r["accum"] == 2 and r["skipped_steps"] == 0 and r["final_loss"] == r["final_loss"], r
+
+
 @pytest.mark.parametrize("zero", [2])
 def test_train_bf16_compiled_on_gpu_saves_and_resumes(tmp_path, zero):
     """`lamamba train` in bf16, compiled with the default scan, a save, a resume (the ZeRO 0-3 matrix on XL is
