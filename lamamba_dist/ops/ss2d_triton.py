@@ -47,8 +47,9 @@ So (1) moves 16E more per pass than (2) would at its best, but keeps 32-byte coa
 and one code path for every L, and it could be made correct and tested without a GPU: (1) is the one built.
 Against the unfused path's ~56E for the same work (cross_scan 2E + 8E, the x projection reading xs 8E, the
 sequence scan 8E + 8E + 8E, cross_merge 8E + 2E, the transpose to channels-last 2E + 2E) the forward with (1)
-moves 30-36E (the x projection now reads x_cl, 2E). None of this has been timed on a GPU: lamamba_dist/bench/kernels.py
---ss2d compares the two paths (and --ss2d-sweep launch configurations; the defaults here are guesses).
+moves 30-36E (the x projection now reads x_cl, 2E). None of this has been timed on a GPU: `lamamba bench kernels
+--what ss2d` (lamamba_dist/bench/kernels.py) compares the two paths (and `--sweep` launch configurations; the
+defaults here are guesses).
 
 Deterministic: no atomics. Sums over the steps (gA, gD, gbias) are per program, over the channels (gB, gC) per
 (program, step), written to fp32 partial buffers and reduced by torch in a fixed order, like scan_triton.
