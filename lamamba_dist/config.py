@@ -50,6 +50,8 @@ class ModelConfig:
     scan_backend: str = field(default="auto", metadata=dict(
         choices=("auto", "fused", "triton", "mixed", "reference", "ss2d_triton", "ss2d_reference")))
     attn_backend: str = field(default="auto", metadata=dict(choices=("auto", "sdpa", "flash", "reference")))
+    # SS2D's depthwise conv + SiLU (ops/dwconv.py): "auto" (= "torch" for now) or "triton" (opt-in, one pass)
+    conv_backend: str = field(default="auto", metadata=dict(choices=("auto", "torch", "triton")))
     # Architecture fields replacing the registry's for ``name`` (``create_model(**arch_overrides)``), e.g.
     # ``arch_overrides = { base_width = 384, num_heads = 16 }``: a config-only model (configs/lamamba_XXL_256.toml).
     # Saved in checkpoints and weight files, so resume, export and sampling rebuild the same model.
@@ -364,7 +366,7 @@ def model_kwargs(model_cfg) -> dict:
     m = model_cfg
     return dict(resolution=m.resolution, num_classes=m.num_classes, class_dropout=m.class_dropout,
                 learn_sigma=m.learn_sigma, grad_checkpointing=m.grad_checkpointing, scan_backend=m.scan_backend,
-                attn_backend=m.attn_backend, **arch_overrides(m))
+                attn_backend=m.attn_backend, conv_backend=m.conv_backend, **arch_overrides(m))
 
 
 def to_dict(cfg: Any) -> dict:

@@ -20,6 +20,9 @@ cross_scan or cross_merge), forward and forward+backward, bf16, and then whole S
 backend, at LaMamba-XL's shapes (batch x d_inner x map side): 64x640x32, 64x1280x16, 64x2560x8 (256 px) and
 16x640x64, 16x1280x32, 16x2560x16 (512 px). ``--sweep`` adds the launch configurations of the gathered kernels.
 
+``--what conv``: SS2D's depthwise 3x3 conv + SiLU (lamamba_dist/ops/dwconv.py), PyTorch's path against the Triton
+kernel, at the same shapes as ``ss2d``.
+
 Times are the median of ``triton.testing.do_bench``. ``--device cpu`` is a smoke run of the same code under Triton's
 interpreter (TRITON_INTERPRET=1 set before the start, tiny shapes; its times mean nothing).
 """
@@ -290,6 +293,37 @@ def ss2d_sweep(args, gy, tables, timer) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- SS2D's depthwise conv + SiLU
+
+
+def bench_conv(shapes, device: str, timer, sweep: bool) -> list[dict]:
+    """SS2D's depthwise 3x3 conv + SiLU (lamamba_dist/ops/dwconv.py) per backend, on the half of an in_proj output
+    (B, n, n, 2D) as SS2D reads it, into the sequence scan's (B, D, L) layout; forward and forward+backward, bf16."""
+    import torch
+
+    from lamamba_dist.ops.dwconv import dwconv_silu
+
+    rows = []
+    for batch, dim, n in shapes:
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(batch, n, n, 2 * dim, generator=g, device=device).to(torch.bfloat16)[..., :dim]
+        w = (torch.randn(dim, 1, 3, 3, generator=g, device=device) * 0.3).to(torch.bfloat16)
+        gy = torch.randn(batch, dim, n, n, device=device, dtype=torch.bfloat16)
+        outs = []
+        for backend in ("torch", "triton"):
+            fn = lambda x_, w_, b=backend: dwconv_silu(x_, w_, out_bdl=True, backend=b)  # noqa: E731
+            fwd, fb = time_fwd_bwd(timer, fn, [x, w], gy)
+            elems = batch * dim * n * n
+            rows.append({"kernel": "dwconv_silu", "shape": [batch, dim, n], "backend": backend, "fwd_ms": fwd,
+                         "fwd_bwd_ms": fb, "fwd_gb_per_s": 4 * elems / fwd / 1e6})
+            leaves = [t.detach().requires_grad_() for t in (x, w)]
+            out = fn(*leaves)
+            outs.append([out, *torch.autograd.grad(out, leaves, gy)])
+        rows[-1]["max_rel_diff_to_torch"] = _rel_diff(outs[1], outs[0])
+        del x, gy, outs
+    return rows
+
+
 # ----------------------------------------------------------------------------- command
 
 
@@ -297,7 +331,7 @@ def run_bench(what: str, shapes, device: str, sweep: bool = False, reps: int = 3
     import triton
 
     timer = _timer(device, reps)
-    rows = (bench_scan if what == "scan" else bench_ss2d)(shapes, device, timer, sweep)
+    rows = {"scan": bench_scan, "ss2d": bench_ss2d, "conv": bench_conv}[what](shapes, device, timer, sweep)
     return {"bench": "kernels", "environment": environment(device, triton=triton.__version__,
                                                            interpreter=os.environ.get("TRITON_INTERPRET") == "1"),
             "settings": {"what": what, "shapes": [list(s) for s in shapes], "sweep": sweep}, "results": rows}
@@ -317,9 +351,10 @@ def _shapes(text: str):
 
 def add_parser(sub, name: str, help_text: str):
     p = sub.add_parser(name, help=help_text, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", choices=("scan", "ss2d"), default="scan",
-                   help="scan: the sequence scan by backend; ss2d: SS2D's scan paths and modules")
-    p.add_argument("--shapes", default=None, help="batch x dim x L (scan) or batch x d_inner x map side (ss2d), "
+    p.add_argument("--what", choices=("scan", "ss2d", "conv"), default="scan",
+                   help="scan: the sequence scan by backend; ss2d: SS2D's scan paths and modules; conv: SS2D's "
+                        "depthwise conv + SiLU by backend")
+    p.add_argument("--shapes", default=None, help="batch x dim x L (scan) or batch x d_inner x map side (ss2d, conv), "
                    "comma separated (default: LaMamba-XL's)")
     p.add_argument("--sweep", action="store_true", help="also time launch configurations of the Triton kernels")
     p.add_argument("--device", default=None, help="cuda (default), or cpu for a smoke run under TRITON_INTERPRET=1")

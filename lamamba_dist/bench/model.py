@@ -20,6 +20,7 @@ import torch
 from lamamba_dist.bench.common import environment, write_json
 from lamamba_dist.bench.profiling import _sync, host_profile, profile_steps
 from lamamba_dist.models.compile import COMPILE_MODES, compile_blocks, uses_cudagraphs
+from lamamba_dist.ops.dwconv import CONV_BACKENDS
 from lamamba_dist.ops.selective_scan import BACKENDS as SCAN_BACKENDS
 from lamamba_dist.ops.window_attention import BACKENDS as ATTN_BACKENDS
 from lamamba_dist.train.step import PRECISIONS, TrainStep
@@ -43,7 +44,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
                 precision: str, compile_model: bool, grad_checkpointing: bool = False,
                 scan_backend: str = "auto", attn_backend: str = "auto", peak_tflops: float | None = None,
                 memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0,
-                host_profile_steps: int = 0, compile_mode: str = "default") -> dict:
+                host_profile_steps: int = 0, compile_mode: str = "default", conv_backend: str = "auto") -> dict:
     from lamamba_dist.diffusion import create_diffusion
     from lamamba_dist.flops import train_flops_per_image
     from lamamba_dist.models import create_model
@@ -58,7 +59,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
     with torch.device(device):  # built where it runs (an XL model's CPU init takes seconds; as bench-train does)
         model = create_model(name, resolution=resolution, grad_checkpointing=grad_checkpointing,
                              scan_backend=scan_backend, attn_backend=attn_backend,
-                             lean_scan_backward=lean_scan_backward)
+                             lean_scan_backward=lean_scan_backward, conv_backend=conv_backend)
     model.train()
     diffusion = create_diffusion()
     # the plain training step (lamamba_dist/train/step.py), built before compiling (bf16 casts the weights)
@@ -103,7 +104,8 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
                compiled=compile_model, compile_mode=compile_mode if compile_model else None,
                grad_checkpointing=grad_checkpointing,
                memory_budget=memory_budget if compile_model else None,
-               scan_backend=scan_backend, attn_backend=attn_backend, lean_scan_backward=lean_scan_backward,
+               scan_backend=scan_backend, attn_backend=attn_backend, conv_backend=conv_backend,
+               lean_scan_backward=lean_scan_backward,
                img_per_s=img_s, step_ms=step_s * 1e3, model_tflops_per_s=tflops,
                mfu=(tflops / peak_tflops) if peak_tflops else None,
                train_gflops_per_img=flops_img / 1e9, time_to_first_step_s=first_step_s,
@@ -126,7 +128,7 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
               precision: str | None = None, compile_model: bool = False, grad_checkpointing: bool = False,
               peak_tflops: float | None = None, scan_backend: str = "auto", attn_backend: str = "auto",
               memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0,
-              host_profile_steps: int = 0, compile_mode: str = "default") -> dict:
+              host_profile_steps: int = 0, compile_mode: str = "default", conv_backend: str = "auto") -> dict:
     """One row per (batch, model), batches in the given order (``batch``: an int or a list of them); the ratios
     are to the first model at the same batch."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -144,7 +146,7 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
                                     grad_checkpointing, scan_backend, attn_backend, peak_tflops=peak,
                                     memory_budget=memory_budget, lean_scan_backward=lean_scan_backward,
                                     profile=profile, host_profile_steps=host_profile_steps,
-                                    compile_mode=compile_mode))
+                                    compile_mode=compile_mode, conv_backend=conv_backend))
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -184,6 +186,8 @@ def add_parser(sub, name: str, help_text: str):
                    help="selective scan kernel of the LaMamba models (auto: mamba-ssm's when installed)")
     p.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="auto",
                    help="window attention kernel of the LaMamba models")
+    p.add_argument("--conv-backend", choices=CONV_BACKENDS, default="auto",
+                   help="SS2D's depthwise conv + SiLU of the LaMamba models (lamamba_dist/ops/dwconv.py)")
     p.add_argument("--plain-scan-backward", action="store_true",
                    help="LaMamba: plain autograd through the SS2D scan core (keeps the (B,4,D,L) snake copies and "
                         "deltas) instead of the lean backward, for A/B measurements")
@@ -221,7 +225,7 @@ def _run(args) -> int:
     out = run_bench(models, args.resolution, batches, args.steps, args.warmup, args.device, args.precision,
                     args.compile, args.grad_checkpointing, args.peak_tflops, args.scan_backend, args.attn_backend,
                     args.memory_budget, not args.plain_scan_backward, args.profile, args.host_profile,
-                    args.compile_mode)
+                    args.compile_mode, args.conv_backend)
     text = write_json(args.out, out)
     print(text)
     for r in out["results"]:

@@ -29,6 +29,7 @@ from lamamba_dist.ops import (
     window_attention_core,
     window_token_order,
 )
+from lamamba_dist.ops.dwconv import dwconv_silu
 from lamamba_dist.ops.selective_scan import SS2D_BACKENDS, resolve_backend, scan_kernel, ss2d_scan
 from lamamba_dist.ops.ss2d_core import ss2d_core
 
@@ -65,7 +66,7 @@ class SS2D(nn.Module):
     """VMamba v2 selective-scan 2D over the four snake paths (docs/model.md §3). Channels-last in and out."""
 
     def __init__(self, dim: int, d_state: int = 1, ssm_ratio: float = 2.0, d_conv: int = 3, scan_backend: str = "auto",
-                 resolution: int | None = None, lean_scan_backward: bool = True):
+                 resolution: int | None = None, lean_scan_backward: bool = True, conv_backend: str = "auto"):
         super().__init__()
         # With a kernel that has its own backward (mamba-ssm's or the Triton one), run the scan core through
         # ss2d_core: the backward keeps x and the rank-R deltas, not the (B, 4, D, L) snake copies and deltas.
@@ -80,6 +81,7 @@ class SS2D(nn.Module):
         k = 4
         self.d_inner, self.rank, self.d_state, self.k = d_inner, rank, d_state, k
         self.scan_backend = scan_backend
+        self.conv_backend = conv_backend  # the depthwise conv + SiLU (ops/dwconv.py)
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=False)
         self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, d_inner))
@@ -127,10 +129,7 @@ class SS2D(nn.Module):
         length = h * w
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, H, W, D) each: first D -> x, last D -> z
         z = F.silu(z)
-        # Depthwise conv in channels-last memory: the NCHW view of a contiguous NHWC tensor, so the output comes
-        # back channels-last and the permute below is free (reshape copies only if a conv kernel did not keep it).
-        x = F.silu(self.conv2d(x.contiguous().permute(0, 3, 1, 2)))
-        x_cl = x.permute(0, 2, 3, 1).reshape(b, length, d)  # (B, L, D)
+        x_cl = dwconv_silu(x, self.conv2d.weight, out_bdl=False, backend=self.conv_backend).view(b, length, d)
         tables = self._gathered_tables(h, u.device)
         wx = self.x_proj_weight.to(x_cl.dtype)  # (K, R+2N, D)
         w_all = torch.cat([wx[:, :r].reshape(k * r, d), wx[:, r:r + n].reshape(k * n, d),
@@ -154,7 +153,7 @@ class SS2D(nn.Module):
         length = h * w
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, H, W, D) each: first D -> x, last D -> z
         z = F.silu(z)
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))  # (B, D, H, W)
+        x = dwconv_silu(x, self.conv2d.weight, out_bdl=True, backend=self.conv_backend)  # (B, D, H, W)
         a = -torch.exp(self.A_logs.float())  # (4D, N)
         kernel = scan_kernel(self.scan_backend, x, n, length=length)
         if self.lean_scan_backward and kernel != "reference":
@@ -259,11 +258,13 @@ class LaMambaBlock(nn.Module):
     """x += g_ssm * SS2D(mod(LN x)); x += g_attn * WinAttn(mod(LN x)); x += g_mlp * MLP(mod(LN x)) (docs/model.md §2)."""
 
     def __init__(self, dim: int, cond_dim: int, resolution: int, arch: LaMambaArch, shift: int, project_condition: bool,
-                 scan_backend: str = "auto", attn_backend: str = "auto", lean_scan_backward: bool = True):
+                 scan_backend: str = "auto", attn_backend: str = "auto", lean_scan_backward: bool = True,
+                 conv_backend: str = "auto"):
         super().__init__()
         self.condition_projection = nn.Linear(cond_dim, dim) if project_condition else nn.Identity()
         self.norm = nn.LayerNorm(dim)
-        self.op = SS2D(dim, arch.d_state, arch.ssm_ratio, arch.d_conv, scan_backend, resolution, lean_scan_backward)
+        self.op = SS2D(dim, arch.d_state, arch.ssm_ratio, arch.d_conv, scan_backend, resolution, lean_scan_backward,
+                       conv_backend)
         self.norm_swin = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, arch.num_heads, resolution, arch.window_size, shift, attn_backend)
         self.norm2 = nn.LayerNorm(dim)
@@ -327,7 +328,8 @@ class Stage(nn.Module):
 class LaMambaDiff(nn.Module):
     def __init__(self, arch: LaMambaArch, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
                  class_dropout: float = 0.1, learn_sigma: bool = True, grad_checkpointing: bool = False,
-                 scan_backend: str = "auto", attn_backend: str = "auto", lean_scan_backward: bool = True):
+                 scan_backend: str = "auto", attn_backend: str = "auto", lean_scan_backward: bool = True,
+                 conv_backend: str = "auto"):
         super().__init__()
         self.arch = arch
         self.latent_size = input_size
@@ -344,7 +346,7 @@ class LaMambaDiff(nn.Module):
 
         def make_blocks(depth, dim, r, force_proj):
             return [LaMambaBlock(dim, cc, r, arch, shift if i % 2 else 0, force_proj or dim != cc,
-                                 scan_backend, attn_backend, lean_scan_backward) for i in range(depth)]
+                                 scan_backend, attn_backend, lean_scan_backward, conv_backend) for i in range(depth)]
 
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_channels, c0, kernel_size=1)

@@ -44,6 +44,11 @@ def test_scan_and_ss2d_rows_under_the_interpreter(tmp_path):
     # tolerances; here the bench's own comparison must run and be small)
     assert out["results"][1]["max_rel_diff_to_sequence"] < 1e-2
 
+    res, out = _bench(["--what", "conv", "--device", "cpu", "--shapes", "1x8x4"], tmp_path, interpret=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [(r["kernel"], r["backend"]) for r in out["results"]] == [("dwconv_silu", "torch"), ("dwconv_silu", "triton")]
+    assert out["results"][1]["max_rel_diff_to_torch"] < 2e-2  # bf16: one rounding less than PyTorch's path
+
 
 @needs_triton
 def test_cpu_without_the_interpreter_and_bad_shapes_are_refused(tmp_path):
@@ -54,7 +59,7 @@ def test_cpu_without_the_interpreter_and_bad_shapes_are_refused(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("what,shapes", [("scan", "4x256x1024"), ("ss2d", "4x64x16")])
+@pytest.mark.parametrize("what,shapes", [("scan", "4x256x1024"), ("ss2d", "4x64x16"), ("conv", "4x640x32")])
 def test_kernels_bench_on_gpu(tmp_path, what, shapes):
     res, out = _bench(["--what", what, "--shapes", shapes, "--device", "cuda"], tmp_path, interpret=False)
     assert res.returncode == 0, res.stderr[-3000:]

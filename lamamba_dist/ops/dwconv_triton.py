@@ -1,0 +1,228 @@
+"""SS2D's depthwise convolution and SiLU in Triton, read channels-last: ``silu(conv2d(x, w, groups=D))``.
+
+SS2D (models/lamamba.py, docs/model.md §3) splits ``in_proj``'s channels-last output (B, H, W, 2D) into x and the
+gate z, and runs x through a K x K depthwise convolution (no bias) and SiLU before the scan. In PyTorch that is a
+permuted copy of x into NCHW, the convolution (ATen's depthwise kernels for bf16: their backward was 14 ms of an
+eager LaMamba-XL step at 256 px, batch 64, docs/performance.md), and SiLU's own pass. Here one kernel reads x where
+``in_proj`` left it (any strides with unit channel stride, so the half of in_proj's output is read in place),
+accumulates the K*K taps in fp32, applies SiLU and writes the result once, in the layout the next step wants:
+
+* ``out_bdl=True``: (B, D, H, W), the sequence scan's (B, D, L) (the cross-scan path);
+* ``out_bdl=False``: (B, H, W, D) channels-last (the gathered "ss2d_*" path).
+
+Backward, two kernels, no atomics:
+  1. per (batch, pixel block, channel block): recompute the pre-activation s, gs = gy * silu'(s) (fp32,
+     written channels-last (B, H*W, D)), and this program's share of the weight gradient,
+     gw[c, tap] = sum over its pixels of gs * x(pixel + tap), to an fp32 partial buffer that torch then sums in a
+     fixed order (deterministic);
+  2. gx[b, p, c] = sum over taps of w[c, tap] * gs[b, p - tap, c] (zero outside the map).
+silu'(s) = sigmoid(s) (1 + s (1 - sigmoid(s))).
+
+Numerics: the taps accumulate in fp32 and SiLU acts on the fp32 sum, rounded once to x's dtype (PyTorch rounds the
+convolution's output to bf16 before SiLU): within bf16 rounding of the reference, tests/ops/test_dwconv_triton.py.
+
+Exposed as the custom ops ``lamamba::dwconv_silu_fwd`` / ``lamamba::dwconv_silu_bwd`` (fake kernels + autograd),
+so torch.compile traces through without a graph break, and as :func:`dwconv_silu_triton`. The pure-PyTorch
+reference is ``dwconv_silu_reference`` (lamamba_dist/ops/dwconv.py, the dispatch point). Importing this module imports triton; under TRITON_INTERPRET=1 (set
+before the import) the kernels run on CPU tensors through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_P = 64  # pixels per program
+BLOCK_D = 32  # channels per program (64 bytes of bf16 per pixel: two 32-byte sectors)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tile(pid_p, pid_d, H, W, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    return p, p // W, p % W, c, p < H * W, c < D
+
+
+@triton.jit
+def _tap(x_base, py, px, c, pmask, cmask, H, W, sxh, sxw, dy, dx):
+    """x at the tile's pixels shifted by (dy, dx), zero outside the map (fp32, (BLOCK_P, BLOCK_D))."""
+    iy = py + dy
+    ix = px + dx
+    ok = pmask & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+    return tl.load(x_base + (iy * sxh + ix * sxw)[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _preact(x_base, w_ptr, py, px, c, pmask, cmask, H, W, sxh, sxw,
+            K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The convolution's output s at the tile's pixels (fp32, (BLOCK_P, BLOCK_D))."""
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    for ky in tl.static_range(K):
+        for kx in tl.static_range(K):
+            xv = _tap(x_base, py, px, c, pmask, cmask, H, W, sxh, sxw, ky - K // 2, kx - K // 2)
+            wv = tl.load(w_ptr + c * (K * K) + (ky * K + kx), mask=cmask, other=0.0).to(tl.float32)
+            acc += xv * wv[None, :]
+    return acc
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, y_ptr, H, W, D, n_pblk, sxb, sxh, sxw,
+                K: tl.constexpr, OUT_BDL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // n_pblk
+    p, py, px, c, pmask, cmask = _tile(pid % n_pblk, tl.program_id(1), H, W, D, BLOCK_P, BLOCK_D)
+    s = _preact(x_ptr + b.to(tl.int64) * sxb, w_ptr, py, px, c, pmask, cmask, H, W, sxh, sxw, K, BLOCK_P, BLOCK_D)
+    y = s * tl.sigmoid(s)
+    L = H * W
+    base = y_ptr + b.to(tl.int64) * L * D
+    if OUT_BDL:
+        offs = c[None, :] * L + p[:, None]
+    else:
+        offs = p[:, None] * D + c[None, :]
+    tl.store(base + offs, y.to(y_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _bwd_gs_kernel(x_ptr, w_ptr, gy_ptr, gs_ptr, gw_ptr, H, W, D, n_pblk, sxb, sxh, sxw,
+                   K: tl.constexpr, OUT_BDL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // n_pblk
+    p, py, px, c, pmask, cmask = _tile(pid % n_pblk, tl.program_id(1), H, W, D, BLOCK_P, BLOCK_D)
+    x_base = x_ptr + b.to(tl.int64) * sxb
+    s = _preact(x_base, w_ptr, py, px, c, pmask, cmask, H, W, sxh, sxw, K, BLOCK_P, BLOCK_D)
+    L = H * W
+    m2 = pmask[:, None] & cmask[None, :]
+    if OUT_BDL:
+        g_offs = c[None, :] * L + p[:, None]
+    else:
+        g_offs = p[:, None] * D + c[None, :]
+    gy = tl.load(gy_ptr + b.to(tl.int64) * L * D + g_offs, mask=m2, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(s)
+    gs = gy * sig * (1.0 + s * (1.0 - sig))
+    gs = tl.where(m2, gs, 0.0)
+    tl.store(gs_ptr + b.to(tl.int64) * L * D + p[:, None] * D + c[None, :], gs, mask=m2)
+    # this program's share of the weight gradient, one row of K*K taps per channel
+    gw_base = gw_ptr + pid.to(tl.int64) * D * (K * K)
+    for ky in tl.static_range(K):
+        for kx in tl.static_range(K):
+            xv = _tap(x_base, py, px, c, pmask, cmask, H, W, sxh, sxw, ky - K // 2, kx - K // 2)
+            tl.store(gw_base + c * (K * K) + (ky * K + kx), tl.sum(gs * xv, axis=0), mask=cmask)
+
+
+@triton.jit
+def _bwd_gx_kernel(gs_ptr, w_ptr, gx_ptr, H, W, D, n_pblk,
+                   K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // n_pblk
+    p, py, px, c, pmask, cmask = _tile(pid % n_pblk, tl.program_id(1), H, W, D, BLOCK_P, BLOCK_D)
+    base = b.to(tl.int64) * H * W * D
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    for ky in tl.static_range(K):
+        for kx in tl.static_range(K):
+            oy = py - (ky - K // 2)  # the output pixel that read this one through tap (ky, kx)
+            ox = px - (kx - K // 2)
+            ok = pmask & (oy >= 0) & (oy < H) & (ox >= 0) & (ox < W)
+            g = tl.load(gs_ptr + base + (oy * W + ox)[:, None] * D + c[None, :], mask=ok[:, None] & cmask[None, :],
+                        other=0.0)
+            wv = tl.load(w_ptr + c * (K * K) + (ky * K + kx), mask=cmask, other=0.0).to(tl.float32)
+            acc += g * wv[None, :]
+    tl.store(gx_ptr + base + p[:, None] * D + c[None, :], acc.to(gx_ptr.dtype.element_ty),
+             mask=pmask[:, None] & cmask[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int, int]:
+    if x.dim() != 4 or x.stride(-1) != 1:
+        raise ValueError(f"x must be (B, H, W, D) with unit channel stride, got shape {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    b, h, w, d = x.shape
+    k = weight.shape[-1]
+    if weight.shape != (d, 1, k, k) or k % 2 == 0:
+        raise ValueError(f"weight must be ({d}, 1, K, K) with K odd, got {tuple(weight.shape)}")
+    return b, h, w, d, k
+
+
+def _grid(b, h, w, d):
+    n_pblk = triton.cdiv(h * w, BLOCK_P)
+    return n_pblk, (b * n_pblk, triton.cdiv(d, BLOCK_D))
+
+
+def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool) -> torch.Tensor:
+    b, h, w, d, k = _check(x, weight)
+    y = torch.empty((b, d, h, w) if out_bdl else (b, h, w, d), device=x.device, dtype=x.dtype)
+    n_pblk, grid = _grid(b, h, w, d)
+    _fwd_kernel[grid](x, weight.contiguous(), y, h, w, d, n_pblk, x.stride(0), x.stride(1), x.stride(2),
+                      K=k, OUT_BDL=bool(out_bdl), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
+    return y
+
+
+def dwconv_silu_bwd_launch(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor,
+                           out_bdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, w, d, k = _check(x, weight)
+    weight = weight.contiguous()
+    gy = gy.contiguous()
+    n_pblk, grid = _grid(b, h, w, d)
+    gs = torch.empty(b, h * w, d, device=x.device, dtype=torch.float32)
+    gw_part = torch.empty(grid[0], d, k * k, device=x.device, dtype=torch.float32)
+    _bwd_gs_kernel[grid](x, weight, gy, gs, gw_part, h, w, d, n_pblk, x.stride(0), x.stride(1), x.stride(2),
+                         K=k, OUT_BDL=bool(out_bdl), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
+    gx = torch.empty(b, h, w, d, device=x.device, dtype=x.dtype)
+    _bwd_gx_kernel[grid](gs, weight, gx, h, w, d, n_pblk, K=k, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
+    gw = gw_part.sum(0).view(d, 1, k, k).to(weight.dtype)
+    return gx, gw
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("lamamba::dwconv_silu_fwd", mutates_args=())
+def _dwconv_fwd(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool) -> torch.Tensor:
+    return dwconv_silu_fwd_launch(x, weight, out_bdl)
+
+
+@_dwconv_fwd.register_fake
+def _(x, weight, out_bdl):
+    b, h, w, d = x.shape
+    return x.new_empty((b, d, h, w) if out_bdl else (b, h, w, d))
+
+
+@torch.library.custom_op("lamamba::dwconv_silu_bwd", mutates_args=())
+def _dwconv_bwd(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor,
+                out_bdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return dwconv_silu_bwd_launch(x, weight, gy, out_bdl)
+
+
+@_dwconv_bwd.register_fake
+def _(x, weight, gy, out_bdl):
+    return x.new_empty(x.shape), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, out_bdl = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.out_bdl = out_bdl
+
+
+def _backward(ctx, gy):
+    x, weight = ctx.saved_tensors
+    gx, gw = _dwconv_bwd(x, weight, gy, ctx.out_bdl)
+    return gx, gw, None
+
+
+_dwconv_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dwconv_silu_triton(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool = True) -> torch.Tensor:
+    """``silu(depthwise conv(x))`` through the Triton kernels (custom op with autograd): x (B, H, W, D) with any
+    strides (a copy only when the channel stride is not 1), weight (D, 1, K, K), K odd; the output in x's dtype,
+    (B, D, H, W) when ``out_bdl`` else (B, H, W, D)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return _dwconv_fwd(x, weight.to(x.dtype) if weight.dtype != x.dtype else weight, bool(out_bdl))

@@ -1,0 +1,184 @@
+"""SS2D's depthwise conv + SiLU (lamamba_dist/ops/dwconv.py dispatch, ops/dwconv_triton.py kernels).
+
+* CPU, always: the PyTorch path equals SS2D's former expression in both layouts; the "auto" default is the PyTorch
+  path; the state dict does not depend on the backend; "triton" without triton is an error, not a fallback.
+* CPU under Triton's interpreter (a subprocess running this file with TRITON_INTERPRET=1), skipped where triton is
+  not installed: output and both gradients against float64, both output layouts, strided inputs (the half of
+  in_proj's output), maps and channel counts that do not fill a block, K 3 and 5, bf16, determinism, SS2D with
+  conv_backend "triton" against "torch" (also under torch.compile(fullgraph=True, backend="aot_eager")).
+  Outputs are NaN-poisoned first.
+* GPU (``-m gpu``): the same at LaMamba-XL's widths and map sides, fp32 and bf16, and a whole LaMamba-debug
+  forward/backward against the reference backends.
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernel_helpers import assert_models_match, nan_poisoned_empty, needs_triton, run_interpreter_cases
+from lamamba_dist.models.lamamba import SS2D
+from lamamba_dist.ops.dwconv import CONV_BACKENDS, dwconv_silu, dwconv_silu_reference
+
+
+def _inputs(b, h, w, d, k, dtype, device, seed=0, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    if strided:  # the first half of a (B, H, W, 2D) tensor, as SS2D's x is of in_proj's output
+        x = torch.randn(b, h, w, 2 * d, generator=g).to(device, dtype)[..., :d]
+    else:
+        x = torch.randn(b, h, w, d, generator=g).to(device, dtype)
+    wt = (torch.randn(d, 1, k, k, generator=g) * 0.3).to(device, dtype)
+    return x.detach().requires_grad_(), wt.requires_grad_()
+
+
+def _f64(x, wt, out_bdl):
+    """The function in float64 (the yardstick of both paths)."""
+    k = wt.shape[-1]
+    y = F.silu(F.conv2d(x.double().permute(0, 3, 1, 2), wt.double(), padding=k // 2, groups=wt.shape[0]))
+    return y if out_bdl else y.permute(0, 2, 3, 1)
+
+
+def _check(b, h, w, d, k, dtype, device, out_bdl, strided=False, tol=1e-5):
+    x, wt = _inputs(b, h, w, d, k, dtype, device, strided=strided)  # strided: stride(2) == 2D
+    out = dwconv_silu(x, wt, out_bdl=out_bdl, backend="triton")
+    assert out.dtype == x.dtype and out.is_contiguous()
+    assert out.shape == ((b, d, h, w) if out_bdl else (b, h, w, d))
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(device, dtype)
+    gx, gw = torch.autograd.grad(out, [x, wt], gy)
+    x64 = x.detach().double().requires_grad_()
+    w64 = wt.detach().double().requires_grad_()
+    ref = _f64(x64, w64, out_bdl)
+    rgx, rgw = torch.autograd.grad(ref, [x64, w64], gy.double())
+    for name, got, want in (("out", out, ref), ("gx", gx, rgx), ("gw", gw, rgw)):
+        assert torch.isfinite(got).all(), name
+        err = ((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-9)).item()
+        assert err < tol, (name, (b, h, w, d, k, dtype, out_bdl, strided), err)
+
+
+def test_torch_path_is_ss2ds_former_expression_in_both_layouts():
+    x, wt = _inputs(2, 5, 5, 6, 3, torch.float32, "cpu", strided=True)
+    conv = lambda t: F.conv2d(t, wt, padding=1, groups=6)  # noqa: E731
+    torch.testing.assert_close(dwconv_silu(x, wt, out_bdl=True), F.silu(conv(x.permute(0, 3, 1, 2).contiguous())),
+                               rtol=0, atol=0)
+    former = F.silu(conv(x.contiguous().permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+    torch.testing.assert_close(dwconv_silu(x, wt, out_bdl=False), former, rtol=0, atol=0)
+    assert dwconv_silu(x, wt, backend="auto").equal(dwconv_silu_reference(x, wt))
+    assert CONV_BACKENDS == ("auto", "torch", "triton")
+    with pytest.raises(ValueError, match="unknown conv backend"):
+        dwconv_silu(x, wt, backend="cudnn")
+
+
+def test_conv_backend_keeps_the_state_dict_and_is_opt_in():
+    import dataclasses
+
+    from lamamba_dist.config import ModelConfig
+
+    a, b = SS2D(16, resolution=8), SS2D(16, resolution=8, conv_backend="triton")
+    assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
+    field = {f.name: f for f in dataclasses.fields(ModelConfig)}["conv_backend"]
+    assert tuple(field.metadata["choices"]) == CONV_BACKENDS and ModelConfig().conv_backend == "auto"
+
+
+def test_triton_backend_without_triton_is_an_error(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("lamamba_dist.ops.dwconv")
+    monkeypatch.setattr(mod, "_DWCONV_TRITON", None)
+    with pytest.raises(RuntimeError, match="needs triton"):
+        SS2D(8, resolution=4, conv_backend="triton")(torch.randn(1, 4, 4, 8))
+
+
+# ----------------------------------------------------------------------------- CPU (Triton's interpreter)
+
+
+def _ss2d_pair(dim, n, scan_backend="reference"):
+    torch.manual_seed(0)
+    ref = SS2D(dim, resolution=n, scan_backend=scan_backend, conv_backend="torch")
+    ref.reset_ssm_parameters()
+    fast = copy.deepcopy(ref)
+    fast.conv_backend = "triton"
+    return fast, ref
+
+
+def _ss2d_run(m, u, fn=None):
+    """Output and grads of ``fn`` (default: the module itself; e.g. its compiled form) by ``m``'s parameter names."""
+    m.zero_grad(set_to_none=True)
+    u = u.clone().requires_grad_()
+    out = (m if fn is None else fn)(u)
+    out.square().sum().backward()
+    return out.detach(), {"u": u.grad, **{n: p.grad for n, p in m.named_parameters()}}
+
+
+def _interpreter_cases():
+    from lamamba_dist.ops import dwconv_triton as dt
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    with nan_poisoned_empty():
+        for out_bdl in (True, False):
+            _check(2, 4, 4, 5, 3, f32, "cpu", out_bdl)  # 16 pixels, 5 of 32 channels
+            _check(1, 9, 9, 40, 3, f32, "cpu", out_bdl, strided=True)  # 81 pixels: 2 pixel blocks; 2 channel blocks
+            _check(1, 3, 5, 3, 5, f32, "cpu", out_bdl)  # K 5 wider than the map's height, not square
+            _check(2, 8, 8, 8, 3, bf16, "cpu", out_bdl, tol=2e-2)
+        # deterministic: bitwise equal runs
+        x, wt = _inputs(2, 9, 9, 33, 3, f32, "cpu", seed=4)
+        runs = []
+        for _ in range(2):
+            out = dt.dwconv_silu_triton(x, wt)
+            runs.append([out, *torch.autograd.grad(out.square().sum(), [x, wt])])
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+        # SS2D with conv_backend "triton" == "torch", both SS2D layouts
+        u = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(5))
+        for scan in ("reference", "ss2d_reference"):
+            fast, ref = _ss2d_pair(8, 8, scan)
+            out_r, g_r = _ss2d_run(ref, u)
+            out_f, g_f = _ss2d_run(fast, u)
+            torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-6)
+            for name, g in g_r.items():
+                err = ((g_f[name] - g).abs().max() / g.abs().max().clamp(min=1e-6)).item()
+                assert err < 1e-4, (scan, name, err)
+        # dynamo + AOTAutograd trace through the custom ops with no graph break
+        fast, _ = _ss2d_pair(8, 8)
+        out_f, g_f = _ss2d_run(fast, u)
+        out_c, g_c = _ss2d_run(fast, u, torch.compile(fast, fullgraph=True, backend="aot_eager"))
+        torch.testing.assert_close(out_c, out_f, rtol=1e-6, atol=1e-6)
+        for name, g in g_f.items():
+            torch.testing.assert_close(g_c[name], g, rtol=1e-6, atol=1e-6)
+    print("interpreter cases passed")
+
+
+@needs_triton
+def test_dwconv_triton_under_interpreter_on_cpu():
+    run_interpreter_cases(__file__)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("out_bdl", [True, False])
+def test_dwconv_triton_matches_float64_on_gpu(dtype, tol, out_bdl):
+    for b, n, d in ((4, 32, 640), (4, 16, 1280), (8, 8, 2560), (2, 7, 100)):
+        _check(b, n, n, d, 3, dtype, "cuda", out_bdl, strided=True, tol=tol)
+
+
+@pytest.mark.gpu
+def test_lamamba_with_triton_conv_matches_the_reference_model():
+    from lamamba_dist.models import create_model
+
+    torch.manual_seed(0)
+    fast = create_model("LaMamba-debug", resolution=128, num_classes=10, class_dropout=0.0, conv_backend="triton").cuda()
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ref = create_model("LaMamba-debug", resolution=128, num_classes=10, class_dropout=0.0, scan_backend="reference",
+                       attn_backend="reference", conv_backend="torch").cuda()
+    ref.load_state_dict(fast.state_dict())
+    assert_models_match(fast, ref, torch.bfloat16)
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1 (the test sets it)"
+    _interpreter_cases()
