@@ -1,6 +1,7 @@
 """What every bench of this package writes: one JSON object
 
-    {"bench": "model" | "train" | "sample" | "loader" | "vae" | "kernels", "environment": {...}, ..., "results": [one row per measurement]}
+    {"bench": "model" | "train" | "sample" | "loader" | "vae" | "kernels", "environment": {...}, ...,
+     "results": [one row per measurement]}
 
 with the same environment block (:func:`environment`: versions, host, device, and the bench's own extras such as
 the world size or the command line), written atomically (:func:`write_json`)."""
