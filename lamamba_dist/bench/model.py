@@ -3,8 +3,9 @@
 Each step is the plain training step of lamamba_dist/train/step.py in ``lamamba train``'s precision: on GPUs by
 default bf16 weights with fp32 master weights (``--precision bf16``; ``bf16_autocast``: fp32 weights under bf16
 autocast; fp32 on CPUs unless asked), AdamW (fused on CUDA), the real diffusion loss (MSE + VLB) on random latents
-and labels, backward, optimizer step. No data loader, EMA, DeepSpeed or non-finite check: ``lamamba bench-train`` runs the trainer's own
-step (lamamba_dist/bench/train.py), and scripts/gpu_check.sh sets the two against each other.
+and labels, backward, optimizer step. No data loader, EMA, DeepSpeed or non-finite check: ``lamamba bench-train``
+runs the trainer's own step (lamamba_dist/bench/train.py), and scripts/gpu_check.sh sets the two against each
+other.
 Models run one after another in the same mode (eager vs eager, compiled vs compiled); warm-up steps are
 excluded from the timing; the first model in the list is the baseline of the reported ratios.
 """

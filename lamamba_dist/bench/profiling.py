@@ -41,6 +41,44 @@ def device_busy_us(events) -> float | None:
     return busy_time(spans) if spans else None
 
 
+# Device kernels by what they do, for a step's time breakdown (docs/performance.md): the first class whose
+# patterns match a kernel's name (lower-cased) takes it; the rest is "other".
+KERNEL_CLASSES = (
+    ("selective_scan", ("selective_scan", "scan1_", "ss2d_")),
+    ("depthwise_conv", ("conv_depthwise", "dwconv", "depthwise")),
+    ("attention", ("fmha", "flash", "attention", "attn", "cudnn_generated_fort_native_sdpa")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "splitk", "s16816", "wgmma")),
+    ("norm", ("layer_norm", "layernorm", "gammabeta", "rowwisemoments", "group_norm")),
+    ("optimizer", ("adam", "multi_tensor_apply", "_ema_kernel")),
+    ("inductor", ("triton_",)),
+    ("gather_scatter", ("gather", "scatter", "index")),
+    ("copy_cast", ("copy", "memcpy", "memset", "cat_", "catarray")),
+    ("elementwise_reduce", ("elementwise", "reduce", "vectorized")),
+)
+
+
+def kernel_class(name: str) -> str:
+    """The class of a device kernel by its name (:data:`KERNEL_CLASSES`), "other" when none matches."""
+    low = name.lower()
+    for cls, patterns in KERNEL_CLASSES:
+        if any(p in low for p in patterns):
+            return cls
+    return "other"
+
+
+def device_ms_by_class(events, steps: int) -> dict | None:
+    """Device milliseconds per step by kernel class (:func:`kernel_class`), largest first; None without device
+    events."""
+    from torch.autograd import DeviceType
+
+    out: dict[str, float] = {}
+    for e in events:
+        if getattr(e, "device_type", None) == DeviceType.CUDA and e.time_range.end > e.time_range.start:
+            cls = kernel_class(e.name)
+            out[cls] = out.get(cls, 0.0) + (e.time_range.end - e.time_range.start) / 1e3 / steps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])) if out else None
+
+
 def profile_steps(step, steps: int, device: torch.device, top: int = 12) -> dict:
     """torch.profiler over ``steps`` calls of ``step()``: wall, CPU and device time per step, kernel launches,
     host syncs and copies per step, the top CPU operators (self time) and the top device kernels."""
@@ -61,7 +99,8 @@ def profile_steps(step, steps: int, device: torch.device, top: int = 12) -> dict
         return sum(e.count for e in ev if e.key in names) / steps
 
     dev_time = lambda e: getattr(e, "self_device_time_total", 0)  # noqa: E731
-    busy_us = device_busy_us(prof.events()) if on_cuda else None
+    events = prof.events()
+    busy_us = device_busy_us(events) if on_cuda else None
     return {
         "steps": steps, "wall_ms_per_step": wall * 1e3 / steps,
         "cpu_ms_per_step": sum(e.self_cpu_time_total for e in ev) / 1e3 / steps,
@@ -74,6 +113,8 @@ def profile_steps(step, steps: int, device: torch.device, top: int = 12) -> dict
                                               "cuLaunchKernelEx")),
         "memcpy_per_step": per_step(("cudaMemcpyAsync", "cudaMemcpy")),
         "syncs_per_step": per_step(("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")),
+        # every device kernel of the profiled steps by class (scan, conv, attention, matmul, ...): where the time goes
+        "device_ms_by_class": device_ms_by_class(events, steps) if on_cuda else None,
         "top_cpu_ops": [{"op": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
                          "calls_per_step": e.count / steps}
                         for e in sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]],

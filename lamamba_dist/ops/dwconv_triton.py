@@ -71,7 +71,7 @@ def _preact(x_base, w_ptr, py, px, c, pmask, cmask, H, W, sxh, sxw,
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, y_ptr, H, W, D, n_pblk, sxb, sxh, sxw,
+def _dwconv_fwd_kernel(x_ptr, w_ptr, y_ptr, H, W, D, n_pblk, sxb, sxh, sxw,
                 K: tl.constexpr, OUT_BDL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // n_pblk
@@ -88,7 +88,7 @@ def _fwd_kernel(x_ptr, w_ptr, y_ptr, H, W, D, n_pblk, sxb, sxh, sxw,
 
 
 @triton.jit
-def _bwd_gs_kernel(x_ptr, w_ptr, gy_ptr, gs_ptr, gw_ptr, H, W, D, n_pblk, sxb, sxh, sxw,
+def _dwconv_bwd_gs_kernel(x_ptr, w_ptr, gy_ptr, gs_ptr, gw_ptr, H, W, D, n_pblk, sxb, sxh, sxw,
                    K: tl.constexpr, OUT_BDL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // n_pblk
@@ -115,7 +115,7 @@ def _bwd_gs_kernel(x_ptr, w_ptr, gy_ptr, gs_ptr, gw_ptr, H, W, D, n_pblk, sxb, s
 
 
 @triton.jit
-def _bwd_gx_kernel(gs_ptr, w_ptr, gx_ptr, H, W, D, n_pblk,
+def _dwconv_bwd_gx_kernel(gs_ptr, w_ptr, gx_ptr, H, W, D, n_pblk,
                    K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // n_pblk
@@ -158,7 +158,7 @@ def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool)
     b, h, w, d, k = _check(x, weight)
     y = torch.empty((b, d, h, w) if out_bdl else (b, h, w, d), device=x.device, dtype=x.dtype)
     n_pblk, grid = _grid(b, h, w, d)
-    _fwd_kernel[grid](x, weight.contiguous(), y, h, w, d, n_pblk, x.stride(0), x.stride(1), x.stride(2),
+    _dwconv_fwd_kernel[grid](x, weight.contiguous(), y, h, w, d, n_pblk, x.stride(0), x.stride(1), x.stride(2),
                       K=k, OUT_BDL=bool(out_bdl), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
     return y
 
@@ -171,10 +171,10 @@ def dwconv_silu_bwd_launch(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tens
     n_pblk, grid = _grid(b, h, w, d)
     gs = torch.empty(b, h * w, d, device=x.device, dtype=torch.float32)
     gw_part = torch.empty(grid[0], d, k * k, device=x.device, dtype=torch.float32)
-    _bwd_gs_kernel[grid](x, weight, gy, gs, gw_part, h, w, d, n_pblk, x.stride(0), x.stride(1), x.stride(2),
+    _dwconv_bwd_gs_kernel[grid](x, weight, gy, gs, gw_part, h, w, d, n_pblk, x.stride(0), x.stride(1), x.stride(2),
                          K=k, OUT_BDL=bool(out_bdl), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
     gx = torch.empty(b, h, w, d, device=x.device, dtype=x.dtype)
-    _bwd_gx_kernel[grid](gs, weight, gx, h, w, d, n_pblk, K=k, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
+    _dwconv_bwd_gx_kernel[grid](gs, weight, gx, h, w, d, n_pblk, K=k, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
     gw = gw_part.sum(0).view(d, 1, k, k).to(weight.dtype)
     return gx, gw
 

@@ -174,6 +174,39 @@ def test_profile_counts_device_busy_time_once_where_events_overlap():
     assert device_busy_us([ev(0, 5, DeviceType.CPU)]) is None
 
 
+def test_device_kernels_are_summed_by_class():
+    """profiling.py's kernel classes: the names of the kernels a LaMamba / DiT step runs, and the sums per step."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from lamamba_dist.bench.profiling import device_ms_by_class, kernel_class
+
+    names = {
+        "void selective_scan_bwd_kernel<Selective_Scan_bwd_kernel_traits<32, 4, true>>": "selective_scan",
+        "_scan1_fwd_kernel": "selective_scan",
+        "void conv_depthwise2d_backward_kernel<c10::BFloat16>": "depthwise_conv",
+        "_dwconv_bwd_gs_kernel": "depthwise_conv",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention",
+        "void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernelTemplate<float>": "norm",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+        "triton_red_fused_native_layer_norm_0": "norm",
+        "triton_poi_fused_add_mul_silu_3": "inductor",
+        "void at::native::_scatter_gather_elementwise_kernel<128, 4>": "gather_scatter",
+        "void at::native::bfloat16_copy_kernel_cuda": "copy_cast",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "elementwise_reduce",
+        "some_new_kernel": "other",
+    }
+    assert {n: kernel_class(n) for n in names} == names
+    ev = lambda name, a, b, dev=DeviceType.CUDA: SimpleNamespace(name=name, device_type=dev,  # noqa: E731
+                                                                 time_range=SimpleNamespace(start=a, end=b))
+    events = [ev("_scan1_fwd_kernel", 0, 3000), ev("sm90_xmma_gemm", 0, 1000), ev("_scan1_bwd_kernel", 10, 1010),
+              ev("aten::mm", 0, 9000, DeviceType.CPU)]
+    assert device_ms_by_class(events, steps=2) == {"selective_scan": 2.0, "matmul": 0.5}
+    assert device_ms_by_class([], 1) is None
+
+
 @pytest.mark.slow
 def test_cpu_install_pulls_no_cuda_package(tmp_path):
     """Resolve `pip install -e .[data,train,cluster]` against the installed CPU torch: no CUDA wheel may appear."""
