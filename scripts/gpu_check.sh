@@ -27,6 +27,7 @@
 #   to the mean of the two model figures, and "bench_drift" (second / first) shows how much the machine drifted.
 #   HOST_PROFILE_STEPS=N (off by default) adds N steps with the host sampled to every timed row (`--host-profile`:
 #   the main thread's time by Python line, GC, host syncs; far cheaper than torch.profiler).
+#   COMPILE_MODE=reduce-overhead (default: default) compiles the COMPILED rows (model and trainer) in that mode.
 #   TRAIN_AXES="section.key=a,b" adds matrix axes to the trainer's timed rows (A/B of a trainer setting in one
 #   process, e.g. TRAIN_AXES="optim.ema_overlap=false,true"); each row gets its ratio to the same model row.
 #   PROFILE_STEPS=N (off by default) adds N profiled steps to every timed row (torch.profiler after the timed steps:
@@ -56,6 +57,7 @@ RES=${RES:-256}
 RESUME_CONFIG=${RESUME_CONFIG:-configs/lamamba_XL_256.toml}
 BATCHES=${MICROS// /,}
 CBATCHES=${CMICROS// /,}
+CMODE=${COMPILE_MODE:-default}  # torch.compile's mode of the compiled rows (both tools): models/compile.py
 LAMAMBA="$PY -m lamamba_dist.cli"
 DEADLINE=${DEADLINE:-570}   # seconds after the start by which every timed row has ended (the summary follows)
 left() {  # seconds a phase-2 part may run: its own limit, or what is left before the deadline
@@ -129,12 +131,12 @@ if [ "${COMPILED:-1}" = 1 ] && [ "${WARM:-1}" = 1 ]; then
   # processes (one per tool, the models one after the other), so that GPU memory holds one row of each at a time.
   (mark "warm: bench --compile"
    timeout ${WARM_TIMEOUT:-300} $LAMAMBA bench --models $MODELS --resolution $RES --batch $CBATCHES --steps 1 \
-     --warmup 1 --compile --out "$O/warm_bench.json" > "$O/warm_bench.log" 2>&1
+     --warmup 1 --compile --compile-mode $CMODE --out "$O/warm_bench.json" > "$O/warm_bench.log" 2>&1
    mark "warm: bench done (rc $?)") &
   pids+=($!)
   (mark "warm: bench-train compiled"
    timeout ${WARM_TIMEOUT:-300} $LAMAMBA bench-train $CONFIGS --matrix "micro=$CBATCHES" --steps 1 --warmup 1 \
-     --set train.compile=true --out "$O/warm_train.json" > "$O/warm_train.log" 2>&1
+     --set train.compile=true --set "train.compile_mode=\"$CMODE\"" --out "$O/warm_train.json" > "$O/warm_train.log" 2>&1
    mark "warm: bench-train done (rc $?)") &
   pids+=($!)
 fi
@@ -155,11 +157,12 @@ fi
 if [ "${COMPILED:-1}" = 1 ]; then
   prof=(); [ "${PROFILE_STEPS:-0}" -gt 0 ] && prof=(--profile "$PROFILE_STEPS")
   [ "${HOST_PROFILE_STEPS:-0}" -gt 0 ] && prof+=(--host-profile "$HOST_PROFILE_STEPS")
-  mark "compiled: lamamba bench, batch $CBATCHES"; bench $CBATCHES bench_compiled $STEPS $WARMUP --compile "${prof[@]}"
+  mark "compiled: lamamba bench, batch $CBATCHES"; bench $CBATCHES bench_compiled $STEPS $WARMUP --compile --compile-mode $CMODE "${prof[@]}"
   mark "compiled: lamamba bench-train, micro-batch $CBATCHES"
-  bench_train $CBATCHES train_compiled $STEPS $WARMUP --set train.compile=true "${prof[@]}"
+  bench_train $CBATCHES train_compiled $STEPS $WARMUP --set train.compile=true --set "train.compile_mode=\"$CMODE\"" \
+    "${prof[@]}"
   [ "${ABA:-0}" = 1 ] && { mark "compiled: lamamba bench again (ABA)"
-                           bench $CBATCHES bench_compiled_after $STEPS $WARMUP --compile; }
+                           bench $CBATCHES bench_compiled_after $STEPS $WARMUP --compile --compile-mode $CMODE; }
 fi
 
 if [ "${CKPT:-0}" = 1 ]; then
