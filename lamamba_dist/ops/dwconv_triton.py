@@ -139,9 +139,8 @@ def _dwconv_bwd_gx_kernel(gs_ptr, w_ptr, gx_ptr, H, W, D, n_pblk,
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int, int]:
-    if x.dim() != 4 or x.stride(-1) != 1:
-        raise ValueError(f"x must be (B, H, W, D) with unit channel stride, got shape {tuple(x.shape)} "
-                         f"strides {x.stride()}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, H, W, D), got shape {tuple(x.shape)}")
     b, h, w, d = x.shape
     k = weight.shape[-1]
     if weight.shape != (d, 1, k, k) or k % 2 == 0:
@@ -154,8 +153,14 @@ def _grid(b, h, w, d):
     return n_pblk, (b * n_pblk, triton.cdiv(d, BLOCK_D))
 
 
+def _unit_channel_stride(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its channels are adjacent in memory (any other strides: read in place), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool) -> torch.Tensor:
     b, h, w, d, k = _check(x, weight)
+    x = _unit_channel_stride(x)
     y = torch.empty((b, d, h, w) if out_bdl else (b, h, w, d), device=x.device, dtype=x.dtype)
     n_pblk, grid = _grid(b, h, w, d)
     _dwconv_fwd_kernel[grid](x, weight.contiguous(), y, h, w, d, n_pblk, x.stride(0), x.stride(1), x.stride(2),
@@ -166,6 +171,7 @@ def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool)
 def dwconv_silu_bwd_launch(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor,
                            out_bdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, w, d, k = _check(x, weight)
+    x = _unit_channel_stride(x)
     weight = weight.contiguous()
     gy = gy.contiguous()
     n_pblk, grid = _grid(b, h, w, d)
@@ -223,6 +229,4 @@ def dwconv_silu_triton(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool = Tr
     """``silu(depthwise conv(x))`` through the Triton kernels (custom op with autograd): x (B, H, W, D) with any
     strides (a copy only when the channel stride is not 1), weight (D, 1, K, K), K odd; the output in x's dtype,
     (B, D, H, W) when ``out_bdl`` else (B, H, W, D)."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
     return _dwconv_fwd(x, weight.to(x.dtype) if weight.dtype != x.dtype else weight, bool(out_bdl))

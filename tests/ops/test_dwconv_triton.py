@@ -121,6 +121,14 @@ def _interpreter_cases():
             _check(1, 9, 9, 40, 3, f32, "cpu", out_bdl, strided=True)  # 81 pixels: 2 pixel blocks; 2 channel blocks
             _check(1, 3, 5, 3, 5, f32, "cpu", out_bdl)  # K 5 wider than the map's height, not square
             _check(2, 8, 8, 8, 3, bf16, "cpu", out_bdl, tol=2e-2)
+        # channels not adjacent in memory (an NCHW tensor seen as NHWC): copied, then the same function
+        xn = torch.randn(2, 5, 6, 6, generator=torch.Generator().manual_seed(2)).permute(0, 2, 3, 1).requires_grad_()
+        wn = torch.randn(5, 1, 3, 3, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        got = dt.dwconv_silu_triton(xn, wn)
+        want = _f64(xn.detach(), wn.detach(), True)
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+        gx, gw = torch.autograd.grad(got.square().sum(), [xn, wn])
+        assert gx.shape == xn.shape and torch.isfinite(gx).all() and torch.isfinite(gw).all()
         # deterministic: bitwise equal runs
         x, wt = _inputs(2, 9, 9, 33, 3, f32, "cpu", seed=4)
         runs = []
