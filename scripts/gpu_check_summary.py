@@ -102,7 +102,8 @@ def ratios(out: Path, mode: str) -> dict | None:
     model_rows: dict = {}
     for b in benches:
         for r in (b or {}).get("results", []):
-            model_rows.setdefault((r["model"], r["batch"]), []).append(r)
+            # keyed by the bench's model spec: a variant ("NAME:key=value") is not the trainer's model
+            model_rows.setdefault((r.get("spec", r["model"]), r["batch"]), []).append(r)
     for tr in (train or {}).get("results", []):
         runs = model_rows.get((tr.get("model"), tr.get("micro_batch")), [])
         b = dict(runs[0], step_ms=sum(r["step_ms"] for r in runs) / len(runs),

@@ -125,29 +125,63 @@ def environment_info(device: torch.device) -> dict:
     return environment(device)
 
 
+# Settings of one model in ``--models``: ``NAME[:key=value...]``, e.g. ``LaMamba-XL:scan=mixed:conv=triton`` or
+# ``DiT-XL/2:compile=true``; each key overrides the command's option of the same meaning for that model only, so
+# one run can hold each model in its own fastest mode, or several variants of one model, beside the baseline.
+SPEC_KEYS = {"scan": "scan_backend", "attn": "attn_backend", "conv": "conv_backend", "compile": "compile_model",
+             "mode": "compile_mode"}
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict]:
+    """``"NAME[:key=value...]"`` -> (registry name, ``bench_model`` keyword overrides); raises ValueError."""
+    name, *parts = spec.split(":")
+    choices = {"scan_backend": SCAN_BACKENDS, "attn_backend": ATTN_BACKENDS, "conv_backend": CONV_BACKENDS,
+               "compile_mode": COMPILE_MODES, "compile_model": ("true", "false")}
+    out: dict = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or key not in SPEC_KEYS:
+            raise ValueError(f"model spec {spec!r}: {part!r} is not one of {', '.join(k + '=...' for k in SPEC_KEYS)}")
+        arg = SPEC_KEYS[key]
+        if value not in choices[arg]:
+            raise ValueError(f"model spec {spec!r}: {key}={value!r}, expected one of {', '.join(choices[arg])}")
+        out[arg] = value == "true" if arg == "compile_model" else value
+    return name, out
+
+
 def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int, device: str | None = None,
               precision: str | None = None, compile_model: bool = False, grad_checkpointing: bool = False,
               peak_tflops: float | None = None, scan_backend: str = "auto", attn_backend: str = "auto",
               memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0,
               host_profile_steps: int = 0, compile_mode: str = "default", conv_backend: str = "auto") -> dict:
     """One row per (batch, model), batches in the given order (``batch``: an int or a list of them); the ratios
-    are to the first model at the same batch."""
+    are to the first model at the same batch. A model may carry its own settings (:func:`parse_model_spec`)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     peak = peak_tflops or device_peak_tflops(dev)
+    settings = []  # (spec, name, bench_model keywords) per model, checked before anything runs
+    for spec in models:
+        name, own = parse_model_spec(spec)
+        kw = dict(compile_model=compile_model, scan_backend=scan_backend, attn_backend=attn_backend,
+                  compile_mode=compile_mode, conv_backend=conv_backend)
+        kw.update(own)
+        if kw["compile_mode"] != "default" and not kw["compile_model"]:
+            raise ValueError(f"model spec {spec!r}: compile mode {kw['compile_mode']!r} needs compile")
+        settings.append((spec, name, kw))
     results = []
     for b in [batch] if isinstance(batch, int) else list(batch):
         rows = []
-        for name in models:
-            print(f"# bench {name}, batch {b}: building, first step ...", flush=True)
-            rows.append(bench_model(name, resolution, b, steps, warmup, dev, precision, compile_model,
-                                    grad_checkpointing, scan_backend, attn_backend, peak_tflops=peak,
-                                    memory_budget=memory_budget, lean_scan_backward=lean_scan_backward,
-                                    profile=profile, host_profile_steps=host_profile_steps,
-                                    compile_mode=compile_mode, conv_backend=conv_backend))
+        for spec, name, kw in settings:
+            print(f"# bench {spec}, batch {b}: building, first step ...", flush=True)
+            row = bench_model(name, resolution, b, steps, warmup, dev, precision,
+                              grad_checkpointing=grad_checkpointing, peak_tflops=peak,
+                              memory_budget=memory_budget if kw["compile_model"] else None,
+                              lean_scan_backward=lean_scan_backward, profile=profile,
+                              host_profile_steps=host_profile_steps, **kw)
+            rows.append({"spec": spec, **row})
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -158,14 +192,16 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
                 r["peak_memory_ratio_to_first"] = r["peak_gib"] / base["peak_gib"]
         results += rows
     base = results[0]
-    return dict(bench="model", environment=environment_info(dev), baseline=base["model"], peak_tflops=peak,
+    return dict(bench="model", environment=environment_info(dev), baseline=base["spec"], peak_tflops=peak,
                 results=results)
 
 
 def add_parser(sub, name: str, help_text: str):
     p = sub.add_parser(name, help=help_text, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="DiT-XL/2,LaMamba-XL",
-                   help="comma-separated registry names; the first is the baseline of the ratios")
+                   help="comma-separated registry names, each optionally with its own settings NAME[:key=value...] "
+                        "(keys: scan, attn, conv, compile, mode; e.g. LaMamba-XL:scan=mixed:conv=triton); the first "
+                        "is the baseline of the ratios")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch", default="64", help="batch size, or several separated by commas (e.g. 32,64): one row "
                                                 "per batch and model, in one process")
@@ -210,7 +246,11 @@ def _run(args) -> int:
     from lamamba_dist.models import MODELS
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in MODELS]
+    try:
+        names = [parse_model_spec(m)[0] for m in models]
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    bad = [m for m in names if m not in MODELS]
     if bad or not models:
         raise CLIError(f"unknown model(s) {bad}; valid names: {', '.join(MODELS)}")
     try:
@@ -223,15 +263,18 @@ def _run(args) -> int:
         raise CLIError(f"--memory-budget {args.memory_budget}: needs --compile and a value in [0, 1]")
     if args.compile_mode != "default" and not args.compile:
         raise CLIError(f"--compile-mode {args.compile_mode}: needs --compile")
-    out = run_bench(models, args.resolution, batches, args.steps, args.warmup, args.device, args.precision,
-                    args.compile, args.grad_checkpointing, args.peak_tflops, args.scan_backend, args.attn_backend,
-                    args.memory_budget, not args.plain_scan_backward, args.profile, args.host_profile,
-                    args.compile_mode, args.conv_backend)
+    try:
+        out = run_bench(models, args.resolution, batches, args.steps, args.warmup, args.device, args.precision,
+                        args.compile, args.grad_checkpointing, args.peak_tflops, args.scan_backend, args.attn_backend,
+                        args.memory_budget, not args.plain_scan_backward, args.profile, args.host_profile,
+                        args.compile_mode, args.conv_backend)
+    except ValueError as e:  # a model spec's compile mode without compile
+        raise CLIError(str(e)) from None
     text = write_json(args.out, out)
     print(text)
     for r in out["results"]:
         mem = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "n/a"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"# {r['model']:12s} batch {r['batch']:4d} {r['img_per_s']:9.1f} img/s  x{r['img_per_s_ratio_to_first']:.2f}  "
+        print(f"# {r['spec']:12s} batch {r['batch']:4d} {r['img_per_s']:9.1f} img/s  x{r['img_per_s_ratio_to_first']:.2f}  "
               f"peak {mem}  MFU {mfu}  first step {r['time_to_first_step_s']:.1f}s")
     return 0

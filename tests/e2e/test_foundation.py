@@ -261,3 +261,23 @@ def test_bench_runs_in_each_precision_mode(tmp_path):
                          "--warmup", "1", "--precision", precision, "--out", str(out)]) == 0
         (row,) = json.loads(out.read_text())["results"]
         assert row["precision"] == precision and row["final_loss"] == row["final_loss"]
+
+
+def test_bench_models_carry_their_own_settings(tmp_path, capsys):
+    """`lamamba bench --models NAME[:key=value...]`: each model in its own mode in one run (bench/model.py
+    parse_model_spec), the ratios to the first; bad keys, values and a compile mode without compile are refused
+    before anything runs."""
+    out = tmp_path / "specs.json"
+    assert cli_main(["bench", "--models", "DiT-debug/2,LaMamba-debug:scan=reference:conv=torch,LaMamba-debug:attn=reference",
+                     "--resolution", "32", "--batch", "2", "--steps", "1", "--warmup", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = [(r["spec"], r["model"], r["scan_backend"], r["attn_backend"], r["conv_backend"]) for r in data["results"]]
+    assert rows == [("DiT-debug/2", "DiT-debug/2", "auto", "auto", "auto"),
+                    ("LaMamba-debug:scan=reference:conv=torch", "LaMamba-debug", "reference", "auto", "torch"),
+                    ("LaMamba-debug:attn=reference", "LaMamba-debug", "auto", "reference", "auto")]
+    assert data["baseline"] == "DiT-debug/2" and data["results"][0]["img_per_s_ratio_to_first"] == 1.0
+    capsys.readouterr()
+    for spec, msg in (("LaMamba-debug:scan=nope", "scan='nope'"), ("LaMamba-debug:foo=1", "'foo=1' is not one of"),
+                      ("LaMamba-debug:mode=reduce-overhead", "needs compile"), ("Nope:scan=auto", "unknown model")):
+        assert cli_main(["bench", "--models", spec, "--resolution", "32", "--batch", "2", "--steps", "1"]) == 2, spec
+        assert msg in capsys.readouterr().err, spec
