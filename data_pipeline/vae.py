@@ -10,7 +10,6 @@ produce byte-identical shards.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 

@@ -166,7 +166,6 @@ class ZeroEMA:
         if self._stream is None:
             self._apply(d)
             return
-        self.join()  # a previous update not joined yet comes first
         if after is None:
             after = torch.cuda.Event()
             after.record(torch.cuda.current_stream(self._stream.device))

@@ -74,3 +74,24 @@ def assert_models_match(fast, ref, dtype) -> None:
         worst = max(worst, ((grads[0][n] - g).abs().max() / scale).item())
     print(f"{dtype}: worst grad rel err {worst:.2e}")
     assert worst < (1e-3 if dtype == torch.float32 else 1e-1)
+
+
+def ss2d_run(module, u, seed=1):
+    """Output and every grad (input and parameters, by the module's own parameter names) of an SS2D forward with a
+    fixed random output gradient; works on the module's torch.compile wrapper too."""
+    u = u.detach().clone().requires_grad_()
+    out = module(u)
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
+    grads = torch.autograd.grad(out, [u, *module.parameters()], gy)
+    names = [n.removeprefix("_orig_mod.") for n, _ in module.named_parameters()]  # torch.compile's wrapper
+    return out, dict(zip(["input", *names], grads))
+
+
+def assert_compiles_like_eager(module, u) -> None:
+    """torch.compile(fullgraph=True, backend="aot_eager") traces ``module`` through the custom ops with no graph
+    break, and gives eager's output and grads."""
+    out_e, g_e = ss2d_run(module, u)
+    out_c, g_c = ss2d_run(torch.compile(module, fullgraph=True, backend="aot_eager"), u)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-6, atol=1e-6)
+    for name, g in g_e.items():
+        torch.testing.assert_close(g_c[name], g, rtol=1e-6, atol=1e-6)

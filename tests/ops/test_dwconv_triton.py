@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_helpers import assert_models_match, nan_poisoned_empty, needs_triton, run_interpreter_cases
+from kernel_helpers import (assert_compiles_like_eager, assert_models_match, nan_poisoned_empty, needs_triton,
+                            run_interpreter_cases, ss2d_run)
 from lamamba_dist.models.lamamba import SS2D
 from lamamba_dist.ops.dwconv import CONV_BACKENDS, dwconv_silu, dwconv_silu_reference
 
@@ -102,15 +103,6 @@ def _ss2d_pair(dim, n, scan_backend="reference"):
     return fast, ref
 
 
-def _ss2d_run(m, u, fn=None):
-    """Output and grads of ``fn`` (default: the module itself; e.g. its compiled form) by ``m``'s parameter names."""
-    m.zero_grad(set_to_none=True)
-    u = u.clone().requires_grad_()
-    out = (m if fn is None else fn)(u)
-    out.square().sum().backward()
-    return out.detach(), {"u": u.grad, **{n: p.grad for n, p in m.named_parameters()}}
-
-
 def _interpreter_cases():
     from lamamba_dist.ops import dwconv_triton as dt
 
@@ -140,19 +132,14 @@ def _interpreter_cases():
         u = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(5))
         for scan in ("reference", "ss2d_reference"):
             fast, ref = _ss2d_pair(8, 8, scan)
-            out_r, g_r = _ss2d_run(ref, u)
-            out_f, g_f = _ss2d_run(fast, u)
+            out_r, g_r = ss2d_run(ref, u)
+            out_f, g_f = ss2d_run(fast, u)
             torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-6)
             for name, g in g_r.items():
                 err = ((g_f[name] - g).abs().max() / g.abs().max().clamp(min=1e-6)).item()
                 assert err < 1e-4, (scan, name, err)
         # dynamo + AOTAutograd trace through the custom ops with no graph break
-        fast, _ = _ss2d_pair(8, 8)
-        out_f, g_f = _ss2d_run(fast, u)
-        out_c, g_c = _ss2d_run(fast, u, torch.compile(fast, fullgraph=True, backend="aot_eager"))
-        torch.testing.assert_close(out_c, out_f, rtol=1e-6, atol=1e-6)
-        for name, g in g_f.items():
-            torch.testing.assert_close(g_c[name], g, rtol=1e-6, atol=1e-6)
+        assert_compiles_like_eager(_ss2d_pair(8, 8)[0], u)
     print("interpreter cases passed")
 
 

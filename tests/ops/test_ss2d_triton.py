@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_helpers import assert_models_match, nan_poisoned_empty, needs_triton, run_interpreter_cases
+from kernel_helpers import (assert_compiles_like_eager, assert_models_match, nan_poisoned_empty, needs_triton,
+                            run_interpreter_cases, ss2d_run)
 from lamamba_dist.models.lamamba import SS2D
 from lamamba_dist.ops.cross_scan import cross_merge, cross_scan, snake_tables
 from lamamba_dist.ops.selective_scan import (
@@ -132,15 +133,6 @@ def _ss2d_pair(dim, resolution, seed=0):
     return old, new
 
 
-def _ss2d_run(module, u, seed=1):
-    u = u.detach().clone().requires_grad_()
-    out = module(u)
-    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
-    grads = torch.autograd.grad(out, [u, *module.parameters()], gy)
-    names = [n.removeprefix("_orig_mod.") for n, _ in module.named_parameters()]  # torch.compile's wrapper
-    return out, dict(zip(["input", *names], grads))
-
-
 @pytest.mark.parametrize("dim,n,resolution", [(8, 8, 8), (12, 4, 4), (6, 6, None), (16, 4, 8)])
 def test_gathered_ss2d_equals_existing_ss2d_on_cpu(dim, n, resolution):
     """Channels-last SS2D with grid-layout projections and the gathered reference scan == cross_scan / scan /
@@ -148,8 +140,8 @@ def test_gathered_ss2d_equals_existing_ss2d_on_cpu(dim, n, resolution):
     the cache; (16, 4, 8): buffers built for another map size, so the cache is used."""
     old, new = _ss2d_pair(dim, resolution)
     u = torch.randn(2, n, n, dim, generator=torch.Generator().manual_seed(3))
-    out_old, g_old = _ss2d_run(old, u)
-    out_new, g_new = _ss2d_run(new, u)
+    out_old, g_old = ss2d_run(old, u)
+    out_new, g_new = ss2d_run(new, u)
     torch.testing.assert_close(out_new, out_old, rtol=1e-5, atol=1e-6)
     assert set(g_new) == set(g_old) and len(g_old) == 1 + len(list(old.parameters()))
     for name, g in g_old.items():
@@ -240,18 +232,15 @@ def _interpreter_cases():
         fast = copy.deepcopy(ref)
         fast.scan_backend = "ss2d_triton"
         u = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(5))
-        out_r, g_r = _ss2d_run(ref, u)
-        out_f, g_f = _ss2d_run(fast, u)
+        out_r, g_r = ss2d_run(ref, u)
+        out_f, g_f = ss2d_run(fast, u)
         torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-6)
         for name, g in g_r.items():
             err = ((g_f[name] - g).abs().max() / g.abs().max().clamp(min=1e-6)).item()
             assert err < 2e-5, (name, err)
 
         # dynamo + AOTAutograd trace SS2D through the custom ops (fake kernels, autograd) with no graph break
-        out_c, g_c = _ss2d_run(torch.compile(fast, fullgraph=True, backend="aot_eager"), u)
-        torch.testing.assert_close(out_c, out_f, rtol=1e-6, atol=1e-6)
-        for name, g in g_f.items():
-            torch.testing.assert_close(g_c[name], g, rtol=1e-6, atol=1e-6)
+        assert_compiles_like_eager(fast, u)
     print("interpreter cases passed")
 
 
@@ -336,7 +325,7 @@ def test_ss2d_module_compiles_fullgraph_and_matches_eager_on_gpu(autocast, no_tf
     results = []
     for fn in (fast, torch.compile(fast, fullgraph=True), ref):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out, grads = _ss2d_run(fn, x)
+            out, grads = ss2d_run(fn, x)
         results.append((out.float(), grads))
     for out, grads in results[1:]:
         torch.testing.assert_close(out, results[0][0], **tol)
