@@ -30,6 +30,7 @@
 #   COMPILE_MODE=reduce-overhead (default: default) compiles the COMPILED rows (model and trainer) in that mode.
 #   TRAIN_AXES="section.key=a,b" adds matrix axes to the trainer's timed rows (A/B of a trainer setting in one
 #   process, e.g. TRAIN_AXES="optim.ema_overlap=false,true"); each row gets its ratio to the same model row.
+#   CTRAIN_AXES (default: TRAIN_AXES) does the same for the compiled trainer rows alone.
 #   PROFILE_STEPS=N (off by default) adds N profiled steps to every timed row (torch.profiler after the timed steps:
 #   host time, device busy time and idle fraction per step, the top operators; the summary keeps the totals).
 # Each part can be switched off with PART=0 and runs under its own timeout; the timed rows also end by DEADLINE
@@ -72,9 +73,9 @@ bench() {  # batches out-name steps warmup extra...: `lamamba bench`, every mode
   timeout $(left) $LAMAMBA bench --models $MODELS --resolution $RES --batch $batches \
     --steps $steps --warmup $warmup "$@" --out "$O/$name.json" > "$O/$name.log" 2>&1
 }
-bench_train() {  # the same for `lamamba bench-train` (the trainer's own step)
+bench_train() {  # the same for `lamamba bench-train` (the trainer's own step); AXES: extra matrix axes
   local batches=$1 name=$2 steps=$3 warmup=$4; shift 4
-  timeout $(left) $LAMAMBA bench-train $CONFIGS --matrix "micro=$batches${TRAIN_AXES:+;$TRAIN_AXES}" \
+  timeout $(left) $LAMAMBA bench-train $CONFIGS --matrix "micro=$batches${AXES:+;$AXES}" \
     --steps $steps --warmup $warmup "$@" --out "$O/$name.json" > "$O/$name.log" 2>&1
 }
 
@@ -151,7 +152,7 @@ if [ "${EAGER:-1}" = 1 ]; then
   prof=(); [ "${PROFILE_STEPS:-0}" -gt 0 ] && prof=(--profile "$PROFILE_STEPS")
   [ "${HOST_PROFILE_STEPS:-0}" -gt 0 ] && prof+=(--host-profile "$HOST_PROFILE_STEPS")
   mark "eager: lamamba bench, batch $BATCHES"; bench $BATCHES bench_eager $STEPS $WARMUP "${prof[@]}"
-  mark "eager: lamamba bench-train, micro-batch $BATCHES"; bench_train $BATCHES train_eager $STEPS $WARMUP "${prof[@]}"
+  mark "eager: lamamba bench-train, micro-batch $BATCHES"; AXES=${TRAIN_AXES:-} bench_train $BATCHES train_eager $STEPS $WARMUP "${prof[@]}"
   [ "${ABA:-0}" = 1 ] && { mark "eager: lamamba bench again (ABA)"; bench $BATCHES bench_eager_after $STEPS $WARMUP; }
 fi
 if [ "${COMPILED:-1}" = 1 ]; then
@@ -159,7 +160,7 @@ if [ "${COMPILED:-1}" = 1 ]; then
   [ "${HOST_PROFILE_STEPS:-0}" -gt 0 ] && prof+=(--host-profile "$HOST_PROFILE_STEPS")
   mark "compiled: lamamba bench, batch $CBATCHES"; bench $CBATCHES bench_compiled $STEPS $WARMUP --compile --compile-mode $CMODE "${prof[@]}"
   mark "compiled: lamamba bench-train, micro-batch $CBATCHES"
-  bench_train $CBATCHES train_compiled $STEPS $WARMUP --set train.compile=true --set "train.compile_mode=\"$CMODE\"" \
+  AXES=${CTRAIN_AXES-${TRAIN_AXES:-}} bench_train $CBATCHES train_compiled $STEPS $WARMUP --set train.compile=true --set "train.compile_mode=\"$CMODE\"" \
     "${prof[@]}"
   [ "${ABA:-0}" = 1 ] && { mark "compiled: lamamba bench again (ABA)"
                            bench $CBATCHES bench_compiled_after $STEPS $WARMUP --compile --compile-mode $CMODE; }
