@@ -11,9 +11,11 @@ from lamamba_dist.ops import fused_available
 pytestmark = pytest.mark.gpu
 
 
-def _pair(dtype, resolution=128, **kw):
+def _pair(dtype, resolution=128, fast_kw=None, **kw):
+    """The model on its fast paths (kw, then fast_kw: its own kernel choices) and a reference-kernel copy of it."""
     torch.manual_seed(0)
-    fast = create_model("LaMamba-debug", resolution=resolution, num_classes=10, class_dropout=0.0, **kw).cuda()
+    fast = create_model("LaMamba-debug", resolution=resolution, num_classes=10, class_dropout=0.0,
+                        **kw, **(fast_kw or {})).cuda()
     with torch.no_grad():
         for p in fast.parameters():  # leave adaLN-Zero so every branch contributes
             p.add_(torch.randn_like(p) * 0.02)
@@ -40,7 +42,7 @@ def test_mixed_scan_backend_model_matches_reference_model(monkeypatch):
         pytest.skip("mamba-ssm's selective_scan_cuda is not installed")
     ss = importlib.import_module("lamamba_dist.ops.selective_scan")
     monkeypatch.setattr(ss, "MIXED_TRITON_MAX_LENGTH", 64)
-    fast, ref = _pair(torch.bfloat16, scan_backend="mixed")
+    fast, ref = _pair(torch.bfloat16, fast_kw={"scan_backend": "mixed"})
     lengths = {m.scan_paths.shape[-1] for m in fast.modules() if type(m).__name__ == "SS2D"}
     kernels = {n: ss.scan_kernel("mixed", torch.zeros(1, device="cuda"), 1, length=n) for n in lengths}
     assert set(kernels.values()) == {"fused", "triton"}, kernels
