@@ -3,7 +3,7 @@
 #   bash scripts/device_env.sh --stage WHEEL_DIR   # here: copy the GPU wheels into .whl/ (copy .whl along)
 #   source scripts/device_env.sh && bash scripts/gpu_check.sh $OUT     # on the GPU machine
 #
-# Two phases, so that the whole check fits in one 10-minute device call (it took 462 s on an H200 on 2026-12-04,
+# Two phases, so that the whole check fits in one 10-minute device call (462 s on an H200 at 0ae7b82, CKPT=1 included;
 # 565 s with ABA=1 on an H100 on 2026-12-05, the GPU tests alone 329 s of it):
 #   1. untimed work, concurrently (the GPU has room for all of it; nothing here is a speed figure):
 #      TESTS   every GPU-marked test (one pytest, TEST_WORKERS processes with pytest-xdist when installed)
