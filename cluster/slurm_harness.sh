@@ -212,13 +212,24 @@ EOF
   printf 'export SLURM_CONF=%q\n' "$ETC/slurm.conf" >"$ETC/env.sh"
 
   # Client commands (and submitit's sbatch/sacct/scontrol calls) find the config through /etc/slurm/slurm.conf
-  # unless SLURM_CONF is set: link it there when nothing else owns that path.
-  if [ ! -e /etc/slurm/slurm.conf ] || is_our_link; then
+  # unless SLURM_CONF is set: link it there when nothing else owns that path (or only a stale harness link does).
+  if [ ! -e /etc/slurm/slurm.conf ] || is_our_link || is_stale_harness_link; then
     mkdir -p /etc/slurm
     ln -sfn "$ETC/slurm.conf" /etc/slurm/slurm.conf
   else
     say "note: /etc/slurm/slurm.conf belongs to someone else; export SLURM_CONF=$ETC/slurm.conf to use this cluster"
   fi
+}
+
+is_stale_harness_link() {
+  # A link that another checkout's harness left (its run ended without `stop`): its cluster is not running (its
+  # slurmctld's pid file names no live process), so the link names a dead cluster. A live one is left alone: both
+  # would use the same ports, and this start fails on them instead.
+  local conf
+  [ -L /etc/slurm/slurm.conf ] || return 1
+  conf="$(readlink /etc/slurm/slurm.conf)"
+  head -n 1 "$conf" 2>/dev/null | grep -q '^# Written by cluster/slurm_harness.sh' || return 1
+  ! pid_alive "$(sed -n 's/^SlurmctldPidFile=//p' "$conf")"
 }
 
 is_our_link() {
