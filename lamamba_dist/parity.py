@@ -5,8 +5,8 @@ built three times from the same initial weights and trained for ``--steps`` Adam
 (lamamba_dist/train/step.py; on GPUs by default in ``lamamba train``'s precision: bf16 weights, fp32 master
 weights) on one fixed, learnable dataset (class-dependent smooth latent patterns):
 
-* ``fast``       the candidate kernels (default: the auto backends: mamba-ssm / Triton scan, SDPA attention);
-* ``reference``  the pure-PyTorch kernels (literal scan recurrence, explicit attention), with exactly the same
+* ``fast``       the candidate kernels (default: the auto backends of the scan, attention and depthwise conv);
+* ``reference``  the pure-PyTorch kernels (literal scan recurrence, explicit attention, ATen conv), with exactly the same
                  per-step batches, timesteps and noise as ``fast``: any gap comes from the kernels alone;
 * ``noise``      the fast kernels again with different per-step draws (batches, timesteps, noise): the
                  run-to-run noise of the loss curve, the yardstick of "within noise".
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lamamba_dist.ops.dwconv import CONV_BACKENDS
 from lamamba_dist.ops.selective_scan import BACKENDS as SCAN_BACKENDS
 from lamamba_dist.ops.window_attention import BACKENDS as ATTN_BACKENDS
 from lamamba_dist.train.step import PRECISIONS, TrainStep
@@ -43,7 +44,7 @@ def fixed_dataset(n: int, latent: int, num_classes: int, seed: int) -> tuple[tor
 
 def train_curve(model_name: str, resolution: int, batch: int, steps: int, device: torch.device, precision: str,
                 scan_backend: str, attn_backend: str, init_seed: int, draw_seed: int, lr: float = 1e-4,
-                num_classes: int = 10, pool: int = 256) -> list[float]:
+                num_classes: int = 10, pool: int = 256, conv_backend: str = "auto") -> list[float]:
     """Per-step training losses of one run. Weights depend on ``init_seed`` only; batches, timesteps and
     noise on ``draw_seed`` only (drawn on the CPU, so the draws are the same on every device and backend)."""
     from lamamba_dist.diffusion import create_diffusion
@@ -51,7 +52,7 @@ def train_curve(model_name: str, resolution: int, batch: int, steps: int, device
 
     torch.manual_seed(init_seed)
     model = create_model(model_name, resolution=resolution, num_classes=num_classes, class_dropout=0.0,
-                         scan_backend=scan_backend, attn_backend=attn_backend).to(device)
+                         scan_backend=scan_backend, attn_backend=attn_backend, conv_backend=conv_backend).to(device)
     model.train()
     diffusion = create_diffusion()
     step = TrainStep(model, diffusion, precision, lr=lr, weight_decay=0.0)  # lamamba_dist/train/step.py
@@ -65,7 +66,8 @@ def train_curve(model_name: str, resolution: int, batch: int, steps: int, device
         loss = step(data[idx].to(device), t.to(device), labels[idx].to(device), noise.to(device))
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise FloatingPointError(f"{model_name} ({scan_backend}/{attn_backend}): loss {value} at step {i}")
+            raise FloatingPointError(f"{model_name} ({scan_backend} scan, {attn_backend} attention, {conv_backend} conv): "
+                                     f"loss {value} at step {i}")
         losses.append(value)
     return losses
 
@@ -101,18 +103,20 @@ def compare(fast: list[float], reference: list[float], noise: list[float], windo
 
 
 def run_parity(model: str, resolution: int, batch: int, steps: int, device: str | None = None,
-               precision: str | None = None, fast_backends: tuple[str, str] = ("auto", "auto"),
-               reference_backends: tuple[str, str] = ("reference", "reference"), window: int = 20,
+               precision: str | None = None, fast_backends: tuple[str, ...] = ("auto", "auto", "auto"),
+               reference_backends: tuple[str, ...] = ("reference", "reference", "torch"), window: int = 20,
                lr: float = 1e-4, seed: int = 0) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
     common = dict(model_name=model, resolution=resolution, batch=batch, steps=steps, device=dev,
                   precision=precision, init_seed=seed, lr=lr)
     curves = {}
-    for name, (scan, attn), draw in (("fast", fast_backends, seed + 1), ("reference", reference_backends, seed + 1),
-                                     ("noise", fast_backends, seed + 2)):
-        print(f"# parity {model}: {name} run ({scan} scan, {attn} attention), {steps} steps ...", flush=True)
-        curves[name] = train_curve(scan_backend=scan, attn_backend=attn, draw_seed=draw, **common)
+    for name, backends, draw in (("fast", fast_backends, seed + 1), ("reference", reference_backends, seed + 1),
+                                 ("noise", fast_backends, seed + 2)):
+        scan, attn, conv = (tuple(backends) + ("auto", "auto", "auto"))[:3]  # (scan, attention[, conv])
+        print(f"# parity {model}: {name} run ({scan} scan, {attn} attention, {conv} conv), {steps} steps ...",
+              flush=True)
+        curves[name] = train_curve(scan_backend=scan, attn_backend=attn, conv_backend=conv, draw_seed=draw, **common)
     result = compare(curves["fast"], curves["reference"], curves["noise"], window)
     return dict(model=model, resolution=resolution, batch=batch, steps=steps, precision=precision, lr=lr,
                 window=window, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -136,6 +140,8 @@ def add_parser(sub, name: str, help_text: str):
                    help="scan kernel of the fast run")
     p.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="auto",
                    help="attention kernel of the fast run")
+    p.add_argument("--conv-backend", choices=CONV_BACKENDS, default="auto",
+                   help="SS2D's depthwise conv + SiLU of the fast run (the reference run: torch)")
     p.add_argument("--out", default=None, help="write the JSON (with every per-step loss) here")
     p.set_defaults(func=_run)
     return p
@@ -150,7 +156,7 @@ def _run(args) -> int:
     if args.steps < 2 or args.batch < 1 or args.window < 1:
         raise CLIError("--steps must be >= 2, --batch and --window >= 1")
     out = run_parity(args.model, args.resolution, args.batch, args.steps, args.device, args.precision,
-                     (args.scan_backend, args.attn_backend), window=args.window, lr=args.lr)
+                     (args.scan_backend, args.attn_backend, args.conv_backend), window=args.window, lr=args.lr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out) + "\n")
