@@ -21,7 +21,8 @@ backend, at LaMamba-XL's shapes (batch x d_inner x map side): 64x640x32, 64x1280
 16x640x64, 16x1280x32, 16x2560x16 (512 px). ``--sweep`` adds the launch configurations of the gathered kernels.
 
 ``--what conv``: SS2D's depthwise 3x3 conv + SiLU (lamamba_dist/ops/dwconv.py), PyTorch's path against the Triton
-kernel, at the same shapes as ``ss2d``.
+kernel, at the same shapes as ``ss2d``. ``--sweep`` adds the Triton kernels' launch configurations (a whole backward
+per configuration of one of its two kernels) and the backward with a bf16 intermediate gradient.
 
 Times are the median of ``triton.testing.do_bench``. ``--device cpu`` is a smoke run of the same code under Triton's
 interpreter (TRITON_INTERPRET=1 set before the start, tiny shapes; its times mean nothing).
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import time
 
@@ -146,14 +148,19 @@ def scan_sweep(args, gy, timer) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - out of resources, say: a row that says so
             row["error"] = type(e).__name__
         rows.append(row)
+        print("# sweep", json.dumps(row), flush=True)  # as it goes: a run cut short keeps what it measured
 
-    for sub_d, nw in itertools.product([1, 2, 4, 8], [1, 2, 4, 8]):
-        if rep % sub_d == 0 and 256 <= sub_d * chunk <= 8192:
+    def per_thread(tile, nw):  # elements of a tile per thread: 4 to 32 keeps the tile in registers
+        return 4 <= tile // (32 * nw) <= 32
+
+    for sub_d, nw in itertools.product([1, 2, 4, 8, 16, 32, 64], [1, 2, 4, 8]):
+        if rep % sub_d == 0 and 256 <= sub_d * chunk <= 8192 and per_thread(sub_d * chunk, nw):
             add("fwd", lambda: st.scan1_fwd_launch(u, delta, A, B, C, D, bias, True, chunk, sub_d=sub_d, num_warps=nw),
                 {"sub_d": sub_d, "num_warps": nw, "chunk": chunk})
-    for sub_d, dblk, nw in itertools.product([1, 2, 4], [16, 64], [1, 2, 4]):
-        nsub = 1 if n_chunks > 1 else dblk // sub_d
-        if rep % (sub_d * nsub) or not 256 <= sub_d * chunk <= 16384 or (n_chunks > 1 and dblk > 16):
+    for sub_d, dblk, nw in itertools.product([1, 2, 4, 8, 16], [16, 64], [1, 2, 4, 8]):
+        nsub = 1 if n_chunks > 1 else max(dblk // sub_d, 1)
+        if (rep % (sub_d * nsub) or not 256 <= sub_d * chunk <= 16384 or (n_chunks > 1 and dblk > 16)
+                or not per_thread(sub_d * chunk, nw)):
             continue
         add("bwd", lambda: st.scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, True, chunk, sub_d=sub_d,
                                                nsub=nsub, num_warps=nw),
@@ -279,6 +286,7 @@ def ss2d_sweep(args, gy, tables, timer) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - out of resources, say
             row["error"] = type(e).__name__
         rows.append(row)
+        print("# sweep", json.dumps(row), flush=True)  # as it goes: a run cut short keeps what it measured
 
     for sub_d, tile in itertools.product([8, 16, 32], [1024, 2048, 4096]):
         chunk = min(triton.next_power_of_2(length), tile // sub_d)
@@ -320,7 +328,40 @@ def bench_conv(shapes, device: str, timer, sweep: bool) -> list[dict]:
             out = fn(*leaves)
             outs.append([out, *torch.autograd.grad(out, leaves, gy)])
         rows[-1]["max_rel_diff_to_torch"] = _rel_diff(outs[1], outs[0])
+        if sweep:
+            rows += conv_sweep(x, w, gy, timer)
         del x, gy, outs
+    return rows
+
+
+def conv_sweep(x, w, gy, timer) -> list[dict]:
+    """The Triton conv's kernels one by one over launch configurations (pixels, channels, warps per program), and
+    the backward with its intermediate gradient in bf16 instead of fp32."""
+    import torch
+
+    from lamamba_dist.ops import dwconv_triton as dt
+
+    batch, n, _, dim = x.shape
+    rows = []
+
+    def add(kind, launch, config):
+        row = {"kernel": f"dwconv_{kind}_launch", "shape": [batch, dim, n], "config": config}
+        try:
+            row["ms"] = timer(launch)
+        except Exception as e:  # noqa: BLE001 - out of resources, say: a row that says so
+            row["error"] = type(e).__name__
+        rows.append(row)
+        print("# sweep", json.dumps(row), flush=True)  # as it goes: a run cut short keeps what it measured
+
+    configs = [(bp, bd, nw) for bp, bd, nw in itertools.product([32, 64, 128, 256], [32, 64], [2, 4, 8])
+               if 8 <= bp * bd // (32 * nw) <= 32]
+    for cfg in configs:
+        add("fwd", lambda: dt.dwconv_silu_fwd_launch(x, w, True, config=cfg), list(cfg))
+    for cfg in configs:  # the gs kernel (+ the gx kernel at its default): a whole backward per config
+        add("bwd_gs", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_config=cfg), list(cfg))
+    for cfg in configs:
+        add("bwd_gx", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gx_config=cfg), list(cfg))
+    add("bwd_gs_bf16", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_dtype=torch.bfloat16), "default")
     return rows
 
 

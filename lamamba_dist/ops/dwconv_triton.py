@@ -35,6 +35,13 @@ import triton.language as tl
 
 BLOCK_P = 64  # pixels per program
 BLOCK_D = 32  # channels per program (64 bytes of bf16 per pixel: two 32-byte sectors)
+# Launch configurations, (pixels, channels, warps) per program, of the forward kernel and the two backward ones
+# (`lamamba bench kernels --what conv --sweep` times the alternatives), and the dtype of the backward's
+# intermediate gradient gs.
+FWD_CONFIG = (BLOCK_P, BLOCK_D, 4)
+GS_CONFIG = (BLOCK_P, BLOCK_D, 4)
+GX_CONFIG = (BLOCK_P, BLOCK_D, 4)
+GS_DTYPE = torch.float32
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -105,7 +112,7 @@ def _dwconv_bwd_gs_kernel(x_ptr, w_ptr, gy_ptr, gs_ptr, gw_ptr, H, W, D, n_pblk,
     sig = tl.sigmoid(s)
     gs = gy * sig * (1.0 + s * (1.0 - sig))
     gs = tl.where(m2, gs, 0.0)
-    tl.store(gs_ptr + b.to(tl.int64) * L * D + p[:, None] * D + c[None, :], gs, mask=m2)
+    tl.store(gs_ptr + b.to(tl.int64) * L * D + p[:, None] * D + c[None, :], gs.to(gs_ptr.dtype.element_ty), mask=m2)
     # this program's share of the weight gradient, one row of K*K taps per channel
     gw_base = gw_ptr + pid.to(tl.int64) * D * (K * K)
     for ky in tl.static_range(K):
@@ -128,7 +135,7 @@ def _dwconv_bwd_gx_kernel(gs_ptr, w_ptr, gx_ptr, H, W, D, n_pblk,
             ox = px - (kx - K // 2)
             ok = pmask & (oy >= 0) & (oy < H) & (ox >= 0) & (ox < W)
             g = tl.load(gs_ptr + base + (oy * W + ox)[:, None] * D + c[None, :], mask=ok[:, None] & cmask[None, :],
-                        other=0.0)
+                        other=0.0).to(tl.float32)
             wv = tl.load(w_ptr + c * (K * K) + (ky * K + kx), mask=cmask, other=0.0).to(tl.float32)
             acc += g * wv[None, :]
     tl.store(gx_ptr + base + p[:, None] * D + c[None, :], acc.to(gx_ptr.dtype.element_ty),
@@ -148,9 +155,18 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int, i
     return b, h, w, d, k
 
 
-def _grid(b, h, w, d):
-    n_pblk = triton.cdiv(h * w, BLOCK_P)
-    return n_pblk, (b * n_pblk, triton.cdiv(d, BLOCK_D))
+def _grid(b, h, w, d, block_p=BLOCK_P, block_d=BLOCK_D):
+    n_pblk = triton.cdiv(h * w, block_p)
+    return n_pblk, (b * n_pblk, triton.cdiv(d, block_d))
+
+
+def _config(config) -> tuple[int, int, int]:
+    """(pixels, channels, warps) of a program: ``config`` or the defaults (BLOCK_P, BLOCK_D, 4 warps)."""
+    block_p, block_d, num_warps = config or (BLOCK_P, BLOCK_D, 4)
+    for name, v in (("pixels", block_p), ("channels", block_d), ("warps", num_warps)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"dwconv launch config: {name} must be a power of two, got {v}")
+    return block_p, block_d, num_warps
 
 
 def _unit_channel_stride(x: torch.Tensor) -> torch.Tensor:
@@ -158,29 +174,37 @@ def _unit_channel_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool) -> torch.Tensor:
+def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool, config=None) -> torch.Tensor:
+    """The forward kernel. ``config``: (pixels, channels, warps) per program (default FWD_CONFIG)."""
     b, h, w, d, k = _check(x, weight)
     x = _unit_channel_stride(x)
+    bp, bd, nw = _config(config or FWD_CONFIG)
     y = torch.empty((b, d, h, w) if out_bdl else (b, h, w, d), device=x.device, dtype=x.dtype)
-    n_pblk, grid = _grid(b, h, w, d)
+    n_pblk, grid = _grid(b, h, w, d, bp, bd)
     _dwconv_fwd_kernel[grid](x, weight.contiguous(), y, h, w, d, n_pblk, x.stride(0), x.stride(1), x.stride(2),
-                      K=k, OUT_BDL=bool(out_bdl), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
+                             K=k, OUT_BDL=bool(out_bdl), BLOCK_P=bp, BLOCK_D=bd, num_warps=nw)
     return y
 
 
-def dwconv_silu_bwd_launch(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor,
-                           out_bdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def dwconv_silu_bwd_launch(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor, out_bdl: bool,
+                           gs_config=None, gx_config=None, gs_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two backward kernels and the weight gradient's deterministic sum: (gx, gw). ``gs_config`` /
+    ``gx_config``: (pixels, channels, warps) of each kernel (default GS_CONFIG / GX_CONFIG); ``gs_dtype``: the
+    dtype of the intermediate gradient gs (default GS_DTYPE: fp32)."""
     b, h, w, d, k = _check(x, weight)
     x = _unit_channel_stride(x)
     weight = weight.contiguous()
     gy = gy.contiguous()
-    n_pblk, grid = _grid(b, h, w, d)
-    gs = torch.empty(b, h * w, d, device=x.device, dtype=torch.float32)
+    bp, bd, nw = _config(gs_config or GS_CONFIG)
+    n_pblk, grid = _grid(b, h, w, d, bp, bd)
+    gs = torch.empty(b, h * w, d, device=x.device, dtype=gs_dtype or GS_DTYPE)
     gw_part = torch.empty(grid[0], d, k * k, device=x.device, dtype=torch.float32)
     _dwconv_bwd_gs_kernel[grid](x, weight, gy, gs, gw_part, h, w, d, n_pblk, x.stride(0), x.stride(1), x.stride(2),
-                         K=k, OUT_BDL=bool(out_bdl), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
+                                K=k, OUT_BDL=bool(out_bdl), BLOCK_P=bp, BLOCK_D=bd, num_warps=nw)
     gx = torch.empty(b, h, w, d, device=x.device, dtype=x.dtype)
-    _dwconv_bwd_gx_kernel[grid](gs, weight, gx, h, w, d, n_pblk, K=k, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
+    bp, bd, nw = _config(gx_config or GX_CONFIG)
+    n_pblk, grid = _grid(b, h, w, d, bp, bd)
+    _dwconv_bwd_gx_kernel[grid](gs, weight, gx, h, w, d, n_pblk, K=k, BLOCK_P=bp, BLOCK_D=bd, num_warps=nw)
     gw = gw_part.sum(0).view(d, 1, k, k).to(weight.dtype)
     return gx, gw
 

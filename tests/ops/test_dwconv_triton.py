@@ -140,7 +140,33 @@ def _interpreter_cases():
                 assert err < 1e-4, (scan, name, err)
         # dynamo + AOTAutograd trace through the custom ops with no graph break
         assert_compiles_like_eager(_ss2d_pair(8, 8)[0], u)
+        _launch_config_cases()
     print("interpreter cases passed")
+
+
+def _launch_config_cases():
+    """Other launch configurations (tiles smaller and larger than the map, a single warp) and a bf16 intermediate
+    gradient compute the same function (the kernels bench's sweep times them)."""
+    from lamamba_dist.ops import dwconv_triton as dt
+
+    x, wt = _inputs(2, 9, 9, 40, 3, torch.float32, "cpu", seed=6, strided=True)
+    x, wt = x.detach(), wt.detach()
+    gy = torch.randn(2, 40, 9, 9, generator=torch.Generator().manual_seed(7))
+    x64 = x.double().requires_grad_()
+    w64 = wt.double().requires_grad_()
+    ref = _f64(x64, w64, True)
+    rgx, rgw = torch.autograd.grad(ref, [x64, w64], gy.double())
+    for cfg in ((16, 16, 1), (128, 64, 8)):
+        out = dt.dwconv_silu_fwd_launch(x, wt, True, config=cfg)
+        torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+        gx, gw = dt.dwconv_silu_bwd_launch(x, wt, gy, True, gs_config=cfg, gx_config=cfg)
+        torch.testing.assert_close(gx.double(), rgx, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gw.double(), rgw, rtol=1e-5, atol=1e-5)
+    gx, gw = dt.dwconv_silu_bwd_launch(x, wt, gy, True, gs_dtype=torch.bfloat16)  # gs rounded to bf16 once
+    for got, want in ((gx, rgx), (gw, rgw)):
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-2
+    with pytest.raises(ValueError, match="power of two"):
+        dt.dwconv_silu_fwd_launch(x, wt, True, config=(48, 32, 4))
 
 
 @needs_triton
