@@ -248,17 +248,21 @@ def _fwd_config(rep: int, chunk: int, sub_d=None, num_warps=None):
 
 def _bwd_config(rep: int, chunk: int, n_chunks: int, sub_d=None, nsub=None, num_warps=None):
     # Measured on an H200: one row per tile (>= 256 steps), 8 elements a thread, 16 channels a program
-    # (L 256: 1 warp; L 1024: 4 warps; L 4096: 16 warps, 1.85 ms vs 2.15 with 8) beat the alternatives.
-    sub_d = sub_d or _pow2_divisor(rep, max(1, 256 // chunk))
+    # (L 256: 1 warp; L 1024: 4 warps; L 4096: 16 warps, 1.85 ms vs 2.15 with 8) beat the alternatives. For the
+    # shortest sequences (L <= 64) on one H100: 8 rows a tile and 64 channels a program, one warp (0.33 ms against
+    # 0.37 with 4 rows and 16 channels, at 64 x 10240 x 64; `lamamba bench kernels --sweep`).
+    short = chunk <= 64
+    sub_d = sub_d or _pow2_divisor(rep, max(1, (512 if short else 256) // chunk))
     if rep % sub_d:
         raise ValueError(f"sub_d={sub_d} must divide the group size {rep}")
     if nsub is None:
-        nsub = 1 if n_chunks > 1 else _pow2_divisor(rep // sub_d, max(1, 16 // sub_d))
+        dblk = 64 if short else 16
+        nsub = 1 if n_chunks > 1 else _pow2_divisor(rep // sub_d, max(1, dblk // sub_d))
     if n_chunks > 1 and nsub != 1:
         raise ValueError("several sub-blocks per program need L to fit one chunk")
     if rep % (sub_d * nsub):
         raise ValueError(f"sub_d*nsub={sub_d * nsub} must divide the group size {rep}")
-    num_warps = num_warps or min(max(sub_d * chunk // 256, 1), 16)
+    num_warps = num_warps or min(max(sub_d * chunk // (512 if short else 256), 1), 16)
     return sub_d, nsub, num_warps
 
 
