@@ -182,6 +182,9 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
                               lean_scan_backward=lean_scan_backward, profile=profile,
                               host_profile_steps=host_profile_steps, **kw)
             rows.append({"spec": spec, **row})
+            mem = f"{row['peak_gib']:.1f} GiB" if row["peak_gib"] is not None else "n/a"
+            print(f"# done {spec}, batch {b}: {row['img_per_s']:.1f} img/s, peak {mem}, first step "
+                  f"{row['time_to_first_step_s']:.1f}s", flush=True)  # kept in the log if the run is cut short
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
