@@ -2,8 +2,9 @@
 (dwconv_triton.py, which documents both).
 
 Backends: "torch" (``silu(conv2d(...))`` with a permuted copy of x, :func:`dwconv_silu_reference`), "triton" (one
-pass reading x channels-last; CUDA, or CPU under TRITON_INTERPRET=1) and "auto", which is "torch" until the Triton
-kernel has been timed against it inside a training step (docs/performance.md).
+pass reading x channels-last; CUDA, or CPU under TRITON_INTERPRET=1) and "auto", which is "torch": the Triton
+kernel made a whole compiled training step faster (docs/performance.md) and becomes "auto" once its parity over
+200 training steps has run on a GPU.
 """
 
 from __future__ import annotations

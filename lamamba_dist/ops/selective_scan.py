@@ -15,9 +15,10 @@ y_s = C_s · h_s + D u_s.  The result has u's dtype; the state is always compute
 (registered as the custom op ``lamamba::selective_scan_fwd/bwd``) when it imports, else the Triton kernel
 specialised for d_state 1 (scan_triton.py, custom ops ``lamamba::scan1_fwd/bwd``) when triton imports and
 N == 1; the reference otherwise. Both custom ops let torch.compile trace through without a graph break.
-The Triton kernel is opt-in ("triton") while mamba-ssm is installed: on one H200 it beat mamba's kernel at
-L = 1024 and 256 but lost at L = 4096 (lamamba_dist/bench/kernels.py), and it has not yet been timed inside a
-whole training step.
+The Triton kernel is opt-in ("triton", or "mixed" by sequence length) while mamba-ssm is installed: it beat
+mamba's kernel at L = 1024, 256 and 64 and lost at L = 4096 (lamamba_dist/bench/kernels.py), and "mixed" made a
+whole compiled training step faster (docs/performance.md); "auto" takes it once its parity over 200 training
+steps has run on a GPU.
 
 ``ss2d_scan`` is SS2D's four-direction scan read straight from the channels-last grid (no cross_scan /
 cross_merge): the opt-in backends "ss2d_triton" (ss2d_triton.py, custom ops ``lamamba::ss2d_scan_fwd/bwd``) and
