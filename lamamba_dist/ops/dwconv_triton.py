@@ -164,8 +164,8 @@ def _grid(b, h, w, d, block_p=BLOCK_P, block_d=BLOCK_D):
 
 
 def _config(config) -> tuple[int, int, int]:
-    """(pixels, channels, warps) of a program: ``config`` or the defaults (BLOCK_P, BLOCK_D, 4 warps)."""
-    block_p, block_d, num_warps = config or (BLOCK_P, BLOCK_D, 4)
+    """A launch configuration (pixels, channels, warps per program), checked: powers of two."""
+    block_p, block_d, num_warps = config
     for name, v in (("pixels", block_p), ("channels", block_d), ("warps", num_warps)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"dwconv launch config: {name} must be a power of two, got {v}")
