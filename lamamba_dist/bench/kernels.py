@@ -68,6 +68,18 @@ def _rel_diff(xs, ys) -> float:
                for a, b in zip(xs, ys))
 
 
+def sweep_row(rows: list, timer, kernel: str, shape, launch, config) -> None:
+    """Time one launch configuration into ``rows`` (an out-of-resources failure becomes a row that says so) and
+    print it at once: a sweep cut short keeps what it measured."""
+    row = {"kernel": kernel, "shape": list(shape), "config": config}
+    try:
+        row["ms"] = timer(launch)
+    except Exception as e:  # noqa: BLE001 - out of resources, say
+        row["error"] = type(e).__name__
+    rows.append(row)
+    print("# sweep", json.dumps(row), flush=True)
+
+
 def time_fwd_bwd(timer, fn, args, gy) -> tuple[float, float]:
     """(forward ms, forward+backward ms) of ``fn(*args)`` with output gradient ``gy``."""
     import torch
@@ -142,13 +154,7 @@ def scan_sweep(args, gy, timer) -> list[dict]:
     rows = []
 
     def add(kind, launch, config):
-        row = {"kernel": f"selective_scan_{kind}_launch", "shape": [batch, dim, length], "config": config}
-        try:
-            row["ms"] = timer(launch)
-        except Exception as e:  # noqa: BLE001 - out of resources, say: a row that says so
-            row["error"] = type(e).__name__
-        rows.append(row)
-        print("# sweep", json.dumps(row), flush=True)  # as it goes: a run cut short keeps what it measured
+        sweep_row(rows, timer, f"selective_scan_{kind}_launch", (batch, dim, length), launch, config)
 
     def per_thread(tile, nw):  # elements of a tile per thread: 4 to 32 keeps the tile in registers
         return 4 <= tile // (32 * nw) <= 32
@@ -280,13 +286,7 @@ def ss2d_sweep(args, gy, tables, timer) -> list[dict]:
     rows = []
 
     def add(kind, launch, config):
-        row = {"kernel": f"ss2d_{kind}_launch", "shape": list(x.shape), "config": config}
-        try:
-            row["ms"] = timer(launch)
-        except Exception as e:  # noqa: BLE001 - out of resources, say
-            row["error"] = type(e).__name__
-        rows.append(row)
-        print("# sweep", json.dumps(row), flush=True)  # as it goes: a run cut short keeps what it measured
+        sweep_row(rows, timer, f"ss2d_{kind}_launch", x.shape, launch, config)
 
     for sub_d, tile in itertools.product([8, 16, 32], [1024, 2048, 4096]):
         chunk = min(triton.next_power_of_2(length), tile // sub_d)
@@ -345,13 +345,7 @@ def conv_sweep(x, w, gy, timer) -> list[dict]:
     rows = []
 
     def add(kind, launch, config):
-        row = {"kernel": f"dwconv_{kind}_launch", "shape": [batch, dim, n], "config": config}
-        try:
-            row["ms"] = timer(launch)
-        except Exception as e:  # noqa: BLE001 - out of resources, say: a row that says so
-            row["error"] = type(e).__name__
-        rows.append(row)
-        print("# sweep", json.dumps(row), flush=True)  # as it goes: a run cut short keeps what it measured
+        sweep_row(rows, timer, f"dwconv_{kind}_launch", (batch, dim, n), launch, config)
 
     configs = [(bp, bd, nw) for bp, bd, nw in itertools.product([32, 64, 128, 256], [32, 64], [2, 4, 8])
                if 8 <= bp * bd // (32 * nw) <= 32]
