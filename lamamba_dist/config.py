@@ -44,14 +44,13 @@ class ModelConfig:
     class_dropout: float = field(default=0.1, metadata=dict(ge=0.0, le=1.0))
     learn_sigma: bool = True
     grad_checkpointing: bool = False
-    # "auto": fused kernels on CUDA when importable, references otherwise.
+    # "auto" (= "mixed"): on CUDA the Triton scan for sequences up to 1024 steps, mamba-ssm's for longer ones
+    # (ops/selective_scan.py); references elsewhere. "fused" / "triton" force one kernel (A/B runs).
     # "ss2d_triton" (opt-in): SS2D gathers its scan from the channels-last map (ops/ss2d_triton.py).
-    # "mixed" (opt-in, faster in a compiled step: docs/performance.md): the Triton scan for sequences up to 1024
-    # steps, mamba-ssm's for longer ones (ops/selective_scan.py).
     scan_backend: str = field(default="auto", metadata=dict(
         choices=("auto", "fused", "triton", "mixed", "reference", "ss2d_triton", "ss2d_reference")))
     attn_backend: str = field(default="auto", metadata=dict(choices=("auto", "sdpa", "flash", "reference")))
-    # SS2D's depthwise conv + SiLU (ops/dwconv.py): "auto" (= "torch" for now), or "triton" (opt-in, one pass, faster)
+    # SS2D's depthwise conv + SiLU (ops/dwconv.py): "auto" (= "triton" on CUDA, "torch" elsewhere), "torch", "triton"
     conv_backend: str = field(default="auto", metadata=dict(choices=("auto", "torch", "triton")))
     # Architecture fields replacing the registry's for ``name`` (``create_model(**arch_overrides)``), e.g.
     # ``arch_overrides = { base_width = 384, num_heads = 16 }``: a config-only model (configs/lamamba_XXL_256.toml).

@@ -2,9 +2,8 @@
 (dwconv_triton.py, which documents both).
 
 Backends: "torch" (``silu(conv2d(...))`` with a permuted copy of x, :func:`dwconv_silu_reference`), "triton" (one
-pass reading x channels-last; CUDA, or CPU under TRITON_INTERPRET=1) and "auto", which is "torch": the Triton
-kernel made a whole compiled training step faster (docs/performance.md) and becomes "auto" once its parity over
-200 training steps has run on a GPU.
+pass reading x channels-last; CUDA, or CPU under TRITON_INTERPRET=1) and "auto": "triton" for CUDA tensors where
+triton imports (the faster in a whole compiled training step, docs/performance.md), "torch" otherwise.
 """
 
 from __future__ import annotations
@@ -42,6 +41,8 @@ def dwconv_silu(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool = True, bac
     """The dispatch point: see the module docstring. x (B, H, W, D), any strides; weight (D, 1, K, K)."""
     if backend not in CONV_BACKENDS:
         raise ValueError(f"unknown conv backend {backend!r}; choose one of {', '.join(CONV_BACKENDS)}")
+    if backend == "auto":
+        backend = "triton" if x.is_cuda and _DWCONV_TRITON is not None else "torch"
     if backend == "triton":
         if _DWCONV_TRITON is None:
             raise RuntimeError("conv backend 'triton' needs triton (it ships with CUDA builds of torch)")

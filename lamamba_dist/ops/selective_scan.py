@@ -11,14 +11,13 @@ Shapes (mamba-ssm's convention, grouped B/C as VMamba uses them):
 For step s with h_{-1} = 0:  Δ = softplus(delta + bias);  h_s = exp(Δ A) h_{s-1} + Δ B_s u_s;
 y_s = C_s · h_s + D u_s.  The result has u's dtype; the state is always computed in fp32.
 
-``selective_scan`` is the one dispatch point. On CUDA, "auto" takes mamba-ssm's ``selective_scan_cuda`` kernel
-(registered as the custom op ``lamamba::selective_scan_fwd/bwd``) when it imports, else the Triton kernel
-specialised for d_state 1 (scan_triton.py, custom ops ``lamamba::scan1_fwd/bwd``) when triton imports and
-N == 1; the reference otherwise. Both custom ops let torch.compile trace through without a graph break.
-The Triton kernel is opt-in ("triton", or "mixed" by sequence length) while mamba-ssm is installed: it beat
-mamba's kernel at L = 1024, 256 and 64 and lost at L = 4096 (lamamba_dist/bench/kernels.py), and "mixed" made a
-whole compiled training step faster (docs/performance.md); "auto" takes it once its parity over 200 training
-steps has run on a GPU.
+``selective_scan`` is the one dispatch point. On CUDA, "auto" (= "mixed") runs the Triton kernel specialised for
+d_state 1 (scan_triton.py, custom ops ``lamamba::scan1_fwd/bwd``) on sequences of at most MIXED_TRITON_MAX_LENGTH
+steps and mamba-ssm's ``selective_scan_cuda`` kernel (custom ops ``lamamba::selective_scan_fwd/bwd``) on longer
+ones, either one alone where the other is missing; the reference off CUDA. "fused" and "triton" force one kernel
+(A/B runs). Both custom ops let torch.compile trace through without a graph break. The split is by measurement:
+the Triton kernel beat mamba-ssm's at L = 1024, 256 and 64 and lost at 4096 (lamamba_dist/bench/kernels.py), and
+the whole compiled training step was fastest with it (docs/performance.md).
 
 ``ss2d_scan`` is SS2D's four-direction scan read straight from the channels-last grid (no cross_scan /
 cross_merge): the opt-in backends "ss2d_triton" (ss2d_triton.py, custom ops ``lamamba::ss2d_scan_fwd/bwd``) and
@@ -176,10 +175,9 @@ def selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus: bool
 
 
 BACKENDS = ("auto", "triton", "fused", "mixed", "reference", "ss2d_triton", "ss2d_reference")
-# "mixed": on CUDA the Triton d_state-1 kernel for sequences of at most MIXED_TRITON_MAX_LENGTH steps, mamba-ssm's
-# kernel for longer ones (the Triton kernel beat it at L = 1024 and 256 on one H200 and lost at 4096:
-# lamamba_dist/bench/kernels.py); either one alone where the other is missing. The length of a block's sequences
-# is fixed, so each block always runs the same kernel (torch.compile sees a constant).
+# "mixed" (= "auto"): on CUDA the Triton d_state-1 kernel for sequences of at most MIXED_TRITON_MAX_LENGTH steps,
+# mamba-ssm's kernel for longer ones; either one alone where the other is missing. The length of a block's
+# sequences is fixed, so each block always runs the same kernel (torch.compile sees a constant).
 MIXED_TRITON_MAX_LENGTH = 1024
 # Backends that change SS2D's layout (models/lamamba.py): the scan is gathered from the channels-last grid, with
 # no cross_scan / cross_merge (ss2d_scan below). Opt-in only: "auto" never picks them. A plain sequence scan
@@ -202,9 +200,9 @@ def resolve_backend(backend: str) -> str:
 
 
 def selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = True, backend: str = "auto"):
-    """The dispatch point. backend: "auto" (on CUDA: mamba-ssm's fused kernel when it imports, else triton for
-    N == 1 when triton imports; the reference otherwise), "fused", "triton", "mixed" (by sequence length, above)
-    or "reference" ("ss2d_triton" and "ss2d_reference" run "triton" and "reference" here)."""
+    """The dispatch point. backend: "auto" = "mixed" (on CUDA by sequence length, above; the reference
+    otherwise), "fused", "triton" or "reference" ("ss2d_triton" and "ss2d_reference" run "triton" and "reference"
+    here)."""
     kernel = scan_kernel(backend, u, A.shape[1])
     if kernel == "fused":
         return selective_scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus)
@@ -221,15 +219,15 @@ def scan_kernel(backend: str, u: torch.Tensor, d_state: int, length: int | None 
     backend = {"ss2d_triton": "triton", "ss2d_reference": "reference"}.get(backend, backend)
     if backend == "reference":
         return "reference"
-    if backend == "mixed":
+    if backend in ("auto", "mixed"):  # "auto" is "mixed": the fastest in a whole training step (docs/performance.md)
         length = int(u.shape[-1]) if length is None else int(length)
         triton_fits = u.is_cuda and d_state == 1 and _SCAN_TRITON is not None
         if triton_fits and (length <= MIXED_TRITON_MAX_LENGTH or _cuda_module() is None):
             return "triton"
-        backend = "auto"
-    if backend == "fused" or (backend == "auto" and u.is_cuda and _cuda_module() is not None):
+        return "fused" if u.is_cuda and _cuda_module() is not None else "reference"
+    if backend == "fused":
         return "fused"
-    if backend == "triton" or (backend == "auto" and u.is_cuda and _SCAN_TRITON is not None and d_state == 1):
+    if backend == "triton":
         return "triton"
     return "reference"
 

@@ -101,7 +101,7 @@ def test_import_inside_the_traced_path_is_refused_under_fullgraph(monkeypatch):
 
 
 def test_mixed_backend_picks_the_kernel_by_sequence_length(monkeypatch):
-    """"mixed": Triton's d_state-1 kernel up to MIXED_TRITON_MAX_LENGTH steps, mamba-ssm's above it, either one
+    """"mixed" (= "auto"): Triton's d_state-1 kernel up to MIXED_TRITON_MAX_LENGTH steps, mamba-ssm's above it, either one
     alone where the other is missing, the reference off CUDA; SS2D asks with its map's length."""
     from types import SimpleNamespace
 
@@ -115,6 +115,12 @@ def test_mixed_backend_picks_the_kernel_by_sequence_length(monkeypatch):
     assert ss.scan_kernel("mixed", cuda(8), 1, length=4096) == "fused"  # SS2D passes h * w
     assert ss.scan_kernel("mixed", cuda(64), 2) == "fused"  # the Triton kernel is d_state 1 only
     assert ss.scan_kernel("mixed", SimpleNamespace(is_cuda=False, shape=(2, 8, 64)), 1) == "reference"
+    for backend in ("auto", "mixed"):  # "auto" is "mixed"; "fused" and "triton" force one kernel
+        assert ss.scan_kernel(backend, cuda(64), 1) == "triton"
+        assert ss.scan_kernel(backend, cuda(4096), 1) == "fused"
+    assert ss.scan_kernel("fused", cuda(64), 1) == "fused"
+    assert ss.scan_kernel("triton", cuda(4096), 1) == "triton"
+    assert ss.scan_kernel("auto", SimpleNamespace(is_cuda=False, shape=(2, 8, 64)), 1) == "reference"
     monkeypatch.setattr(ss, "_cuda_module", lambda: None)
     assert ss.scan_kernel("mixed", cuda(4096), 1) == "triton"
     monkeypatch.setattr(ss, "_SCAN_TRITON", None)

@@ -1,7 +1,7 @@
 """SS2D's depthwise conv + SiLU (lamamba_dist/ops/dwconv.py dispatch, ops/dwconv_triton.py kernels).
 
-* CPU, always: the PyTorch path equals SS2D's former expression in both layouts; the "auto" default is the PyTorch
-  path; the state dict does not depend on the backend; "triton" without triton is an error, not a fallback.
+* CPU, always: the PyTorch path equals SS2D's former expression in both layouts; the "auto" default is the Triton
+  kernel on CUDA where triton imports and the PyTorch path otherwise; the state dict does not depend on the backend; "triton" without triton is an error, not a fallback.
 * CPU under Triton's interpreter (a subprocess running this file with TRITON_INTERPRET=1), skipped where triton is
   not installed: output and both gradients against float64, both output layouts, strided inputs (the half of
   in_proj's output), maps and channel counts that do not fill a block, K 3 and 5, bf16, determinism, SS2D with
@@ -71,8 +71,10 @@ def test_torch_path_is_ss2ds_former_expression_in_both_layouts():
         dwconv_silu(x, wt, backend="cudnn")
 
 
-def test_conv_backend_keeps_the_state_dict_and_is_opt_in():
+def test_conv_backend_keeps_the_state_dict_and_auto_is_triton_on_cuda(monkeypatch):
     import dataclasses
+    import importlib
+    from types import SimpleNamespace
 
     from lamamba_dist.config import ModelConfig
 
@@ -80,6 +82,17 @@ def test_conv_backend_keeps_the_state_dict_and_is_opt_in():
     assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
     field = {f.name: f for f in dataclasses.fields(ModelConfig)}["conv_backend"]
     assert tuple(field.metadata["choices"]) == CONV_BACKENDS and ModelConfig().conv_backend == "auto"
+    # "auto" takes the Triton kernel for a CUDA tensor where triton imports, PyTorch's path otherwise
+    mod = importlib.import_module("lamamba_dist.ops.dwconv")
+    calls = []
+    monkeypatch.setattr(mod, "_DWCONV_TRITON", SimpleNamespace(dwconv_silu_triton=lambda *a: calls.append(a) or "triton"))
+    monkeypatch.setattr(mod, "dwconv_silu_reference", lambda *a: "torch")
+    cuda_x, cpu_x = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    assert dwconv_silu(cuda_x, None, backend="auto") == "triton" and len(calls) == 1
+    assert dwconv_silu(cpu_x, None, backend="auto") == "torch"
+    assert dwconv_silu(cuda_x, None, backend="torch") == "torch"
+    monkeypatch.setattr(mod, "_DWCONV_TRITON", None)
+    assert dwconv_silu(cuda_x, None, backend="auto") == "torch"
 
 
 def test_triton_backend_without_triton_is_an_error(monkeypatch):
