@@ -223,7 +223,7 @@ def add_parser(sub, name: str, help_text: str):
                    help="with --compile: AOT autograd's activation memory budget in [0, 1] for every model (1 = torch's "
                         "default; lower recomputes more in the backward to keep less)")
     p.add_argument("--scan-backend", choices=SCAN_BACKENDS, default="auto",
-                   help="selective scan kernel of the LaMamba models (auto: mamba-ssm's when installed)")
+                   help="selective scan kernel of the LaMamba models (auto: on CUDA the Triton d_state-1 kernel up to 1024 steps, mamba-ssm's above; lamamba_dist/ops/selective_scan.py)")
     p.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="auto",
                    help="window attention kernel of the LaMamba models")
     p.add_argument("--conv-backend", choices=CONV_BACKENDS, default="auto",

@@ -79,6 +79,25 @@ def device_ms_by_class(events, steps: int) -> dict | None:
     return dict(sorted(out.items(), key=lambda kv: -kv[1])) if out else None
 
 
+def top_kernels(events, steps: int, top: int = 40) -> list[dict] | None:
+    """The ``top`` device kernels by device milliseconds per step, each with its class (:func:`kernel_class`) and
+    launches per step: the kernels themselves, where ``top_device_ops`` mixes them with the operators that launch
+    them. None without device events."""
+    from torch.autograd import DeviceType
+
+    ms: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for e in events:
+        if getattr(e, "device_type", None) == DeviceType.CUDA and e.time_range.end > e.time_range.start:
+            ms[e.name] = ms.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) / 1e3 / steps
+            calls[e.name] = calls.get(e.name, 0) + 1
+    if not ms:
+        return None
+    return [{"kernel": name[:160], "class": kernel_class(name), "device_ms_per_step": t,
+             "calls_per_step": calls[name] / steps}
+            for name, t in sorted(ms.items(), key=lambda kv: -kv[1])[:top]]
+
+
 def profile_steps(step, steps: int, device: torch.device, top: int = 12) -> dict:
     """torch.profiler over ``steps`` calls of ``step()``: wall, CPU and device time per step, kernel launches,
     host syncs and copies per step, the top CPU operators (self time) and the top device kernels."""
@@ -115,6 +134,7 @@ def profile_steps(step, steps: int, device: torch.device, top: int = 12) -> dict
         "syncs_per_step": per_step(("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")),
         # every device kernel of the profiled steps by class (scan, conv, attention, matmul, ...): where the time goes
         "device_ms_by_class": device_ms_by_class(events, steps) if on_cuda else None,
+        "top_kernels": top_kernels(events, steps) if on_cuda else None,
         "top_cpu_ops": [{"op": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
                          "calls_per_step": e.count / steps}
                         for e in sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]],

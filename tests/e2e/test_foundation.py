@@ -180,7 +180,7 @@ def test_device_kernels_are_summed_by_class():
 
     from torch.autograd import DeviceType
 
-    from lamamba_dist.bench.profiling import device_ms_by_class, kernel_class
+    from lamamba_dist.bench.profiling import device_ms_by_class, kernel_class, top_kernels
 
     names = {
         "void selective_scan_bwd_kernel<Selective_Scan_bwd_kernel_traits<32, 4, true>>": "selective_scan",
@@ -205,6 +205,13 @@ def test_device_kernels_are_summed_by_class():
               ev("aten::mm", 0, 9000, DeviceType.CPU)]
     assert device_ms_by_class(events, steps=2) == {"selective_scan": 2.0, "matmul": 0.5}
     assert device_ms_by_class([], 1) is None
+    # the kernels alone, largest first, CPU operators left out; the list cut at ``top``
+    assert top_kernels(events, steps=2) == [
+        {"kernel": "_scan1_fwd_kernel", "class": "selective_scan", "device_ms_per_step": 1.5, "calls_per_step": 0.5},
+        {"kernel": "sm90_xmma_gemm", "class": "matmul", "device_ms_per_step": 0.5, "calls_per_step": 0.5},
+        {"kernel": "_scan1_bwd_kernel", "class": "selective_scan", "device_ms_per_step": 0.5, "calls_per_step": 0.5}]
+    assert [k["kernel"] for k in top_kernels(events, steps=1, top=1)] == ["_scan1_fwd_kernel"]
+    assert top_kernels([], 1) is None
 
 
 @pytest.mark.slow
