@@ -24,6 +24,13 @@ backend, at LaMamba-XL's shapes (batch x d_inner x map side): 64x640x32, 64x1280
 kernel, at the same shapes as ``ss2d``. ``--sweep`` adds the Triton kernels' launch configurations (a whole backward
 per configuration of one of its two kernels) and the backward with a bf16 intermediate gradient.
 
+``--what snake``: the two layout changes at the ends of SS2D's scan core (lamamba_dist/ops/ss2d_core.py): the
+channels-last map (B, L, D) gathered into the four snake sequences (B, 4, D, L), and the four sequences summed back
+channels-last; torch's gather + transpose (eager, and compiled as the training step compiles it) against the Triton
+kernels (lamamba_dist/ops/cross_scan_triton.py), bf16, at the same shapes as ``ss2d``, with the bandwidth reached
+(bytes that must move: 10 per map element, 2 read or written on the map side and 8 on the sequences' side).
+``--sweep`` adds the kernels' launch configurations.
+
 Times are the median of ``triton.testing.do_bench``. ``--device cpu`` is a smoke run of the same code under Triton's
 interpreter (TRITON_INTERPRET=1 set before the start, tiny shapes; its times mean nothing).
 """
@@ -359,6 +366,46 @@ def conv_sweep(x, w, gy, timer) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- the snake gather / merge
+
+
+def bench_snake(shapes, device: str, timer, sweep: bool) -> list[dict]:
+    """gather (B, L, D) -> (B, 4, D, L) and merge back, per path: torch eager, torch compiled, Triton."""
+    import torch
+
+    from lamamba_dist.ops import cross_scan_triton as ct
+    from lamamba_dist.ops.cross_scan import gather_cl_reference, merge_cl_reference, snake_tables
+
+    rows = []
+    for batch, dim, n in shapes:
+        length = n * n
+        paths, inverse = snake_tables(n, device)
+        g = torch.Generator(device=device).manual_seed(0)
+        x_cl = torch.randn(batch, length, dim, generator=g, device=device).to(torch.bfloat16)
+        ys = torch.randn(batch, 4, dim, length, generator=g, device=device).to(torch.bfloat16)
+        ops = {"gather": (x_cl, paths, gather_cl_reference, ct.gather_cl_launch),
+               "merge": (ys, inverse, merge_cl_reference, ct.merge_cl_launch)}
+        for op, (inp, table, ref, launch) in ops.items():
+            want = ref(inp, table)
+            paths_fns = {"torch": ref, "triton": launch}
+            if device == "cuda":  # what a compiled training step runs (one fused kernel per op)
+                paths_fns["torch_compiled"] = torch.compile(ref, fullgraph=True, dynamic=False)
+            for path, fn in paths_fns.items():
+                ms = timer(lambda fn=fn: fn(inp, table))
+                got = fn(inp, table)
+                elems = batch * length * dim
+                rows.append({"kernel": f"snake_{op}", "shape": [batch, dim, n], "path": path, "ms": ms,
+                             "gb_per_s": 10 * elems / ms / 1e6, "max_rel_diff_to_torch": _rel_diff([got], [want])})
+                print("# snake", json.dumps(rows[-1]), flush=True)
+            if sweep:
+                configs = (list(itertools.product([32, 64, 128], [32, 64, 128], [2, 4, 8])) if op == "gather"
+                           else list(itertools.product([4, 8, 16], [32, 64, 128], [2, 4, 8])))
+                for cfg in configs:
+                    sweep_row(rows, timer, f"snake_{op}", (batch, dim, n), lambda c=cfg: launch(inp, table, c), list(cfg))
+        del x_cl, ys
+    return rows
+
+
 # ----------------------------------------------------------------------------- command
 
 
@@ -366,7 +413,7 @@ def run_bench(what: str, shapes, device: str, sweep: bool = False, reps: int = 3
     import triton
 
     timer = _timer(device, reps)
-    rows = {"scan": bench_scan, "ss2d": bench_ss2d, "conv": bench_conv}[what](shapes, device, timer, sweep)
+    rows = {"scan": bench_scan, "ss2d": bench_ss2d, "conv": bench_conv, "snake": bench_snake}[what](shapes, device, timer, sweep)
     return {"bench": "kernels", "environment": environment(device, triton=triton.__version__,
                                                            interpreter=os.environ.get("TRITON_INTERPRET") == "1"),
             "settings": {"what": what, "shapes": [list(s) for s in shapes], "sweep": sweep}, "results": rows}
@@ -386,11 +433,11 @@ def _shapes(text: str):
 
 def add_parser(sub, name: str, help_text: str):
     p = sub.add_parser(name, help=help_text, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", choices=("scan", "ss2d", "conv"), default="scan",
+    p.add_argument("--what", choices=("scan", "ss2d", "conv", "snake"), default="scan",
                    help="scan: the sequence scan by backend; ss2d: SS2D's scan paths and modules; conv: SS2D's "
-                        "depthwise conv + SiLU by backend")
-    p.add_argument("--shapes", default=None, help="batch x dim x L (scan) or batch x d_inner x map side (ss2d, conv), "
-                   "comma separated (default: LaMamba-XL's)")
+                        "depthwise conv + SiLU by backend; snake: the channels-last snake gather / merge by path")
+    p.add_argument("--shapes", default=None, help="batch x dim x L (scan) or batch x d_inner x map side (ss2d, conv "
+                   "or snake), comma separated (default: LaMamba-XL's)")
     p.add_argument("--sweep", action="store_true", help="also time launch configurations of the Triton kernels")
     p.add_argument("--device", default=None, help="cuda (default), or cpu for a smoke run under TRITON_INTERPRET=1")
     p.add_argument("--out", default=None, help="write the JSON here (always printed)")
@@ -417,6 +464,9 @@ def _run(args) -> int:
     out = run_bench(args.what, shapes, device, args.sweep)
     print(write_json(args.out, out))
     for r in out["results"]:
+        if "gb_per_s" in r and "path" in r:
+            print(f"# {r['kernel']:14s} {'x'.join(map(str, r['shape'])):>14s} {r['path']:>16s}  {r['ms']:8.3f} ms  "
+                  f"{r['gb_per_s']:7.0f} GB/s")
         if "fwd_ms" in r:
             label = r.get("backend") or r.get("path")
             print(f"# {r['kernel']:14s} {'x'.join(map(str, r['shape'])):>14s} {label:>16s}  fwd {r['fwd_ms']:8.3f} ms  "

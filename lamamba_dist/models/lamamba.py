@@ -159,10 +159,9 @@ class SS2D(nn.Module):
         if self.lean_scan_backward and kernel != "reference":
             paths, inverse = self._gathered_tables(h, x.device)
             y = ss2d_core(x.reshape(b, d, length), self.x_proj_weight, self.dt_projs_weight, a, self.Ds,
-                          self.dt_projs_bias.reshape(-1), paths, inverse, kernel)  # (B, D, L)
+                          self.dt_projs_bias.reshape(-1), paths, inverse, kernel).view(b, h, w, d)  # channels-last
         else:
-            y = self._scan_core_plain(x, a)
-        y = y.transpose(1, 2).reshape(b, h, w, d)
+            y = self._scan_core_plain(x, a).transpose(1, 2).reshape(b, h, w, d)
         y = self.out_norm(y).to(u.dtype) * z
         return self.out_proj(y)
 

@@ -11,11 +11,16 @@ For an N x N map and step s in [0, N^2): q = s // N, m = s % N, sn = m if q is e
 sequences back to the grid and sums them (no averaging). The fast versions use one gather each with
 index tables built once per (N, device) and cached; ``*_reference`` follow the formula literally and are
 used by the parity tests.
+
+``snake_gather_cl`` / ``snake_merge_cl`` are the same two maps between the channels-last map (B, L, D) and the four
+sequences, with the layout change folded in: the Triton kernels of cross_scan_triton.py on CUDA, torch's gathers
+plus a transpose elsewhere (or with LAMAMBA_SNAKE_KERNELS=torch, for A/B runs).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -158,3 +163,54 @@ def cross_merge_reference(y: torch.Tensor, n: int) -> torch.Tensor:
         for s, (r, c) in enumerate(snake_path_coords(n, k)):
             out[:, :, r, c] = out[:, :, r, c] + y[:, k, :, s]
     return out.reshape(b, d, n * n)
+
+
+# ----------------------------------------------------------------------------- channels-last ends of SS2D's scan
+
+
+def _load_triton_module():
+    """cross_scan_triton, or None where triton does not import (CPU CI without triton)."""
+    try:
+        from lamamba_dist.ops import cross_scan_triton
+
+        return cross_scan_triton
+    except Exception:
+        return None
+
+
+# Resolved once at import (constants to torch.compile, like the scan modules in selective_scan.py).
+_CROSS_TRITON = _load_triton_module()
+SNAKE_KERNELS = ("auto", "torch")
+_SNAKE_KERNELS = os.environ.get("LAMAMBA_SNAKE_KERNELS", "auto").strip() or "auto"
+if _SNAKE_KERNELS not in SNAKE_KERNELS:
+    raise ValueError(f"LAMAMBA_SNAKE_KERNELS={_SNAKE_KERNELS!r}: choose one of {', '.join(SNAKE_KERNELS)}")
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return _SNAKE_KERNELS == "auto" and t.is_cuda and _CROSS_TRITON is not None
+
+
+def gather_cl_reference(x_cl: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) -> (B, 4, D, L) contiguous: xs[:, k, :, s] = x_cl[:, paths[k, s], :] (transpose, then gather)."""
+    return _scan_gather(x_cl.transpose(1, 2).contiguous(), paths)
+
+
+def merge_cl_reference(ys: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """(B, 4, D, L) -> (B, L, D) contiguous: sum_k ys[:, k, :, inverse[k, p]] at row p (gather, then transpose)."""
+    return _merge_gather(ys, inverse).transpose(1, 2).contiguous()
+
+
+def snake_gather_cl(x_cl: torch.Tensor, paths: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """The channels-last map (B, L, D) read along the four snake paths: (B, 4, D, L) contiguous. ``paths`` /
+    ``inverse`` from snake_tables, on x's device. Differentiable; its adjoint is snake_merge_cl."""
+    if _use_triton(x_cl):
+        return _CROSS_TRITON.gather_cl(x_cl, paths, inverse)
+    return gather_cl_reference(x_cl, paths)
+
+
+def snake_merge_cl(ys: torch.Tensor, paths: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Four sequences (B, 4, D, L) summed back onto the channels-last map: (B, L, D) contiguous, in ys' dtype.
+    Differentiable; its adjoint is snake_gather_cl."""
+    if _use_triton(ys):
+        return _CROSS_TRITON.merge_cl(ys, paths, inverse)
+    return merge_cl_reference(ys, inverse)

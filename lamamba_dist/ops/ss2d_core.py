@@ -1,12 +1,16 @@
 """SS2D's scan core with a lean backward: keep the map, not its four snake copies and their deltas.
 
-The core of SS2D, from the activated conv output x (B, D, L) to the merged scan output (B, D, L):
+The core of SS2D, from the activated conv output x (B, D, L) to the merged scan output, channels-last (B, L, D):
 
     xs    = cross_scan(x)                       (B, 4, D, L)   the map along the four snake paths
     x_dbl = x_proj_weight @ xs                  (B, 4, R+2N, L)  -> dts_r (B,4,R,L), Bs, Cs (B,4,N,L)
     dts   = dt_projs_weight @ dts_r             (B, 4, D, L)
     ys    = selective_scan(xs, dts, A, Bs, Cs, D, bias)
-    y     = cross_merge(ys)                     (B, D, L)
+    y     = cross_merge(ys), transposed         (B, L, D)      what out_norm reads
+
+The merge writes channels-last directly and the backward gathers the channels-last gradient straight into the
+four sequences (cross_scan.snake_merge_cl / snake_gather_cl: Triton kernels on CUDA whose reads and writes are
+both contiguous runs), so neither pass has a separate transpose of a map.
 
 Plain autograd keeps xs and dts for the backward: two (B, 4, D, L) tensors, 8x the map, in every SS2D (about
 3.3 GiB each for LaMamba-XL at 256 px, batch 64, in bf16). ``ss2d_core`` is one autograd function that keeps
@@ -25,7 +29,7 @@ import importlib
 
 import torch
 
-from lamamba_dist.ops.cross_scan import _merge_gather, _scan_gather
+from lamamba_dist.ops.cross_scan import _merge_gather, _scan_gather, snake_gather_cl, snake_merge_cl
 
 # The scan modules are resolved here, at import, never inside the functions below: those run while
 # torch.compile traces the model, and Dynamo refuses an import (``importlib.import_module``) in a traced
@@ -99,7 +103,7 @@ class _SS2DCore(torch.autograd.Function):
         out, states = fwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs, Ds, dt_bias, True)
         ctx.save_for_backward(x, x_proj_weight, dt_projs_weight, dts_r, bs, cs, A, Ds, dt_bias, states, paths, inverse)
         ctx.kernel = kernel
-        return _merge_gather(out.view(b, k, d, length), inverse)  # (B, D, L)
+        return snake_merge_cl(out.view(b, k, d, length), paths, inverse)  # (B, L, D)
 
     @staticmethod
     def backward(ctx, gy):
@@ -111,7 +115,7 @@ class _SS2DCore(torch.autograd.Function):
         wx, wdt = wx_p.to(dtype), wdt_p.to(dtype)
         xs = _scan_gather(x, paths)  # recomputed: one gather
         dts = torch.matmul(wdt, dts_r)  # recomputed: the rank-R projection
-        gout = _scan_gather(gy.to(dtype).contiguous(), paths)  # adjoint of the merge
+        gout = snake_gather_cl(gy.to(dtype), paths, inverse)  # adjoint of the merge: (B, L, D) -> (B, 4, D, L)
         du, ddelta, dA, dB, dC, dD, dbias = bwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs,
                                                 Ds, dt_bias, gout.view(b, k * d, length), states, True)
         ddelta = ddelta.view(b, k, d, length).to(dtype)
@@ -130,7 +134,7 @@ class _SS2DCore(torch.autograd.Function):
 def ss2d_core(x: torch.Tensor, x_proj_weight: torch.Tensor, dt_projs_weight: torch.Tensor, A: torch.Tensor,
               Ds: torch.Tensor, dt_bias: torch.Tensor, paths: torch.Tensor, inverse: torch.Tensor,
               kernel: str) -> torch.Tensor:
-    """x (B, D, L) -> y (B, D, L), see the module docstring. x_proj_weight (K, R+2N, D), dt_projs_weight
+    """x (B, D, L) -> y (B, L, D) channels-last, see the module docstring. x_proj_weight (K, R+2N, D), dt_projs_weight
     (K, D, R), A (K*D, N) fp32, Ds and dt_bias (K*D,) fp32, paths/inverse (K, L) from snake_tables; kernel one
     of KERNELS. Softplus on the deltas, as SS2D uses it."""
     if kernel not in KERNELS:

@@ -49,6 +49,13 @@ def test_scan_and_ss2d_rows_under_the_interpreter(tmp_path):
     assert [(r["kernel"], r["backend"]) for r in out["results"]] == [("dwconv_silu", "torch"), ("dwconv_silu", "triton")]
     assert out["results"][1]["max_rel_diff_to_torch"] < 2e-2  # bf16: one rounding less than PyTorch's path
 
+    res, out = _bench(["--what", "snake", "--device", "cpu", "--shapes", "2x8x4"], tmp_path, interpret=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [(r["kernel"], r["path"]) for r in out["results"]] == [
+        ("snake_gather", "torch"), ("snake_gather", "triton"), ("snake_merge", "torch"), ("snake_merge", "triton")]
+    assert out["results"][1]["max_rel_diff_to_torch"] == 0.0  # a copy
+    assert out["results"][3]["max_rel_diff_to_torch"] < 1e-2  # bf16: the kernel sums in fp32, rounds once
+
 
 @needs_triton
 def test_cpu_without_the_interpreter_and_bad_shapes_are_refused(tmp_path):
@@ -68,3 +75,12 @@ def test_kernels_bench_on_gpu(tmp_path, what, shapes):
     if out["environment"]["fused_scan"] and what == "scan":
         assert {r["backend"] for r in out["results"]} == {"triton", "fused"}
         assert out["results"][-1]["max_rel_diff_to_triton"] < 5e-2
+
+
+@pytest.mark.gpu
+def test_snake_bench_on_gpu(tmp_path):
+    res, out = _bench(["--what", "snake", "--shapes", "4x640x32", "--device", "cuda"], tmp_path, interpret=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    paths = {(r["kernel"], r["path"]) for r in out["results"]}
+    assert paths == {(k, p) for k in ("snake_gather", "snake_merge") for p in ("torch", "torch_compiled", "triton")}
+    assert all(r["ms"] > 0 and r["max_rel_diff_to_torch"] < 1e-2 for r in out["results"])

@@ -33,7 +33,7 @@ def _plain(x, p, n_side, backend):
     a = -torch.exp(p["A_logs"].float())
     ys = selective_scan(xs.reshape(b, k * d, length), dts.reshape(b, k * d, length), a, bs, cs, p["Ds"].float(),
                         p["dt_bias"].float(), True, backend=backend)
-    return cross_merge(ys.view(b, k, d, length), n_side)
+    return cross_merge(ys.view(b, k, d, length), n_side).transpose(1, 2)  # channels-last, as ss2d_core returns
 
 
 def _lean(x, p, n_side, kernel):
