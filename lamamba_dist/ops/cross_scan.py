@@ -13,8 +13,9 @@ index tables built once per (N, device) and cached; ``*_reference`` follow the f
 used by the parity tests.
 
 ``snake_gather_cl`` / ``snake_merge_cl`` are the same two maps between the channels-last map (B, L, D) and the four
-sequences, with the layout change folded in: the Triton kernels of cross_scan_triton.py on CUDA, torch's gathers
-plus a transpose elsewhere (or with LAMAMBA_SNAKE_KERNELS=torch, for A/B runs).
+sequences, with the layout change folded in: torch's gathers plus a transpose by default, the Triton kernels of
+cross_scan_triton.py on CUDA with LAMAMBA_SNAKE_KERNELS=triton (opt-in until scripts/gpu_check.sh has passed with
+them; then they become the CUDA default).
 """
 
 from __future__ import annotations
@@ -180,14 +181,14 @@ def _load_triton_module():
 
 # Resolved once at import (constants to torch.compile, like the scan modules in selective_scan.py).
 _CROSS_TRITON = _load_triton_module()
-SNAKE_KERNELS = ("auto", "torch")
-_SNAKE_KERNELS = os.environ.get("LAMAMBA_SNAKE_KERNELS", "auto").strip() or "auto"
+SNAKE_KERNELS = ("torch", "triton")
+_SNAKE_KERNELS = os.environ.get("LAMAMBA_SNAKE_KERNELS", "torch").strip() or "torch"
 if _SNAKE_KERNELS not in SNAKE_KERNELS:
     raise ValueError(f"LAMAMBA_SNAKE_KERNELS={_SNAKE_KERNELS!r}: choose one of {', '.join(SNAKE_KERNELS)}")
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    return _SNAKE_KERNELS == "auto" and t.is_cuda and _CROSS_TRITON is not None
+    return _SNAKE_KERNELS == "triton" and t.is_cuda and _CROSS_TRITON is not None
 
 
 def gather_cl_reference(x_cl: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:

@@ -130,7 +130,7 @@ def test_kernels_on_gpu_at_lamamba_xl_shapes():
     # LaMamba-XL's SS2D maps at 256 and 512 px: (side, D = 2 C)
     _kernel_cases("cuda", [(64, 640), (32, 640), (32, 1280), (16, 2560), (8, 2560), (4, 2560), (6, 40)],
                   [torch.bfloat16, torch.float32])
-    # the dispatch picks the kernels on CUDA: equal to the torch path
+    # the dispatch (torch by default, the kernels with LAMAMBA_SNAKE_KERNELS=triton) equals the torch path
     paths, inverse = snake_tables(32, "cuda")
     x_cl = torch.randn(4, 1024, 640, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(snake_gather_cl(x_cl, paths, inverse), gather_cl_reference(x_cl, paths), rtol=0, atol=0)
