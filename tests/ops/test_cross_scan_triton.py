@@ -124,16 +124,18 @@ def test_kernels_under_interpreter_on_cpu():
 
 @pytest.mark.gpu
 def test_kernels_on_gpu_at_lamamba_xl_shapes():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    pytest.importorskip("triton")
     # LaMamba-XL's SS2D maps at 256 and 512 px: (side, D = 2 C)
     _kernel_cases("cuda", [(64, 640), (32, 640), (32, 1280), (16, 2560), (8, 2560), (4, 2560), (6, 40)],
                   [torch.bfloat16, torch.float32])
-    # the dispatch (torch by default, the kernels with LAMAMBA_SNAKE_KERNELS=triton) equals the torch path
+    # through the custom ops (what ss2d_core calls with LAMAMBA_SNAKE_KERNELS=triton)
+    from lamamba_dist.ops import cross_scan_triton as ct
+
     paths, inverse = snake_tables(32, "cuda")
     x_cl = torch.randn(4, 1024, 640, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(snake_gather_cl(x_cl, paths, inverse), gather_cl_reference(x_cl, paths), rtol=0, atol=0)
+    ys = torch.randn(4, 4, 640, 1024, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(ct.gather_cl(x_cl, paths, inverse), gather_cl_reference(x_cl, paths), rtol=0, atol=0)
+    torch.testing.assert_close(ct.merge_cl(ys, paths, inverse).float(), merge_cl_reference(ys.float(), inverse),
+                               rtol=8e-3, atol=8e-3)
 
 
 if __name__ == "__main__":
