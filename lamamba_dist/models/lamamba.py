@@ -21,7 +21,8 @@ from lamamba_dist.models.common import LabelEmbedder, TimestepEmbedder, modulate
 from lamamba_dist.ops import (
     cross_merge,
     cross_scan,
-    relative_position_index,
+    relative_offset_onehot,
+    relative_position_bias,
     selective_scan,
     shift_attention_mask,
     snake_tables,
@@ -203,8 +204,7 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
         # Geometry as non-persistent buffers (recomputed, never saved): constants to torch.compile.
         dev = torch.get_default_device()
-        self.register_buffer("rel_index", relative_position_index(window_size).reshape(-1).to(dev, copy=True),
-                             persistent=False)
+        self.register_buffer("rel_onehot", relative_offset_onehot(window_size, "cpu").to(dev), persistent=False)
         # The additive shift mask, all zeros for unshifted blocks: both kinds of block then run the same code
         # on the same shapes, so regional compilation builds one graph for the pair instead of two.
         n_win = (resolution // window_size) ** 2
@@ -218,8 +218,7 @@ class WindowAttention(nn.Module):
 
     def attention_bias(self) -> torch.Tensor:
         """(nW, h, N, N): relative-position bias + the shift mask (zeros for unshifted windows)."""
-        w, hds = self.window_size, self.num_heads
-        bias = self.relative_position_bias_table[self.rel_index].view(w * w, w * w, hds).permute(2, 0, 1)
+        bias = relative_position_bias(self.relative_position_bias_table, self.rel_onehot)  # (h, N, N)
         return bias.unsqueeze(0) + self.shift_mask.unsqueeze(1).to(bias.dtype)  # (nW, h, N, N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

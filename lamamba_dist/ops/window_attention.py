@@ -62,6 +62,29 @@ def _relative_position_index_cpu(w: int) -> torch.Tensor:
     return rel[0] * (2 * w - 1) + rel[1]
 
 
+def relative_offset_onehot(w: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """(w, w, 2w - 1): E[a, b, d] = 1 where a - b + w - 1 == d, else 0 (one axis of the relative-position index)."""
+    ar = torch.arange(w, device=device)
+    offset = ar[:, None] - ar[None, :] + (w - 1)  # (w, w)
+    return (offset[..., None] == torch.arange(2 * w - 1, device=device)).to(dtype)
+
+
+def relative_position_bias(table: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """Swin's relative-position bias (h, w², w²) from its table ((2w-1)², h), as ``table[relative_position_index(w)]``
+    permuted to heads first, but computed as two contractions with the one-hot offsets ``onehot``
+    (relative_offset_onehot(w)): bias[h, (ra, ca), (rb, cb)] = sum E[ra, rb, i] E[ca, cb, j] table[(i, j), h].
+
+    The forward is the same gather, exactly (each output sums one table entry and zeros), in the table's dtype
+    (autocast off: no bf16 rounding before the caller adds the shift mask). The backward is two small matmuls,
+    deterministic, instead of the indexing's backward (a sort-based index_put accumulate on CUDA)."""
+    w = onehot.shape[0]
+    t = table.view(2 * w - 1, 2 * w - 1, table.shape[-1])
+    with torch.autocast(device_type=table.device.type, enabled=False):
+        e = onehot.to(table.dtype)
+        bias = torch.einsum("abi,cdj,ijh->hacbd", e, e, t)  # (h, ra, ca, rb, cb)
+    return bias.reshape(t.shape[-1], w * w, w * w)
+
+
 @functools.lru_cache(maxsize=None)
 def _shift_mask_cpu(r: int, w: int, s: int) -> torch.Tensor:
     bands = torch.zeros(r, dtype=torch.long, device="cpu")

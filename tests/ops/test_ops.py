@@ -8,6 +8,8 @@ from lamamba_dist.ops import (
     cross_merge_reference,
     cross_scan,
     cross_scan_reference,
+    relative_offset_onehot,
+    relative_position_bias,
     relative_position_index,
     selective_scan,
     selective_scan_reference,
@@ -171,6 +173,27 @@ def test_shift_mask_regions_and_relative_index():
     idx = relative_position_index(4)
     assert idx.shape == (16, 16) and idx.min() == 0 and idx.max() == 48
     assert (idx.diagonal() == (4 - 1) * 7 + 4 - 1).all()
+
+
+@pytest.mark.parametrize("w", [1, 2, 3, 8])
+def test_relative_position_bias_is_the_indexed_table(w):
+    # the contraction with one-hot offsets is the gather table[relative_position_index] exactly, and its gradient
+    # is the gather's (a scatter-add) up to fp32 summation order
+    h = 3
+    table = torch.randn((2 * w - 1) ** 2, h, dtype=torch.float64, requires_grad=True)
+    ref = table[relative_position_index(w).reshape(-1)].view(w * w, w * w, h).permute(2, 0, 1)
+    out = relative_position_bias(table, relative_offset_onehot(w))
+    assert out.shape == (h, w * w, w * w) and torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad(ref, table, g)
+    (g_out,) = torch.autograd.grad(out, table, g)
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-12, atol=1e-12)
+    # fp32 table under bf16 autocast with a bf16 one-hot (a model cast to bf16): still the fp32 entries, unrounded
+    t32 = table.detach().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out32 = relative_position_bias(t32, relative_offset_onehot(w).bfloat16())
+    assert out32.dtype == torch.float32 and torch.equal(out32, t32[relative_position_index(w).reshape(-1)]
+                                                            .view(w * w, w * w, h).permute(2, 0, 1))
 
 
 # ----------------------------------------------------------------------------- GPU parity
