@@ -72,17 +72,19 @@ def relative_offset_onehot(w: int, device="cpu", dtype=torch.float32) -> torch.T
 def relative_position_bias(table: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
     """Swin's relative-position bias (h, w², w²) from its table ((2w-1)², h), as ``table[relative_position_index(w)]``
     permuted to heads first, but computed as two contractions with the one-hot offsets ``onehot``
-    (relative_offset_onehot(w)): bias[h, (ra, ca), (rb, cb)] = sum E[ra, rb, i] E[ca, cb, j] table[(i, j), h].
+    (relative_offset_onehot(w)): bias[h, (ra, ca), (rb, cb)] = sum_ij E[ra, rb, i] E[ca, cb, j] table[(i, j), h].
 
-    The forward is the same gather, exactly (each output sums one table entry and zeros), in the table's dtype
-    (autocast off: no bf16 rounding before the caller adds the shift mask). The backward is two small matmuls,
-    deterministic, instead of the indexing's backward (a sort-based index_put accumulate on CUDA)."""
-    w = onehot.shape[0]
-    t = table.view(2 * w - 1, 2 * w - 1, table.shape[-1])
-    with torch.autocast(device_type=table.device.type, enabled=False):
-        e = onehot.to(table.dtype)
-        bias = torch.einsum("abi,cdj,ijh->hacbd", e, e, t)  # (h, ra, ca, rb, cb)
-    return bias.reshape(t.shape[-1], w * w, w * w)
+    The forward is the same gather, exactly (each output sums one table entry and zeros), in the table's dtype:
+    products and sums, which autocast leaves alone (no bf16 rounding before the caller adds the shift mask),
+    and which run on any device, meta included. The backward is the same two contractions transposed: fused
+    elementwise work, deterministic, instead of the indexing's backward (a sort-based index_put accumulate on
+    CUDA). The products are small: (2w-1)² w² h and (2w-1) w⁴ h elements (1M for w = 8, h = 16)."""
+    w, h = onehot.shape[0], table.shape[-1]
+    t = table.view(2 * w - 1, 2 * w - 1, h)
+    e = onehot.to(table.dtype)
+    u = (e[:, :, :, None, None] * t[None, None]).sum(2)  # (ra, rb, j, h)
+    bias = (e[None, None, :, :, :, None] * u[:, :, None, None]).sum(4)  # (ra, rb, ca, cb, h)
+    return bias.permute(4, 0, 2, 1, 3).reshape(h, w * w, w * w)
 
 
 @functools.lru_cache(maxsize=None)

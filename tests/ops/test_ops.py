@@ -194,6 +194,9 @@ def test_relative_position_bias_is_the_indexed_table(w):
         out32 = relative_position_bias(t32, relative_offset_onehot(w).bfloat16())
     assert out32.dtype == torch.float32 and torch.equal(out32, t32[relative_position_index(w).reshape(-1)]
                                                             .view(w * w, w * w, h).permute(2, 0, 1))
+    # shapes alone on the meta device (how the benches count FLOPs), where autocast has no dtype
+    meta = relative_position_bias(torch.empty((2 * w - 1) ** 2, h, device="meta"), relative_offset_onehot(w, "meta"))
+    assert meta.shape == (h, w * w, w * w)
 
 
 # ----------------------------------------------------------------------------- GPU parity
