@@ -67,7 +67,8 @@ class SS2D(nn.Module):
     """VMamba v2 selective-scan 2D over the four snake paths (docs/model.md §3). Channels-last in and out."""
 
     def __init__(self, dim: int, d_state: int = 1, ssm_ratio: float = 2.0, d_conv: int = 3, scan_backend: str = "auto",
-                 resolution: int | None = None, lean_scan_backward: bool = True, conv_backend: str = "auto"):
+                 resolution: int | None = None, lean_scan_backward: bool = True, conv_backend: str = "auto",
+                 snake_backend: str = "auto"):
         super().__init__()
         # With a kernel that has its own backward (mamba-ssm's or the Triton one), run the scan core through
         # ss2d_core: the backward keeps x and the rank-R deltas, not the (B, 4, D, L) snake copies and deltas.
@@ -83,6 +84,7 @@ class SS2D(nn.Module):
         self.d_inner, self.rank, self.d_state, self.k = d_inner, rank, d_state, k
         self.scan_backend = scan_backend
         self.conv_backend = conv_backend  # the depthwise conv + SiLU (ops/dwconv.py)
+        self.snake_backend = snake_backend  # the merge of the four directions and its adjoint (ops/cross_scan.py)
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=False)
         self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, d_inner))
@@ -160,7 +162,8 @@ class SS2D(nn.Module):
         if self.lean_scan_backward and kernel != "reference":
             paths, inverse = self._gathered_tables(h, x.device)
             y = ss2d_core(x.reshape(b, d, length), self.x_proj_weight, self.dt_projs_weight, a, self.Ds,
-                          self.dt_projs_bias.reshape(-1), paths, inverse, kernel).view(b, h, w, d)  # channels-last
+                          self.dt_projs_bias.reshape(-1), paths, inverse, kernel,
+                          self.snake_backend).view(b, h, w, d)  # channels-last
         else:
             y = self._scan_core_plain(x, a).transpose(1, 2).reshape(b, h, w, d)
         y = self.out_norm(y).to(u.dtype) * z
@@ -257,12 +260,12 @@ class LaMambaBlock(nn.Module):
 
     def __init__(self, dim: int, cond_dim: int, resolution: int, arch: LaMambaArch, shift: int, project_condition: bool,
                  scan_backend: str = "auto", attn_backend: str = "auto", lean_scan_backward: bool = True,
-                 conv_backend: str = "auto"):
+                 conv_backend: str = "auto", snake_backend: str = "auto"):
         super().__init__()
         self.condition_projection = nn.Linear(cond_dim, dim) if project_condition else nn.Identity()
         self.norm = nn.LayerNorm(dim)
         self.op = SS2D(dim, arch.d_state, arch.ssm_ratio, arch.d_conv, scan_backend, resolution, lean_scan_backward,
-                       conv_backend)
+                       conv_backend, snake_backend)
         self.norm_swin = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, arch.num_heads, resolution, arch.window_size, shift, attn_backend)
         self.norm2 = nn.LayerNorm(dim)
@@ -327,7 +330,7 @@ class LaMambaDiff(nn.Module):
     def __init__(self, arch: LaMambaArch, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
                  class_dropout: float = 0.1, learn_sigma: bool = True, grad_checkpointing: bool = False,
                  scan_backend: str = "auto", attn_backend: str = "auto", lean_scan_backward: bool = True,
-                 conv_backend: str = "auto"):
+                 conv_backend: str = "auto", snake_backend: str = "auto"):
         super().__init__()
         self.arch = arch
         self.latent_size = input_size
@@ -344,7 +347,8 @@ class LaMambaDiff(nn.Module):
 
         def make_blocks(depth, dim, r, force_proj):
             return [LaMambaBlock(dim, cc, r, arch, shift if i % 2 else 0, force_proj or dim != cc,
-                                 scan_backend, attn_backend, lean_scan_backward, conv_backend) for i in range(depth)]
+                                 scan_backend, attn_backend, lean_scan_backward, conv_backend, snake_backend)
+                    for i in range(depth)]
 
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_channels, c0, kernel_size=1)

@@ -13,15 +13,16 @@ index tables built once per (N, device) and cached; ``*_reference`` follow the f
 used by the parity tests.
 
 ``snake_gather_cl`` / ``snake_merge_cl`` are the same two maps between the channels-last map (B, L, D) and the four
-sequences, with the layout change folded in: torch's gathers plus a transpose by default, the Triton kernels of
-cross_scan_triton.py on CUDA with LAMAMBA_SNAKE_KERNELS=triton (opt-in until scripts/gpu_check.sh has passed with
-them; then they become the CUDA default).
+sequences, with the layout change folded in. Backends (``SNAKE_BACKENDS``, the model setting ``snake_backend``):
+"torch" (torch's gathers plus a transpose), "triton" (the kernels of cross_scan_triton.py: contiguous reads and
+writes on both sides; CUDA, or CPU under TRITON_INTERPRET=1) and "auto", which is "torch" until a whole training
+step has been measured faster with the kernels and scripts/gpu_check.sh has passed with them
+(docs/performance.md).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -181,14 +182,16 @@ def _load_triton_module():
 
 # Resolved once at import (constants to torch.compile, like the scan modules in selective_scan.py).
 _CROSS_TRITON = _load_triton_module()
-SNAKE_KERNELS = ("torch", "triton")
-_SNAKE_KERNELS = os.environ.get("LAMAMBA_SNAKE_KERNELS", "torch").strip() or "torch"
-if _SNAKE_KERNELS not in SNAKE_KERNELS:
-    raise ValueError(f"LAMAMBA_SNAKE_KERNELS={_SNAKE_KERNELS!r}: choose one of {', '.join(SNAKE_KERNELS)}")
+SNAKE_BACKENDS = ("auto", "torch", "triton")
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return _SNAKE_KERNELS == "triton" and t.is_cuda and _CROSS_TRITON is not None
+def _use_triton(backend: str) -> bool:
+    """Whether ``backend`` (one of SNAKE_BACKENDS) runs the Triton kernels; "auto" is torch's gathers for now."""
+    if backend not in SNAKE_BACKENDS:
+        raise ValueError(f"unknown snake backend {backend!r}; choose one of {', '.join(SNAKE_BACKENDS)}")
+    if backend == "triton" and _CROSS_TRITON is None:
+        raise RuntimeError("snake backend 'triton' needs triton (it ships with CUDA builds of torch)")
+    return backend == "triton"
 
 
 def gather_cl_reference(x_cl: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
@@ -201,17 +204,20 @@ def merge_cl_reference(ys: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     return _merge_gather(ys, inverse).transpose(1, 2).contiguous()
 
 
-def snake_gather_cl(x_cl: torch.Tensor, paths: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+def snake_gather_cl(x_cl: torch.Tensor, paths: torch.Tensor, inverse: torch.Tensor,
+                    backend: str = "auto") -> torch.Tensor:
     """The channels-last map (B, L, D) read along the four snake paths: (B, 4, D, L) contiguous. ``paths`` /
-    ``inverse`` from snake_tables, on x's device. Differentiable; its adjoint is snake_merge_cl."""
-    if _use_triton(x_cl):
+    ``inverse`` from snake_tables, on x's device; ``backend`` one of SNAKE_BACKENDS. Differentiable; its adjoint is
+    snake_merge_cl."""
+    if _use_triton(backend):
         return _CROSS_TRITON.gather_cl(x_cl, paths, inverse)
     return gather_cl_reference(x_cl, paths)
 
 
-def snake_merge_cl(ys: torch.Tensor, paths: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """Four sequences (B, 4, D, L) summed back onto the channels-last map: (B, L, D) contiguous, in ys' dtype.
-    Differentiable; its adjoint is snake_gather_cl."""
-    if _use_triton(ys):
+def snake_merge_cl(ys: torch.Tensor, paths: torch.Tensor, inverse: torch.Tensor,
+                   backend: str = "auto") -> torch.Tensor:
+    """Four sequences (B, 4, D, L) summed back onto the channels-last map: (B, L, D) contiguous, in ys' dtype;
+    ``backend`` one of SNAKE_BACKENDS. Differentiable; its adjoint is snake_gather_cl."""
+    if _use_triton(backend):
         return _CROSS_TRITON.merge_cl(ys, paths, inverse)
     return merge_cl_reference(ys, inverse)

@@ -9,7 +9,7 @@ The core of SS2D, from the activated conv output x (B, D, L) to the merged scan 
     y     = cross_merge(ys), transposed         (B, L, D)      what out_norm reads
 
 The merge writes channels-last directly and the backward gathers the channels-last gradient straight into the
-four sequences (cross_scan.snake_merge_cl / snake_gather_cl; with LAMAMBA_SNAKE_KERNELS=triton, Triton kernels on
+four sequences (cross_scan.snake_merge_cl / snake_gather_cl; with the snake backend "triton", Triton kernels on
 CUDA whose reads and writes are both contiguous runs, so neither pass has a separate transpose of a map).
 
 Plain autograd keeps xs and dts for the backward: two (B, 4, D, L) tensors, 8x the map, in every SS2D (about
@@ -29,7 +29,7 @@ import importlib
 
 import torch
 
-from lamamba_dist.ops.cross_scan import _merge_gather, _scan_gather, snake_gather_cl, snake_merge_cl
+from lamamba_dist.ops.cross_scan import SNAKE_BACKENDS, _merge_gather, _scan_gather, snake_gather_cl, snake_merge_cl
 
 # The scan modules are resolved here, at import, never inside the functions below: those run while
 # torch.compile traces the model, and Dynamo refuses an import (``importlib.import_module``) in a traced
@@ -89,7 +89,7 @@ KERNELS = {"fused": _fused_pair, "triton": _triton_pair, "reference": _reference
 
 class _SS2DCore(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse, kernel: str):
+    def forward(ctx, x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse, kernel: str, snake: str):
         b, d, length = x.shape
         k, r = dt_projs_weight.shape[0], dt_projs_weight.shape[2]
         n = A.shape[1]
@@ -102,8 +102,8 @@ class _SS2DCore(torch.autograd.Function):
         bs, cs = bs.contiguous(), cs.contiguous()
         out, states = fwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs, Ds, dt_bias, True)
         ctx.save_for_backward(x, x_proj_weight, dt_projs_weight, dts_r, bs, cs, A, Ds, dt_bias, states, paths, inverse)
-        ctx.kernel = kernel
-        return snake_merge_cl(out.view(b, k, d, length), paths, inverse)  # (B, L, D)
+        ctx.kernel, ctx.snake = kernel, snake
+        return snake_merge_cl(out.view(b, k, d, length), paths, inverse, snake)  # (B, L, D)
 
     @staticmethod
     def backward(ctx, gy):
@@ -115,7 +115,7 @@ class _SS2DCore(torch.autograd.Function):
         wx, wdt = wx_p.to(dtype), wdt_p.to(dtype)
         xs = _scan_gather(x, paths)  # recomputed: one gather
         dts = torch.matmul(wdt, dts_r)  # recomputed: the rank-R projection
-        gout = snake_gather_cl(gy.to(dtype), paths, inverse)  # adjoint of the merge: (B, L, D) -> (B, 4, D, L)
+        gout = snake_gather_cl(gy.to(dtype), paths, inverse, ctx.snake)  # adjoint of the merge: (B, L, D) -> (B, 4, D, L)
         du, ddelta, dA, dB, dC, dD, dbias = bwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs,
                                                 Ds, dt_bias, gout.view(b, k * d, length), states, True)
         ddelta = ddelta.view(b, k, d, length).to(dtype)
@@ -128,16 +128,19 @@ class _SS2DCore(torch.autograd.Function):
         g_xs = du.view(b, k, d, length).to(dtype) + torch.matmul(wx.transpose(1, 2), g_xdbl)
         g_x = _merge_gather(g_xs, inverse)
         return (g_x, g_wx.to(wx_p.dtype), g_wdt.to(wdt_p.dtype), dA.to(A.dtype), dD.to(Ds.dtype),
-                dbias.to(dt_bias.dtype), None, None, None)
+                dbias.to(dt_bias.dtype), None, None, None, None)
 
 
 def ss2d_core(x: torch.Tensor, x_proj_weight: torch.Tensor, dt_projs_weight: torch.Tensor, A: torch.Tensor,
               Ds: torch.Tensor, dt_bias: torch.Tensor, paths: torch.Tensor, inverse: torch.Tensor,
-              kernel: str) -> torch.Tensor:
+              kernel: str, snake: str = "auto") -> torch.Tensor:
     """x (B, D, L) -> y (B, L, D) channels-last, see the module docstring. x_proj_weight (K, R+2N, D), dt_projs_weight
     (K, D, R), A (K*D, N) fp32, Ds and dt_bias (K*D,) fp32, paths/inverse (K, L) from snake_tables; kernel one
-    of KERNELS. Softplus on the deltas, as SS2D uses it."""
+    of KERNELS; snake one of cross_scan.SNAKE_BACKENDS (the merge and its adjoint). Softplus on the deltas, as
+    SS2D uses it."""
     if kernel not in KERNELS:
         raise ValueError(f"ss2d_core kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if snake not in SNAKE_BACKENDS:
+        raise ValueError(f"ss2d_core snake backend must be one of {', '.join(SNAKE_BACKENDS)}, got {snake!r}")
     return _SS2DCore.apply(x.contiguous(), x_proj_weight, dt_projs_weight, A.float().contiguous(),
-                           Ds.float().contiguous(), dt_bias.float().contiguous(), paths, inverse, kernel)
+                           Ds.float().contiguous(), dt_bias.float().contiguous(), paths, inverse, kernel, snake)

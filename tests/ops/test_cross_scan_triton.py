@@ -43,6 +43,32 @@ def test_torch_paths_equal_literal_references(n, d):
     assert snake_gather_cl(x_cl, paths, inverse).is_contiguous()
 
 
+def test_snake_backend_is_checked_and_auto_is_torch():
+    n, d = 3, 4
+    paths, inverse = snake_tables(n)
+    x_cl, ys = torch.randn(2, n * n, d), torch.randn(2, 4, d, n * n)
+    for fn, arg in ((snake_gather_cl, x_cl), (snake_merge_cl, ys)):
+        with pytest.raises(ValueError, match="unknown snake backend 'cuda'"):
+            fn(arg, paths, inverse, "cuda")
+        torch.testing.assert_close(fn(arg, paths, inverse, "auto"), fn(arg, paths, inverse, "torch"), rtol=0, atol=0)
+
+
+def test_snake_backend_reaches_every_ss2d():
+    from lamamba_dist.bench.model import parse_model_spec
+    from lamamba_dist.config import ModelConfig, model_kwargs
+    from lamamba_dist.models import create_model
+
+    # [model] snake_backend -> create_model -> every SS2D
+    model = create_model("LaMamba-debug", **model_kwargs(ModelConfig(resolution=64, snake_backend="triton")))
+    ss2d = [m for m in model.modules() if hasattr(m, "snake_backend")]
+    assert ss2d and all(m.snake_backend == "triton" for m in ss2d)
+    assert model_kwargs(ModelConfig(name="LaMamba-debug"))["snake_backend"] == "auto"
+    assert parse_model_spec("LaMamba-XL:snake=triton:compile=true") == ("LaMamba-XL", dict(snake_backend="triton",
+                                                                                          compile_model=True))
+    with pytest.raises(ValueError, match="snake='gpu'"):
+        parse_model_spec("LaMamba-XL:snake=gpu")
+
+
 def test_gather_and_merge_are_adjoint():
     n, d = 5, 7
     paths, inverse = snake_tables(n)
@@ -114,6 +140,24 @@ def _interpreter_cases():
                         (lambda: ct.gather_cl_launch(x_cl, paths, (48, 16, 1)), "power of two")):
         with pytest.raises(ValueError, match=match):
             call()
+    # SS2D's scan core with the snake backend "triton" (the reference scan): the torch backend's output and gradients
+    from lamamba_dist.ops.ss2d_core import ss2d_core
+
+    b, d, r, n = 2, 6, 3, 5
+    paths, inverse = snake_tables(n)
+    g = torch.Generator().manual_seed(11)
+    ins = [torch.randn(b, d, n * n, generator=g), torch.randn(4, r + 2, d, generator=g) * 0.3,
+           torch.randn(4, d, r, generator=g) * 0.3, -torch.rand(4 * d, 1, generator=g) - 0.5,
+           torch.randn(4 * d, generator=g), torch.randn(4 * d, generator=g) * 0.1]
+    outs = {}
+    for snake in ("torch", "triton"):
+        leaves = [t.clone().requires_grad_() for t in ins]
+        y = ss2d_core(*leaves, paths, inverse, "reference", snake)
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+        (y * w).sum().backward()
+        outs[snake] = [y.detach()] + [t.grad for t in leaves]
+    for got, want in zip(outs["triton"], outs["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     print("interpreter cases passed")
 
 
@@ -127,7 +171,7 @@ def test_kernels_on_gpu_at_lamamba_xl_shapes():
     # LaMamba-XL's SS2D maps at 256 and 512 px: (side, D = 2 C)
     _kernel_cases("cuda", [(64, 640), (32, 640), (32, 1280), (16, 2560), (8, 2560), (4, 2560), (6, 40)],
                   [torch.bfloat16, torch.float32])
-    # through the custom ops (what ss2d_core calls with LAMAMBA_SNAKE_KERNELS=triton)
+    # through the custom ops (what ss2d_core calls with the snake backend "triton")
     from lamamba_dist.ops import cross_scan_triton as ct
 
     paths, inverse = snake_tables(32, "cuda")
