@@ -23,6 +23,7 @@ step has been measured faster with the kernels and scripts/gpu_check.sh has pass
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -183,15 +184,21 @@ def _load_triton_module():
 # Resolved once at import (constants to torch.compile, like the scan modules in selective_scan.py).
 _CROSS_TRITON = _load_triton_module()
 SNAKE_BACKENDS = ("auto", "torch", "triton")
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the kernels then run on CPU tensors (tests)
 
 
-def _use_triton(backend: str) -> bool:
-    """Whether ``backend`` (one of SNAKE_BACKENDS) runs the Triton kernels; "auto" is torch's gathers for now."""
+def _use_triton(backend: str, t: torch.Tensor) -> bool:
+    """Whether ``backend`` (one of SNAKE_BACKENDS) runs the Triton kernels on ``t``; "auto" is torch's gathers for now."""
     if backend not in SNAKE_BACKENDS:
         raise ValueError(f"unknown snake backend {backend!r}; choose one of {', '.join(SNAKE_BACKENDS)}")
-    if backend == "triton" and _CROSS_TRITON is None:
+    if backend != "triton":
+        return False
+    if _CROSS_TRITON is None:
         raise RuntimeError("snake backend 'triton' needs triton (it ships with CUDA builds of torch)")
-    return backend == "triton"
+    if not t.is_cuda and not _INTERPRET:
+        raise ValueError(f"snake backend 'triton' runs on CUDA tensors, got a {t.device.type} tensor: "
+                         "use snake_backend 'auto' or 'torch' off the GPU")
+    return True
 
 
 def gather_cl_reference(x_cl: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
@@ -209,7 +216,7 @@ def snake_gather_cl(x_cl: torch.Tensor, paths: torch.Tensor, inverse: torch.Tens
     """The channels-last map (B, L, D) read along the four snake paths: (B, 4, D, L) contiguous. ``paths`` /
     ``inverse`` from snake_tables, on x's device; ``backend`` one of SNAKE_BACKENDS. Differentiable; its adjoint is
     snake_merge_cl."""
-    if _use_triton(backend):
+    if _use_triton(backend, x_cl):
         return _CROSS_TRITON.gather_cl(x_cl, paths, inverse)
     return gather_cl_reference(x_cl, paths)
 
@@ -218,6 +225,6 @@ def snake_merge_cl(ys: torch.Tensor, paths: torch.Tensor, inverse: torch.Tensor,
                    backend: str = "auto") -> torch.Tensor:
     """Four sequences (B, 4, D, L) summed back onto the channels-last map: (B, L, D) contiguous, in ys' dtype;
     ``backend`` one of SNAKE_BACKENDS. Differentiable; its adjoint is snake_gather_cl."""
-    if _use_triton(backend):
+    if _use_triton(backend, ys):
         return _CROSS_TRITON.merge_cl(ys, paths, inverse)
     return merge_cl_reference(ys, inverse)

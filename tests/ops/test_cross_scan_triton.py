@@ -9,6 +9,7 @@
 * GPU (``-m gpu``): the same at LaMamba-XL's map sides and widths, bitwise for the gather.
 """
 
+import importlib
 import os
 
 import pytest
@@ -43,6 +44,11 @@ def test_torch_paths_equal_literal_references(n, d):
     assert snake_gather_cl(x_cl, paths, inverse).is_contiguous()
 
 
+def ct_module():
+    # the module by its full name: ``lamamba_dist.ops`` exports a function named cross_scan
+    return importlib.import_module("lamamba_dist.ops.cross_scan")._CROSS_TRITON
+
+
 def test_snake_backend_is_checked_and_auto_is_torch():
     n, d = 3, 4
     paths, inverse = snake_tables(n)
@@ -51,6 +57,9 @@ def test_snake_backend_is_checked_and_auto_is_torch():
         with pytest.raises(ValueError, match="unknown snake backend 'cuda'"):
             fn(arg, paths, inverse, "cuda")
         torch.testing.assert_close(fn(arg, paths, inverse, "auto"), fn(arg, paths, inverse, "torch"), rtol=0, atol=0)
+        if ct_module() is not None:  # the kernels are for CUDA tensors (CPU ones only under Triton's interpreter)
+            with pytest.raises(ValueError, match="runs on CUDA tensors, got a cpu tensor"):
+                fn(arg, paths, inverse, "triton")
 
 
 def test_snake_backend_reaches_every_ss2d():
