@@ -22,7 +22,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("flops", "lamamba_dist.flops", "parameters and forward multiply-adds of a model"),
     ("models", "lamamba_dist.model_list", "list the registered model sizes"),
     ("convert-official", "lamamba_dist.convert", "import a checkpoint of the official LaMamba-Diff code"),
-    ("bench", "lamamba_dist.bench.model", "benchmarks, JSON out: `lamamba bench [model]` training-step img/s, memory and MFU of several models in one run; `lamamba bench train|sample|loader|vae|kernels|scaling ...`"),
+    ("bench", "lamamba_dist.bench.model", "benchmarks, JSON out: `lamamba bench [model]` training-step img/s, memory and MFU of several models in one run; `lamamba bench train|sample|loader|vae|kernels|scaling|table ...`"),
     ("parity", "lamamba_dist.parity", "fast vs reference kernels: 200-step loss curves on fixed data, gap vs run-to-run noise"),
     ("sample", "lamamba_dist.sample", "sample images (PNGs, grid, ADM npz) from weights or a run, on one or many ranks"),
     ("eval", "lamamba_dist.evaluate", "FID, sFID, IS, precision and recall of a sample npz against a reference batch"),
@@ -34,6 +34,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "lamamba_dist.demo", "end-to-end CPU demo: shapes dataset, tiny VAE, Ray preprocessing, 2-rank DeepSpeed training, sample grid"),
     ("preprocess", "lamamba_dist.data_pipeline.preprocess", "encode an ImageNet-style folder into VAE-latent WebDataset shards with Ray (rerun resumes)"),
     ("bench-loader", "lamamba_dist.bench.loader", "= `lamamba bench loader`: latent loader samples/s per worker on CPU (JSON)"),
+    ("bench-table", "lamamba_dist.bench.table", "= `lamamba bench table`: the README's performance table (markdown) from `lamamba bench` JSON files"),
     ("bench-scaling", "lamamba_dist.bench.scaling", "= `lamamba bench scaling`: markdown tables of `bench train` JSON files (docs/scaling.md)"),
     ("bench-vae", "lamamba_dist.bench.vae", "= `lamamba bench vae`: VAE posterior-encode images/s of preprocessing, without Ray (JSON)"),
     ("bench-kernels", "lamamba_dist.bench.kernels", "= `lamamba bench kernels`: the selective-scan kernels of SS2D by backend on one GPU (JSON)"),
@@ -47,7 +48,7 @@ COMMANDS: list[tuple[str, str, str]] = [
 # The per-bench command names (bench-train, bench-sample, bench-loader, bench-vae) stay as aliases.
 BENCHES: dict[str, str] = {"model": "bench", "train": "bench-train", "sample": "bench-sample",
                            "loader": "bench-loader", "vae": "bench-vae", "kernels": "bench-kernels",
-                           "scaling": "bench-scaling"}
+                           "scaling": "bench-scaling", "table": "bench-table"}
 
 
 def build_parser() -> argparse.ArgumentParser:

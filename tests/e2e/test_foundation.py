@@ -46,7 +46,7 @@ def test_bench_what_runs_each_bench_and_the_old_names_stay(tmp_path, capsys):
     `bench model` are the model bench; bench-train and friends still work."""
     from lamamba_dist.cli import BENCHES
 
-    assert set(BENCHES) == {"model", "train", "sample", "loader", "vae", "kernels", "scaling"}
+    assert set(BENCHES) == {"model", "train", "sample", "loader", "vae", "kernels", "scaling", "table"}
     for what, alias in BENCHES.items():
         for argv in (["bench", what, "--help"], [alias, "--help"]):
             with pytest.raises(SystemExit) as e:
