@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -56,6 +57,17 @@ def write_json(path, obj: dict, indent: int = 2) -> str:
         tmp.write_text(text + "\n")
         tmp.replace(path)
     return text
+
+
+def write_markdown(out: str, text: str) -> None:
+    """The markdown benches' output (`bench scaling`, `bench table`): ``text`` to stdout for ``out`` "-", else to the
+    file ``out`` (its folder created), saying so."""
+    if out == "-":
+        sys.stdout.write(text)
+        return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    print(f"wrote {out}")
 
 
 def short_error(e: BaseException) -> str:

@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from lamamba_dist.bench.common import write_markdown
+
 GPU_COUNTS = (1, 2, 4)
 XXL = "LaMamba-XL[base_width=384,num_heads=16]"
 # What scripts/gpu_scaling.sh measures: (model, resolution, zero, grad_checkpointing, micro, accum, GPU counts).
@@ -226,13 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    text = render(args.json)
-    if args.out == "-":
-        sys.stdout.write(text)
-    else:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
+    write_markdown(args.out, render(args.json))
     return 0
 
 

@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from lamamba_dist.bench.common import write_markdown
+
 MODE_NAMES = {None: "eager", "default": "compiled", "reduce-overhead": "compiled + CUDA graphs"}
 MODE_KEYS = ("compile", "mode")
 ROW_KEYS = ("model", "resolution", "batch", "img_per_s", "time_to_first_step_s")
@@ -117,13 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    text = render(args.json, args.commit)
-    if args.out == "-":
-        sys.stdout.write(text)
-    else:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
+    write_markdown(args.out, render(args.json, args.commit))
     return 0
 
 
