@@ -15,9 +15,8 @@ used by the parity tests.
 ``snake_gather_cl`` / ``snake_merge_cl`` are the same two maps between the channels-last map (B, L, D) and the four
 sequences, with the layout change folded in. Backends (``SNAKE_BACKENDS``, the model setting ``snake_backend``):
 "torch" (torch's gathers plus a transpose), "triton" (the kernels of cross_scan_triton.py: contiguous reads and
-writes on both sides; CUDA, or CPU under TRITON_INTERPRET=1) and "auto", which is "torch" until a whole training
-step has been measured faster with the kernels and scripts/gpu_check.sh has passed with them
-(docs/performance.md).
+writes on both sides; CUDA, or CPU under TRITON_INTERPRET=1) and "auto": "triton" for CUDA tensors where triton
+imports (the faster in a whole training step, docs/performance.md), "torch" otherwise.
 """
 
 from __future__ import annotations
@@ -188,9 +187,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the kernels then 
 
 
 def _use_triton(backend: str, t: torch.Tensor) -> bool:
-    """Whether ``backend`` (one of SNAKE_BACKENDS) runs the Triton kernels on ``t``; "auto" is torch's gathers for now."""
+    """Whether ``backend`` (one of SNAKE_BACKENDS) runs the Triton kernels on ``t``: "triton" always (an error where
+    it cannot), "auto" on CUDA tensors where triton imports (the faster in a whole training step,
+    docs/performance.md), "torch" never."""
     if backend not in SNAKE_BACKENDS:
         raise ValueError(f"unknown snake backend {backend!r}; choose one of {', '.join(SNAKE_BACKENDS)}")
+    if backend == "auto":
+        return t.is_cuda and _CROSS_TRITON is not None
     if backend != "triton":
         return False
     if _CROSS_TRITON is None:

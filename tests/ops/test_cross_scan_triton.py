@@ -49,7 +49,7 @@ def ct_module():
     return importlib.import_module("lamamba_dist.ops.cross_scan")._CROSS_TRITON
 
 
-def test_snake_backend_is_checked_and_auto_is_torch():
+def test_snake_backend_is_checked_and_auto_is_torch_off_cuda():
     n, d = 3, 4
     paths, inverse = snake_tables(n)
     x_cl, ys = torch.randn(2, n * n, d), torch.randn(2, 4, d, n * n)
@@ -189,6 +189,12 @@ def test_kernels_on_gpu_at_lamamba_xl_shapes():
     torch.testing.assert_close(ct.gather_cl(x_cl, paths, inverse), gather_cl_reference(x_cl, paths), rtol=0, atol=0)
     torch.testing.assert_close(ct.merge_cl(ys, paths, inverse).float(), merge_cl_reference(ys.float(), inverse),
                                rtol=8e-3, atol=8e-3)
+    # "auto" runs the kernels on CUDA tensors: the same results as "triton", bit for bit
+    torch.testing.assert_close(snake_gather_cl(x_cl, paths, inverse, "auto"), ct.gather_cl(x_cl, paths, inverse),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(snake_merge_cl(ys, paths, inverse, "auto"), ct.merge_cl(ys, paths, inverse),
+                               rtol=0, atol=0)
+    assert importlib.import_module("lamamba_dist.ops.cross_scan")._use_triton("auto", x_cl)
 
 
 if __name__ == "__main__":
