@@ -235,8 +235,8 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--conv-backend", choices=CONV_BACKENDS, default="auto",
                    help="SS2D's depthwise conv + SiLU of the LaMamba models (lamamba_dist/ops/dwconv.py)")
     p.add_argument("--snake-backend", choices=SNAKE_BACKENDS, default="auto",
-                   help="SS2D's merge of the four scan directions and its adjoint (auto: torch's gathers; triton: "
-                        "lamamba_dist/ops/cross_scan_triton.py)")
+                   help="SS2D's merge of the four scan directions and its adjoint (auto: the Triton kernels of "
+                        "lamamba_dist/ops/cross_scan_triton.py on CUDA, torch's gathers elsewhere)")
     p.add_argument("--plain-scan-backward", action="store_true",
                    help="LaMamba: plain autograd through the SS2D scan core (keeps the (B,4,D,L) snake copies and "
                         "deltas) instead of the lean backward, for A/B measurements")

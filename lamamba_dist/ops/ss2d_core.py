@@ -9,8 +9,8 @@ The core of SS2D, from the activated conv output x (B, D, L) to the merged scan 
     y     = cross_merge(ys), transposed         (B, L, D)      what out_norm reads
 
 The merge writes channels-last directly and the backward gathers the channels-last gradient straight into the
-four sequences (cross_scan.snake_merge_cl / snake_gather_cl; with the snake backend "triton", Triton kernels on
-CUDA whose reads and writes are both contiguous runs, so neither pass has a separate transpose of a map).
+four sequences (cross_scan.snake_merge_cl / snake_gather_cl; on CUDA by default, Triton kernels whose reads and
+writes are both contiguous runs, so neither pass has a separate transpose of a map).
 
 Plain autograd keeps xs and dts for the backward: two (B, 4, D, L) tensors, 8x the map, in every SS2D (about
 3.3 GiB each for LaMamba-XL at 256 px, batch 64, in bf16). ``ss2d_core`` is one autograd function that keeps
