@@ -19,6 +19,7 @@ import time
 import torch
 
 from lamamba_dist.bench.common import environment, write_json
+from lamamba_dist.bench.memory import memory_profile as profile_memory
 from lamamba_dist.bench.profiling import _sync, host_profile, profile_steps
 from lamamba_dist.models.compile import COMPILE_MODES, compile_blocks, uses_cudagraphs
 from lamamba_dist.ops.cross_scan import SNAKE_BACKENDS
@@ -47,7 +48,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
                 scan_backend: str = "auto", attn_backend: str = "auto", peak_tflops: float | None = None,
                 memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0,
                 host_profile_steps: int = 0, compile_mode: str = "default", conv_backend: str = "auto",
-                snake_backend: str = "auto") -> dict:
+                snake_backend: str = "auto", memory_profile: bool = False) -> dict:
     from lamamba_dist.diffusion import create_diffusion
     from lamamba_dist.flops import train_flops_per_image
     from lamamba_dist.models import create_model
@@ -121,6 +122,8 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
         res["profile"] = profile_steps(step, profile, device)
     if host_profile_steps:
         res["host_profile"] = host_profile(step, host_profile_steps, device)
+    if memory_profile:
+        res["memory_profile"] = profile_memory(step, device)
     return res  # model, optimizer and activations are freed with this frame
 
 
@@ -159,7 +162,7 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
               peak_tflops: float | None = None, scan_backend: str = "auto", attn_backend: str = "auto",
               memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0,
               host_profile_steps: int = 0, compile_mode: str = "default", conv_backend: str = "auto",
-              snake_backend: str = "auto") -> dict:
+              snake_backend: str = "auto", memory_profile: bool = False) -> dict:
     """One row per (batch, model), batches in the given order (``batch``: an int or a list of them); the ratios
     are to the first model at the same batch. A model may carry its own settings (:func:`parse_model_spec`)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -167,6 +170,8 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if memory_profile and dev.type != "cuda":
+        raise ValueError(f"the memory profile reads the CUDA caching allocator's history; device is {dev.type}")
     peak = peak_tflops or device_peak_tflops(dev)
     settings = []  # (spec, name, bench_model keywords) per model, checked before anything runs
     for spec in models:
@@ -186,7 +191,7 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
                               grad_checkpointing=grad_checkpointing, peak_tflops=peak,
                               memory_budget=memory_budget if kw["compile_model"] else None,
                               lean_scan_backward=lean_scan_backward, profile=profile,
-                              host_profile_steps=host_profile_steps, **kw)
+                              host_profile_steps=host_profile_steps, memory_profile=memory_profile, **kw)
             rows.append({"spec": spec, **row})
             mem = f"{row['peak_gib']:.1f} GiB" if row["peak_gib"] is not None else "n/a"
             print(f"# done {spec}, batch {b}: {row['img_per_s']:.1f} img/s, peak {mem}, first step "
@@ -248,6 +253,11 @@ def add_parser(sub, name: str, help_text: str):
                    help="after the timed steps (and --profile's), N more with the host sampled instead (far cheaper "
                         "than torch.profiler): where the main thread's wall time goes by Python line, GC time, host "
                         "syncs and their lines (in the JSON)")
+    p.add_argument("--memory-profile", action="store_true",
+                   help="after the timed steps (and the profiles), one more with the CUDA allocator's history "
+                        "recorded: what is live at the step's peak, by allocation site (in the JSON; "
+                        "lamamba_dist/bench/memory.py). With CUDA graphs the graphs' pools were allocated before "
+                        "that step and count as one sum")
     p.add_argument("--out", default=None, help="write the JSON here (always printed)")
     p.set_defaults(func=_run)
     return p
@@ -279,8 +289,8 @@ def _run(args) -> int:
         out = run_bench(models, args.resolution, batches, args.steps, args.warmup, args.device, args.precision,
                         args.compile, args.grad_checkpointing, args.peak_tflops, args.scan_backend, args.attn_backend,
                         args.memory_budget, not args.plain_scan_backward, args.profile, args.host_profile,
-                        args.compile_mode, args.conv_backend, args.snake_backend)
-    except ValueError as e:  # a model spec's compile mode without compile
+                        args.compile_mode, args.conv_backend, args.snake_backend, args.memory_profile)
+    except ValueError as e:  # a model spec's compile mode without compile, a memory profile off CUDA
         raise CLIError(str(e)) from None
     text = write_json(args.out, out)
     print(text)
@@ -289,4 +299,11 @@ def _run(args) -> int:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"# {r['spec']:12s} batch {r['batch']:4d} {r['img_per_s']:9.1f} img/s  x{r['img_per_s_ratio_to_first']:.2f}  "
               f"peak {mem}  MFU {mfu}  first step {r['time_to_first_step_s']:.1f}s")
+        mp = r.get("memory_profile")
+        if mp:
+            print(f"#   at the peak ({mp['replayed_peak_gib']:.2f} GiB; allocator {mp['peak_allocated_gib']:.2f}): "
+                  f"{mp['allocated_before_step_gib']:.2f} GiB from before the step, then by site:")
+            for site in mp["sites"][:8]:
+                print(f"#     {site['gib']:7.3f} GiB in {site['count']:4d} blocks  {site['site']}  {site['code'][:80]}"
+                      f"{'  [' + site['model_frame'] + ']' if site['model_frame'] else ''}")
     return 0
