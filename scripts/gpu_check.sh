@@ -37,6 +37,11 @@
 # Each part can be switched off with PART=0 and runs under its own timeout; the timed rows also end by DEADLINE
 # (570 s after the start, so that one device call of 600 s always gets its summary). The summary's "pass" needs the tests,
 # the resume check and every compiled trainer row without error; the ratios (<= 1.05) are reported beside it.
+# On a card of less than 100 GiB (an H100 80GB) phase 1 does not fit beside itself: the compile warm-up runs after
+# the resume run instead of beside it, the suite gets TEST_WORKERS=4, and the whole check takes two device calls
+# on the warm machine, into one folder on its disk that the second call summarizes (PHASES, default "1 2"):
+#   PHASES=1 TESTS_TIMEOUT=540 bash scripts/gpu_check.sh /tmp/gc    # untimed: tests, resume, warm-up
+#   PHASES=2 bash scripts/gpu_check.sh /tmp/gc; cp /tmp/gc/summary.json $OUT/   # timed rows + the summary
 set -uo pipefail
 cd "$(dirname "$0")/.."
 O=${1:-/tmp/gpu_check}
@@ -49,9 +54,15 @@ STEPS=${STEPS:-20}           # timed steps per ratio row (after WARMUP untimed o
 WARMUP=${WARMUP:-8}          # is host-bound, and its first steps in a process (loader workers starting) vary by 10%
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/lamamba_inductor}
+PHASES=" ${PHASES:-1 2} "     # which phases run; the summary reads whatever both left in $O
+phase() { [[ "$PHASES" == *" $1 "* ]]; }
 T0=$(date +%s)
-: > "$O/timeline.txt"
+if phase 1; then : > "$O/timeline.txt"; else echo "0s phase 2 (phase 1's results from an earlier call)" >> "$O/timeline.txt"; fi
 mark() { echo "$(( $(date +%s) - T0 ))s $*" | tee -a "$O/timeline.txt"; }
+# GPU memory in MiB (0 where nvidia-smi is missing): below 100 GiB, phase 1's parts are partly sequenced (above)
+GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -dc 0-9)
+SMALL_GPU=0; [ "${GPU_MIB:-0}" -gt 0 ] && [ "${GPU_MIB:-0}" -lt 102400 ] && SMALL_GPU=1
+TEST_WORKERS=${TEST_WORKERS:-$([ $SMALL_GPU = 1 ] && echo 4 || echo 6)}
 # The models (override for a dry run of the script on small models: MODELS, CONFIGS, RES, RESUME_CONFIG, WORKERS)
 MODELS=${MODELS:-DiT-XL/2,LaMamba-XL}
 CONFIGS=${CONFIGS:-"--config configs/dit_xl2_256.toml --config configs/lamamba_XL_256.toml"}
@@ -82,12 +93,28 @@ bench_train() {  # the same for `lamamba bench-train` (the trainer's own step); 
 
 # ---------------------------------------------------------------- phase 1: untimed, concurrently
 pids=()
+warm_parts() {  # the compiled rows' graphs (per model and micro-batch, bench's and the trainer's) into the compile
+  # cache: two processes (one per tool, the models one after the other), so that GPU memory holds one row of each
+  (mark "warm: bench --compile"
+   timeout ${WARM_TIMEOUT:-300} $LAMAMBA bench --models $MODELS --resolution $RES --batch $CBATCHES --steps 1 \
+     --warmup 1 --compile --compile-mode $CMODE --out "$O/warm_bench.json" > "$O/warm_bench.log" 2>&1
+   mark "warm: bench done (rc $?)") &
+  local a=$!
+  (mark "warm: bench-train compiled"
+   timeout ${WARM_TIMEOUT:-300} $LAMAMBA bench-train $CONFIGS --matrix "micro=$CBATCHES" --steps 1 --warmup 1 \
+     --set train.compile=true --set "train.compile_mode=\"$CMODE\"" --out "$O/warm_train.json" > "$O/warm_train.log" 2>&1
+   mark "warm: bench-train done (rc $?)") &
+  local b=$!
+  wait $a $b
+}
+WARM_NOW=0; [ "${COMPILED:-1}" = 1 ] && [ "${WARM:-1}" = 1 ] && WARM_NOW=1
+phase 1 || { TESTS=0; RESUME=0; WARM_NOW=0; }
 if [ "${TESTS:-1}" = 1 ]; then
   (
     mark "tests: start"
     par=()
-    if $PY -c "import xdist" 2>/dev/null && [ "${TEST_WORKERS:-6}" -gt 1 ]; then
-      par=(-n "${TEST_WORKERS:-6}" --dist worksteal)  # idle workers take queued tests from busy ones
+    if $PY -c "import xdist" 2>/dev/null && [ "$TEST_WORKERS" -gt 1 ]; then
+      par=(-n "$TEST_WORKERS" --dist worksteal)  # idle workers take queued tests from busy ones
     fi
     # SIGINT at the suite's limit: pytest stops and still writes its report (which test ran long, in --durations)
     setsid timeout -s INT -k 20 ${TESTS_TIMEOUT:-360} $PY -m pytest -m gpu -p no:cacheprovider -o addopts="" -v -rfE \
@@ -124,31 +151,27 @@ if [ "${RESUME:-1}" = 1 ]; then
     echo $? > "$O/resume_second.rc"
     rm -rf "$R"/step_* "$R"/.compile_cache  # about 13 GB per XL checkpoint
     mark "resume: done (rc $(cat "$O/resume_second.rc"))"
+    # on a small card the warm-up waits for the resume run's memory (beside it, a row ran out of memory)
+    [ $SMALL_GPU = 1 ] && [ $WARM_NOW = 1 ] && warm_parts
   ) &
   pids+=($!)
+  [ $SMALL_GPU = 1 ] && WARM_NOW=0
 fi
 
-if [ "${COMPILED:-1}" = 1 ] && [ "${WARM:-1}" = 1 ]; then
-  # The compiled rows' graphs (per model and micro-batch, bench's and the trainer's) into the compile cache: two
-  # processes (one per tool, the models one after the other), so that GPU memory holds one row of each at a time.
-  (mark "warm: bench --compile"
-   timeout ${WARM_TIMEOUT:-300} $LAMAMBA bench --models $MODELS --resolution $RES --batch $CBATCHES --steps 1 \
-     --warmup 1 --compile --compile-mode $CMODE --out "$O/warm_bench.json" > "$O/warm_bench.log" 2>&1
-   mark "warm: bench done (rc $?)") &
-  pids+=($!)
-  (mark "warm: bench-train compiled"
-   timeout ${WARM_TIMEOUT:-300} $LAMAMBA bench-train $CONFIGS --matrix "micro=$CBATCHES" --steps 1 --warmup 1 \
-     --set train.compile=true --set "train.compile_mode=\"$CMODE\"" --out "$O/warm_train.json" > "$O/warm_train.log" 2>&1
-   mark "warm: bench-train done (rc $?)") &
+if [ $WARM_NOW = 1 ]; then
+  warm_parts &
   pids+=($!)
 fi
 for p in "${pids[@]}"; do wait "$p"; done
 # Nothing of phase 1 may outlive it (a timed-out test's worker would share the GPU with the timed rows)
 [ -f "$O/.tests.pgid" ] && kill -9 -- -"$(cat "$O/.tests.pgid")" 2>/dev/null; rm -f "$O/.tests.pgid"
-others=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null | tr '\n' ';')
-mark "timed rows start; other GPU processes: ${others:-none}"
+if phase 2; then
+  others=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null | tr '\n' ';')
+  mark "timed rows start; other GPU processes: ${others:-none}"
+fi
 
 # ---------------------------------------------------------------- phase 2: timed, one at a time
+phase 2 || { EAGER=0; COMPILED=0; CKPT=0; AB=0; }
 if [ "${EAGER:-1}" = 1 ]; then
   prof=(); [ "${PROFILE_STEPS:-0}" -gt 0 ] && prof=(--profile "$PROFILE_STEPS")
   [ "${HOST_PROFILE_STEPS:-0}" -gt 0 ] && prof+=(--host-profile "$HOST_PROFILE_STEPS")

@@ -99,3 +99,26 @@ def test_ratios_take_the_mean_of_model_rows_run_before_and_after_the_trainer(tmp
     r = summary.ratios(tmp_path, "eager")["rows"][0]
     assert r["bench_step_ms_each"] == [100.0, 110.0] and abs(r["bench_drift"] - 1.1) < 1e-9
     assert abs(r["train_over_bench"] - 1.0) < 1e-9 and abs(r["bench_step_ms"] - 105.0) < 1e-9
+
+
+def test_the_check_in_two_calls_summarizes_both_phases(tmp_path):
+    """PHASES=1 then PHASES=2 into one folder (the two device calls on an 80 GB card): the second call keeps the
+    first one's timeline and results and summarizes them. Every part off, so this runs on CPU in seconds."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable, "TESTS": "0", "RESUME": "0", "EAGER": "0", "COMPILED": "0"}
+    script = str(ROOT / "scripts" / "gpu_check.sh")
+    out = tmp_path / "gc"
+    subprocess.run(["bash", script, str(out)], env={**env, "PHASES": "1"}, check=True, capture_output=True, timeout=120)
+    first = (out / "timeline.txt").read_text().splitlines()
+    assert first[-1].endswith("s summary") and not any("timed rows" in line for line in first)
+    _resume_files(out, killed_after=60)  # stands for the first call's resume run
+    r = subprocess.run(["bash", script, str(out)], env={**env, "PHASES": "2"}, check=True, capture_output=True,
+                       text=True, timeout=120)
+    timeline = (out / "timeline.txt").read_text().splitlines()
+    assert timeline[:len(first)] == first  # the first call's marks are kept
+    assert "0s phase 2 (phase 1's results from an earlier call)" in timeline and "timed rows start" in timeline[-2]
+    res = json.loads((out / "summary.json").read_text())
+    assert res["resume"]["ok"] and res["timeline"] == timeline and r.stdout.rstrip().endswith("}")
