@@ -53,8 +53,12 @@ class ModelConfig:
     # SS2D's depthwise conv + SiLU (ops/dwconv.py): "auto" (= "triton" on CUDA, "torch" elsewhere), "torch", "triton"
     conv_backend: str = field(default="auto", metadata=dict(choices=("auto", "torch", "triton")))
     # SS2D's merge of the four scan directions and its adjoint (ops/cross_scan.py): "torch" (gathers + transpose),
-    # "triton" (ops/cross_scan_triton.py, CUDA) or "auto" (= "torch" until a whole step is measured faster)
+    # "triton" (ops/cross_scan_triton.py, CUDA) or "auto" (= "triton" on CUDA, "torch" elsewhere)
     snake_backend: str = field(default="auto", metadata=dict(choices=("auto", "torch", "triton")))
+    # How SS2D's lean scan core reaches autograd (ops/ss2d_core.py): "function" (traced into compiled graphs, where
+    # the partitioner saves the four snake copies it meant to recompute), "op" (custom ops: a compiled block keeps
+    # what the core keeps eagerly) or "auto" (= "function" until a whole step is measured with "op")
+    scan_core: str = field(default="auto", metadata=dict(choices=("auto", "function", "op")))
     # Architecture fields replacing the registry's for ``name`` (``create_model(**arch_overrides)``), e.g.
     # ``arch_overrides = { base_width = 384, num_heads = 16 }``: a config-only model (configs/lamamba_XXL_256.toml).
     # Saved in checkpoints and weight files, so resume, export and sampling rebuild the same model.
@@ -370,7 +374,7 @@ def model_kwargs(model_cfg) -> dict:
     return dict(resolution=m.resolution, num_classes=m.num_classes, class_dropout=m.class_dropout,
                 learn_sigma=m.learn_sigma, grad_checkpointing=m.grad_checkpointing, scan_backend=m.scan_backend,
                 attn_backend=m.attn_backend, conv_backend=m.conv_backend, snake_backend=m.snake_backend,
-                **arch_overrides(m))
+                scan_core=m.scan_core, **arch_overrides(m))
 
 
 def to_dict(cfg: Any) -> dict:

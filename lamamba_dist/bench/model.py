@@ -23,6 +23,7 @@ from lamamba_dist.bench.memory import memory_profile as profile_memory
 from lamamba_dist.bench.profiling import _sync, host_profile, profile_steps
 from lamamba_dist.models.compile import COMPILE_MODES, compile_blocks, uses_cudagraphs
 from lamamba_dist.ops.cross_scan import SNAKE_BACKENDS
+from lamamba_dist.ops.ss2d_core import CORES
 from lamamba_dist.ops.dwconv import CONV_BACKENDS
 from lamamba_dist.ops.selective_scan import BACKENDS as SCAN_BACKENDS
 from lamamba_dist.ops.window_attention import BACKENDS as ATTN_BACKENDS
@@ -48,7 +49,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
                 scan_backend: str = "auto", attn_backend: str = "auto", peak_tflops: float | None = None,
                 memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0,
                 host_profile_steps: int = 0, compile_mode: str = "default", conv_backend: str = "auto",
-                snake_backend: str = "auto", memory_profile: bool = False) -> dict:
+                snake_backend: str = "auto", memory_profile: bool = False, scan_core: str = "auto") -> dict:
     from lamamba_dist.diffusion import create_diffusion
     from lamamba_dist.flops import train_flops_per_image
     from lamamba_dist.models import create_model
@@ -64,7 +65,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
         model = create_model(name, resolution=resolution, grad_checkpointing=grad_checkpointing,
                              scan_backend=scan_backend, attn_backend=attn_backend,
                              lean_scan_backward=lean_scan_backward, conv_backend=conv_backend,
-                             snake_backend=snake_backend)
+                             snake_backend=snake_backend, scan_core=scan_core)
     model.train()
     diffusion = create_diffusion()
     # the plain training step (lamamba_dist/train/step.py), built before compiling (bf16 casts the weights)
@@ -110,7 +111,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
                grad_checkpointing=grad_checkpointing,
                memory_budget=memory_budget if compile_model else None,
                scan_backend=scan_backend, attn_backend=attn_backend, conv_backend=conv_backend,
-               snake_backend=snake_backend,
+               snake_backend=snake_backend, scan_core=scan_core,
                lean_scan_backward=lean_scan_backward,
                img_per_s=img_s, step_ms=step_s * 1e3, model_tflops_per_s=tflops,
                mfu=(tflops / peak_tflops) if peak_tflops else None,
@@ -136,6 +137,7 @@ def environment_info(device: torch.device) -> dict:
 # ``DiT-XL/2:compile=true``; each key overrides the command's option of the same meaning for that model only, so
 # one run can hold each model in its own fastest mode, or several variants of one model, beside the baseline.
 SPEC_KEYS = {"scan": "scan_backend", "attn": "attn_backend", "conv": "conv_backend", "snake": "snake_backend",
+             "core": "scan_core",
              "compile": "compile_model", "mode": "compile_mode"}
 
 
@@ -143,7 +145,7 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
     """``"NAME[:key=value...]"`` -> (registry name, ``bench_model`` keyword overrides); raises ValueError."""
     name, *parts = spec.split(":")
     choices = {"scan_backend": SCAN_BACKENDS, "attn_backend": ATTN_BACKENDS, "conv_backend": CONV_BACKENDS,
-               "snake_backend": SNAKE_BACKENDS,
+               "snake_backend": SNAKE_BACKENDS, "scan_core": CORES,
                "compile_mode": COMPILE_MODES, "compile_model": ("true", "false")}
     out: dict = {}
     for part in parts:
@@ -162,7 +164,7 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
               peak_tflops: float | None = None, scan_backend: str = "auto", attn_backend: str = "auto",
               memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0,
               host_profile_steps: int = 0, compile_mode: str = "default", conv_backend: str = "auto",
-              snake_backend: str = "auto", memory_profile: bool = False) -> dict:
+              snake_backend: str = "auto", memory_profile: bool = False, scan_core: str = "auto") -> dict:
     """One row per (batch, model), batches in the given order (``batch``: an int or a list of them); the ratios
     are to the first model at the same batch. A model may carry its own settings (:func:`parse_model_spec`)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -177,7 +179,8 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
     for spec in models:
         name, own = parse_model_spec(spec)
         kw = dict(compile_model=compile_model, scan_backend=scan_backend, attn_backend=attn_backend,
-                  compile_mode=compile_mode, conv_backend=conv_backend, snake_backend=snake_backend)
+                  compile_mode=compile_mode, conv_backend=conv_backend, snake_backend=snake_backend,
+                  scan_core=scan_core)
         kw.update(own)
         if kw["compile_mode"] != "default" and not kw["compile_model"]:
             raise ValueError(f"model spec {spec!r}: compile mode {kw['compile_mode']!r} needs compile")
@@ -214,8 +217,8 @@ def add_parser(sub, name: str, help_text: str):
     p = sub.add_parser(name, help=help_text, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="DiT-XL/2,LaMamba-XL",
                    help="comma-separated registry names, each optionally with its own settings NAME[:key=value...] "
-                        "(keys: scan, attn, conv, compile, mode; e.g. LaMamba-XL:scan=mixed:conv=triton); the first "
-                        "is the baseline of the ratios")
+                        "(keys: scan, attn, conv, snake, core, compile, mode; e.g. LaMamba-XL:scan=mixed:conv=triton); "
+                        "the first is the baseline of the ratios")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch", default="64", help="batch size, or several separated by commas (e.g. 32,64): one row "
                                                 "per batch and model, in one process")
@@ -242,6 +245,10 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--snake-backend", choices=SNAKE_BACKENDS, default="auto",
                    help="SS2D's merge of the four scan directions and its adjoint (auto: the Triton kernels of "
                         "lamamba_dist/ops/cross_scan_triton.py on CUDA, torch's gathers elsewhere)")
+    p.add_argument("--scan-core", choices=CORES, default="auto",
+                   help="how SS2D's lean scan core reaches autograd (lamamba_dist/ops/ss2d_core.py): function (traced "
+                        "by torch.compile, whose partitioner then saves the snake copies), op (custom ops, opaque to "
+                        "it); auto = function")
     p.add_argument("--plain-scan-backward", action="store_true",
                    help="LaMamba: plain autograd through the SS2D scan core (keeps the (B,4,D,L) snake copies and "
                         "deltas) instead of the lean backward, for A/B measurements")
@@ -289,7 +296,8 @@ def _run(args) -> int:
         out = run_bench(models, args.resolution, batches, args.steps, args.warmup, args.device, args.precision,
                         args.compile, args.grad_checkpointing, args.peak_tflops, args.scan_backend, args.attn_backend,
                         args.memory_budget, not args.plain_scan_backward, args.profile, args.host_profile,
-                        args.compile_mode, args.conv_backend, args.snake_backend, args.memory_profile)
+                        args.compile_mode, args.conv_backend, args.snake_backend, args.memory_profile,
+                        args.scan_core)
     except ValueError as e:  # a model spec's compile mode without compile, a memory profile off CUDA
         raise CLIError(str(e)) from None
     text = write_json(args.out, out)

@@ -32,7 +32,7 @@ from lamamba_dist.ops import (
 )
 from lamamba_dist.ops.dwconv import dwconv_silu
 from lamamba_dist.ops.selective_scan import SS2D_BACKENDS, resolve_backend, scan_kernel, ss2d_scan
-from lamamba_dist.ops.ss2d_core import ss2d_core
+from lamamba_dist.ops.ss2d_core import CORES, resolve_core, ss2d_core
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class SS2D(nn.Module):
 
     def __init__(self, dim: int, d_state: int = 1, ssm_ratio: float = 2.0, d_conv: int = 3, scan_backend: str = "auto",
                  resolution: int | None = None, lean_scan_backward: bool = True, conv_backend: str = "auto",
-                 snake_backend: str = "auto"):
+                 snake_backend: str = "auto", scan_core: str = "auto"):
         super().__init__()
         # With a kernel that has its own backward (mamba-ssm's or the Triton one), run the scan core through
         # ss2d_core: the backward keeps x and the rank-R deltas, not the (B, 4, D, L) snake copies and deltas.
@@ -85,6 +85,9 @@ class SS2D(nn.Module):
         self.scan_backend = scan_backend
         self.conv_backend = conv_backend  # the depthwise conv + SiLU (ops/dwconv.py)
         self.snake_backend = snake_backend  # the merge of the four directions and its adjoint (ops/cross_scan.py)
+        if scan_core not in CORES:
+            raise ValueError(f"unknown scan core {scan_core!r}; choose one of {', '.join(CORES)}")
+        self.scan_core = scan_core  # how the lean core reaches autograd (ops/ss2d_core.py CORES)
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=False)
         self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, d_inner))
@@ -156,14 +159,19 @@ class SS2D(nn.Module):
         length = h * w
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, H, W, D) each: first D -> x, last D -> z
         z = F.silu(z)
-        x = dwconv_silu(x, self.conv2d.weight, out_bdl=True, backend=self.conv_backend)  # (B, D, H, W)
         a = -torch.exp(self.A_logs.float())  # (4D, N)
         kernel = scan_kernel(self.scan_backend, x, n, length=length)
-        if self.lean_scan_backward and kernel != "reference":
+        lean = self.lean_scan_backward and kernel != "reference"
+        # The core as custom ops reads the conv's output channels-last (B, H, W, D): its gathers into the four
+        # sequences and back are then the snake kernels (inside the op, nothing fuses them with their neighbours).
+        # The traced core and the plain path take (B, D, H, W), gathered along L by Inductor or torch.
+        cl = lean and resolve_core(self.scan_core) == "op"
+        x = dwconv_silu(x, self.conv2d.weight, out_bdl=not cl, backend=self.conv_backend)
+        if lean:
             paths, inverse = self._gathered_tables(h, x.device)
-            y = ss2d_core(x.reshape(b, d, length), self.x_proj_weight, self.dt_projs_weight, a, self.Ds,
-                          self.dt_projs_bias.reshape(-1), paths, inverse, kernel,
-                          self.snake_backend).view(b, h, w, d)  # channels-last
+            y = ss2d_core(x.reshape(b, length, d) if cl else x.reshape(b, d, length), self.x_proj_weight,
+                          self.dt_projs_weight, a, self.Ds, self.dt_projs_bias.reshape(-1), paths, inverse, kernel,
+                          self.snake_backend, channels_last=cl, core=self.scan_core).view(b, h, w, d)
         else:
             y = self._scan_core_plain(x, a).transpose(1, 2).reshape(b, h, w, d)
         y = self.out_norm(y).to(u.dtype) * z
@@ -260,12 +268,12 @@ class LaMambaBlock(nn.Module):
 
     def __init__(self, dim: int, cond_dim: int, resolution: int, arch: LaMambaArch, shift: int, project_condition: bool,
                  scan_backend: str = "auto", attn_backend: str = "auto", lean_scan_backward: bool = True,
-                 conv_backend: str = "auto", snake_backend: str = "auto"):
+                 conv_backend: str = "auto", snake_backend: str = "auto", scan_core: str = "auto"):
         super().__init__()
         self.condition_projection = nn.Linear(cond_dim, dim) if project_condition else nn.Identity()
         self.norm = nn.LayerNorm(dim)
         self.op = SS2D(dim, arch.d_state, arch.ssm_ratio, arch.d_conv, scan_backend, resolution, lean_scan_backward,
-                       conv_backend, snake_backend)
+                       conv_backend, snake_backend, scan_core)
         self.norm_swin = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, arch.num_heads, resolution, arch.window_size, shift, attn_backend)
         self.norm2 = nn.LayerNorm(dim)
@@ -330,7 +338,7 @@ class LaMambaDiff(nn.Module):
     def __init__(self, arch: LaMambaArch, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
                  class_dropout: float = 0.1, learn_sigma: bool = True, grad_checkpointing: bool = False,
                  scan_backend: str = "auto", attn_backend: str = "auto", lean_scan_backward: bool = True,
-                 conv_backend: str = "auto", snake_backend: str = "auto"):
+                 conv_backend: str = "auto", snake_backend: str = "auto", scan_core: str = "auto"):
         super().__init__()
         self.arch = arch
         self.latent_size = input_size
@@ -347,7 +355,7 @@ class LaMambaDiff(nn.Module):
 
         def make_blocks(depth, dim, r, force_proj):
             return [LaMambaBlock(dim, cc, r, arch, shift if i % 2 else 0, force_proj or dim != cc,
-                                 scan_backend, attn_backend, lean_scan_backward, conv_backend, snake_backend)
+                                 scan_backend, attn_backend, lean_scan_backward, conv_backend, snake_backend, scan_core)
                     for i in range(depth)]
 
         self.patch_embed = nn.Module()

@@ -39,12 +39,13 @@ def list_models() -> list[str]:
 def create_model(name: str, resolution: int = 256, num_classes: int = 1000, class_dropout: float = 0.1,
                  learn_sigma: bool = True, grad_checkpointing: bool = False, scan_backend: str = "auto",
                  attn_backend: str = "auto", lean_scan_backward: bool = True, conv_backend: str = "auto",
-                 snake_backend: str = "auto", **arch_overrides) -> nn.Module:
+                 snake_backend: str = "auto", scan_core: str = "auto", **arch_overrides) -> nn.Module:
     """Build a registered model. ``arch_overrides`` replace architecture fields (e.g. depths=(2,2,2,2)).
     ``lean_scan_backward`` (LaMamba, fused/Triton scan kernels): the SS2D backward keeps the map, not its four
     snake copies and deltas (lamamba_dist.ops.ss2d_core); False = plain autograd, for A/B measurements.
     ``conv_backend`` (LaMamba): SS2D's depthwise conv + SiLU (lamamba_dist.ops.dwconv). ``snake_backend`` (LaMamba):
-    the merge of the four scan directions and its adjoint (lamamba_dist.ops.cross_scan.SNAKE_BACKENDS)."""
+    the merge of the four scan directions and its adjoint (lamamba_dist.ops.cross_scan.SNAKE_BACKENDS). ``scan_core``
+    (LaMamba): how the lean scan core reaches autograd (lamamba_dist.ops.ss2d_core.CORES)."""
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
     if resolution % VAE_FACTOR:
@@ -60,7 +61,7 @@ def create_model(name: str, resolution: int = 256, num_classes: int = 1000, clas
             raise ValueError(f"unknown LaMamba architecture field(s) {bad}; valid: {sorted(valid)}")
         model = LaMambaDiff(LaMambaArch(**arch), scan_backend=scan_backend, attn_backend=attn_backend,
                             lean_scan_backward=lean_scan_backward, conv_backend=conv_backend,
-                            snake_backend=snake_backend, **common)
+                            snake_backend=snake_backend, scan_core=scan_core, **common)
     else:
         model = DiT(**arch, **common)
     model.model_name = name

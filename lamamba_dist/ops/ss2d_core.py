@@ -1,6 +1,7 @@
 """SS2D's scan core with a lean backward: keep the map, not its four snake copies and their deltas.
 
-The core of SS2D, from the activated conv output x (B, D, L) to the merged scan output, channels-last (B, L, D):
+The core of SS2D, from the activated conv output x (B, D, L), or channels-last (B, L, D) as SS2D passes it, to
+the merged scan output, channels-last (B, L, D):
 
     xs    = cross_scan(x)                       (B, 4, D, L)   the map along the four snake paths
     x_dbl = x_proj_weight @ xs                  (B, 4, R+2N, L)  -> dts_r (B,4,R,L), Bs, Cs (B,4,N,L)
@@ -10,14 +11,17 @@ The core of SS2D, from the activated conv output x (B, D, L) to the merged scan 
 
 The merge writes channels-last directly and the backward gathers the channels-last gradient straight into the
 four sequences (cross_scan.snake_merge_cl / snake_gather_cl; on CUDA by default, Triton kernels whose reads and
-writes are both contiguous runs, so neither pass has a separate transpose of a map).
+writes are both contiguous runs, so neither pass has a separate transpose of a map). With a channels-last x the
+same two kernels gather x into the four sequences and merge their gradient back.
 
 Plain autograd keeps xs and dts for the backward: two (B, 4, D, L) tensors, 8x the map, in every SS2D (about
 3.3 GiB each for LaMamba-XL at 256 px, batch 64, in bf16). ``ss2d_core`` is one autograd function that keeps
 x, dts_r (R = C/16 rows instead of D = 2C), Bs, Cs and the scan kernel's per-chunk states, and in the backward
 gathers xs again from x and recomputes dts with the small (D x R) projection before calling the scan kernel's
 own backward: the scan itself is never recomputed. The extra backward work is one gather and one rank-R
-matmul per SS2D.
+matmul per SS2D. With ``core="op"`` and the real kernels the forward and the backward are custom ops
+(``lamamba::ss2d_core_fwd`` / ``_bwd``), so that torch.compile keeps this choice: it cannot see inside them to
+save xs and dts instead, as it does through the autograd.Function (``core="function"``, the default for now).
 
 It needs a scan with separate forward/backward kernels that returns states: mamba-ssm's (``fused``) or our
 Triton d_state-1 kernel (``triton``); ``reference`` pairs the literal recurrence with autograd (CPU tests).
@@ -85,62 +89,175 @@ def _reference_pair():
 
 
 KERNELS = {"fused": _fused_pair, "triton": _triton_pair, "reference": _reference_pair}
+# How the core reaches autograd (the model setting ``scan_core``): "function" (an autograd.Function, which
+# torch.compile traces into the block's graph), "op" (the custom ops below, opaque to torch.compile, so a compiled
+# block keeps what the core keeps eagerly) or "auto" (= "function" until a whole step has been measured with "op").
+# The "reference" kernel always runs as the function: its backward re-runs the recurrence under autograd.
+CORES = ("auto", "function", "op")
+
+
+def resolve_core(core: str) -> str:
+    """"function" or "op": what ``core`` (one of CORES) runs as."""
+    if core not in CORES:
+        raise ValueError(f"scan core must be one of {', '.join(CORES)}, got {core!r}")
+    return "function" if core == "auto" else core
+
+
+def _gather_xs(x, paths, inverse, snake: str, channels_last: bool):
+    """The map along the four snake paths, (B, 4, D, L), from x (B, L, D) when channels_last else (B, D, L)."""
+    if channels_last:
+        return snake_gather_cl(x, paths, inverse, snake)
+    return _scan_gather(x, paths)
+
+
+def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse, kernel: str, snake: str,
+                  channels_last: bool):
+    """The forward: (y (B, L, D) channels-last, and what the backward keeps: dts_r, bs, cs, the scan's states)."""
+    b, d, length = (x.shape[0], x.shape[2], x.shape[1]) if channels_last else x.shape
+    k, r = dt_projs_weight.shape[0], dt_projs_weight.shape[2]
+    n = A.shape[1]
+    fwd, _ = KERNELS[kernel]()
+    dtype = x.dtype
+    xs = _gather_xs(x, paths, inverse, snake, channels_last)  # (B, K, D, L)
+    x_dbl = torch.matmul(x_proj_weight.to(dtype), xs)  # (B, K, R+2N, L)
+    dts_r, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
+    dts = torch.matmul(dt_projs_weight.to(dtype), dts_r)  # (B, K, D, L)
+    bs, cs = bs.contiguous(), cs.contiguous()
+    out, states = fwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs, Ds, dt_bias, True)
+    y = snake_merge_cl(out.view(b, k, d, length), paths, inverse, snake)  # (B, L, D)
+    return y, dts_r.contiguous(), bs, cs, states
+
+
+def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, paths, inverse, kernel: str, snake: str,
+                   channels_last: bool):
+    """The input and parameter gradients from gy (B, L, D): xs gathered again, dts recomputed from dts_r."""
+    b, d, length = (x.shape[0], x.shape[2], x.shape[1]) if channels_last else x.shape
+    k = wdt_p.shape[0]
+    _, bwd = KERNELS[kernel]()
+    dtype = x.dtype
+    wx, wdt = wx_p.to(dtype), wdt_p.to(dtype)
+    xs = _gather_xs(x, paths, inverse, snake, channels_last)  # recomputed: one gather
+    dts = torch.matmul(wdt, dts_r)  # recomputed: the rank-R projection
+    gout = snake_gather_cl(gy.to(dtype), paths, inverse, snake)  # adjoint of the merge: (B, L, D) -> (B, 4, D, L)
+    du, ddelta, dA, dB, dC, dD, dbias = bwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs,
+                                            Ds, dt_bias, gout.view(b, k * d, length), states, True)
+    ddelta = ddelta.view(b, k, d, length).to(dtype)
+    # weight grads as (B, K)-batched matmuls on transposed views, summed over B: no permuted copy of the
+    # (B, K, D, L) operands (an einsum over "bk..." would fold B into the reduction by copying them)
+    g_wdt = torch.matmul(ddelta, dts_r.transpose(-1, -2)).sum(0)  # (K, D, R)
+    g_dts_r = torch.matmul(wdt.transpose(1, 2), ddelta)  # (B, K, R, L)
+    g_xdbl = torch.cat([g_dts_r, dB.to(dtype), dC.to(dtype)], dim=2)  # (B, K, R+2N, L)
+    g_wx = torch.matmul(g_xdbl, xs.transpose(-1, -2)).sum(0)  # (K, R+2N, D)
+    # g_xs = du + wx^T g_xdbl, the sum in the GEMM's epilogue, in place in du (one pass over the (B, K, D, L) map
+    # instead of three); the (K, D, R+2N) weight repeated over B for the batched GEMM is small
+    r2 = g_xdbl.shape[2]
+    w_t = wx.transpose(1, 2).unsqueeze(0).expand(b, k, d, r2).reshape(b * k, d, r2)
+    g_xs = du.to(dtype).view(b * k, d, length).baddbmm_(w_t, g_xdbl.reshape(b * k, r2, length)).view(b, k, d, length)
+    g_x = snake_merge_cl(g_xs, paths, inverse, snake) if channels_last else _merge_gather(g_xs, inverse)
+    return (g_x, g_wx.to(wx_p.dtype), g_wdt.to(wdt_p.dtype), dA.to(A.dtype), dD.to(Ds.dtype),
+            dbias.to(dt_bias.dtype))
 
 
 class _SS2DCore(torch.autograd.Function):
+    """The lean core for the "reference" kernel (CPU tests): its backward re-runs the literal recurrence under
+    autograd, which a custom op's implementation (below autograd) cannot."""
+
     @staticmethod
-    def forward(ctx, x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse, kernel: str, snake: str):
-        b, d, length = x.shape
-        k, r = dt_projs_weight.shape[0], dt_projs_weight.shape[2]
-        n = A.shape[1]
-        fwd, _ = KERNELS[kernel]()
-        dtype = x.dtype
-        xs = _scan_gather(x, paths)  # (B, K, D, L)
-        x_dbl = torch.matmul(x_proj_weight.to(dtype), xs)  # (B, K, R+2N, L)
-        dts_r, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.matmul(dt_projs_weight.to(dtype), dts_r)  # (B, K, D, L)
-        bs, cs = bs.contiguous(), cs.contiguous()
-        out, states = fwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs, Ds, dt_bias, True)
+    def forward(ctx, x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse, kernel: str, snake: str,
+                channels_last: bool):
+        y, dts_r, bs, cs, states = _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse,
+                                                 kernel, snake, channels_last)
         ctx.save_for_backward(x, x_proj_weight, dt_projs_weight, dts_r, bs, cs, A, Ds, dt_bias, states, paths, inverse)
-        ctx.kernel, ctx.snake = kernel, snake
-        return snake_merge_cl(out.view(b, k, d, length), paths, inverse, snake)  # (B, L, D)
+        ctx.kernel, ctx.snake, ctx.channels_last = kernel, snake, channels_last
+        return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, paths, inverse = ctx.saved_tensors
-        b, d, length = x.shape
-        k = wdt_p.shape[0]
-        _, bwd = KERNELS[ctx.kernel]()
-        dtype = x.dtype
-        wx, wdt = wx_p.to(dtype), wdt_p.to(dtype)
-        xs = _scan_gather(x, paths)  # recomputed: one gather
-        dts = torch.matmul(wdt, dts_r)  # recomputed: the rank-R projection
-        gout = snake_gather_cl(gy.to(dtype), paths, inverse, ctx.snake)  # adjoint of the merge: (B, L, D) -> (B, 4, D, L)
-        du, ddelta, dA, dB, dC, dD, dbias = bwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs,
-                                                Ds, dt_bias, gout.view(b, k * d, length), states, True)
-        ddelta = ddelta.view(b, k, d, length).to(dtype)
-        # weight grads as (B, K)-batched matmuls on transposed views, summed over B: no permuted copy of the
-        # (B, K, D, L) operands (an einsum over "bk..." would fold B into the reduction by copying them)
-        g_wdt = torch.matmul(ddelta, dts_r.transpose(-1, -2)).sum(0)  # (K, D, R)
-        g_dts_r = torch.matmul(wdt.transpose(1, 2), ddelta)  # (B, K, R, L)
-        g_xdbl = torch.cat([g_dts_r, dB.to(dtype), dC.to(dtype)], dim=2)  # (B, K, R+2N, L)
-        g_wx = torch.matmul(g_xdbl, xs.transpose(-1, -2)).sum(0)  # (K, R+2N, D)
-        g_xs = du.view(b, k, d, length).to(dtype) + torch.matmul(wx.transpose(1, 2), g_xdbl)
-        g_x = _merge_gather(g_xs, inverse)
-        return (g_x, g_wx.to(wx_p.dtype), g_wdt.to(wdt_p.dtype), dA.to(A.dtype), dD.to(Ds.dtype),
-                dbias.to(dt_bias.dtype), None, None, None, None)
+        grads = _core_backward(gy, *ctx.saved_tensors, ctx.kernel, ctx.snake, ctx.channels_last)
+        return (*grads, None, None, None, None, None)
+
+
+# The lean core of the real kernels ("fused", "triton") as custom ops (``scan_core = "op"``): opaque to
+# torch.compile, so the compiled graph keeps exactly what setup_context saves. Traced through the autograd.Function
+# instead, AOT autograd sees the backward's gather of xs and its recomputed dts as the forward's own and the
+# partitioner saves them, with a transposed copy of xs besides: three (B, 4, D, L) tensors per SS2D, about 9 GiB
+# for LaMamba-XL at 256 px, batch 64, counted from the traced graphs (tests/ops/test_ss2d_core.py checks what a
+# compiled SS2D saves with each).
+@torch.library.custom_op("lamamba::ss2d_core_fwd", mutates_args=())
+def _ss2d_core_fwd(x: torch.Tensor, x_proj_weight: torch.Tensor, dt_projs_weight: torch.Tensor, A: torch.Tensor,
+                   Ds: torch.Tensor, dt_bias: torch.Tensor, paths: torch.Tensor, inverse: torch.Tensor, kernel: str,
+                   snake: str, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                             torch.Tensor]:
+    return _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse, kernel, snake,
+                         channels_last)
+
+
+def _states_shape(kernel: str, b: int, dim: int, length: int, n: int) -> tuple[int, ...]:
+    """The shape of the per-chunk states each kernel's forward returns (what its backward reads)."""
+    if kernel == "triton":
+        chunk = int(_ST.default_chunk(length))
+        return (b, dim, (length + chunk - 1) // chunk)
+    if kernel == "fused":
+        return (b, dim, _SS._n_chunks(length), 2 * n)
+    return (0,)
+
+
+@_ss2d_core_fwd.register_fake
+def _(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse, kernel, snake, channels_last):
+    b, d, length = (x.shape[0], x.shape[2], x.shape[1]) if channels_last else x.shape
+    k, r = dt_projs_weight.shape[0], dt_projs_weight.shape[2]
+    n = A.shape[1]
+    return (x.new_empty(b, length, d), x.new_empty(b, k, r, length), x.new_empty(b, k, n, length),
+            x.new_empty(b, k, n, length), x.new_empty(_states_shape(kernel, b, k * d, length, n), dtype=torch.float32))
+
+
+@torch.library.custom_op("lamamba::ss2d_core_bwd", mutates_args=())
+def _ss2d_core_bwd(gy: torch.Tensor, x: torch.Tensor, x_proj_weight: torch.Tensor, dt_projs_weight: torch.Tensor,
+                   dts_r: torch.Tensor, bs: torch.Tensor, cs: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor,
+                   dt_bias: torch.Tensor, states: torch.Tensor, paths: torch.Tensor, inverse: torch.Tensor,
+                   kernel: str, snake: str, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _core_backward(gy, x, x_proj_weight, dt_projs_weight, dts_r, bs, cs, A, Ds, dt_bias, states, paths,
+                          inverse, kernel, snake, channels_last)
+
+
+@_ss2d_core_bwd.register_fake
+def _(gy, x, x_proj_weight, dt_projs_weight, dts_r, bs, cs, A, Ds, dt_bias, states, paths, inverse, kernel, snake,
+      channels_last):
+    return (torch.empty_like(x), torch.empty_like(x_proj_weight), torch.empty_like(dt_projs_weight),
+            torch.empty_like(A), torch.empty_like(Ds), torch.empty_like(dt_bias))
+
+
+def _core_setup_context(ctx, inputs, output):
+    x, wx, wdt, A, Ds, dt_bias, paths, inverse, kernel, snake, channels_last = inputs
+    _, dts_r, bs, cs, states = output
+    ctx.save_for_backward(x, wx, wdt, dts_r, bs, cs, A, Ds, dt_bias, states, paths, inverse)
+    ctx.kernel, ctx.snake, ctx.channels_last = kernel, snake, channels_last
+
+
+def _core_autograd(ctx, gy, *_unused):  # grads of dts_r, bs, cs, states: those never leave ss2d_core
+    grads = _ss2d_core_bwd(gy.contiguous(), *ctx.saved_tensors, ctx.kernel, ctx.snake, ctx.channels_last)
+    return (*grads, None, None, None, None, None)
+
+
+_ss2d_core_fwd.register_autograd(_core_autograd, setup_context=_core_setup_context)
 
 
 def ss2d_core(x: torch.Tensor, x_proj_weight: torch.Tensor, dt_projs_weight: torch.Tensor, A: torch.Tensor,
               Ds: torch.Tensor, dt_bias: torch.Tensor, paths: torch.Tensor, inverse: torch.Tensor,
-              kernel: str, snake: str = "auto") -> torch.Tensor:
-    """x (B, D, L) -> y (B, L, D) channels-last, see the module docstring. x_proj_weight (K, R+2N, D), dt_projs_weight
-    (K, D, R), A (K*D, N) fp32, Ds and dt_bias (K*D,) fp32, paths/inverse (K, L) from snake_tables; kernel one
-    of KERNELS; snake one of cross_scan.SNAKE_BACKENDS (the merge and its adjoint). Softplus on the deltas, as
-    SS2D uses it."""
+              kernel: str, snake: str = "auto", channels_last: bool = False, core: str = "auto") -> torch.Tensor:
+    """x (B, D, L), or (B, L, D) when ``channels_last``, -> y (B, L, D) channels-last, see the module docstring.
+    x_proj_weight (K, R+2N, D), dt_projs_weight (K, D, R), A (K*D, N) fp32, Ds and dt_bias (K*D,) fp32,
+    paths/inverse (K, L) from snake_tables; kernel one of KERNELS; snake one of cross_scan.SNAKE_BACKENDS (the
+    merge and its adjoint; with ``channels_last`` also the gather of x into the four sequences and its adjoint, so
+    x's gradient comes back channels-last too); core one of CORES. Softplus on the deltas, as SS2D uses it."""
     if kernel not in KERNELS:
         raise ValueError(f"ss2d_core kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     if snake not in SNAKE_BACKENDS:
         raise ValueError(f"ss2d_core snake backend must be one of {', '.join(SNAKE_BACKENDS)}, got {snake!r}")
-    return _SS2DCore.apply(x.contiguous(), x_proj_weight, dt_projs_weight, A.float().contiguous(),
-                           Ds.float().contiguous(), dt_bias.float().contiguous(), paths, inverse, kernel, snake)
+    core = resolve_core(core)
+    args = (x.contiguous(), x_proj_weight, dt_projs_weight, A.float().contiguous(), Ds.float().contiguous(),
+            dt_bias.float().contiguous(), paths, inverse, kernel, snake, bool(channels_last))
+    if kernel == "reference" or core != "op":
+        return _SS2DCore.apply(*args)
+    return _ss2d_core_fwd(*args)[0]

@@ -1,7 +1,7 @@
 """torch.compile traces the real scan dispatch with ``fullgraph=True`` (no graph break), on the CPU.
 
-On a GPU, SS2D with mamba-ssm installed runs ``scan_kernel`` -> ``ss2d_core`` -> the ``fused`` kernel pair ->
-the custom ops ``lamamba::selective_scan_fwd/bwd``. CPU CI has no mamba-ssm, so the kernel module behind those
+On a GPU, SS2D with mamba-ssm installed runs ``scan_kernel`` -> ``ss2d_core`` (its custom ops
+``lamamba::ss2d_core_fwd/bwd``) -> the ``fused`` kernel pair -> the custom ops ``lamamba::selective_scan_fwd/bwd``. CPU CI has no mamba-ssm, so the kernel module behind those
 custom ops is replaced by one that computes the literal recurrence (same signature and outputs as mamba-ssm's
 ``selective_scan_cuda``): everything above it (the dispatch, the lean-backward core, the op registration) is
 the code the GPU runs. Any Python the tracer refuses in that path (an import inside a traced function, for
@@ -84,18 +84,22 @@ def test_fused_scan_dispatch_compiles_fullgraph_on_cpu(monkeypatch, lean):
 
 
 def test_import_inside_the_traced_path_is_refused_under_fullgraph(monkeypatch):
-    """The failure class this file guards against: an import in a traced function breaks the graph."""
+    """The failure class this file guards against: an import in a traced function breaks the graph. (The lean
+    core's kernel calls run inside its custom ops, which the tracer does not enter; the plain path's dispatch to
+    mamba-ssm's op is traced.)"""
     monkeypatch.setattr(ss, "_SCAN_CUDA", _ReferenceKernelModule())
-    from lamamba_dist.ops import ss2d_core as core
+    fused = ss.selective_scan_fused
 
-    def importing_pair():
+    def importing_fused(*a):
         mod = importlib.import_module("lamamba_dist.ops.selective_scan")
-        return (lambda *a: mod._scan_fwd(*a)), (lambda *a: mod._scan_bwd(*a))
+        assert mod is ss
+        return fused(*a)
 
-    monkeypatch.setitem(core.KERNELS, "fused", importing_pair)
+    monkeypatch.setattr(ss, "selective_scan_fused", importing_fused)
     torch._dynamo.reset()
     model = _ss2d("fused")
-    with pytest.raises(Exception):
+    model.lean_scan_backward = False
+    with pytest.raises(Exception, match="import"):
         torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(2, 4, 4, 8))
     torch._dynamo.reset()
 

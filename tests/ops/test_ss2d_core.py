@@ -1,6 +1,7 @@
 """ss2d_core: SS2D's scan core with a lean backward (keeps x and the rank-R deltas, regathers / recomputes the
 rest) equals plain autograd through cross_scan + projections + selective scan + cross_merge, and keeps less."""
 
+import math
 import os
 
 import pytest
@@ -36,10 +37,29 @@ def _plain(x, p, n_side, backend):
     return cross_merge(ys.view(b, k, d, length), n_side).transpose(1, 2)  # channels-last, as ss2d_core returns
 
 
-def _lean(x, p, n_side, kernel):
+def _lean(x, p, n_side, kernel, core="auto"):
     paths, inverse = snake_tables(n_side, x.device)
     a = -torch.exp(p["A_logs"].float())
-    return ss2d_core(x, p["x_proj_weight"], p["dt_projs_weight"], a, p["Ds"], p["dt_bias"], paths, inverse, kernel)
+    return ss2d_core(x, p["x_proj_weight"], p["dt_projs_weight"], a, p["Ds"], p["dt_bias"], paths, inverse, kernel,
+                     core=core)
+
+
+def _lean_op(x, p, n_side, kernel):
+    """The core as custom ops (scan_core "op"; the "reference" kernel runs as the function either way)."""
+    return _lean(x, p, n_side, kernel, core="op")
+
+
+def _lean_cl(x, p, n_side, kernel, core="op"):
+    """x passed channels-last (B, L, D), as SS2D does: x's gradient comes back channels-last."""
+    paths, inverse = snake_tables(n_side, x.device)
+    a = -torch.exp(p["A_logs"].float())
+    x_cl = x.transpose(1, 2)  # a view: autograd takes the gradient back to (B, D, L) for the comparison
+    return ss2d_core(x_cl, p["x_proj_weight"], p["dt_projs_weight"], a, p["Ds"], p["dt_bias"], paths, inverse,
+                     kernel, channels_last=True, core=core)
+
+
+def _lean_cl_function(x, p, n_side, kernel):
+    return _lean_cl(x, p, n_side, kernel, core="function")
 
 
 def _run(fn, x, p, *args):
@@ -57,10 +77,12 @@ def _assert_lean_matches_plain_reference(n_side, d, kernel, rtol, atol):
     p = _params(d)
     x = torch.randn(2, d, n_side * n_side, generator=torch.Generator().manual_seed(1))
     y0, g0 = _run(_plain, x, p, n_side, "reference")
-    y1, g1 = _run(_lean, x, p, n_side, kernel)
-    torch.testing.assert_close(y1, y0, rtol=rtol, atol=atol)
-    for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], rtol=10 * rtol, atol=10 * atol, msg=name)
+    for lean in (_lean, _lean_op, _lean_cl, _lean_cl_function):
+        y1, g1 = _run(lean, x, p, n_side, kernel)
+        torch.testing.assert_close(y1, y0, rtol=rtol, atol=atol)
+        for name in g0:
+            torch.testing.assert_close(g1[name], g0[name], rtol=10 * rtol, atol=10 * atol,
+                                       msg=f"{lean.__name__} {name}")
 
 
 @pytest.mark.parametrize("n_side,d", [(4, 5), (3, 8), (6, 2)])
@@ -86,10 +108,28 @@ def test_lean_core_keeps_less_than_one_snake_copy_for_backward():
     assert 0 < sum(saved) < snake_copy, (sum(saved), snake_copy)
 
 
-def test_lean_core_rejects_unknown_kernel():
+def test_lean_core_rejects_unknown_kernel_and_core():
     p = _params(2)
     with pytest.raises(ValueError, match="kernel must be one of"):
         _lean(torch.randn(1, 2, 4), p, 2, "nope")
+    with pytest.raises(ValueError, match="scan core must be one of auto, function, op, got 'fast'"):
+        _lean(torch.randn(1, 2, 4), p, 2, "reference", core="fast")
+
+
+def test_scan_core_setting_reaches_every_ss2d():
+    from lamamba_dist.bench.model import parse_model_spec
+    from lamamba_dist.config import ModelConfig, model_kwargs
+    from lamamba_dist.models import create_model
+
+    model = create_model("LaMamba-debug", **model_kwargs(ModelConfig(resolution=64, scan_core="op")))
+    cores = [m.scan_core for m in model.modules() if hasattr(m, "scan_core")]
+    assert cores and set(cores) == {"op"}
+    assert model_kwargs(ModelConfig(name="LaMamba-debug"))["scan_core"] == "auto"
+    assert parse_model_spec("LaMamba-XL:core=op") == ("LaMamba-XL", dict(scan_core="op"))
+    with pytest.raises(ValueError, match="core='fast'"):
+        parse_model_spec("LaMamba-XL:core=fast")
+    with pytest.raises(ValueError, match="unknown scan core 'fast'"):
+        create_model("LaMamba-debug", resolution=64, scan_core="fast")
 
 
 def _interpreter_cases():
@@ -100,10 +140,10 @@ def _interpreter_cases():
     from lamamba_dist.models import create_model
 
     grads = []
-    for lean in (True, False):
+    for lean, core in ((True, "op"), (True, "function"), (False, "auto")):
         torch.manual_seed(0)
         m = create_model("LaMamba-debug", resolution=32, scan_backend="triton", lean_scan_backward=lean,
-                         class_dropout=0.0)
+                         class_dropout=0.0, scan_core=core)
         with torch.no_grad():
             for prm in m.parameters():  # leave adaLN-Zero so every branch contributes
                 prm.add_(torch.randn_like(prm) * 0.02)
@@ -111,24 +151,79 @@ def _interpreter_cases():
         out = m(x, torch.tensor([10, 900]), torch.tensor([1, 5]))
         out.square().mean().backward()
         grads.append((out.detach(), {n: prm.grad for n, prm in m.named_parameters()}))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
-    for name, g in grads[1][1].items():
-        torch.testing.assert_close(grads[0][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    for lean in grads[:2]:  # both lean cores against plain autograd
+        torch.testing.assert_close(lean[0], grads[2][0], rtol=1e-5, atol=1e-6)
+        for name, g in grads[2][1].items():
+            torch.testing.assert_close(lean[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
     # torch.compile(fullgraph=True) traces through the lean core (autograd.Function + the kernels' custom ops)
     from lamamba_dist.models.lamamba import SS2D
 
-    torch.manual_seed(0)
-    op = SS2D(16, scan_backend="triton", resolution=4)
-    op.reset_ssm_parameters()
-    x = torch.randn(2, 4, 4, 16, requires_grad=True)
-    eager = op(x)
-    eager.square().sum().backward()
-    g_eager, x.grad = x.grad.clone(), None
-    compiled = torch.compile(op, backend="aot_eager", fullgraph=True)(x)  # raises on a graph break
-    compiled.square().sum().backward()
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, g_eager, rtol=1e-4, atol=1e-5)
+    for core in ("op", "function"):
+        torch.manual_seed(0)
+        op = SS2D(16, scan_backend="triton", resolution=4, scan_core=core)
+        op.reset_ssm_parameters()
+        x = torch.randn(2, 4, 4, 16, requires_grad=True)
+        eager = op(x)
+        eager.square().sum().backward()
+        g_eager, x.grad = x.grad.clone(), None
+        torch._dynamo.reset()
+        compiled = torch.compile(op, backend="aot_eager", fullgraph=True)(x)  # raises on a graph break
+        compiled.square().sum().backward()
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad, g_eager, rtol=1e-4, atol=1e-5)
+    _compiled_ss2d_saves_no_snake_copy()
     print("interpreter cases passed")
+
+
+def _compiled_ss2d_saves_no_snake_copy():
+    """What a compiled SS2D keeps for its backward, from the forward graph Inductor's partitioner (min-cut) cuts.
+    With the core as custom ops (scan_core "op") the lean core's choice survives compilation: no (B, 4, D, L)
+    tensor, not xs, not dts, not a transposed xs. Through the autograd.Function ("function") the partitioner
+    saves them."""
+    import functools
+
+    import torch._inductor.decomposition
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from lamamba_dist.models.lamamba import SS2D
+
+    class Cut(Exception):
+        pass
+
+    def forward_graph(gm, _inputs):
+        outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+        for node in outs[1:]:  # the block's output, then what the backward keeps
+            val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+            if isinstance(val, torch.Tensor) and node.op != "placeholder":
+                saved.append(tuple(val.shape))
+        raise Cut
+
+    def backend(gm, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=forward_graph, bw_compiler=lambda g, _i: g,
+                                     partition_fn=functools.partial(min_cut_rematerialization_partition,
+                                                                    compiler="inductor"),
+                                     decompositions=torch._inductor.decomposition.select_decomp_table())
+
+    b, side, c = 2, 8, 16
+    largest = {}
+    for core in ("op", "function"):
+        saved = []
+        op = SS2D(c, scan_backend="triton", resolution=side, scan_core=core)
+        op.reset_ssm_parameters()
+        x = torch.randn(b, side, side, c, requires_grad=True)
+        torch._dynamo.reset()  # a fresh compile with static shapes (the cases above compiled SS2D at another size)
+        try:
+            torch.compile(op, backend=backend, fullgraph=True, dynamic=False)(x)
+        except Exception as e:  # the backend stops the compile once it has seen the forward graph
+            if "Cut" not in repr(e):
+                raise
+        assert saved, core
+        largest[core] = max(math.prod(s) for s in saved)
+        if core == "op":  # x, the gate, out_norm's input and out_proj's: a few maps, where xs + dts + xs^T are 12
+            assert sum(math.prod(s) for s in saved) < 8 * b * op.d_inner * side * side, saved
+    snake_copy = b * 4 * op.d_inner * side * side
+    assert largest["op"] < snake_copy <= largest["function"], largest
 
 
 @needs_triton
@@ -153,13 +248,14 @@ def test_lean_core_matches_plain_path_on_gpu(dtype, n_side, d):
     x = torch.randn(3, d, n_side * n_side, device="cuda").to(dtype)
     for kernel in kernels:
         y0, g0 = _run(_plain, x, p, n_side, kernel)
-        y1, g1 = _run(_lean, x, p, n_side, kernel)
-        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(y1, y0, **tol)
-        for name in g0:
-            scale = g0[name].abs().max().clamp(min=1e-3)
-            err = ((g1[name] - g0[name]).abs().max() / scale).item()
-            assert err < (1e-3 if dtype == torch.float32 else 5e-2), (kernel, name, err)
+        for lean in (_lean, _lean_op, _lean_cl):  # the function, the custom ops, the custom ops channels-last
+            y1, g1 = _run(lean, x, p, n_side, kernel)
+            tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(y1, y0, **tol)
+            for name in g0:
+                scale = g0[name].abs().max().clamp(min=1e-3)
+                err = ((g1[name] - g0[name]).abs().max() / scale).item()
+                assert err < (1e-3 if dtype == torch.float32 else 5e-2), (kernel, lean.__name__, name, err)
 
 
 @pytest.mark.gpu
@@ -181,10 +277,16 @@ def test_lean_core_compiles_without_graph_break_and_saves_memory_on_gpu():
             del y
         # plain keeps xs and dts, 8 maps' worth; lean keeps about one map plus the rank-R deltas
         assert kept["lean"] < 0.4 * kept["plain"], (kernel, kept)
-        compiled = torch.compile(lambda x_: _lean(x_, p, n_side, kernel), fullgraph=True)
+        compiled = torch.compile(lambda x_: _lean_op(x_, p, n_side, kernel), fullgraph=True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
         out = compiled(x)
+        kept["compiled lean"] = torch.cuda.memory_allocated() - base
         torch.testing.assert_close(out.float(), _lean(x, p, n_side, kernel).float(), rtol=2e-2, atol=2e-2)
         out.float().sum().backward()
+        # compiled as custom ops (scan_core "op"), the core still keeps about one map: the partitioner cannot see xs
+        # and dts to save them
+        assert kept["compiled lean"] < 0.4 * kept["plain"], (kernel, kept)
 
 
 if __name__ == "__main__":

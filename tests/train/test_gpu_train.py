@@ -53,6 +53,27 @@ def test_bench_train_compiles_in_bf16_with_every_scan_backend(tmp_path, scan):
     assert r["final_loss"] == r["final_loss"] and r["skipped_steps"] == 0, r
 
 
+def test_scan_core_as_custom_ops_compiles_in_bench_and_trainer(tmp_path):
+    """``scan_core = "op"`` (ops/ss2d_core.py): compiled without a graph break, in both compile modes, with its
+    memory profile; and in the trainer's compiled bf16 step."""
+    out = tmp_path / "bench.json"
+    models = "LaMamba-debug:compile=true:core=op,LaMamba-debug:compile=true:mode=reduce-overhead:core=op"
+    _run(["bench", "--models", models,
+          "--resolution", "32", "--batch", "8", "--steps", "2", "--warmup", "2", "--memory-profile", "--out", str(out)],
+         tmp_path)
+    rows = json.loads(out.read_text())["results"]
+    assert [r["scan_core"] for r in rows] == ["op", "op"]
+    for r in rows:
+        assert r["img_per_s"] > 0 and r["compile"]["graph_breaks"] == 0, r["compile"]
+        assert r["memory_profile"]["peak_allocated_gib"] > 0
+    out = tmp_path / "bench_train.json"
+    _run(["bench-train", "--config", DEBUG, "--set", 'model.scan_core="op"', "--set", "train.compile=true",
+          "--set", 'train.precision="bf16"', "--micro-batch", "8", "--steps", "2", "--warmup", "1", "--out", str(out)],
+         tmp_path)
+    (r,) = json.loads(out.read_text())["results"]
+    assert "error" not in r and r["img_per_s"] > 0 and r["final_loss"] == r["final_loss"], r
+
+
 def test_cuda_graph_compile_mode_in_bench_and_trainer(tmp_path):
     """``reduce-overhead``: every block replayed as a CUDA graph, in the model bench and in the trainer with two
     micro-batches per step (each marked as a new step for the graph trees: models/compile.py)."""
