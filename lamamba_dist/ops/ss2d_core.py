@@ -159,8 +159,8 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
 
 
 class _SS2DCore(torch.autograd.Function):
-    """The lean core for the "reference" kernel (CPU tests): its backward re-runs the literal recurrence under
-    autograd, which a custom op's implementation (below autograd) cannot."""
+    """The lean core as an autograd.Function (``core="function"``; always for the "reference" kernel, whose
+    backward re-runs the literal recurrence under autograd, which a custom op's implementation cannot)."""
 
     @staticmethod
     def forward(ctx, x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse, kernel: str, snake: str,
