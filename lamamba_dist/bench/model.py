@@ -23,9 +23,9 @@ from lamamba_dist.bench.memory import memory_profile as profile_memory
 from lamamba_dist.bench.profiling import _sync, host_profile, profile_steps
 from lamamba_dist.models.compile import COMPILE_MODES, compile_blocks, uses_cudagraphs
 from lamamba_dist.ops.cross_scan import SNAKE_BACKENDS
-from lamamba_dist.ops.ss2d_core import CORES
 from lamamba_dist.ops.dwconv import CONV_BACKENDS
 from lamamba_dist.ops.selective_scan import BACKENDS as SCAN_BACKENDS
+from lamamba_dist.ops.ss2d_core import CORES
 from lamamba_dist.ops.window_attention import BACKENDS as ATTN_BACKENDS
 from lamamba_dist.train.step import PRECISIONS, TrainStep
 
