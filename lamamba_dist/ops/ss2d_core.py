@@ -110,6 +110,33 @@ def _gather_xs(x, paths, inverse, snake: str, channels_last: bool):
     return _scan_gather(x, paths)
 
 
+def _per_direction_matmul(w: torch.Tensor, x: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """w (K, M, N) applied to every batch row of its direction: (B, K, N, L) -> (B, K, M, L); with ``acc``
+    (B, K, M, L) the product is added to it in place (the GEMM's epilogue) and ``acc`` returned.
+
+    Eagerly (inside the custom ops, and the function outside torch.compile) it is one batched GEMM per
+    direction with w[k] expanded over B (batch stride 0: cuBLAS reads the same matrix for every row) writing
+    into its slice of the result. torch.matmul's broadcast would copy w once per batch row first, (B, K, M, N),
+    more bytes than the activations themselves where D*R outgrows L: at LaMamba-XL's 8x8 stage (D 2560, R 80,
+    L 64) the repeated x_proj weight is 107 MB at batch 64, the map (B, K, D, L) 84 MB. Traced, torch.matmul's
+    broadcast is Inductor's to plan (its kernels fuse the expand with their neighbours)."""
+    b, k, _, length = x.shape
+    m = w.shape[1]
+    if torch.compiler.is_compiling():
+        if acc is None:
+            return torch.matmul(w, x)
+        w_rep = w.unsqueeze(0).expand(b, *w.shape).reshape(b * k, m, w.shape[2])
+        return acc.view(b * k, m, length).baddbmm_(w_rep, x.reshape(b * k, -1, length)).view(b, k, m, length)
+    out = x.new_empty(b, k, m, length) if acc is None else acc
+    for i in range(k):
+        wi = w[i].expand(b, *w.shape[1:])
+        if acc is None:
+            torch.bmm(wi, x[:, i], out=out[:, i])
+        else:
+            out[:, i].baddbmm_(wi, x[:, i])
+    return out
+
+
 def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse, kernel: str, snake: str,
                   channels_last: bool):
     """The forward: (y (B, L, D) channels-last, and what the backward keeps: dts_r, bs, cs, the scan's states)."""
@@ -119,9 +146,9 @@ def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inve
     fwd, _ = KERNELS[kernel]()
     dtype = x.dtype
     xs = _gather_xs(x, paths, inverse, snake, channels_last)  # (B, K, D, L)
-    x_dbl = torch.matmul(x_proj_weight.to(dtype), xs)  # (B, K, R+2N, L)
+    x_dbl = _per_direction_matmul(x_proj_weight.to(dtype), xs)  # (B, K, R+2N, L)
     dts_r, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-    dts = torch.matmul(dt_projs_weight.to(dtype), dts_r)  # (B, K, D, L)
+    dts = _per_direction_matmul(dt_projs_weight.to(dtype), dts_r)  # (B, K, D, L)
     bs, cs = bs.contiguous(), cs.contiguous()
     out, states = fwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs, Ds, dt_bias, True)
     y = snake_merge_cl(out.view(b, k, d, length), paths, inverse, snake)  # (B, L, D)
@@ -137,7 +164,7 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
     dtype = x.dtype
     wx, wdt = wx_p.to(dtype), wdt_p.to(dtype)
     xs = _gather_xs(x, paths, inverse, snake, channels_last)  # recomputed: one gather
-    dts = torch.matmul(wdt, dts_r)  # recomputed: the rank-R projection
+    dts = _per_direction_matmul(wdt, dts_r)  # recomputed: the rank-R projection
     gout = snake_gather_cl(gy.to(dtype), paths, inverse, snake)  # adjoint of the merge: (B, L, D) -> (B, 4, D, L)
     du, ddelta, dA, dB, dC, dD, dbias = bwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs,
                                             Ds, dt_bias, gout.view(b, k * d, length), states, True)
@@ -145,14 +172,12 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
     # weight grads as (B, K)-batched matmuls on transposed views, summed over B: no permuted copy of the
     # (B, K, D, L) operands (an einsum over "bk..." would fold B into the reduction by copying them)
     g_wdt = torch.matmul(ddelta, dts_r.transpose(-1, -2)).sum(0)  # (K, D, R)
-    g_dts_r = torch.matmul(wdt.transpose(1, 2), ddelta)  # (B, K, R, L)
+    g_dts_r = _per_direction_matmul(wdt.transpose(1, 2), ddelta)  # (B, K, R, L)
     g_xdbl = torch.cat([g_dts_r, dB.to(dtype), dC.to(dtype)], dim=2)  # (B, K, R+2N, L)
     g_wx = torch.matmul(g_xdbl, xs.transpose(-1, -2)).sum(0)  # (K, R+2N, D)
     # g_xs = du + wx^T g_xdbl, the sum in the GEMM's epilogue, in place in du (one pass over the (B, K, D, L) map
-    # instead of three); the (K, D, R+2N) weight repeated over B for the batched GEMM is small
-    r2 = g_xdbl.shape[2]
-    w_t = wx.transpose(1, 2).unsqueeze(0).expand(b, k, d, r2).reshape(b * k, d, r2)
-    g_xs = du.to(dtype).view(b * k, d, length).baddbmm_(w_t, g_xdbl.reshape(b * k, r2, length)).view(b, k, d, length)
+    # instead of three)
+    g_xs = _per_direction_matmul(wx.transpose(1, 2), g_xdbl, acc=du.to(dtype).view(b, k, d, length))
     g_x = snake_merge_cl(g_xs, paths, inverse, snake) if channels_last else _merge_gather(g_xs, inverse)
     return (g_x, g_wx.to(wx_p.dtype), g_wdt.to(wdt_p.dtype), dA.to(A.dtype), dD.to(Ds.dtype),
             dbias.to(dt_bias.dtype))

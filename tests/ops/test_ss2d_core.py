@@ -108,6 +108,52 @@ def test_lean_core_keeps_less_than_one_snake_copy_for_backward():
     assert 0 < sum(saved) < snake_copy, (sum(saved), snake_copy)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_eager_core_never_copies_a_weight_over_the_batch(monkeypatch, channels_last):
+    """The projections run per direction with the weight broadcast over B (batch stride 0): no copy, clone or
+    cast in the core's forward or backward reads an expanded tensor. torch.matmul's broadcast of a (K, M, N)
+    weight against (B, K, N, L) copies it B times, which at LaMamba-XL's 8x8 stage is more than the map."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lamamba_dist.ops import ss2d_core as sc
+
+    def fwd(u, delta, A, B, C, D, bias, softplus):  # the scan kernel itself is not what this test looks at
+        return u * 2.0, u.new_zeros(0, dtype=torch.float32)
+
+    def bwd(u, delta, A, B, C, D, bias, dout, states, softplus):
+        return (dout * 2.0, dout * 0.5, torch.zeros_like(A), torch.zeros_like(B), torch.ones_like(C),
+                torch.zeros_like(D), torch.zeros_like(bias))
+
+    monkeypatch.setitem(sc.KERNELS, "stub", lambda: (fwd, bwd))
+    copies = {torch.ops.aten.clone.default, torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default}
+    expanded = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in copies:
+                for t in args:
+                    if isinstance(t, torch.Tensor) and any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
+                        expanded.append((str(func), tuple(t.shape)))
+            return func(*args, **(kwargs or {}))
+
+    b, d, n_side = 3, 16, 3
+    length = n_side * n_side
+    p = {k: v.detach() for k, v in _params(d, r=5).items()}
+    x = torch.randn(b, length, d) if channels_last else torch.randn(b, d, length)
+    paths, inverse = snake_tables(n_side)
+    a = -torch.exp(p["A_logs"])
+    with Watch():
+        y, dts_r, bs, cs, states = sc._core_forward(x, p["x_proj_weight"], p["dt_projs_weight"], a, p["Ds"],
+                                                    p["dt_bias"], paths, inverse, "stub", "torch", channels_last)
+        grads = sc._core_backward(torch.randn_like(y), x, p["x_proj_weight"], p["dt_projs_weight"], dts_r, bs, cs, a,
+                                  p["Ds"], p["dt_bias"], states, paths, inverse, "stub", "torch", channels_last)
+    assert expanded == []
+    # and the per-direction GEMMs compute what torch.matmul's broadcast does
+    xs = sc._gather_xs(x, paths, inverse, "torch", channels_last)
+    assert torch.allclose(dts_r, torch.matmul(p["x_proj_weight"], xs)[:, :, :5], atol=1e-5)
+    assert grads[0].shape == x.shape and grads[1].shape == p["x_proj_weight"].shape
+
+
 def test_lean_core_rejects_unknown_kernel_and_core():
     p = _params(2)
     with pytest.raises(ValueError, match="kernel must be one of"):
