@@ -112,21 +112,21 @@ def _gather_xs(x, paths, inverse, snake: str, channels_last: bool):
 
 def _per_direction_matmul(w: torch.Tensor, x: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
     """w (K, M, N) applied to every batch row of its direction: (B, K, N, L) -> (B, K, M, L); with ``acc``
-    (B, K, M, L) the product is added to it in place (the GEMM's epilogue) and ``acc`` returned.
+    (B, K, M, L) the product is added to it: eagerly in place, in the GEMM's epilogue.
 
     Eagerly (inside the custom ops, and the function outside torch.compile) it is one batched GEMM per
     direction with w[k] expanded over B (batch stride 0: cuBLAS reads the same matrix for every row) writing
     into its slice of the result. torch.matmul's broadcast would copy w once per batch row first, (B, K, M, N),
     more bytes than the activations themselves where D*R outgrows L: at LaMamba-XL's 8x8 stage (D 2560, R 80,
-    L 64) the repeated x_proj weight is 107 MB at batch 64, the map (B, K, D, L) 84 MB. Traced, torch.matmul's
-    broadcast is Inductor's to plan (its kernels fuse the expand with their neighbours)."""
+    L 64) the repeated x_proj weight is 107 MB at batch 64, the map (B, K, D, L) 84 MB. Traced (the function
+    core under torch.compile) it is torch.matmul, left to Inductor."""
+    if torch.compiler.is_compiling():
+        # out of place: Inductor fuses the sum into the kernel that reads it next (the merge of the four
+        # directions), where a traced baddbmm_ becomes a copy of acc into the GEMM's output and a GEMM with
+        # beta = 1 (docs/performance.md, the profiles of scan_core "function" before and after)
+        return torch.matmul(w, x) if acc is None else acc + torch.matmul(w, x)
     b, k, _, length = x.shape
     m = w.shape[1]
-    if torch.compiler.is_compiling():
-        if acc is None:
-            return torch.matmul(w, x)
-        w_rep = w.unsqueeze(0).expand(b, *w.shape).reshape(b * k, m, w.shape[2])
-        return acc.view(b * k, m, length).baddbmm_(w_rep, x.reshape(b * k, -1, length)).view(b, k, m, length)
     out = x.new_empty(b, k, m, length) if acc is None else acc
     for i in range(k):
         wi = w[i].expand(b, *w.shape[1:])
@@ -139,7 +139,8 @@ def _per_direction_matmul(w: torch.Tensor, x: torch.Tensor, acc: torch.Tensor | 
 
 def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse, kernel: str, snake: str,
                   channels_last: bool):
-    """The forward: (y (B, L, D) channels-last, and what the backward keeps: dts_r, bs, cs, the scan's states)."""
+    """The forward: (y (B, L, D) channels-last, and what the backward keeps: dts_r (a view of the projection's
+    output), bs, cs, the scan's states)."""
     b, d, length = (x.shape[0], x.shape[2], x.shape[1]) if channels_last else x.shape
     k, r = dt_projs_weight.shape[0], dt_projs_weight.shape[2]
     n = A.shape[1]
@@ -152,7 +153,7 @@ def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inve
     bs, cs = bs.contiguous(), cs.contiguous()
     out, states = fwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs, Ds, dt_bias, True)
     y = snake_merge_cl(out.view(b, k, d, length), paths, inverse, snake)  # (B, L, D)
-    return y, dts_r.contiguous(), bs, cs, states
+    return y, dts_r, bs, cs, states
 
 
 def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, paths, inverse, kernel: str, snake: str,
@@ -213,8 +214,9 @@ def _ss2d_core_fwd(x: torch.Tensor, x_proj_weight: torch.Tensor, dt_projs_weight
                    Ds: torch.Tensor, dt_bias: torch.Tensor, paths: torch.Tensor, inverse: torch.Tensor, kernel: str,
                    snake: str, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                              torch.Tensor]:
-    return _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse, kernel, snake,
-                         channels_last)
+    y, dts_r, bs, cs, states = _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse,
+                                             kernel, snake, channels_last)
+    return y, dts_r.contiguous(), bs, cs, states  # an op's outputs have the strides of its fake ones
 
 
 def _states_shape(kernel: str, b: int, dim: int, length: int, n: int) -> tuple[int, ...]:
