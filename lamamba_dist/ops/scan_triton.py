@@ -278,15 +278,27 @@ def _check(u, delta, A, B, C, D, bias):
     return batch, dim, length, groups
 
 
-def scan1_fwd_launch(u, delta, A, B, C, D, bias, delta_softplus=True, chunk=None, sub_d=None, num_warps=None):
+def _out_buffer(out, like, name):
+    """``out`` checked to take the place of a fresh tensor like ``like`` (or a fresh one when None)."""
+    if out is None:
+        return torch.empty_like(like)
+    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
+        raise ValueError(f"{name} must be contiguous {like.dtype} {tuple(like.shape)} on {like.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} (contiguous: {out.is_contiguous()})")
+    return out
+
+
+def scan1_fwd_launch(u, delta, A, B, C, D, bias, delta_softplus=True, chunk=None, sub_d=None, num_warps=None,
+                     y=None):
     """Runs the forward kernel: (y in u's dtype, entry state of every chunk (batch, dim, n_chunks) fp32).
-    All tensors contiguous, on one device; A/D/bias fp32."""
+    All tensors contiguous, on one device; A/D/bias fp32. ``y`` may be given, u itself included: a program
+    loads each tile of u before it stores that tile of y, and no program reads another's rows."""
     batch, dim, length, groups = _check(u, delta, A, B, C, D, bias)
     chunk = chunk or default_chunk(length)
     n_chunks = triton.cdiv(length, chunk)
     rep = dim // groups
     sub_d, num_warps = _fwd_config(rep, chunk, sub_d, num_warps)
-    y = torch.empty_like(u)
+    y = _out_buffer(y, u, "y")
     states = torch.empty(batch, dim, n_chunks, device=u.device, dtype=torch.float32)
     grid = (batch * (dim // sub_d),)
     _scan1_fwd_kernel[grid](u, delta, A, B, C, D, bias, y, states, dim, length, rep, groups,
@@ -296,9 +308,11 @@ def scan1_fwd_launch(u, delta, A, B, C, D, bias, delta_softplus=True, chunk=None
 
 
 def scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, delta_softplus=True, chunk=None,
-                     sub_d=None, nsub=None, num_warps=None):
+                     sub_d=None, nsub=None, num_warps=None, gu=None, gdelta=None):
     """Runs the backward kernel and the deterministic torch reductions: the 7 input grads, each in its
-    input's dtype."""
+    input's dtype. ``gu`` and ``gdelta`` may be given, gy and delta themselves included (a program loads each
+    tile of u, delta and gy before it stores that tile of gu and gdelta, and reads no other program's rows): a
+    caller that needs neither gy nor delta afterwards then allocates no new (batch, dim, L) tensor."""
     batch, dim, length, groups = _check(u, delta, A, B, C, D, bias)
     chunk = chunk or default_chunk(length)
     n_chunks = triton.cdiv(length, chunk)
@@ -307,8 +321,8 @@ def scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, delta_softplus=True
     rep = dim // groups
     sub_d, nsub, num_warps = _bwd_config(rep, chunk, n_chunks, sub_d, nsub, num_warps)
     n_blk = dim // (sub_d * nsub)
-    gu = torch.empty_like(u)
-    gdelta = torch.empty_like(delta)
+    gu = _out_buffer(gu, u, "gu")
+    gdelta = _out_buffer(gdelta, delta, "gdelta")
     f32 = dict(device=u.device, dtype=torch.float32)
     gA_part = torch.empty(batch, dim, **f32)
     gD_part = torch.empty(batch, dim, **f32)

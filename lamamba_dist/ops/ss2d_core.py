@@ -19,7 +19,9 @@ Plain autograd keeps xs and dts for the backward: two (B, 4, D, L) tensors, 8x t
 x, dts_r (R = C/16 rows instead of D = 2C), Bs, Cs and the scan kernel's per-chunk states, and in the backward
 gathers xs again from x and recomputes dts with the small (D x R) projection before calling the scan kernel's
 own backward: the scan itself is never recomputed. The extra backward work is one gather and one rank-R
-matmul per SS2D. With ``core="op"`` and the real kernels the forward and the backward are custom ops
+matmul per SS2D. Run eagerly (the custom ops always are) with the Triton kernel, the scan writes its output over
+xs and its du, ddelta over the gathered output gradient and the recomputed dts, so the backward holds three
+(B, 4, D, L) tensors at once instead of five (scan_triton.scan1_fwd_launch / scan1_bwd_launch). With ``core="op"`` and the real kernels the forward and the backward are custom ops
 (``lamamba::ss2d_core_fwd`` / ``_bwd``), so that torch.compile keeps this choice: it cannot see inside them to
 save xs and dts instead, as it does through the autograd.Function (``core="function"``, the default for now).
 
@@ -47,10 +49,10 @@ def _fused_pair():
     if _SS._cuda_module() is None:
         raise RuntimeError("the fused selective scan needs mamba-ssm built with CUDA (pip install 'lamamba-dist[cuda]')")
 
-    def fwd(u, delta, A, B, C, D, bias, softplus):
+    def fwd(u, delta, A, B, C, D, bias, softplus, reuse=False):  # mamba-ssm allocates its outputs itself
         return _SS._scan_fwd(u, delta, A, B, C, D, bias, softplus)
 
-    def bwd(u, delta, A, B, C, D, bias, dout, states, softplus):
+    def bwd(u, delta, A, B, C, D, bias, dout, states, softplus, reuse=False):
         return _SS._scan_bwd(u, delta, A, B, C, D, bias, dout, states, softplus)
 
     return fwd, bwd
@@ -61,11 +63,20 @@ def _triton_pair():
     if st is None:
         raise RuntimeError("the triton selective scan needs triton (it ships with CUDA builds of torch)")
 
-    def fwd(u, delta, A, B, C, D, bias, softplus):
-        return st._scan1_fwd(u, delta, A, B, C, D, bias, softplus, int(st.default_chunk(u.shape[2])))
+    # ``reuse`` (eagerly only, where the caller owns u, delta and dout and needs none of them after the call):
+    # the kernels write y over u, and gu, gdelta over dout, delta (scan1_fwd_launch, scan1_bwd_launch)
+    def fwd(u, delta, A, B, C, D, bias, softplus, reuse=False):
+        chunk = int(st.default_chunk(u.shape[2]))
+        if reuse:
+            return st.scan1_fwd_launch(u, delta, A, B, C, D, bias, softplus, chunk, y=u)
+        return st._scan1_fwd(u, delta, A, B, C, D, bias, softplus, chunk)
 
-    def bwd(u, delta, A, B, C, D, bias, dout, states, softplus):
-        return st._scan1_bwd(u, delta, A, B, C, D, bias, dout, states, softplus, int(st.default_chunk(u.shape[2])))
+    def bwd(u, delta, A, B, C, D, bias, dout, states, softplus, reuse=False):
+        chunk = int(st.default_chunk(u.shape[2]))
+        if reuse:
+            return st.scan1_bwd_launch(u, delta, A, B, C, D, bias, dout, states, softplus, chunk, gu=dout,
+                                       gdelta=delta)
+        return st._scan1_bwd(u, delta, A, B, C, D, bias, dout, states, softplus, chunk)
 
     return fwd, bwd
 
@@ -74,12 +85,12 @@ def _reference_pair():
     """The literal recurrence; its backward re-runs it under autograd (for tests: the real kernels keep states)."""
     selective_scan_reference = _SS.selective_scan_reference
 
-    def fwd(u, delta, A, B, C, D, bias, softplus):
+    def fwd(u, delta, A, B, C, D, bias, softplus, reuse=False):
         with torch.no_grad():
             out = selective_scan_reference(u, delta, A, B, C, D, bias, softplus)
         return out, u.new_empty(0, dtype=torch.float32)
 
-    def bwd(u, delta, A, B, C, D, bias, dout, states, softplus):
+    def bwd(u, delta, A, B, C, D, bias, dout, states, softplus, reuse=False):
         with torch.enable_grad():
             ins = [t.detach().requires_grad_(True) for t in (u, delta, A, B, C, D, bias)]
             out = selective_scan_reference(*ins, delta_softplus=softplus)
@@ -151,7 +162,10 @@ def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inve
     dts_r, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
     dts = _per_direction_matmul(dt_projs_weight.to(dtype), dts_r)  # (B, K, D, L)
     bs, cs = bs.contiguous(), cs.contiguous()
-    out, states = fwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs, Ds, dt_bias, True)
+    # eagerly the scan writes its output over xs (the Triton kernel; the four snake copies are not needed after it)
+    out, states = fwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs, Ds, dt_bias, True,
+                      not torch.compiler.is_compiling())
+    del xs, dts  # the (B, K, D, L) temporaries go as soon as they are read (out may be xs's memory)
     y = snake_merge_cl(out.view(b, k, d, length), paths, inverse, snake)  # (B, L, D)
     return y, dts_r, bs, cs, states
 
@@ -167,18 +181,25 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
     xs = _gather_xs(x, paths, inverse, snake, channels_last)  # recomputed: one gather
     dts = _per_direction_matmul(wdt, dts_r)  # recomputed: the rank-R projection
     gout = snake_gather_cl(gy.to(dtype), paths, inverse, snake)  # adjoint of the merge: (B, L, D) -> (B, 4, D, L)
+    # eagerly the Triton kernel writes du over gout and ddelta over dts: the backward's (B, K, D, L) temporaries
+    # are then xs, dts and gout, not five
     du, ddelta, dA, dB, dC, dD, dbias = bwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs,
-                                            Ds, dt_bias, gout.view(b, k * d, length), states, True)
+                                            Ds, dt_bias, gout.view(b, k * d, length), states, True,
+                                            not torch.compiler.is_compiling())
+    del dts, gout
     ddelta = ddelta.view(b, k, d, length).to(dtype)
     # weight grads as (B, K)-batched matmuls on transposed views, summed over B: no permuted copy of the
     # (B, K, D, L) operands (an einsum over "bk..." would fold B into the reduction by copying them)
     g_wdt = torch.matmul(ddelta, dts_r.transpose(-1, -2)).sum(0)  # (K, D, R)
     g_dts_r = _per_direction_matmul(wdt.transpose(1, 2), ddelta)  # (B, K, R, L)
+    del ddelta
     g_xdbl = torch.cat([g_dts_r, dB.to(dtype), dC.to(dtype)], dim=2)  # (B, K, R+2N, L)
     g_wx = torch.matmul(g_xdbl, xs.transpose(-1, -2)).sum(0)  # (K, R+2N, D)
+    del xs
     # g_xs = du + wx^T g_xdbl, the sum in the GEMM's epilogue, in place in du (one pass over the (B, K, D, L) map
     # instead of three)
     g_xs = _per_direction_matmul(wx.transpose(1, 2), g_xdbl, acc=du.to(dtype).view(b, k, d, length))
+    del du
     g_x = snake_merge_cl(g_xs, paths, inverse, snake) if channels_last else _merge_gather(g_xs, inverse)
     return (g_x, g_wx.to(wx_p.dtype), g_wdt.to(wdt_p.dtype), dA.to(A.dtype), dD.to(Ds.dtype),
             dbias.to(dt_bias.dtype))

@@ -91,6 +91,28 @@ def _run_case(batch, groups, d, length, dtype, device, chunk=None, delta_softplu
     return out, grads
 
 
+def _aliased_case(batch, groups, d, length, dtype, device, chunk=None, **cfg):
+    """The launchers writing y over u, and gu, gdelta over gy, delta (as ss2d_core does with its own
+    temporaries) give bit for bit what they give into fresh tensors."""
+    from lamamba_dist.ops import scan_triton as st
+
+    u, delta, A, B, C, D, bias = (a.detach() for a in _inputs(batch, groups, d, length, dtype, device))
+    chunk = chunk or st.default_chunk(length)
+    fwd_cfg = {k: v for k, v in cfg.items() if k in ("sub_d", "num_warps")}
+    y0, states = st.scan1_fwd_launch(u, delta, A, B, C, D, bias, True, chunk, **fwd_cfg)
+    u2 = u.clone()
+    y1, states1 = st.scan1_fwd_launch(u2, delta, A, B, C, D, bias, True, chunk, y=u2, **fwd_cfg)
+    assert y1.data_ptr() == u2.data_ptr()
+    assert torch.equal(y1, y0) and torch.equal(states1, states)
+    gy = torch.randn(u.shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    g0 = st.scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, True, chunk, **cfg)
+    gy2, delta2 = gy.clone(), delta.clone()
+    g1 = st.scan1_bwd_launch(u, delta2, A, B, C, D, bias, gy2, states, True, chunk, gu=gy2, gdelta=delta2, **cfg)
+    assert g1[0].data_ptr() == gy2.data_ptr() and g1[1].data_ptr() == delta2.data_ptr()
+    for name, a, b in zip(NAMES, g1, g0):
+        assert torch.equal(a, b), name
+
+
 # fp32 inputs: fp32 math in the kernel vs float64. bf16 inputs: the output and gu/gdelta/gB/gC are rounded to
 # bf16 (relative 2^-9), everything else is fp32 on the same (bf16-valued) inputs.
 FP32_TOL = dict(fwd_tol=2e-5, grad_tol=5e-5)
@@ -159,6 +181,16 @@ def test_triton_scan_is_deterministic_and_auto_dispatches_to_it(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("length", [64, 1024, 4096])
+def test_triton_scan_writes_over_its_inputs_on_gpu(length):
+    _triton_or_skip()
+    # LaMamba-XL's widths at batch 4: thousands of programs in flight, each over its own rows
+    dim = {64: 10240, 1024: 2560, 4096: 2560}[length]
+    _aliased_case(4, 4, dim // 4, length, torch.bfloat16, "cuda")
+    _aliased_case(2, 4, 16, length, torch.float32, "cuda", chunk=min(length, 256))
+
+
+@pytest.mark.gpu
 def test_triton_scan_under_torch_compile_fullgraph():
     _triton_or_skip()
     args = _inputs(2, 4, 32, 256, torch.bfloat16, "cuda")
@@ -197,6 +229,10 @@ def _interpreter_cases():
         _run_case(1, 2, 8, 40, f32, "cpu", sub_d=1, nsub=8, **FP32_TOL)
         _run_case(1, 4, 3, 30, f32, "cpu", **FP32_TOL)  # group of 3 channels
         _run_case(1, 1, 4, 30, f32, "cpu", **FP32_TOL)  # one group
+        # outputs written over the inputs: one tile, chunked L, several sub-blocks per program
+        _aliased_case(2, 4, 2, 64, f32, "cpu")
+        _aliased_case(2, 4, 2, 200, bf16, "cpu", chunk=64)
+        _aliased_case(1, 2, 8, 40, f32, "cpu", sub_d=2, nsub=2)
         # the dispatch: backend="triton" runs the kernels on CPU tensors under the interpreter
         args = _inputs(1, 4, 2, 20, f32, "cpu")
         ref = selective_scan_reference(*args)
@@ -207,6 +243,19 @@ def _interpreter_cases():
 @needs_triton
 def test_triton_scan_under_interpreter_on_cpu():
     run_interpreter_cases(__file__)
+
+
+@needs_triton
+def test_output_buffers_given_to_the_launchers_are_checked():
+    from lamamba_dist.ops.scan_triton import _out_buffer
+
+    like = torch.zeros(2, 8, 16, dtype=torch.bfloat16)
+    assert _out_buffer(None, like, "y").shape == like.shape
+    assert _out_buffer(like, like, "y") is like
+    with pytest.raises(ValueError, match=r"gu must be contiguous torch.bfloat16 \(2, 8, 16\) on cpu, got torch.float32"):
+        _out_buffer(torch.zeros(2, 8, 16), like, "gu")
+    with pytest.raises(ValueError, match=r"gdelta must be contiguous .* \(contiguous: False\)"):
+        _out_buffer(torch.zeros(2, 16, 8, dtype=torch.bfloat16).transpose(1, 2), like, "gdelta")
 
 
 def test_triton_backend_without_triton_is_an_error_not_a_silent_fallback(monkeypatch):

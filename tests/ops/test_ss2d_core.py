@@ -117,10 +117,10 @@ def test_eager_core_never_copies_a_weight_over_the_batch(monkeypatch, channels_l
 
     from lamamba_dist.ops import ss2d_core as sc
 
-    def fwd(u, delta, A, B, C, D, bias, softplus):  # the scan kernel itself is not what this test looks at
+    def fwd(u, delta, A, B, C, D, bias, softplus, reuse=False):  # the scan kernel is not what this test looks at
         return u * 2.0, u.new_zeros(0, dtype=torch.float32)
 
-    def bwd(u, delta, A, B, C, D, bias, dout, states, softplus):
+    def bwd(u, delta, A, B, C, D, bias, dout, states, softplus, reuse=False):
         return (dout * 2.0, dout * 0.5, torch.zeros_like(A), torch.zeros_like(B), torch.ones_like(C),
                 torch.zeros_like(D), torch.zeros_like(bias))
 
@@ -333,6 +333,35 @@ def test_lean_core_compiles_without_graph_break_and_saves_memory_on_gpu():
         # compiled as custom ops (scan_core "op"), the core still keeps about one map: the partitioner cannot see xs
         # and dts to save them
         assert kept["compiled lean"] < 0.4 * kept["plain"], (kernel, kept)
+
+
+@pytest.mark.gpu
+def test_eager_core_backward_holds_three_sequence_tensors_with_the_triton_scan_on_gpu():
+    """Eagerly (the op core always runs so) the Triton scan writes its output over the gathered xs, and du, ddelta
+    over gout, dts: the core's backward holds xs, dts and gout, not those three plus du and ddelta."""
+    from lamamba_dist.ops.selective_scan import triton_available
+
+    if not triton_available():
+        pytest.skip("triton does not import here")
+    b, d, n_side = 16, 640, 32  # LaMamba-XL stage 0 at 256 px
+    seq_bytes = b * 4 * d * n_side * n_side * 2  # one (B, 4, D, L) bf16 tensor
+    p = {k: v.detach().to(torch.bfloat16).requires_grad_(True) if k in ("x_proj_weight", "dt_projs_weight")
+         else v.detach().requires_grad_(True) for k, v in _params(d, r=20, device="cuda").items()}
+    x = torch.randn(b, n_side * n_side, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_(True)
+    for core in ("op", "function"):
+        y = _lean_cl(x, p, n_side, "triton", core=core)
+        gy = torch.randn_like(y)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        y.backward(gy)
+        torch.cuda.synchronize()
+        transient = torch.cuda.max_memory_allocated() - base
+        # three sequence tensors, x's gradient (a quarter of one) and the small ones (rank-R deltas' gradients,
+        # B/C partials); with du and ddelta in their own memory it would be five and more
+        assert transient < 4.0 * seq_bytes, (core, transient / seq_bytes)
+        del y, gy
+        x.grad = None
 
 
 if __name__ == "__main__":
