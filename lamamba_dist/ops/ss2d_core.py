@@ -12,7 +12,10 @@ the merged scan output, channels-last (B, L, D):
 The merge writes channels-last directly and the backward gathers the channels-last gradient straight into the
 four sequences (cross_scan.snake_merge_cl / snake_gather_cl; on CUDA by default, Triton kernels whose reads and
 writes are both contiguous runs, so neither pass has a separate transpose of a map). With a channels-last x the
-same two kernels gather x into the four sequences and merge their gradient back.
+same two kernels gather x into the four sequences and merge their gradient back, and the x projection, which acts
+per position, runs on the map: one GEMM (B*L, D) x (D, K(R+2N)) whose small output is read along the paths, and
+in the backward one GEMM for its weight gradient (B*L summed inside it) and one that adds its input gradient to
+the merged (B, L, D) gradient in its epilogue.
 
 Plain autograd keeps xs and dts for the backward: two (B, 4, D, L) tensors, 8x the map, in every SS2D (about
 3.3 GiB each for LaMamba-XL at 256 px, batch 64, in bf16). ``ss2d_core`` is one autograd function that keeps
@@ -148,6 +151,30 @@ def _per_direction_matmul(w: torch.Tensor, x: torch.Tensor, acc: torch.Tensor | 
     return out
 
 
+def _to_sequences(p: torch.Tensor, paths: torch.Tensor, k: int) -> torch.Tensor:
+    """A per-position quantity of the map, (B, L, K*M) with direction k's M columns in block k, read along each
+    direction's path: (B, K, M, L), [b, k, :, s] = p[b, paths[k, s], k-th block] (a strided view)."""
+    b, length, km = p.shape
+    m = km // k
+    p4 = p.view(b, length, k, m).transpose(1, 2)  # (B, K, L, M)
+    return torch.gather(p4, 2, paths.view(1, k, length, 1).expand(b, k, length, m)).transpose(-1, -2)
+
+
+def _to_grid(g: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """The adjoint placement of :func:`_to_sequences`: (B, K, M, L) along the paths -> (B*L, K*M) in grid order,
+    [b*L + p, k-th block] = g[b, k, :, inverse[k, p]] (each direction visits each position once)."""
+    b, k, m, length = g.shape
+    g4 = torch.gather(g.transpose(-1, -2), 2, inverse.view(1, k, length, 1).expand(b, k, length, m))  # (B, K, L, M)
+    return g4.transpose(1, 2).reshape(b * length, k * m)
+
+
+def _add_matmul(acc: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """acc + a @ w: eagerly in place in the GEMM's epilogue (addmm_); traced, out of place for Inductor to fuse."""
+    if torch.compiler.is_compiling():
+        return acc + torch.matmul(a, w)
+    return acc.addmm_(a, w)
+
+
 def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse, kernel: str, snake: str,
                   channels_last: bool):
     """The forward: (y (B, L, D) channels-last, and what the backward keeps: dts_r (a view of the projection's
@@ -158,7 +185,10 @@ def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inve
     fwd, _ = KERNELS[kernel]()
     dtype = x.dtype
     xs = _gather_xs(x, paths, inverse, snake, channels_last)  # (B, K, D, L)
-    x_dbl = _per_direction_matmul(x_proj_weight.to(dtype), xs)  # (B, K, R+2N, L)
+    if channels_last:  # the projection acts per position: one GEMM on the map, its small output gathered
+        x_dbl = _to_sequences(torch.matmul(x, x_proj_weight.to(dtype).reshape(-1, d).t()), paths, k)
+    else:
+        x_dbl = _per_direction_matmul(x_proj_weight.to(dtype), xs)  # (B, K, R+2N, L)
     dts_r, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
     dts = _per_direction_matmul(dt_projs_weight.to(dtype), dts_r)  # (B, K, D, L)
     bs, cs = bs.contiguous(), cs.contiguous()
@@ -187,6 +217,8 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
                                             Ds, dt_bias, gout.view(b, k * d, length), states, True,
                                             not torch.compiler.is_compiling())
     del dts, gout
+    if channels_last:
+        del xs  # the x projection's gradients are taken on the map below
     ddelta = ddelta.view(b, k, d, length).to(dtype)
     # weight grads as (B, K)-batched matmuls on transposed views, summed over B: no permuted copy of the
     # (B, K, D, L) operands (an einsum over "bk..." would fold B into the reduction by copying them)
@@ -194,13 +226,24 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
     g_dts_r = _per_direction_matmul(wdt.transpose(1, 2), ddelta)  # (B, K, R, L)
     del ddelta
     g_xdbl = torch.cat([g_dts_r, dB.to(dtype), dC.to(dtype)], dim=2)  # (B, K, R+2N, L)
-    g_wx = torch.matmul(g_xdbl, xs.transpose(-1, -2)).sum(0)  # (K, R+2N, D)
-    del xs
-    # g_xs = du + wx^T g_xdbl, the sum in the GEMM's epilogue, in place in du (one pass over the (B, K, D, L) map
-    # instead of three)
-    g_xs = _per_direction_matmul(wx.transpose(1, 2), g_xdbl, acc=du.to(dtype).view(b, k, d, length))
-    del du
-    g_x = snake_merge_cl(g_xs, paths, inverse, snake) if channels_last else _merge_gather(g_xs, inverse)
+    if channels_last:
+        # on the map: g_xdbl in grid order (B*L, K*(R+2N)), small, against x (B*L, D): the weight gradient is one
+        # GEMM with B*L summed inside it, and wx^T g_xdbl lands on the merged gradient, (B, L, D), in the GEMM's
+        # epilogue (a quarter of the bytes of adding it to the four sequences)
+        g_grid = _to_grid(g_xdbl, inverse)
+        w_all = wx.reshape(-1, d)  # (K*(R+2N), D)
+        g_wx = torch.matmul(g_grid.t(), x.reshape(b * length, d)).view(wx.shape)
+        g_x = snake_merge_cl(du.to(dtype).view(b, k, d, length), paths, inverse, snake)
+        del du
+        g_x = _add_matmul(g_x.view(b * length, d), g_grid, w_all).view(b, length, d)
+    else:
+        g_wx = torch.matmul(g_xdbl, xs.transpose(-1, -2)).sum(0)  # (K, R+2N, D)
+        del xs
+        # g_xs = du + wx^T g_xdbl, the sum in the GEMM's epilogue, in place in du (one pass over the (B, K, D, L)
+        # map instead of three)
+        g_xs = _per_direction_matmul(wx.transpose(1, 2), g_xdbl, acc=du.to(dtype).view(b, k, d, length))
+        del du
+        g_x = _merge_gather(g_xs, inverse)
     return (g_x, g_wx.to(wx_p.dtype), g_wdt.to(wdt_p.dtype), dA.to(A.dtype), dD.to(Ds.dtype),
             dbias.to(dt_bias.dtype))
 
