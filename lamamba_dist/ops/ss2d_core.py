@@ -24,7 +24,8 @@ gathers xs again from x and recomputes dts with the small (D x R) projection bef
 own backward: the scan itself is never recomputed. The extra backward work is one gather and one rank-R
 matmul per SS2D. Run eagerly (the custom ops always are) with the Triton kernel, the scan writes its output over
 xs and its du, ddelta over the gathered output gradient and the recomputed dts, so the backward holds three
-(B, 4, D, L) tensors at once instead of five (scan_triton.scan1_fwd_launch / scan1_bwd_launch). With ``core="op"`` and the real kernels the forward and the backward are custom ops
+(B, 4, D, L) tensors at once instead of five (scan_triton.scan1_fwd_launch / scan1_bwd_launch). With
+``core="op"`` and the real kernels the forward and the backward are custom ops
 (``lamamba::ss2d_core_fwd`` / ``_bwd``), so that torch.compile keeps this choice: it cannot see inside them to
 save xs and dts instead, as it does through the autograd.Function (``core="function"``, the default for now).
 
@@ -52,7 +53,7 @@ def _fused_pair():
     if _SS._cuda_module() is None:
         raise RuntimeError("the fused selective scan needs mamba-ssm built with CUDA (pip install 'lamamba-dist[cuda]')")
 
-    def fwd(u, delta, A, B, C, D, bias, softplus, reuse=False):  # mamba-ssm allocates its outputs itself
+    def fwd(u, delta, A, B, C, D, bias, softplus, reuse=False):  # mamba-ssm allocates its own outputs
         return _SS._scan_fwd(u, delta, A, B, C, D, bias, softplus)
 
     def bwd(u, delta, A, B, C, D, bias, dout, states, softplus, reuse=False):

@@ -252,7 +252,8 @@ def test_output_buffers_given_to_the_launchers_are_checked():
     like = torch.zeros(2, 8, 16, dtype=torch.bfloat16)
     assert _out_buffer(None, like, "y").shape == like.shape
     assert _out_buffer(like, like, "y") is like
-    with pytest.raises(ValueError, match=r"gu must be contiguous torch.bfloat16 \(2, 8, 16\) on cpu, got torch.float32"):
+    with pytest.raises(ValueError, match=r"gu must be contiguous torch.bfloat16 \(2, 8, 16\) on cpu, got "
+                                         r"torch.float32"):
         _out_buffer(torch.zeros(2, 8, 16), like, "gu")
     with pytest.raises(ValueError, match=r"gdelta must be contiguous .* \(contiguous: False\)"):
         _out_buffer(torch.zeros(2, 16, 8, dtype=torch.bfloat16).transpose(1, 2), like, "gdelta")
