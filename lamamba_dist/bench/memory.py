@@ -86,11 +86,16 @@ def peak_live_allocations(trace: list[dict], top: int = 15) -> dict:
             "sites": out, "other_sites_gib": sum(g["bytes"] for g in rest) / GIB, "other_sites": len(rest)}
 
 
+def require_cuda(device: torch.device) -> None:
+    """The memory profile's precondition, checked before a bench builds anything."""
+    if device.type != "cuda":
+        raise ValueError(f"the memory profile reads the CUDA caching allocator's history; device is {device.type}")
+
+
 def memory_profile(step, device: torch.device, top: int = 15, max_entries: int = 2_000_000) -> dict:
     """One ``step()`` with the allocator's history recorded: the peak, what was allocated before the step, and
     :func:`peak_live_allocations` of the step's trace. CUDA only."""
-    if device.type != "cuda":
-        raise ValueError(f"the memory profile reads the CUDA caching allocator's history; device is {device.type}")
+    require_cuda(device)
     mem = torch.cuda.memory
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)

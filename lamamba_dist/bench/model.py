@@ -19,7 +19,7 @@ import time
 import torch
 
 from lamamba_dist.bench.common import environment, write_json
-from lamamba_dist.bench.memory import memory_profile as profile_memory
+from lamamba_dist.bench.memory import memory_profile as profile_memory, require_cuda
 from lamamba_dist.bench.profiling import _sync, host_profile, profile_steps
 from lamamba_dist.models.compile import COMPILE_MODES, compile_blocks, uses_cudagraphs
 from lamamba_dist.ops.cross_scan import SNAKE_BACKENDS
@@ -172,8 +172,8 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if memory_profile and dev.type != "cuda":
-        raise ValueError(f"the memory profile reads the CUDA caching allocator's history; device is {dev.type}")
+    if memory_profile:
+        require_cuda(dev)
     peak = peak_tflops or device_peak_tflops(dev)
     settings = []  # (spec, name, bench_model keywords) per model, checked before anything runs
     for spec in models:

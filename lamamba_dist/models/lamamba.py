@@ -32,7 +32,7 @@ from lamamba_dist.ops import (
 )
 from lamamba_dist.ops.dwconv import dwconv_silu
 from lamamba_dist.ops.selective_scan import SS2D_BACKENDS, resolve_backend, scan_kernel, ss2d_scan
-from lamamba_dist.ops.ss2d_core import CORES, resolve_core, ss2d_core
+from lamamba_dist.ops.ss2d_core import resolve_core, ss2d_core
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,7 @@ class SS2D(nn.Module):
         self.scan_backend = scan_backend
         self.conv_backend = conv_backend  # the depthwise conv + SiLU (ops/dwconv.py)
         self.snake_backend = snake_backend  # the merge of the four directions and its adjoint (ops/cross_scan.py)
-        if scan_core not in CORES:
-            raise ValueError(f"unknown scan core {scan_core!r}; choose one of {', '.join(CORES)}")
+        resolve_core(scan_core)  # checked at construction
         self.scan_core = scan_core  # how the lean core reaches autograd (ops/ss2d_core.py CORES)
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=False)

@@ -114,7 +114,7 @@ CORES = ("auto", "function", "op")
 def resolve_core(core: str) -> str:
     """"function" or "op": what ``core`` (one of CORES) runs as."""
     if core not in CORES:
-        raise ValueError(f"scan core must be one of {', '.join(CORES)}, got {core!r}")
+        raise ValueError(f"unknown scan core {core!r}; choose one of {', '.join(CORES)}")
     return "function" if core == "auto" else core
 
 
