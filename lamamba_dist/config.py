@@ -57,7 +57,7 @@ class ModelConfig:
     snake_backend: str = field(default="auto", metadata=dict(choices=("auto", "torch", "triton")))
     # How SS2D's lean scan core reaches autograd (ops/ss2d_core.py): "function" (traced into compiled graphs, where
     # the partitioner saves the four snake copies it meant to recompute), "op" (custom ops: a compiled block keeps
-    # what the core keeps eagerly) or "auto" (= "function" until a whole step is measured with "op")
+    # what the core keeps eagerly) or "auto" (= "op", the faster and leaner in a compiled step: docs/performance.md)
     scan_core: str = field(default="auto", metadata=dict(choices=("auto", "function", "op")))
     # Architecture fields replacing the registry's for ``name`` (``create_model(**arch_overrides)``), e.g.
     # ``arch_overrides = { base_width = 384, num_heads = 16 }``: a config-only model (configs/lamamba_XXL_256.toml).

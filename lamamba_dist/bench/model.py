@@ -248,7 +248,7 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--scan-core", choices=CORES, default="auto",
                    help="how SS2D's lean scan core reaches autograd (lamamba_dist/ops/ss2d_core.py): function (traced "
                         "by torch.compile, whose partitioner then saves the snake copies), op (custom ops, opaque to "
-                        "it); auto = function")
+                        "it); auto = op")
     p.add_argument("--plain-scan-backward", action="store_true",
                    help="LaMamba: plain autograd through the SS2D scan core (keeps the (B,4,D,L) snake copies and "
                         "deltas) instead of the lean backward, for A/B measurements")

@@ -162,6 +162,33 @@ def test_lean_core_rejects_unknown_kernel_and_core():
         _lean(torch.randn(1, 2, 4), p, 2, "reference", core="fast")
 
 
+def test_default_core_runs_the_custom_ops_for_the_real_kernels(monkeypatch):
+    """core "auto" is "op" (the faster and leaner core in a compiled step, docs/performance.md): with a real kernel
+    ss2d_core calls the custom op; the "reference" kernel runs as the autograd.Function whatever the core."""
+    from lamamba_dist.ops import ss2d_core as sc
+
+    assert sc.resolve_core("auto") == "op"
+    calls = []
+
+    def fake_op(*args):
+        calls.append(("op", args[8]))
+        x = args[0]
+        return (x.new_zeros(x.shape[0], x.shape[2], x.shape[1]),)
+
+    def fake_function(*args):
+        calls.append(("function", args[8]))
+        return args[0].new_zeros(1)
+
+    monkeypatch.setattr(sc, "_ss2d_core_fwd", fake_op)
+    monkeypatch.setattr(sc._SS2DCore, "apply", fake_function)
+    p = _params(2)
+    x = torch.randn(1, 2, 4)
+    for kernel in ("triton", "fused", "reference"):
+        _lean(x, p, 2, kernel)
+    _lean(x, p, 2, "triton", core="function")
+    assert calls == [("op", "triton"), ("op", "fused"), ("function", "reference"), ("function", "triton")]
+
+
 def test_scan_core_setting_reaches_every_ss2d():
     from lamamba_dist.bench.model import parse_model_spec
     from lamamba_dist.config import ModelConfig, model_kwargs
