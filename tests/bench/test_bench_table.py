@@ -39,3 +39,18 @@ def test_table_names_a_bad_file(tmp_path):
     bad.write_text('{"environment": {}, "results": [{"model": "DiT-XL/2"}]}')
     with pytest.raises(SystemExit, match="result 0 has no resolution, batch, img_per_s"):
         render([str(bad)])
+
+
+def test_readme_table_is_the_render_of_the_committed_bench_files():
+    """The README's performance table is `lamamba bench table` of docs/bench/b256.json and b512.json (the runs it
+    quotes), with the commit its header names: edited by hand or left behind by a new run, the two disagree."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    header = re.search(r"^One `lamamba bench` run per file \(b256\.json, b512\.json\);.* commit (\w+)\.$", readme, re.M)
+    assert header, "README: no table header naming b256.json, b512.json and a commit"
+    text = render([str(root / "docs" / "bench" / "b256.json"), str(root / "docs" / "bench" / "b512.json")],
+                  commit=header.group(1))
+    assert text.strip() in readme
