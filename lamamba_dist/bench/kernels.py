@@ -178,6 +178,20 @@ def scan_sweep(args, gy, timer) -> list[dict]:
         add("bwd", lambda: st.scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, True, chunk, sub_d=sub_d,
                                                nsub=nsub, num_warps=nw),
             {"sub_d": sub_d, "nsub": nsub, "num_warps": nw, "chunk": chunk})
+    if n_chunks == 1:  # the loops over a program's sub-blocks, software-pipelined, around the default tiles
+        sub_d, nsub0, nw, _ = st._bwd_config(rep, chunk, n_chunks)
+        for mult, stages in itertools.product([1, 2, 4], [1, 2, 3]):
+            nsub = nsub0 * mult
+            if rep % (sub_d * nsub) == 0 and (mult, stages) != (1, 1):
+                add("bwd", lambda: st.scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, True, chunk,
+                                                       sub_d=sub_d, nsub=nsub, num_warps=nw, stages=stages),
+                    {"sub_d": sub_d, "nsub": nsub, "num_warps": nw, "chunk": chunk, "stages": stages})
+        sub_d, _, nw, _ = st._fwd_config(rep, chunk, n_chunks)
+        for nsub, stages in itertools.product([2, 4, 8], [1, 2, 3]):
+            if rep % (sub_d * nsub) == 0:
+                add("fwd", lambda: st.scan1_fwd_launch(u, delta, A, B, C, D, bias, True, chunk, sub_d=sub_d,
+                                                       num_warps=nw, nsub=nsub, stages=stages),
+                    {"sub_d": sub_d, "nsub": nsub, "num_warps": nw, "chunk": chunk, "stages": stages})
     return rows
 
 
@@ -399,7 +413,7 @@ def bench_snake(shapes, device: str, timer, sweep: bool) -> list[dict]:
                 print("# snake", json.dumps(rows[-1]), flush=True)
             if sweep:
                 configs = (list(itertools.product([32, 64, 128], [32, 64, 128], [2, 4, 8])) if op == "gather"
-                           else list(itertools.product([4, 8, 16], [32, 64, 128], [2, 4, 8])))
+                           else list(itertools.product([4, 8, 16], [32, 64, 128], [2, 4, 8], [False, True])))
                 for cfg in configs:
                     sweep_row(rows, timer, f"snake_{op}", (batch, dim, n), lambda c=cfg: launch(inp, table, c), list(cfg))
         del x_cl, ys

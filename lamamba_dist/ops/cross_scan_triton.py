@@ -34,10 +34,11 @@ import triton
 import triton.language as tl
 
 K_DIRS = 4
-# (steps, channels, warps) of gather_cl's tile and (patch side, channels, warps) of merge_cl's: 64 bf16 channels
-# = 128 bytes, a whole cache line per grid row.
+# (steps, channels, warps) of gather_cl's tile and (patch side, channels, warps, transposed) of merge_cl's: 64 bf16
+# channels = 128 bytes, a whole cache line per grid row; ``transposed`` runs _merge_cl_t_kernel, whose tile is
+# (channels, positions).
 GATHER_CONFIG = (64, 64, 4)
-MERGE_CONFIG = (8, 64, 4)
+MERGE_CONFIG = (8, 64, 4, False)
 
 
 @triton.jit
@@ -76,6 +77,33 @@ def _merge_cl_kernel(y_ptr, inverse_ptr, out_ptr, N, L, D,
         rows = ((b * 4 + k).to(tl.int64) * D + d[None, :]) * L
         acc += tl.load(y_ptr + rows + s[:, None], mask=mask, other=0.0).to(tl.float32)
     out = out_ptr + (b.to(tl.int64) * L + p[:, None]) * D + d[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _merge_cl_t_kernel(y_ptr, inverse_ptr, out_ptr, N, L, D,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    # _merge_cl_kernel with the tile transposed, (channels, positions): the reads of ys then run along the
+    # positions, which a snake visits as runs of adjacent steps (a patch row for k = 0, 1, a column for k = 2, 3),
+    # so a warp's loads fall in a few sectors instead of one channel row each; the store, along the channels, goes
+    # through a layout conversion in shared memory.
+    b = tl.program_id(0)
+    n_cblk = tl.cdiv(N, BLOCK_C)
+    r0 = (tl.program_id(1) // n_cblk) * BLOCK_R
+    c0 = (tl.program_id(1) % n_cblk) * BLOCK_C
+    i = tl.arange(0, BLOCK_R * BLOCK_C)
+    row = r0 + i // BLOCK_C
+    col = c0 + i % BLOCK_C
+    pmask = (row < N) & (col < N)
+    p = row * N + col
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (d < D)[:, None] & pmask[None, :]
+    acc = tl.zeros([BLOCK_D, BLOCK_R * BLOCK_C], dtype=tl.float32)
+    for k in tl.static_range(4):
+        s = tl.load(inverse_ptr + k * L + p, mask=pmask, other=0).to(tl.int64)
+        rows = ((b * 4 + k).to(tl.int64) * D + d[:, None]) * L
+        acc += tl.load(y_ptr + rows + s[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = out_ptr + (b.to(tl.int64) * L + p[None, :]) * D + d[:, None]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -121,20 +149,23 @@ def gather_cl_launch(x_cl: torch.Tensor, paths: torch.Tensor, config=None) -> to
 
 def merge_cl_launch(ys: torch.Tensor, inverse: torch.Tensor, config=None) -> torch.Tensor:
     """ys (B, 4, D, L) -> (B, L, D) contiguous, y_cl[b, p, d] = sum_k ys[b, k, d, inverse[k, p]], summed in fp32,
-    returned in ys' dtype. ``config``: (patch side, channels, warps) per program (default MERGE_CONFIG)."""
+    returned in ys' dtype. ``config``: (patch side, channels, warps[, transposed]) per program (default
+    MERGE_CONFIG; transposed: the (channels, positions) tile of _merge_cl_t_kernel)."""
     if ys.dim() != 4 or ys.shape[1] != K_DIRS:
         raise ValueError(f"merge_cl: ys must be (B, {K_DIRS}, D, L), got shape {tuple(ys.shape)}")
     b, _, d, length = ys.shape
     n = _side(length)
     inverse = _check_tables(inverse, length, ys.device)
-    side, bd, nw = (config or MERGE_CONFIG)
+    side, bd, nw, *rest = (config or MERGE_CONFIG)
+    transposed = bool(rest[0]) if rest else False
     side, bd, nw = _pow2(side, "patch side"), _pow2(bd, "channels"), _pow2(nw, "warps")
     side = min(side, triton.next_power_of_2(n))
     ys = ys.contiguous()
     out = torch.empty(b, length, d, device=ys.device, dtype=ys.dtype)
     n_blk = triton.cdiv(n, side)
     grid = (b, n_blk * n_blk, triton.cdiv(d, bd))
-    _merge_cl_kernel[grid](ys, inverse, out, n, length, d, BLOCK_R=side, BLOCK_C=side, BLOCK_D=bd, num_warps=nw)
+    kernel = _merge_cl_t_kernel if transposed else _merge_cl_kernel
+    kernel[grid](ys, inverse, out, n, length, d, BLOCK_R=side, BLOCK_C=side, BLOCK_D=bd, num_warps=nw)
     return out
 
 

@@ -52,6 +52,11 @@ import triton
 import triton.language as tl
 
 MAX_CHUNK = 4096  # longest L scanned as one tile; longer sequences are chunked with a carried state
+# The loops over a program's sub-blocks, by tile length (CHUNK, the sequence length when L fits one tile): for the
+# forward (sub-blocks of SUB_D rows a program, software-pipeline depth), for the backward (channels a program,
+# pipeline depth); a depth of 1 is no pipelining. Lengths not listed take the defaults of _fwd_config / _bwd_config.
+FWD_PIPELINE: dict[int, tuple[int, int]] = {}
+BWD_PIPELINE: dict[int, tuple[int, int]] = {}
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -100,42 +105,98 @@ def _dt_and_slope(x, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _fwd_tile(u_ptr, delta_ptr, B_ptr, C_ptr, y_ptr, state_ptr, row_id, rows, dim, L, bc_off, c, cols, A, Dv, bias,
+              h0, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+    """One (SUB_D rows, CHUNK steps) tile of the forward, entered with state h0: stores y and h0, returns the state
+    leaving the tile."""
+    l = c * CHUNK + cols
+    lmask = l < L
+    mask = (rows[:, None] < dim) & lmask[None, :]
+    offs = (row_id * L)[:, None] + l[None, :]
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
+    Bv = tl.load(B_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
+    dt, _slope = _dt_and_slope(x, SOFTPLUS)
+    a = tl.exp(dt * A[:, None])
+    bu = dt * Bv[None, :] * u
+    ap, hs = tl.associative_scan((a, bu), axis=1, combine_fn=_fwd_combine)
+    h = ap * h0[:, None] + hs
+    y = h * Cv[None, :] + Dv[:, None] * u
+    tl.store(state_ptr + row_id * NCHUNK + c, h0)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    # the state leaving a full chunk (only chunks before the last, which are full, carry on)
+    return tl.sum(tl.where(cols[None, :] == CHUNK - 1, h, 0.0), axis=1)
+
+
+@triton.jit
 def _scan1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, state_ptr,
                       dim, L, rep, n_groups,
-                      SOFTPLUS: tl.constexpr, SUB_D: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+                      SOFTPLUS: tl.constexpr, SUB_D: tl.constexpr, NSUB: tl.constexpr, CHUNK: tl.constexpr,
+                      NCHUNK: tl.constexpr, STAGES: tl.constexpr):
+    # A program owns NSUB blocks of SUB_D rows, one after the other; when L fits one chunk the loop over them is
+    # software-pipelined (STAGES > 1: the next block's tiles are fetched while this one is scanned).
+    DBLK: tl.constexpr = SUB_D * NSUB
     pid = tl.program_id(0)
-    n_blk = dim // SUB_D
+    n_blk = dim // DBLK
     b = pid // n_blk
-    d0 = (pid % n_blk) * SUB_D
-    g = d0 // rep
-    rows = d0 + tl.arange(0, SUB_D)
+    j = pid % n_blk
+    g = (j * DBLK) // rep
     cols = tl.arange(0, CHUNK)
-    row_id = (b * dim + rows).to(tl.int64)
-    row_off = row_id * L
     bc_off = (b * n_groups + g).to(tl.int64) * L
-    A = tl.load(A_ptr + rows)
-    Dv = tl.load(D_ptr + rows)
-    bias = tl.load(bias_ptr + rows)
-    h0 = tl.zeros([SUB_D], dtype=tl.float32)
-    for c in range(NCHUNK):
-        l = c * CHUNK + cols
-        lmask = l < L
-        mask = (rows[:, None] < dim) & lmask[None, :]
-        offs = row_off[:, None] + l[None, :]
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
-        Bv = tl.load(B_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
-        Cv = tl.load(C_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
-        dt, _slope = _dt_and_slope(x, SOFTPLUS)
-        a = tl.exp(dt * A[:, None])
-        bu = dt * Bv[None, :] * u
-        ap, hs = tl.associative_scan((a, bu), axis=1, combine_fn=_fwd_combine)
-        h = ap * h0[:, None] + hs
-        y = h * Cv[None, :] + Dv[:, None] * u
-        tl.store(state_ptr + row_id * NCHUNK + c, h0)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-        if NCHUNK > 1:  # the state leaving a full chunk (only chunks before the last, which are full, carry on)
-            h0 = tl.sum(tl.where(cols[None, :] == CHUNK - 1, h, 0.0), axis=1)
+    for sub in tl.range(NSUB, num_stages=STAGES):
+        rows = j * DBLK + sub * SUB_D + tl.arange(0, SUB_D)
+        row_id = (b * dim + rows).to(tl.int64)
+        A = tl.load(A_ptr + rows)
+        Dv = tl.load(D_ptr + rows)
+        bias = tl.load(bias_ptr + rows)
+        h0 = tl.zeros([SUB_D], dtype=tl.float32)
+        if NCHUNK == 1:
+            _fwd_tile(u_ptr, delta_ptr, B_ptr, C_ptr, y_ptr, state_ptr, row_id, rows, dim, L, bc_off, 0, cols,
+                      A, Dv, bias, h0, SOFTPLUS, CHUNK, NCHUNK)
+        else:
+            for c in range(NCHUNK):
+                h0 = _fwd_tile(u_ptr, delta_ptr, B_ptr, C_ptr, y_ptr, state_ptr, row_id, rows, dim, L, bc_off, c,
+                               cols, A, Dv, bias, h0, SOFTPLUS, CHUNK, NCHUNK)
+
+
+@triton.jit
+def _bwd_tile(u_ptr, delta_ptr, gy_ptr, gu_ptr, gdelta_ptr, B_ptr, C_ptr, state_ptr, row_id, rows, dim, L, bc_off,
+              c, cols, A, Dv, bias, p_next, SOFTPLUS: tl.constexpr, SUB_D: tl.constexpr, CHUNK: tl.constexpr,
+              NCHUNK: tl.constexpr):
+    """One (SUB_D rows, CHUNK steps) tile of the backward, given P = a gh at the first step of the next chunk:
+    stores gu and gdelta, returns (P for the chunk before, the tile's per-row sums for gA, gD, gbias, its per-step
+    sums over rows for gB, gC)."""
+    l = c * CHUNK + cols
+    lmask = l < L
+    mask = (rows[:, None] < dim) & lmask[None, :]
+    offs = (row_id * L)[:, None] + l[None, :]
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
+    gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
+    h0 = tl.load(state_ptr + row_id * NCHUNK + c)
+    dt, slope = _dt_and_slope(x, SOFTPLUS)
+    a = tl.exp(dt * A[:, None])
+    bu = dt * Bv[None, :] * u
+    zeros = tl.zeros([SUB_D, CHUNK], dtype=tl.float32)
+    ap, q, _b = tl.associative_scan((a, zeros, bu), axis=1, combine_fn=_fwd_prev_combine)
+    ah_prev = ap * h0[:, None] + q  # a_s h_{s-1}, without the cancellation of h_s - dt_s B_s u_s
+    h = ah_prev + bu
+    cg = Cv[None, :] * gy
+    ones = tl.full([SUB_D, CHUNK], 1.0, tl.float32)
+    _fa, al, be = tl.associative_scan((a, ones, cg), axis=1, combine_fn=_rev_combine, reverse=True)
+    gh = be + al * p_next[:, None]
+    p_prev = tl.sum(tl.where(cols[None, :] == 0, a * gh, 0.0), axis=1)
+    gdt = gh * (Bv[None, :] * u + A[:, None] * ah_prev)
+    gdelta = gdt * slope
+    gu = gh * dt * Bv[None, :] + gy * Dv[:, None]
+    tl.store(gu_ptr + offs, gu.to(gu_ptr.dtype.element_ty), mask=mask)
+    tl.store(gdelta_ptr + offs, gdelta.to(gdelta_ptr.dtype.element_ty), mask=mask)
+    # masked steps have u = gy = 0, hence gh = 0: they add nothing to the sums below
+    ra, rd, rb = tl.reduce((gh * dt * ah_prev, gy * u, gdelta), axis=1, combine_fn=_add3)
+    return p_prev, ra, rd, rb, tl.sum(gh * dt * u, axis=0), tl.sum(gy * h, axis=0)
 
 
 @triton.jit
@@ -143,9 +204,11 @@ def _scan1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, gy
                       gu_ptr, gdelta_ptr, gA_ptr, gD_ptr, gbias_ptr, gB_ptr, gC_ptr,
                       dim, L, rep, n_groups,
                       SOFTPLUS: tl.constexpr, SUB_D: tl.constexpr, NSUB: tl.constexpr,
-                      CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+                      CHUNK: tl.constexpr, NCHUNK: tl.constexpr, STAGES: tl.constexpr):
     # NSUB > 1 only when NCHUNK == 1 (the launcher checks): the gB/gC partials of a program then live in
-    # registers across its sub-blocks; with several chunks each chunk's partial row is stored directly.
+    # registers across its sub-blocks, and the loop over them is software-pipelined (STAGES > 1: the next
+    # sub-block's tiles are fetched while this one is scanned); with several chunks each chunk's partial row is
+    # stored directly.
     DBLK: tl.constexpr = SUB_D * NSUB
     pid = tl.program_id(0)
     n_blk = dim // DBLK
@@ -157,60 +220,34 @@ def _scan1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, gy
     part_off = (b * n_blk + j).to(tl.int64) * L
     accB = tl.zeros([CHUNK], dtype=tl.float32)
     accC = tl.zeros([CHUNK], dtype=tl.float32)
-    for sub in range(NSUB):
+    for sub in tl.range(NSUB, num_stages=STAGES):
         rows = j * DBLK + sub * SUB_D + tl.arange(0, SUB_D)
         row_id = (b * dim + rows).to(tl.int64)
-        row_off = row_id * L
         A = tl.load(A_ptr + rows)
         Dv = tl.load(D_ptr + rows)
         bias = tl.load(bias_ptr + rows)
         p_next = tl.zeros([SUB_D], dtype=tl.float32)  # a gh at the first step of the following chunk
-        sum_a = tl.zeros([SUB_D], dtype=tl.float32)
-        sum_d = tl.zeros([SUB_D], dtype=tl.float32)
-        sum_bias = tl.zeros([SUB_D], dtype=tl.float32)
-        for ci in range(NCHUNK):
-            c = NCHUNK - 1 - ci
-            l = c * CHUNK + cols
-            lmask = l < L
-            mask = (rows[:, None] < dim) & lmask[None, :]
-            offs = row_off[:, None] + l[None, :]
-            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
-            gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            Bv = tl.load(B_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
-            Cv = tl.load(C_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
-            h0 = tl.load(state_ptr + row_id * NCHUNK + c)
-            dt, slope = _dt_and_slope(x, SOFTPLUS)
-            a = tl.exp(dt * A[:, None])
-            bu = dt * Bv[None, :] * u
-            zeros = tl.zeros([SUB_D, CHUNK], dtype=tl.float32)
-            ap, q, _b = tl.associative_scan((a, zeros, bu), axis=1, combine_fn=_fwd_prev_combine)
-            ah_prev = ap * h0[:, None] + q  # a_s h_{s-1}, without the cancellation of h_s - dt_s B_s u_s
-            h = ah_prev + bu
-            cg = Cv[None, :] * gy
-            ones = tl.full([SUB_D, CHUNK], 1.0, tl.float32)
-            _fa, al, be = tl.associative_scan((a, ones, cg), axis=1, combine_fn=_rev_combine, reverse=True)
-            gh = be + al * p_next[:, None]
-            if NCHUNK > 1:
-                p_next = tl.sum(tl.where(cols[None, :] == 0, a * gh, 0.0), axis=1)
-            gdt = gh * (Bv[None, :] * u + A[:, None] * ah_prev)
-            gdelta = gdt * slope
-            gu = gh * dt * Bv[None, :] + gy * Dv[:, None]
-            tl.store(gu_ptr + offs, gu.to(gu_ptr.dtype.element_ty), mask=mask)
-            tl.store(gdelta_ptr + offs, gdelta.to(gdelta_ptr.dtype.element_ty), mask=mask)
-            # masked steps have u = gy = 0, hence gh = 0: they add nothing to the sums below
-            ra, rd, rb = tl.reduce((gh * dt * ah_prev, gy * u, gdelta), axis=1, combine_fn=_add3)
-            sum_a += ra
-            sum_d += rd
-            sum_bias += rb
-            part_b = tl.sum(gh * dt * u, axis=0)
-            part_c = tl.sum(gy * h, axis=0)
-            if NCHUNK == 1:
-                accB += part_b
-                accC += part_c
-            else:
-                tl.store(gB_ptr + part_off + l, part_b, mask=lmask)
-                tl.store(gC_ptr + part_off + l, part_c, mask=lmask)
+        if NCHUNK == 1:
+            _p, sum_a, sum_d, sum_bias, part_b, part_c = _bwd_tile(
+                u_ptr, delta_ptr, gy_ptr, gu_ptr, gdelta_ptr, B_ptr, C_ptr, state_ptr, row_id, rows, dim, L, bc_off,
+                0, cols, A, Dv, bias, p_next, SOFTPLUS, SUB_D, CHUNK, NCHUNK)
+            accB += part_b
+            accC += part_c
+        else:
+            sum_a = tl.zeros([SUB_D], dtype=tl.float32)
+            sum_d = tl.zeros([SUB_D], dtype=tl.float32)
+            sum_bias = tl.zeros([SUB_D], dtype=tl.float32)
+            for ci in range(NCHUNK):
+                c = NCHUNK - 1 - ci
+                p_next, ra, rd, rb, part_b, part_c = _bwd_tile(
+                    u_ptr, delta_ptr, gy_ptr, gu_ptr, gdelta_ptr, B_ptr, C_ptr, state_ptr, row_id, rows, dim, L,
+                    bc_off, c, cols, A, Dv, bias, p_next, SOFTPLUS, SUB_D, CHUNK, NCHUNK)
+                sum_a += ra
+                sum_d += rd
+                sum_bias += rb
+                l = c * CHUNK + cols
+                tl.store(gB_ptr + part_off + l, part_b, mask=l < L)
+                tl.store(gC_ptr + part_off + l, part_c, mask=l < L)
         tl.store(gA_ptr + row_id, sum_a)
         tl.store(gD_ptr + row_id, sum_d)
         tl.store(gbias_ptr + row_id, sum_bias)
@@ -236,17 +273,30 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return p
 
 
-def _fwd_config(rep: int, chunk: int, sub_d=None, num_warps=None):
+def _fwd_config(rep: int, chunk: int, n_chunks: int, sub_d=None, nsub=None, num_warps=None, stages=None):
     # Measured on an H200 (`lamamba bench kernels --sweep`, lamamba_dist/bench/kernels.py): ~2048-element tiles at
     # 16 elements a thread, at most 4 warps (L 4096: 4 warps 0.51 ms, 8 warps 0.54, 16 warps 0.57).
     sub_d = sub_d or _pow2_divisor(rep, max(1, 2048 // chunk))
     if rep % sub_d:
         raise ValueError(f"sub_d={sub_d} must divide the group size {rep}")
+    fwd_nsub, fwd_stages = FWD_PIPELINE.get(chunk, (1, 1))
+    if nsub is None:  # the default, reduced to what keeps a program's sub-blocks in one group
+        nsub = _pow2_divisor(rep // sub_d, fwd_nsub)
+    if rep % (sub_d * nsub):
+        raise ValueError(f"sub_d*nsub={sub_d * nsub} must divide the group size {rep}")
     num_warps = num_warps or min(max(sub_d * chunk // 512, 1), 4)
-    return sub_d, num_warps
+    return sub_d, nsub, num_warps, _stages(stages or fwd_stages, nsub, n_chunks)
 
 
-def _bwd_config(rep: int, chunk: int, n_chunks: int, sub_d=None, nsub=None, num_warps=None):
+def _stages(stages: int, nsub: int, n_chunks: int) -> int:
+    """Pipeline depth of the loop over a program's sub-blocks: 1 (none) where there is nothing to overlap (one
+    sub-block) or where each sub-block is itself a loop over chunks."""
+    if stages < 1:
+        raise ValueError(f"stages must be >= 1, got {stages}")
+    return 1 if nsub == 1 or n_chunks > 1 else stages
+
+
+def _bwd_config(rep: int, chunk: int, n_chunks: int, sub_d=None, nsub=None, num_warps=None, stages=None):
     # Measured on an H200: one row per tile (>= 256 steps), 8 elements a thread, 16 channels a program
     # (L 256: 1 warp; L 1024: 4 warps; L 4096: 16 warps, 1.85 ms vs 2.15 with 8) beat the alternatives. For the
     # shortest sequences (L <= 64) on one H100: 8 rows a tile and 64 channels a program, one warp (0.33 ms against
@@ -255,15 +305,15 @@ def _bwd_config(rep: int, chunk: int, n_chunks: int, sub_d=None, nsub=None, num_
     sub_d = sub_d or _pow2_divisor(rep, max(1, (512 if short else 256) // chunk))
     if rep % sub_d:
         raise ValueError(f"sub_d={sub_d} must divide the group size {rep}")
+    dblk, bwd_stages = BWD_PIPELINE.get(chunk, (64 if short else 16, 1))
     if nsub is None:
-        dblk = 64 if short else 16
         nsub = 1 if n_chunks > 1 else _pow2_divisor(rep // sub_d, max(1, dblk // sub_d))
     if n_chunks > 1 and nsub != 1:
         raise ValueError("several sub-blocks per program need L to fit one chunk")
     if rep % (sub_d * nsub):
         raise ValueError(f"sub_d*nsub={sub_d * nsub} must divide the group size {rep}")
     num_warps = num_warps or min(max(sub_d * chunk // (512 if short else 256), 1), 16)
-    return sub_d, nsub, num_warps
+    return sub_d, nsub, num_warps, _stages(stages or bwd_stages, nsub, n_chunks)
 
 
 def _check(u, delta, A, B, C, D, bias):
@@ -289,7 +339,7 @@ def _out_buffer(out, like, name):
 
 
 def scan1_fwd_launch(u, delta, A, B, C, D, bias, delta_softplus=True, chunk=None, sub_d=None, num_warps=None,
-                     y=None):
+                     y=None, nsub=None, stages=None):
     """Runs the forward kernel: (y in u's dtype, entry state of every chunk (batch, dim, n_chunks) fp32).
     All tensors contiguous, on one device; A/D/bias fp32. ``y`` may be given, u itself included: a program
     loads each tile of u before it stores that tile of y, and no program reads another's rows."""
@@ -297,18 +347,18 @@ def scan1_fwd_launch(u, delta, A, B, C, D, bias, delta_softplus=True, chunk=None
     chunk = chunk or default_chunk(length)
     n_chunks = triton.cdiv(length, chunk)
     rep = dim // groups
-    sub_d, num_warps = _fwd_config(rep, chunk, sub_d, num_warps)
+    sub_d, nsub, num_warps, stages = _fwd_config(rep, chunk, n_chunks, sub_d, nsub, num_warps, stages)
     y = _out_buffer(y, u, "y")
     states = torch.empty(batch, dim, n_chunks, device=u.device, dtype=torch.float32)
-    grid = (batch * (dim // sub_d),)
+    grid = (batch * (dim // (sub_d * nsub)),)
     _scan1_fwd_kernel[grid](u, delta, A, B, C, D, bias, y, states, dim, length, rep, groups,
-                            SOFTPLUS=bool(delta_softplus), SUB_D=sub_d, CHUNK=chunk, NCHUNK=n_chunks,
-                            num_warps=num_warps)
+                            SOFTPLUS=bool(delta_softplus), SUB_D=sub_d, NSUB=nsub, CHUNK=chunk, NCHUNK=n_chunks,
+                            STAGES=stages, num_warps=num_warps)
     return y, states
 
 
 def scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, delta_softplus=True, chunk=None,
-                     sub_d=None, nsub=None, num_warps=None, gu=None, gdelta=None):
+                     sub_d=None, nsub=None, num_warps=None, gu=None, gdelta=None, stages=None):
     """Runs the backward kernel and the deterministic torch reductions: the 7 input grads, each in its
     input's dtype. ``gu`` and ``gdelta`` may be given, gy and delta themselves included (a program loads each
     tile of u, delta and gy before it stores that tile of gu and gdelta, and reads no other program's rows): a
@@ -319,7 +369,7 @@ def scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, delta_softplus=True
     if states.shape != (batch, dim, n_chunks):
         raise ValueError(f"states {tuple(states.shape)} do not match chunk={chunk}")
     rep = dim // groups
-    sub_d, nsub, num_warps = _bwd_config(rep, chunk, n_chunks, sub_d, nsub, num_warps)
+    sub_d, nsub, num_warps, stages = _bwd_config(rep, chunk, n_chunks, sub_d, nsub, num_warps, stages)
     n_blk = dim // (sub_d * nsub)
     gu = _out_buffer(gu, u, "gu")
     gdelta = _out_buffer(gdelta, delta, "gdelta")
@@ -332,7 +382,8 @@ def scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, delta_softplus=True
     _scan1_bwd_kernel[(batch * n_blk,)](
         u, delta, A, B, C, D, bias, gy, states, gu, gdelta, gA_part, gD_part, gbias_part, gB_part, gC_part,
         dim, length, rep, groups,
-        SOFTPLUS=bool(delta_softplus), SUB_D=sub_d, NSUB=nsub, CHUNK=chunk, NCHUNK=n_chunks, num_warps=num_warps)
+        SOFTPLUS=bool(delta_softplus), SUB_D=sub_d, NSUB=nsub, CHUNK=chunk, NCHUNK=n_chunks, STAGES=stages,
+        num_warps=num_warps)
     per_group = n_blk // groups
     gB = gB_part.view(batch, groups, per_group, length).sum(2).unsqueeze(2).to(B.dtype)
     gC = gC_part.view(batch, groups, per_group, length).sum(2).unsqueeze(2).to(C.dtype)

@@ -101,11 +101,15 @@ def _kernel_cases(device, shapes, dtypes):
             with nan_poisoned_empty():
                 xs = ct.gather_cl_launch(x_cl, paths)
                 y = ct.merge_cl_launch(ys, inverse)
+                # the merge's other tile layout ((channels, positions) or (positions, channels)) at the default tile
+                side, bd, nw, transposed = ct.MERGE_CONFIG
+                y_other = ct.merge_cl_launch(ys, inverse, (side, bd, nw, not transposed))
             assert xs.dtype == dtype and y.dtype == dtype and xs.is_contiguous() and y.is_contiguous()
             torch.testing.assert_close(xs, gather_cl_reference(x_cl, paths), rtol=0, atol=0)  # a copy: exact
             want = merge_cl_reference(ys.double(), inverse)  # the kernel sums in fp32, rounds once
             tol = 1e-6 if dtype == torch.float32 else 8e-3
             torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol, msg=f"merge {n} {d} {dtype}")
+            torch.testing.assert_close(y_other.double(), want, rtol=tol, atol=tol, msg=f"other merge {n} {d} {dtype}")
             # non-contiguous input (a transposed view): read through a copy, same result
             xs2 = ct.gather_cl_launch(x_cl.transpose(1, 2).contiguous().transpose(1, 2), paths)
             torch.testing.assert_close(xs2, xs, rtol=0, atol=0)
@@ -122,7 +126,7 @@ def _interpreter_cases():
     ys = torch.randn(2, 4, d, n * n)
     for cfg in ((16, 16, 1), (128, 32, 2)):
         torch.testing.assert_close(ct.gather_cl_launch(x_cl, paths, cfg), gather_cl_reference(x_cl, paths), rtol=0, atol=0)
-    for cfg in ((4, 16, 1), (16, 8, 2)):
+    for cfg in ((4, 16, 1), (16, 8, 2), (4, 16, 1, True), (16, 8, 2, True)):
         torch.testing.assert_close(ct.merge_cl_launch(ys, inverse, cfg), merge_cl_reference(ys, inverse),
                                    rtol=1e-6, atol=1e-6)
     # the custom ops' gradients: each the other's adjoint

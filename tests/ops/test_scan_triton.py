@@ -78,8 +78,10 @@ def _run_case(batch, groups, d, length, dtype, device, chunk=None, delta_softplu
     if cfg:  # launch-config overrides: call the launchers directly
         u, delta, A, B, C, D, bias = (a.detach() for a in args)
         chunk = chunk or st.default_chunk(length)
+        fwd_cfg = {k[4:]: v for k, v in cfg.items() if k.startswith("fwd_")}  # fwd_nsub, fwd_stages
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("fwd_")}
         out, states = st.scan1_fwd_launch(u, delta, A, B, C, D, bias, delta_softplus, chunk,
-                                          sub_d=cfg.get("sub_d"), num_warps=cfg.get("num_warps"))
+                                          sub_d=cfg.get("sub_d"), num_warps=cfg.get("num_warps"), **fwd_cfg)
         gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
         grads = st.scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, delta_softplus, chunk, **cfg)
     else:
@@ -99,6 +101,8 @@ def _aliased_case(batch, groups, d, length, dtype, device, chunk=None, **cfg):
     u, delta, A, B, C, D, bias = (a.detach() for a in _inputs(batch, groups, d, length, dtype, device))
     chunk = chunk or st.default_chunk(length)
     fwd_cfg = {k: v for k, v in cfg.items() if k in ("sub_d", "num_warps")}
+    fwd_cfg.update({k[4:]: v for k, v in cfg.items() if k.startswith("fwd_")})  # fwd_nsub, fwd_stages
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("fwd_")}
     y0, states = st.scan1_fwd_launch(u, delta, A, B, C, D, bias, True, chunk, **fwd_cfg)
     u2 = u.clone()
     y1, states1 = st.scan1_fwd_launch(u2, delta, A, B, C, D, bias, True, chunk, y=u2, **fwd_cfg)
@@ -151,6 +155,20 @@ def test_triton_scan_chunked_length_on_gpu(length, chunk):
 def test_triton_scan_variants_on_gpu(kw):
     _triton_or_skip()
     _run_case(2, 4, 8, 333, torch.float32, "cuda", **kw, **FP32_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length", [64, 256, 1024, 4096])
+@pytest.mark.parametrize("stages", [2, 3])
+def test_triton_scan_pipelined_sub_blocks_on_gpu(length, stages):
+    """The loops over a program's sub-blocks software-pipelined (cp.async prefetch of the next sub-block, which
+    only the compiled kernels do): the same results as the float64 recurrence, and written over the inputs bit for
+    bit as into fresh tensors."""
+    _triton_or_skip()
+    cfg = dict(stages=stages, fwd_nsub=4, fwd_stages=stages)
+    _run_case(2, 4, 64, length, torch.float32, "cuda", **cfg, **FP32_TOL)
+    _run_case(2, 4, 64, length, torch.bfloat16, "cuda", **cfg, **BF16_TOL)
+    _aliased_case(2, 4, 64, length, torch.bfloat16, "cuda", **cfg)
 
 
 @pytest.mark.gpu
@@ -227,12 +245,18 @@ def _interpreter_cases():
         _run_case(1, 2, 4, 50, f32, "cpu", delta_softplus=False, bias_shift=2.0, **FP32_TOL)
         _run_case(1, 2, 8, 40, f32, "cpu", sub_d=2, nsub=2, **FP32_TOL)  # two programs per group, 2 sub-blocks
         _run_case(1, 2, 8, 40, f32, "cpu", sub_d=1, nsub=8, **FP32_TOL)
+        # software-pipelined loops over sub-blocks (the interpreter runs them in order; the GPU tests time nothing
+        # but check the same launch configurations compiled)
+        _run_case(1, 2, 8, 40, f32, "cpu", sub_d=2, nsub=4, stages=3, fwd_nsub=2, fwd_stages=2, **FP32_TOL)
+        _run_case(1, 2, 8, 40, bf16, "cpu", sub_d=1, nsub=8, stages=2, fwd_nsub=4, fwd_stages=3, **BF16_TOL)
+        _run_case(1, 2, 8, 100, f32, "cpu", chunk=32, sub_d=2, fwd_nsub=4, fwd_stages=3, **FP32_TOL)  # chunked
         _run_case(1, 4, 3, 30, f32, "cpu", **FP32_TOL)  # group of 3 channels
         _run_case(1, 1, 4, 30, f32, "cpu", **FP32_TOL)  # one group
         # outputs written over the inputs: one tile, chunked L, several sub-blocks per program
         _aliased_case(2, 4, 2, 64, f32, "cpu")
         _aliased_case(2, 4, 2, 200, bf16, "cpu", chunk=64)
         _aliased_case(1, 2, 8, 40, f32, "cpu", sub_d=2, nsub=2)
+        _aliased_case(1, 2, 8, 40, f32, "cpu", sub_d=2, nsub=4, stages=3, fwd_nsub=4, fwd_stages=3)
         # the dispatch: backend="triton" runs the kernels on CPU tensors under the interpreter
         args = _inputs(1, 4, 2, 20, f32, "cpu")
         ref = selective_scan_reference(*args)
