@@ -52,11 +52,12 @@ import triton
 import triton.language as tl
 
 MAX_CHUNK = 4096  # longest L scanned as one tile; longer sequences are chunked with a carried state
-# The loops over a program's sub-blocks, by tile length (CHUNK, the sequence length when L fits one tile): for the
-# forward (sub-blocks of SUB_D rows a program, software-pipeline depth), for the backward (channels a program,
-# pipeline depth); a depth of 1 is no pipelining. Lengths not listed take the defaults of _fwd_config / _bwd_config.
-FWD_PIPELINE: dict[int, tuple[int, int]] = {}
-BWD_PIPELINE: dict[int, tuple[int, int]] = {}
+# Measured launch configurations by tile length (CHUNK, the sequence length when L fits one tile), each key
+# optional: "sub_d" (rows a tile), "nsub" (forward: sub-blocks a program) or "dblk" (backward: channels a program),
+# "num_warps", "stages" (software-pipeline depth of the loop over a program's sub-blocks, 1 = none). What a length
+# does not list comes from the formulas of _fwd_config / _bwd_config.
+FWD_LAUNCH: dict[int, dict[str, int]] = {}
+BWD_LAUNCH: dict[int, dict[str, int]] = {}
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -276,16 +277,16 @@ def _pow2_divisor(n: int, cap: int) -> int:
 def _fwd_config(rep: int, chunk: int, n_chunks: int, sub_d=None, nsub=None, num_warps=None, stages=None):
     # Measured on an H200 (`lamamba bench kernels --sweep`, lamamba_dist/bench/kernels.py): ~2048-element tiles at
     # 16 elements a thread, at most 4 warps (L 4096: 4 warps 0.51 ms, 8 warps 0.54, 16 warps 0.57).
-    sub_d = sub_d or _pow2_divisor(rep, max(1, 2048 // chunk))
+    t = FWD_LAUNCH.get(chunk, {})
+    sub_d = sub_d or _pow2_divisor(rep, t.get("sub_d", max(1, 2048 // chunk)))
     if rep % sub_d:
         raise ValueError(f"sub_d={sub_d} must divide the group size {rep}")
-    fwd_nsub, fwd_stages = FWD_PIPELINE.get(chunk, (1, 1))
     if nsub is None:  # the default, reduced to what keeps a program's sub-blocks in one group
-        nsub = _pow2_divisor(rep // sub_d, fwd_nsub)
+        nsub = _pow2_divisor(rep // sub_d, t.get("nsub", 1))
     if rep % (sub_d * nsub):
         raise ValueError(f"sub_d*nsub={sub_d * nsub} must divide the group size {rep}")
-    num_warps = num_warps or min(max(sub_d * chunk // 512, 1), 4)
-    return sub_d, nsub, num_warps, _stages(stages or fwd_stages, nsub, n_chunks)
+    num_warps = num_warps or t.get("num_warps") or min(max(sub_d * chunk // 512, 1), 4)
+    return sub_d, nsub, num_warps, _stages(stages or t.get("stages", 1), nsub, n_chunks)
 
 
 def _stages(stages: int, nsub: int, n_chunks: int) -> int:
@@ -302,18 +303,19 @@ def _bwd_config(rep: int, chunk: int, n_chunks: int, sub_d=None, nsub=None, num_
     # shortest sequences (L <= 64) on one H100: 8 rows a tile and 64 channels a program, one warp (0.33 ms against
     # 0.37 with 4 rows and 16 channels, at 64 x 10240 x 64; `lamamba bench kernels --sweep`).
     short = chunk <= 64
-    sub_d = sub_d or _pow2_divisor(rep, max(1, (512 if short else 256) // chunk))
+    t = BWD_LAUNCH.get(chunk, {})
+    sub_d = sub_d or _pow2_divisor(rep, t.get("sub_d", max(1, (512 if short else 256) // chunk)))
     if rep % sub_d:
         raise ValueError(f"sub_d={sub_d} must divide the group size {rep}")
-    dblk, bwd_stages = BWD_PIPELINE.get(chunk, (64 if short else 16, 1))
     if nsub is None:
+        dblk = t.get("dblk", 64 if short else 16)
         nsub = 1 if n_chunks > 1 else _pow2_divisor(rep // sub_d, max(1, dblk // sub_d))
     if n_chunks > 1 and nsub != 1:
         raise ValueError("several sub-blocks per program need L to fit one chunk")
     if rep % (sub_d * nsub):
         raise ValueError(f"sub_d*nsub={sub_d * nsub} must divide the group size {rep}")
-    num_warps = num_warps or min(max(sub_d * chunk // (512 if short else 256), 1), 16)
-    return sub_d, nsub, num_warps, _stages(stages or bwd_stages, nsub, n_chunks)
+    num_warps = num_warps or t.get("num_warps") or min(max(sub_d * chunk // (512 if short else 256), 1), 16)
+    return sub_d, nsub, num_warps, _stages(stages or t.get("stages", 1), nsub, n_chunks)
 
 
 def _check(u, delta, A, B, C, D, bias):
