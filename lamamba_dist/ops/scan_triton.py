@@ -9,9 +9,12 @@ LaMamba-Diff's SS2D always runs the Mamba recurrence with one state per channel,
 Layout (mamba-ssm's convention, see selective_scan.py): u, delta (batch, dim, L); A (dim, 1) fp32;
 B, C (batch, G, 1, L), channel c in group c // (dim // G); D, delta_bias (dim,) fp32.
 
-Kernels. One program owns SUB_D channels of one batch row (all in one group, so the B/C rows are loaded
-once and broadcast) and walks L in chunks of CHUNK steps (one chunk whenever L <= 4096), carrying the
-state between chunks. The scans are ``tl.associative_scan`` in fp32:
+Kernels. A tile is SUB_D channels of one batch row (all in one group, so the B/C rows are loaded once and
+broadcast) by CHUNK steps; a program walks L in chunks (one chunk whenever L <= 4096), carrying the state
+between chunks, and may own NSUB such blocks of channels one after the other. When L fits one chunk, the loop
+over a program's blocks can be software-pipelined (STAGES > 1: Triton fetches the next block's u, delta, dy
+with cp.async into shared memory while the current block is scanned), which hides the loads' latency where
+the scans' registers leave few warps resident. The scans are ``tl.associative_scan`` in fp32:
 
 * forward: pairs (a, b) with (a1, b1) . (a2, b2) = (a1 a2, a2 b1 + b2), so h = cumprod(a) h0 + scan(b).
   It writes y (u's dtype) and, per row, the state entering each chunk (batch, dim, n_chunks) fp32:
