@@ -58,9 +58,20 @@ MAX_CHUNK = 4096  # longest L scanned as one tile; longer sequences are chunked 
 # Measured launch configurations by tile length (CHUNK, the sequence length when L fits one tile), each key
 # optional: "sub_d" (rows a tile), "nsub" (forward: sub-blocks a program) or "dblk" (backward: channels a program),
 # "num_warps", "stages" (software-pipeline depth of the loop over a program's sub-blocks, 1 = none). What a length
-# does not list comes from the formulas of _fwd_config / _bwd_config.
-FWD_LAUNCH: dict[int, dict[str, int]] = {}
-BWD_LAUNCH: dict[int, dict[str, int]] = {}
+# does not list comes from the formulas of _fwd_config / _bwd_config. Set from a sweep on one H200 (2026-12-07, bf16,
+# LaMamba-XL's shapes; docs/performance.md): the backward's loop pipelined three deep over 32 channels a program
+# (128 at 64 steps) took 1.19 ms against 1.62 at 64 x 2560 x 1024, 0.52 against 0.61 at 64 x 5120 x 256 and 0.28
+# against 0.32 at 64 x 10240 x 64; the forward gained 1-4% from four sub-blocks a program.
+FWD_LAUNCH: dict[int, dict[str, int]] = {
+    64: dict(sub_d=32, nsub=4, num_warps=4, stages=1),
+    256: dict(sub_d=8, nsub=4, num_warps=4, stages=1),
+    1024: dict(sub_d=2, nsub=4, num_warps=4, stages=2),
+}
+BWD_LAUNCH: dict[int, dict[str, int]] = {
+    64: dict(sub_d=8, dblk=128, num_warps=1, stages=3),
+    256: dict(sub_d=1, dblk=32, num_warps=1, stages=3),
+    1024: dict(sub_d=1, dblk=32, num_warps=4, stages=3),
+}
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
