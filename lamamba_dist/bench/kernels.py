@@ -160,7 +160,10 @@ def scan_sweep(args, gy, timer) -> list[dict]:
     _, states = st.scan1_fwd_launch(u, delta, A, B, C, D, bias, True, chunk)
     rows = []
 
-    def add(kind, launch, config):
+    def add(kind, launch, config):  # the row records the launch as resolved (the tables fill what it leaves out)
+        cfg = {k: config[k] for k in ("sub_d", "nsub", "num_warps", "stages") if k in config}
+        resolved = (st._fwd_config if kind == "fwd" else st._bwd_config)(rep, chunk, n_chunks, **cfg)
+        config = {**dict(zip(("sub_d", "nsub", "num_warps", "stages"), resolved)), "chunk": chunk}
         sweep_row(rows, timer, f"selective_scan_{kind}_launch", (batch, dim, length), launch, config)
 
     def per_thread(tile, nw):  # elements of a tile per thread: 4 to 32 keeps the tile in registers
@@ -182,7 +185,7 @@ def scan_sweep(args, gy, timer) -> list[dict]:
         sub_d, nsub0, nw, _ = st._bwd_config(rep, chunk, n_chunks)
         for mult, stages in itertools.product([1, 2, 4], [1, 2, 3]):
             nsub = nsub0 * mult
-            if rep % (sub_d * nsub) == 0 and (mult, stages) != (1, 1):
+            if rep % (sub_d * nsub) == 0:
                 add("bwd", lambda: st.scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, True, chunk,
                                                        sub_d=sub_d, nsub=nsub, num_warps=nw, stages=stages),
                     {"sub_d": sub_d, "nsub": nsub, "num_warps": nw, "chunk": chunk, "stages": stages})
