@@ -61,18 +61,22 @@ def _gather_cl_kernel(x_ptr, paths_ptr, out_ptr, L, D,
 
 
 @triton.jit
-def _merge_cl_kernel(y_ptr, inverse_ptr, out_ptr, N, L, D,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
+def _merge_patch(N, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A merge program's grid positions (its BLOCK_R x BLOCK_C patch, row-major), their mask, and its channels."""
     n_cblk = tl.cdiv(N, BLOCK_C)
     r0 = (tl.program_id(1) // n_cblk) * BLOCK_R
     c0 = (tl.program_id(1) % n_cblk) * BLOCK_C
     i = tl.arange(0, BLOCK_R * BLOCK_C)
     row = r0 + i // BLOCK_C
     col = c0 + i % BLOCK_C
-    pmask = (row < N) & (col < N)
-    p = row * N + col
-    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return row * N + col, (row < N) & (col < N), tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+
+
+@triton.jit
+def _merge_cl_kernel(y_ptr, inverse_ptr, out_ptr, N, L, D,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    p, pmask, d = _merge_patch(N, BLOCK_R, BLOCK_C, BLOCK_D)
     mask = pmask[:, None] & (d < D)[None, :]
     acc = tl.zeros([BLOCK_R * BLOCK_C, BLOCK_D], dtype=tl.float32)
     for k in tl.static_range(4):
@@ -91,15 +95,7 @@ def _merge_cl_t_kernel(y_ptr, inverse_ptr, out_ptr, N, L, D,
     # so a warp's loads fall in a few sectors instead of one channel row each; the store, along the channels, goes
     # through a layout conversion in shared memory.
     b = tl.program_id(0)
-    n_cblk = tl.cdiv(N, BLOCK_C)
-    r0 = (tl.program_id(1) // n_cblk) * BLOCK_R
-    c0 = (tl.program_id(1) % n_cblk) * BLOCK_C
-    i = tl.arange(0, BLOCK_R * BLOCK_C)
-    row = r0 + i // BLOCK_C
-    col = c0 + i % BLOCK_C
-    pmask = (row < N) & (col < N)
-    p = row * N + col
-    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    p, pmask, d = _merge_patch(N, BLOCK_R, BLOCK_C, BLOCK_D)
     mask = (d < D)[:, None] & pmask[None, :]
     acc = tl.zeros([BLOCK_D, BLOCK_R * BLOCK_C], dtype=tl.float32)
     for k in tl.static_range(4):
