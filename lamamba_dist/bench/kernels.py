@@ -380,6 +380,19 @@ def conv_sweep(x, w, gy, timer) -> list[dict]:
     for cfg in configs:
         add("bwd_gx", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gx_config=cfg), list(cfg))
     add("bwd_gs_bf16", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_dtype=torch.bfloat16), "default")
+    # the weight gradient taken by the gx kernel instead: its tile, the gs kernel's, and gs in bf16
+    for in_gx in (False, True):
+        for cfg in configs:
+            add(f"bwd_gx_gw{int(in_gx)}", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gx_config=cfg,
+                                                                             gw_in_gx=in_gx), list(cfg))
+    for cfg in configs:
+        add("bwd_gs_gw_in_gx", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_config=cfg, gw_in_gx=True),
+            list(cfg))
+    for in_gx in (False, True):
+        for gs_nw in (2, 4):
+            add(f"bwd_bf16_gw_in_gx{int(in_gx)}",
+                lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_config=(64, 32, gs_nw), gs_dtype=torch.bfloat16,
+                                                  gw_in_gx=in_gx), [64, 32, gs_nw])
     return rows
 
 

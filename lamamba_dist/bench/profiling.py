@@ -79,7 +79,7 @@ def device_ms_by_class(events, steps: int) -> dict | None:
     return dict(sorted(out.items(), key=lambda kv: -kv[1])) if out else None
 
 
-def top_kernels(events, steps: int, top: int = 40) -> list[dict] | None:
+def top_kernels(events, steps: int, top: int = 80) -> list[dict] | None:
     """The ``top`` device kernels by device milliseconds per step, each with its class (:func:`kernel_class`) and
     launches per step: the kernels themselves, where ``top_device_ops`` mixes them with the operators that launch
     them. None without device events."""

@@ -42,6 +42,9 @@ K_DIRS = 4
 # 0.227 at 16 x 640 x 64), slower over LaMamba-XL's blocks in all.
 GATHER_CONFIG = (64, 64, 4)
 MERGE_CONFIG = (8, 32, 4, False)
+# The merge's configuration by map side where a measured one differs from MERGE_CONFIG (`lamamba bench kernels
+# --what snake --sweep` times both tiles at each of LaMamba-XL's map sizes).
+MERGE_LAUNCH: dict[int, tuple] = {}
 
 
 @triton.jit
@@ -149,13 +152,14 @@ def gather_cl_launch(x_cl: torch.Tensor, paths: torch.Tensor, config=None) -> to
 def merge_cl_launch(ys: torch.Tensor, inverse: torch.Tensor, config=None) -> torch.Tensor:
     """ys (B, 4, D, L) -> (B, L, D) contiguous, y_cl[b, p, d] = sum_k ys[b, k, d, inverse[k, p]], summed in fp32,
     returned in ys' dtype. ``config``: (patch side, channels, warps[, transposed]) per program (default
-    MERGE_CONFIG; transposed: the (channels, positions) tile of _merge_cl_t_kernel)."""
+    MERGE_LAUNCH's entry for the map's side, else MERGE_CONFIG; transposed: the (channels, positions) tile of
+    _merge_cl_t_kernel)."""
     if ys.dim() != 4 or ys.shape[1] != K_DIRS:
         raise ValueError(f"merge_cl: ys must be (B, {K_DIRS}, D, L), got shape {tuple(ys.shape)}")
     b, _, d, length = ys.shape
     n = _side(length)
     inverse = _check_tables(inverse, length, ys.device)
-    side, bd, nw, *rest = (config or MERGE_CONFIG)
+    side, bd, nw, *rest = (config or MERGE_LAUNCH.get(n, MERGE_CONFIG))
     transposed = bool(rest[0]) if rest else False
     side, bd, nw = _pow2(side, "patch side"), _pow2(bd, "channels"), _pow2(nw, "warps")
     side = min(side, triton.next_power_of_2(n))

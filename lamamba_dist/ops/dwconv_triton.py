@@ -45,6 +45,7 @@ FWD_CONFIG = (BLOCK_P, BLOCK_D, 4)
 GS_CONFIG = (BLOCK_P, BLOCK_D, 2)
 GX_CONFIG = (BLOCK_P, BLOCK_D, 4)
 GS_DTYPE = torch.float32
+GW_IN_GX = False  # the weight gradient's partial sums in the gx kernel (see dwconv_silu_bwd_launch)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -99,7 +100,8 @@ def _dwconv_fwd_kernel(x_ptr, w_ptr, y_ptr, H, W, D, n_pblk, sxb, sxh, sxw,
 
 @triton.jit
 def _dwconv_bwd_gs_kernel(x_ptr, w_ptr, gy_ptr, gs_ptr, gw_ptr, H, W, D, n_pblk, sxb, sxh, sxw,
-                   K: tl.constexpr, OUT_BDL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+                   K: tl.constexpr, OUT_BDL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                   WITH_GW: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // n_pblk
     p, py, px, c, pmask, cmask = _tile(pid % n_pblk, tl.program_id(1), H, W, D, BLOCK_P, BLOCK_D)
@@ -116,22 +118,28 @@ def _dwconv_bwd_gs_kernel(x_ptr, w_ptr, gy_ptr, gs_ptr, gw_ptr, H, W, D, n_pblk,
     gs = gy * sig * (1.0 + s * (1.0 - sig))
     gs = tl.where(m2, gs, 0.0)
     tl.store(gs_ptr + b.to(tl.int64) * L * D + p[:, None] * D + c[None, :], gs.to(gs_ptr.dtype.element_ty), mask=m2)
-    # this program's share of the weight gradient, one row of K*K taps per channel
-    gw_base = gw_ptr + pid.to(tl.int64) * D * (K * K)
-    for ky in tl.static_range(K):
-        for kx in tl.static_range(K):
-            xv = _tap(x_base, py, px, c, pmask, cmask, H, W, sxh, sxw, ky - K // 2, kx - K // 2)
-            tl.store(gw_base + c * (K * K) + (ky * K + kx), tl.sum(gs * xv, axis=0), mask=cmask)
+    if WITH_GW:
+        # this program's share of the weight gradient, one row of K*K taps per channel
+        gw_base = gw_ptr + pid.to(tl.int64) * D * (K * K)
+        for ky in tl.static_range(K):
+            for kx in tl.static_range(K):
+                xv = _tap(x_base, py, px, c, pmask, cmask, H, W, sxh, sxw, ky - K // 2, kx - K // 2)
+                tl.store(gw_base + c * (K * K) + (ky * K + kx), tl.sum(gs * xv, axis=0), mask=cmask)
 
 
 @triton.jit
-def _dwconv_bwd_gx_kernel(gs_ptr, w_ptr, gx_ptr, H, W, D, n_pblk,
-                   K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dwconv_bwd_gx_kernel(gs_ptr, w_ptr, gx_ptr, x_ptr, gw_ptr, H, W, D, n_pblk, sxb, sxh, sxw,
+                   K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, WITH_GW: tl.constexpr):
+    # WITH_GW: the weight gradient from the same shifted reads of gs, against x at this tile's own pixels:
+    # gw[c, tap] = sum_p gs[p, c] x[p + tap, c] = sum_q gs[q - tap, c] x[q, c] (both zero outside the map)
     pid = tl.program_id(0)
     b = pid // n_pblk
     p, py, px, c, pmask, cmask = _tile(pid % n_pblk, tl.program_id(1), H, W, D, BLOCK_P, BLOCK_D)
     base = b.to(tl.int64) * H * W * D
     acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    if WITH_GW:
+        xv = _tap(x_ptr + b.to(tl.int64) * sxb, py, px, c, pmask, cmask, H, W, sxh, sxw, 0, 0)
+        gw_base = gw_ptr + pid.to(tl.int64) * D * (K * K)
     for ky in tl.static_range(K):
         for kx in tl.static_range(K):
             oy = py - (ky - K // 2)  # the output pixel that read this one through tap (ky, kx)
@@ -141,6 +149,8 @@ def _dwconv_bwd_gx_kernel(gs_ptr, w_ptr, gx_ptr, H, W, D, n_pblk,
                         other=0.0).to(tl.float32)
             wv = tl.load(w_ptr + c * (K * K) + (ky * K + kx), mask=cmask, other=0.0).to(tl.float32)
             acc += g * wv[None, :]
+            if WITH_GW:
+                tl.store(gw_base + c * (K * K) + (ky * K + kx), tl.sum(g * xv, axis=0), mask=cmask)
     tl.store(gx_ptr + base + p[:, None] * D + c[None, :], acc.to(gx_ptr.dtype.element_ty),
              mask=pmask[:, None] & cmask[None, :])
 
@@ -190,24 +200,32 @@ def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool,
 
 
 def dwconv_silu_bwd_launch(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor, out_bdl: bool,
-                           gs_config=None, gx_config=None, gs_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+                           gs_config=None, gx_config=None, gs_dtype=None,
+                           gw_in_gx=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The two backward kernels and the weight gradient's deterministic sum: (gx, gw). ``gs_config`` /
     ``gx_config``: (pixels, channels, warps) of each kernel (default GS_CONFIG / GX_CONFIG); ``gs_dtype``: the
-    dtype of the intermediate gradient gs (default GS_DTYPE: fp32)."""
+    dtype of the intermediate gradient gs (default GS_DTYPE: fp32); ``gw_in_gx``: the weight gradient's partial
+    sums taken by the gx kernel (from its shifted reads of gs) instead of the gs kernel (from K*K more reads of x)
+    (default GW_IN_GX)."""
     b, h, w, d, k = _check(x, weight)
     x = _unit_channel_stride(x)
     weight = weight.contiguous()
     gy = gy.contiguous()
+    in_gx = GW_IN_GX if gw_in_gx is None else bool(gw_in_gx)
     bp, bd, nw = _config(gs_config or GS_CONFIG)
     n_pblk, grid = _grid(b, h, w, d, bp, bd)
     gs = torch.empty(b, h * w, d, device=x.device, dtype=gs_dtype or GS_DTYPE)
-    gw_part = torch.empty(grid[0], d, k * k, device=x.device, dtype=torch.float32)
-    _dwconv_bwd_gs_kernel[grid](x, weight, gy, gs, gw_part, h, w, d, n_pblk, x.stride(0), x.stride(1), x.stride(2),
-                                K=k, OUT_BDL=bool(out_bdl), BLOCK_P=bp, BLOCK_D=bd, num_warps=nw)
+    gw_part = None if in_gx else torch.empty(grid[0], d, k * k, device=x.device, dtype=torch.float32)
+    _dwconv_bwd_gs_kernel[grid](x, weight, gy, gs, gs if in_gx else gw_part, h, w, d, n_pblk, x.stride(0),
+                                x.stride(1), x.stride(2), K=k, OUT_BDL=bool(out_bdl), BLOCK_P=bp, BLOCK_D=bd,
+                                WITH_GW=not in_gx, num_warps=nw)
     gx = torch.empty(b, h, w, d, device=x.device, dtype=x.dtype)
     bp, bd, nw = _config(gx_config or GX_CONFIG)
     n_pblk, grid = _grid(b, h, w, d, bp, bd)
-    _dwconv_bwd_gx_kernel[grid](gs, weight, gx, h, w, d, n_pblk, K=k, BLOCK_P=bp, BLOCK_D=bd, num_warps=nw)
+    if in_gx:
+        gw_part = torch.empty(grid[0], d, k * k, device=x.device, dtype=torch.float32)
+    _dwconv_bwd_gx_kernel[grid](gs, weight, gx, x, gw_part if in_gx else gx, h, w, d, n_pblk, x.stride(0),
+                                x.stride(1), x.stride(2), K=k, BLOCK_P=bp, BLOCK_D=bd, WITH_GW=in_gx, num_warps=nw)
     gw = gw_part.sum(0).view(d, 1, k, k).to(weight.dtype)
     return gx, gw
 

@@ -172,12 +172,23 @@ def _launch_config_cases():
     for cfg in ((16, 16, 1), (128, 64, 8)):
         out = dt.dwconv_silu_fwd_launch(x, wt, True, config=cfg)
         torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-6)
-        gx, gw = dt.dwconv_silu_bwd_launch(x, wt, gy, True, gs_config=cfg, gx_config=cfg)
-        torch.testing.assert_close(gx.double(), rgx, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(gw.double(), rgw, rtol=1e-5, atol=1e-5)
-    gx, gw = dt.dwconv_silu_bwd_launch(x, wt, gy, True, gs_dtype=torch.bfloat16)  # gs rounded to bf16 once
-    for got, want in ((gx, rgx), (gw, rgw)):
-        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-2
+        for in_gx in (False, True):  # the weight gradient's partial sums in either backward kernel
+            gx, gw = dt.dwconv_silu_bwd_launch(x, wt, gy, True, gs_config=cfg, gx_config=cfg, gw_in_gx=in_gx)
+            torch.testing.assert_close(gx.double(), rgx, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gw.double(), rgw, rtol=1e-5, atol=1e-5)
+    # the gx kernel's tile differing from the gs kernel's, K 5 on a map narrower than the kernel
+    x5, w5 = _inputs(1, 3, 5, 3, 5, torch.float32, "cpu", seed=8)
+    x5, w5 = x5.detach().double().requires_grad_(), w5.detach().double().requires_grad_()
+    gy5 = torch.randn(1, 3, 3, 5, generator=torch.Generator().manual_seed(9)).double()
+    r5 = torch.autograd.grad(_f64(x5, w5, True), [x5, w5], gy5)
+    got5 = dt.dwconv_silu_bwd_launch(x5.detach().float(), w5.detach().float(), gy5.float(), True,
+                                     gs_config=(16, 16, 1), gx_config=(8, 32, 2), gw_in_gx=True)
+    for got, want in zip(got5, r5):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for in_gx in (False, True):
+        gx, gw = dt.dwconv_silu_bwd_launch(x, wt, gy, True, gs_dtype=torch.bfloat16, gw_in_gx=in_gx)  # gs in bf16
+        for got, want in ((gx, rgx), (gw, rgw)):
+            assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-2
     with pytest.raises(ValueError, match="power of two"):
         dt.dwconv_silu_fwd_launch(x, wt, True, config=(48, 32, 4))
 
@@ -193,7 +204,11 @@ def test_dwconv_triton_under_interpreter_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("out_bdl", [True, False])
-def test_dwconv_triton_matches_float64_on_gpu(dtype, tol, out_bdl):
+@pytest.mark.parametrize("gw_in_gx", [False, True])
+def test_dwconv_triton_matches_float64_on_gpu(dtype, tol, out_bdl, gw_in_gx, monkeypatch):
+    from lamamba_dist.ops import dwconv_triton as dt
+
+    monkeypatch.setattr(dt, "GW_IN_GX", gw_in_gx)  # either backward kernel takes the weight gradient
     for b, n, d in ((4, 32, 640), (4, 16, 1280), (8, 8, 2560), (2, 7, 100)):
         _check(b, n, n, d, 3, dtype, "cuda", out_bdl, strided=True, tol=tol)
 
