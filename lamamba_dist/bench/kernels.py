@@ -432,7 +432,72 @@ def bench_snake(shapes, device: str, timer, sweep: bool) -> list[dict]:
                            else list(itertools.product([4, 8, 16], [32, 64, 128], [2, 4, 8], [False, True])))
                 for cfg in configs:
                     sweep_row(rows, timer, f"snake_{op}", (batch, dim, n), lambda c=cfg: launch(inp, table, c), list(cfg))
+        if length <= 256:
+            rows += fused_snake_scan_rows(batch, dim, n, device, timer, sweep)
         del x_cl, ys
+    return rows
+
+
+def fused_snake_scan_rows(batch: int, dim: int, n: int, device: str, timer, sweep: bool) -> list[dict]:
+    """SS2D's scan core between the channels-last map and its merged output, forward and backward, bf16: the
+    unfused kernels (snake gather, the Triton scan, snake merge; the backward gathers x and the output gradient
+    again) against the fused short-sequence kernels (lamamba_dist/ops/snake_scan_triton.py); with ``sweep`` the
+    fused kernels over launch configurations (channels a program, warps, stages)."""
+    import torch
+    import triton
+
+    from lamamba_dist.ops import cross_scan_triton as ct
+    from lamamba_dist.ops import scan_triton as st
+    from lamamba_dist.ops import snake_scan_triton as sst
+    from lamamba_dist.ops.cross_scan import snake_tables
+
+    length, k = n * n, 4
+    paths, inverse = snake_tables(n, device)
+    g = torch.Generator(device=device).manual_seed(1)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    x = torch.randn(batch, length, dim, generator=g, device=device).to(torch.bfloat16)
+    delta = (torch.randn(batch, k * dim, length, generator=g, device=device) * 0.5 - 1).to(torch.bfloat16)
+    bs, cs = (torch.randn(batch, k, 1, length, generator=g, device=device).to(torch.bfloat16) for _ in range(2))
+    a = -torch.rand(k * dim, 1, generator=g, device=device) - 0.1
+    dv, bias = torch.randn(k * dim, device=device), torch.randn(k * dim, device=device) * 0.3
+    gy = torch.randn(batch, length, dim, **bf16)
+    chunk = st.default_chunk(length)
+
+    def unfused_fwd():
+        xs = ct.gather_cl_launch(x, paths)
+        out, _ = st.scan1_fwd_launch(xs.view(batch, k * dim, length), delta, a, bs, cs, dv, bias, True, chunk,
+                                     y=xs.view(batch, k * dim, length))
+        return ct.merge_cl_launch(out.view(batch, k, dim, length), inverse)
+
+    states = st.scan1_fwd_launch(ct.gather_cl_launch(x, paths).view(batch, k * dim, length), delta, a, bs, cs, dv,
+                                 bias, True, chunk)[1]
+    dcopy = delta.clone()
+
+    def unfused_bwd():
+        xs = ct.gather_cl_launch(x, paths).view(batch, k * dim, length)
+        gout = ct.gather_cl_launch(gy, paths).view(batch, k * dim, length)
+        du = st.scan1_bwd_launch(xs, dcopy, a, bs, cs, dv, bias, gout, states, True, chunk, gu=gout)[0]
+        return ct.merge_cl_launch(du.view(batch, k, dim, length), inverse)
+
+    rows = []
+    shape = [batch, dim, n]
+    for name, fn in (("fwd", unfused_fwd), ("bwd", unfused_bwd),
+                     ("fwd", lambda: sst.snake_scan_fwd(x, delta, bs, cs, a, dv, bias, paths, inverse)),
+                     ("bwd", lambda: sst.snake_scan_bwd(x, dcopy, bs, cs, a, dv, bias, paths, inverse, gy))):
+        path = "fused" if len(rows) >= 2 else "unfused"
+        rows.append({"kernel": f"snake_scan_{name}", "shape": shape, "path": path, "ms": timer(fn)})
+        print("# snake_scan", json.dumps(rows[-1]), flush=True)
+    if sweep:
+        for sub_d, nw, stages in itertools.product([8, 16, 32, 64], [2, 4, 8], [1, 2]):
+            per_thread = triton.next_power_of_2(length) * sub_d // (32 * nw)
+            if not 2 <= per_thread <= 16 or sub_d > dim:
+                continue
+            cfg = dict(sub_d=sub_d, num_warps=nw, stages=stages)
+            sweep_row(rows, timer, "snake_scan_fwd", shape,
+                      lambda: sst.snake_scan_fwd(x, delta, bs, cs, a, dv, bias, paths, inverse, **cfg), [sub_d, nw, stages])
+            sweep_row(rows, timer, "snake_scan_bwd", shape,
+                      lambda: sst.snake_scan_bwd(x, dcopy, bs, cs, a, dv, bias, paths, inverse, gy, **cfg),
+                      [sub_d, nw, stages])
     return rows
 
 

@@ -49,6 +49,18 @@ from lamamba_dist.ops.cross_scan import SNAKE_BACKENDS, _merge_gather, _scan_gat
 # selective_scan, so the module is fetched by its full name.
 _SS = importlib.import_module("lamamba_dist.ops.selective_scan")
 _ST = _SS._SCAN_TRITON  # scan_triton, or None where triton does not import
+try:
+    from lamamba_dist.ops import snake_scan_triton as _SNAKE_SCAN
+except ImportError:  # no triton: the fused short-sequence kernels are off
+    _SNAKE_SCAN = None
+
+
+def _fused_snake(kernel: str, snake: str, channels_last: bool, length: int) -> bool:
+    """Whether the core runs the gather, the scan and the merge as one kernel each way (snake_scan_triton.py):
+    the Triton scan on a channels-last map whose sequences fit one tile, run eagerly (inside the custom ops), with
+    the snake moves left to kernels (not ``snake="torch"``)."""
+    return (_SNAKE_SCAN is not None and kernel == "triton" and channels_last and snake != "torch"
+            and _SNAKE_SCAN.eligible(length) and not torch.compiler.is_compiling())
 
 
 def _fused_pair():
@@ -188,7 +200,8 @@ def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inve
     n = A.shape[1]
     fwd, _ = KERNELS[kernel]()
     dtype = x.dtype
-    xs = _gather_xs(x, paths, inverse, snake, channels_last)  # (B, K, D, L)
+    fused = _fused_snake(kernel, snake, channels_last, length)
+    xs = None if fused else _gather_xs(x, paths, inverse, snake, channels_last)  # (B, K, D, L)
     if channels_last:  # the projection acts per position: one GEMM on the map, its small output gathered
         x_dbl = _to_sequences(torch.matmul(x, x_proj_weight.to(dtype).reshape(-1, d).t()), paths, k)
     else:
@@ -196,6 +209,9 @@ def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inve
     dts_r, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
     dts = _per_direction_matmul(dt_projs_weight.to(dtype), dts_r)  # (B, K, D, L)
     bs, cs = bs.contiguous(), cs.contiguous()
+    if fused:  # x read along the paths and the four outputs summed in the kernel; no state kept (one tile)
+        y = _SNAKE_SCAN.snake_scan_fwd(x, dts.view(b, k * d, length), bs, cs, A, Ds, dt_bias, paths, inverse)
+        return y, dts_r, bs, cs, x.new_empty(_states_shape(kernel, b, k * d, length, n), dtype=torch.float32)
     # eagerly the scan writes its output over xs (the Triton kernel; the four snake copies are not needed after it)
     out, states = fwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs, Ds, dt_bias, True,
                       not torch.compiler.is_compiling())
@@ -212,17 +228,24 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
     _, bwd = KERNELS[kernel]()
     dtype = x.dtype
     wx, wdt = wx_p.to(dtype), wdt_p.to(dtype)
-    xs = _gather_xs(x, paths, inverse, snake, channels_last)  # recomputed: one gather
+    fused = _fused_snake(kernel, snake, channels_last, length)
     dts = _per_direction_matmul(wdt, dts_r)  # recomputed: the rank-R projection
-    gout = snake_gather_cl(gy.to(dtype), paths, inverse, snake)  # adjoint of the merge: (B, L, D) -> (B, 4, D, L)
-    # eagerly the Triton kernel writes du over gout and ddelta over dts: the backward's (B, K, D, L) temporaries
-    # are then xs, dts and gout, not five
-    du, ddelta, dA, dB, dC, dD, dbias = bwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs,
-                                            Ds, dt_bias, gout.view(b, k * d, length), states, True,
-                                            not torch.compiler.is_compiling())
-    del dts, gout
-    if channels_last:
-        del xs  # the x projection's gradients are taken on the map below
+    if fused:  # x and gy read along the paths, du merged in the kernel, ddelta written over dts
+        g_x_merged, ddelta, dA, dB, dC, dD, dbias = _SNAKE_SCAN.snake_scan_bwd(
+            x, dts.view(b, k * d, length), bs, cs, A, Ds, dt_bias, paths, inverse, gy.to(dtype).contiguous(),
+            gdelta=dts.view(b, k * d, length))
+    else:
+        xs = _gather_xs(x, paths, inverse, snake, channels_last)  # recomputed: one gather
+        gout = snake_gather_cl(gy.to(dtype), paths, inverse, snake)  # adjoint of the merge: (B, L, D) -> (B, 4, D, L)
+        # eagerly the Triton kernel writes du over gout and ddelta over dts: the backward's (B, K, D, L)
+        # temporaries are then xs, dts and gout, not five
+        du, ddelta, dA, dB, dC, dD, dbias = bwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs,
+                                                Ds, dt_bias, gout.view(b, k * d, length), states, True,
+                                                not torch.compiler.is_compiling())
+        del gout
+        if channels_last:
+            del xs  # the x projection's gradients are taken on the map below
+    del dts
     ddelta = ddelta.view(b, k, d, length).to(dtype)
     # weight grads as (B, K)-batched matmuls on transposed views, summed over B: no permuted copy of the
     # (B, K, D, L) operands (an einsum over "bk..." would fold B into the reduction by copying them)
@@ -237,8 +260,11 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
         g_grid = _to_grid(g_xdbl, inverse)
         w_all = wx.reshape(-1, d)  # (K*(R+2N), D)
         g_wx = torch.matmul(g_grid.t(), x.reshape(b * length, d)).view(wx.shape)
-        g_x = snake_merge_cl(du.to(dtype).view(b, k, d, length), paths, inverse, snake)
-        del du
+        if fused:
+            g_x = g_x_merged
+        else:
+            g_x = snake_merge_cl(du.to(dtype).view(b, k, d, length), paths, inverse, snake)
+            del du
         g_x = _add_matmul(g_x.view(b * length, d), g_grid, w_all).view(b, length, d)
     else:
         g_wx = torch.matmul(g_xdbl, xs.transpose(-1, -2)).sum(0)  # (K, R+2N, D)
