@@ -44,14 +44,14 @@ def device_busy_us(events) -> float | None:
 # Device kernels by what they do, for a step's time breakdown (docs/performance.md): the first class whose
 # patterns match a kernel's name (lower-cased) takes it; the rest is "other".
 KERNEL_CLASSES = (
-    ("selective_scan", ("selective_scan", "scan1_", "ss2d_")),
+    ("selective_scan", ("selective_scan", "scan1_", "ss2d_", "snake_scan")),
     ("depthwise_conv", ("conv_depthwise", "dwconv", "depthwise")),
     ("attention", ("fmha", "flash", "attention", "attn", "cudnn_generated_fort_native_sdpa")),
     ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "splitk", "s16816", "wgmma")),
     ("norm", ("layer_norm", "layernorm", "gammabeta", "rowwisemoments", "group_norm")),
     ("optimizer", ("adam", "multi_tensor_apply", "_ema_kernel")),
     ("inductor", ("triton_",)),
-    ("gather_scatter", ("gather", "scatter", "index")),
+    ("gather_scatter", ("gather", "scatter", "index", "merge_cl")),
     ("copy_cast", ("copy", "memcpy", "memset", "cat_", "catarray")),
     ("elementwise_reduce", ("elementwise", "reduce", "vectorized")),
 )

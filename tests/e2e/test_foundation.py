@@ -185,6 +185,8 @@ def test_device_kernels_are_summed_by_class():
     names = {
         "void selective_scan_bwd_kernel<Selective_Scan_bwd_kernel_traits<32, 4, true>>": "selective_scan",
         "_scan1_fwd_kernel": "selective_scan",
+        "_snake_scan_bwd_kernel": "selective_scan",
+        "_merge_cl_t_kernel": "gather_scatter",
         "void conv_depthwise2d_backward_kernel<c10::BFloat16>": "depthwise_conv",
         "_dwconv_bwd_gs_kernel": "depthwise_conv",
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
