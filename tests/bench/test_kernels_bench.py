@@ -52,7 +52,10 @@ def test_scan_and_ss2d_rows_under_the_interpreter(tmp_path):
     res, out = _bench(["--what", "snake", "--device", "cpu", "--shapes", "2x8x4"], tmp_path, interpret=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert [(r["kernel"], r["path"]) for r in out["results"]] == [
-        ("snake_gather", "torch"), ("snake_gather", "triton"), ("snake_merge", "torch"), ("snake_merge", "triton")]
+        ("snake_gather", "torch"), ("snake_gather", "triton"), ("snake_merge", "torch"), ("snake_merge", "triton"),
+        ("snake_scan_fwd", "unfused"), ("snake_scan_bwd", "unfused"), ("snake_scan_fwd", "fused"),
+        ("snake_scan_bwd", "fused")]  # the scan core at a length the fused kernels take, both ways
+    assert all(r["ms"] > 0 for r in out["results"][4:])
     assert out["results"][1]["max_rel_diff_to_torch"] == 0.0  # a copy
     assert out["results"][3]["max_rel_diff_to_torch"] < 1e-2  # bf16: the kernel sums in fp32, rounds once
 
