@@ -54,7 +54,7 @@ class ModelConfig:
     conv_backend: str = field(default="auto", metadata=dict(choices=("auto", "torch", "triton")))
     # SS2D's merge of the four scan directions and its adjoint (ops/cross_scan.py): "torch" (gathers + transpose),
     # "triton" (ops/cross_scan_triton.py, CUDA) or "auto" (= "triton" on CUDA, "torch" elsewhere)
-    snake_backend: str = field(default="auto", metadata=dict(choices=("auto", "torch", "triton")))
+    snake_backend: str = field(default="auto", metadata=dict(choices=("auto", "torch", "triton", "fused")))
     # How SS2D's lean scan core reaches autograd (ops/ss2d_core.py): "function" (traced into compiled graphs, where
     # the partitioner saves the four snake copies it meant to recompute), "op" (custom ops: a compiled block keeps
     # what the core keeps eagerly) or "auto" (= "op", the faster and leaner in a compiled step: docs/performance.md)

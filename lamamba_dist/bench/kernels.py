@@ -494,7 +494,8 @@ def fused_snake_scan_rows(batch: int, dim: int, n: int, device: str, timer, swee
                 continue
             cfg = dict(sub_d=sub_d, num_warps=nw, stages=stages)
             sweep_row(rows, timer, "snake_scan_fwd", shape,
-                      lambda: sst.snake_scan_fwd(x, delta, bs, cs, a, dv, bias, paths, inverse, **cfg), [sub_d, nw, stages])
+                      lambda: sst.snake_scan_fwd(x, delta, bs, cs, a, dv, bias, paths, inverse, **cfg),
+                      [sub_d, nw, stages])
             sweep_row(rows, timer, "snake_scan_bwd", shape,
                       lambda: sst.snake_scan_bwd(x, dcopy, bs, cs, a, dv, bias, paths, inverse, gy, **cfg),
                       [sub_d, nw, stages])

@@ -15,8 +15,10 @@ used by the parity tests.
 ``snake_gather_cl`` / ``snake_merge_cl`` are the same two maps between the channels-last map (B, L, D) and the four
 sequences, with the layout change folded in. Backends (``SNAKE_BACKENDS``, the model setting ``snake_backend``):
 "torch" (torch's gathers plus a transpose), "triton" (the kernels of cross_scan_triton.py: contiguous reads and
-writes on both sides; CUDA, or CPU under TRITON_INTERPRET=1) and "auto": "triton" for CUDA tensors where triton
-imports (the faster in a whole training step, docs/performance.md), "torch" otherwise.
+writes on both sides; CUDA, or CPU under TRITON_INTERPRET=1), "fused" ("triton" here; in SS2D's scan core,
+ss2d_core.py, the gather, the scan and the merge of short sequences run as one kernel, snake_scan_triton.py) and
+"auto": "triton" for CUDA tensors where triton imports (the faster in a whole training step,
+docs/performance.md), "torch" otherwise.
 """
 
 from __future__ import annotations
@@ -182,24 +184,24 @@ def _load_triton_module():
 
 # Resolved once at import (constants to torch.compile, like the scan modules in selective_scan.py).
 _CROSS_TRITON = _load_triton_module()
-SNAKE_BACKENDS = ("auto", "torch", "triton")
+SNAKE_BACKENDS = ("auto", "torch", "triton", "fused")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the kernels then run on CPU tensors (tests)
 
 
 def _use_triton(backend: str, t: torch.Tensor) -> bool:
-    """Whether ``backend`` (one of SNAKE_BACKENDS) runs the Triton kernels on ``t``: "triton" always (an error where
-    it cannot), "auto" on CUDA tensors where triton imports (the faster in a whole training step,
+    """Whether ``backend`` (one of SNAKE_BACKENDS) runs the Triton kernels on ``t``: "triton" and "fused" always (an
+    error where they cannot), "auto" on CUDA tensors where triton imports (the faster in a whole training step,
     docs/performance.md), "torch" never."""
     if backend not in SNAKE_BACKENDS:
         raise ValueError(f"unknown snake backend {backend!r}; choose one of {', '.join(SNAKE_BACKENDS)}")
     if backend == "auto":
         return t.is_cuda and _CROSS_TRITON is not None
-    if backend != "triton":
+    if backend == "torch":
         return False
     if _CROSS_TRITON is None:
-        raise RuntimeError("snake backend 'triton' needs triton (it ships with CUDA builds of torch)")
+        raise RuntimeError(f"snake backend {backend!r} needs triton (it ships with CUDA builds of torch)")
     if not t.is_cuda and not _INTERPRET:
-        raise ValueError(f"snake backend 'triton' runs on CUDA tensors, got a {t.device.type} tensor: "
+        raise ValueError(f"snake backend {backend!r} runs on CUDA tensors, got a {t.device.type} tensor: "
                          "use snake_backend 'auto' or 'torch' off the GPU")
     return True
 

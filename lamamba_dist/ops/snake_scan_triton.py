@@ -38,15 +38,21 @@ import triton.language as tl
 from lamamba_dist.ops.scan_triton import _add3, _dt_and_slope, _fwd_combine, _fwd_prev_combine, _rev_combine
 
 K_DIRS = 4
-# Longest sequence ss2d_core runs through these kernels (0: never). The tile of a program is (L, SUB_D).
+# With the model setting ``snake_backend = "fused"``: the longest sequence ss2d_core runs through these kernels both
+# ways, and through the forward kernel alone (its backward then the unfused kernels, from a zero entry state: the
+# whole sequence is one tile). The tile of a program is (L, SUB_D). On one H100 (2026-12-07, bf16, batch x d_inner
+# x map side, docs/performance.md) the fused forward took 0.145 ms against the unfused path's 0.218 at
+# 64 x 2560 x 8, 0.361 against 0.421 at 64 x 1280 x 16 and 0.187 against 0.216 at 16 x 2560 x 16, but the fused
+# backward 0.817 against 0.440, 2.41 against 0.81 and 1.26 against 0.43: so the forward alone, up to 16x16 maps.
 MAX_LENGTH = 0
+FWD_MAX_LENGTH = 256
 # Launch configurations, (channels a program, warps, stages), by sequence length; other lengths: the defaults.
 # ``stages`` > 1 software-pipelines the loop over the four directions (the next direction's tiles are fetched
 # while this one is scanned). Compiled for sm_90 at L 64 (Triton's ptxas on CPU), the backward holds about 30
 # fp32 registers per element of its tile a thread: 4 elements (16 channels, 8 warps) take 127 registers, 8
 # elements 215-255, so the defaults keep the backward's tile at 4 elements a thread.
-FWD_LAUNCH: dict[int, tuple[int, int, int]] = {}
-BWD_LAUNCH: dict[int, tuple[int, int, int]] = {}
+FWD_LAUNCH: dict[int, tuple[int, int, int]] = {64: (16, 4, 1), 256: (8, 4, 1)}  # the fastest of 6 and 4 (H100)
+BWD_LAUNCH: dict[int, tuple[int, int, int]] = {64: (8, 4, 1), 256: (16, 16, 1)}
 FWD_DEFAULT = (16, 4, 2)
 BWD_DEFAULT = (16, 8, 1)
 
@@ -145,9 +151,11 @@ def _snake_scan_bwd_kernel(x_ptr, delta_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_pt
 # ----------------------------------------------------------------------------- launchers
 
 
-def eligible(length: int, d_state: int = 1) -> bool:
-    """Whether ss2d_core runs a sequence of ``length`` steps through these kernels (d_state 1, L <= MAX_LENGTH)."""
-    return d_state == 1 and 0 < length <= MAX_LENGTH
+def eligible(length: int, d_state: int = 1, forward: bool = False) -> bool:
+    """Whether ss2d_core runs a sequence of ``length`` steps through these kernels (d_state 1, L <= MAX_LENGTH;
+    with ``forward``, whether it runs the fused forward: L <= MAX_LENGTH or L <= FWD_MAX_LENGTH)."""
+    limit = max(MAX_LENGTH, FWD_MAX_LENGTH) if forward else MAX_LENGTH
+    return d_state == 1 and 0 < length <= limit
 
 
 def launch_config(length: int, backward: bool, sub_d=None, num_warps=None, stages=None) -> tuple[int, int, int]:

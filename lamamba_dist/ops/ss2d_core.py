@@ -55,12 +55,12 @@ except ImportError:  # no triton: the fused short-sequence kernels are off
     _SNAKE_SCAN = None
 
 
-def _fused_snake(kernel: str, snake: str, channels_last: bool, length: int) -> bool:
-    """Whether the core runs the gather, the scan and the merge as one kernel each way (snake_scan_triton.py):
-    the Triton scan on a channels-last map whose sequences fit one tile, run eagerly (inside the custom ops), with
-    the snake moves left to kernels (not ``snake="torch"``)."""
-    return (_SNAKE_SCAN is not None and kernel == "triton" and channels_last and snake != "torch"
-            and _SNAKE_SCAN.eligible(length) and not torch.compiler.is_compiling())
+def _fused_snake(kernel: str, snake: str, channels_last: bool, length: int, forward: bool = False) -> bool:
+    """Whether the core runs the gather, the scan and the merge as one kernel (snake_scan_triton.py) in the
+    backward, or with ``forward`` in the forward: ``snake="fused"``, the Triton scan on a channels-last map whose
+    sequences are short enough (snake_scan_triton.MAX_LENGTH, FWD_MAX_LENGTH), run eagerly (inside the custom ops)."""
+    return (snake == "fused" and _SNAKE_SCAN is not None and kernel == "triton" and channels_last
+            and _SNAKE_SCAN.eligible(length, forward=forward) and not torch.compiler.is_compiling())
 
 
 def _fused_pair():
@@ -200,7 +200,7 @@ def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inve
     n = A.shape[1]
     fwd, _ = KERNELS[kernel]()
     dtype = x.dtype
-    fused = _fused_snake(kernel, snake, channels_last, length)
+    fused = _fused_snake(kernel, snake, channels_last, length, forward=True)
     xs = None if fused else _gather_xs(x, paths, inverse, snake, channels_last)  # (B, K, D, L)
     if channels_last:  # the projection acts per position: one GEMM on the map, its small output gathered
         x_dbl = _to_sequences(torch.matmul(x, x_proj_weight.to(dtype).reshape(-1, d).t()), paths, k)
@@ -209,9 +209,13 @@ def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inve
     dts_r, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
     dts = _per_direction_matmul(dt_projs_weight.to(dtype), dts_r)  # (B, K, D, L)
     bs, cs = bs.contiguous(), cs.contiguous()
-    if fused:  # x read along the paths and the four outputs summed in the kernel; no state kept (one tile)
+    if fused:  # x read along the paths and the four outputs summed in the kernel; one tile, so the entry state of
+        # the sequences is zero: what the unfused backward reads (the fused one reads none)
         y = _SNAKE_SCAN.snake_scan_fwd(x, dts.view(b, k * d, length), bs, cs, A, Ds, dt_bias, paths, inverse)
-        return y, dts_r, bs, cs, x.new_empty(_states_shape(kernel, b, k * d, length, n), dtype=torch.float32)
+        shape = _states_shape(kernel, b, k * d, length, n)
+        states = (x.new_empty(shape, dtype=torch.float32) if _fused_snake(kernel, snake, channels_last, length)
+                  else x.new_zeros(shape, dtype=torch.float32))
+        return y, dts_r, bs, cs, states
     # eagerly the scan writes its output over xs (the Triton kernel; the four snake copies are not needed after it)
     out, states = fwd(xs.view(b, k * d, length), dts.view(b, k * d, length), A, bs, cs, Ds, dt_bias, True,
                       not torch.compiler.is_compiling())

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from kernel_helpers import nan_poisoned_empty, needs_triton, run_interpreter_cases
+from kernel_helpers import assert_models_match, nan_poisoned_empty, needs_triton, run_interpreter_cases
 from lamamba_dist.ops import snake_tables
 
 
@@ -103,35 +103,39 @@ def _interpreter_cases():
     print("interpreter cases passed")
 
 
-def _core_cases():
+def _core_cases(b=2, n=4, d=24, r=3, device="cpu", dtype=torch.float32, tol=1e-5):
     """ss2d_core (the op core's functions) with the fused kernels equals ss2d_core with them switched off."""
     from lamamba_dist.ops import snake_scan_triton as sst
     from lamamba_dist.ops.ss2d_core import _core_backward, _core_forward
 
     torch.manual_seed(0)
-    b, n, d, r = 2, 4, 24, 3
     k, length = 4, n * n
-    paths, inverse = snake_tables(n)
-    x = torch.randn(b, length, d)
-    wx = torch.randn(k, r + 2, d) * 0.3
-    wdt = torch.randn(k, d, r) * 0.3
-    a = -torch.rand(k * d, 1) - 0.2
-    ds = torch.randn(k * d)
-    bias = torch.randn(k * d) * 0.2
-    gy = torch.randn(b, length, d)
+    paths, inverse = snake_tables(n, device)
+    x = torch.randn(b, length, d).to(device, dtype)
+    wx = torch.randn(k, r + 2, d).to(device, dtype) * 0.3
+    wdt = torch.randn(k, d, r).to(device, dtype) * 0.3
+    a = -torch.rand(k * d, 1, device=device) - 0.2
+    ds = torch.randn(k * d, device=device)
+    bias = torch.randn(k * d, device=device) * 0.2
+    gy = torch.randn(b, length, d).to(device, dtype)
     outs = {}
-    for fused in (False, True):
-        old = sst.MAX_LENGTH
-        sst.MAX_LENGTH = 64 if fused else 0
+    # (both ways, forward only): unfused, fused, the fused forward with the unfused backward (zero entry states)
+    for limits in ((0, 0), (64, 0), (0, 64)):
+        old = sst.MAX_LENGTH, sst.FWD_MAX_LENGTH
+        sst.MAX_LENGTH, sst.FWD_MAX_LENGTH = limits
         try:
-            y, dts_r, bs, cs, states = _core_forward(x, wx, wdt, a, ds, bias, paths, inverse, "triton", "triton", True)
-            grads = _core_backward(gy, x, wx, wdt, dts_r, bs, cs, a, ds, bias, states, paths, inverse, "triton",
-                                   "triton", True)
+            with nan_poisoned_empty():
+                y, dts_r, bs, cs, states = _core_forward(x, wx, wdt, a, ds, bias, paths, inverse, "triton", "fused",
+                                                         True)
+                grads = _core_backward(gy, x, wx, wdt, dts_r, bs, cs, a, ds, bias, states, paths, inverse, "triton",
+                                       "fused", True)
         finally:
-            sst.MAX_LENGTH = old
-        outs[fused] = (y, *grads)
-    for name, got, want in zip("y x wx wdt A D bias".split(), outs[True], outs[False]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+            sst.MAX_LENGTH, sst.FWD_MAX_LENGTH = old
+        outs[limits] = (y, *grads)
+    for limits in ((64, 0), (0, 64)):
+        for name, got, want in zip("y x wx wdt A D bias".split(), outs[limits], outs[(0, 0)]):
+            err = ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp(min=1e-12)).item()
+            assert err < tol, (limits, name, err)
 
 
 @needs_triton
@@ -142,9 +146,13 @@ def test_snake_scan_under_interpreter_on_cpu():
 def test_eligibility_follows_max_length(monkeypatch):
     sst = pytest.importorskip("lamamba_dist.ops.snake_scan_triton")
     monkeypatch.setattr(sst, "MAX_LENGTH", 64)
+    monkeypatch.setattr(sst, "FWD_MAX_LENGTH", 0)
     assert sst.eligible(64) and sst.eligible(9) and not sst.eligible(256) and not sst.eligible(64, d_state=2)
+    assert sst.eligible(64, forward=True) and not sst.eligible(256, forward=True)
     monkeypatch.setattr(sst, "MAX_LENGTH", 0)
-    assert not sst.eligible(64)
+    assert not sst.eligible(64) and not sst.eligible(64, forward=True)
+    monkeypatch.setattr(sst, "FWD_MAX_LENGTH", 256)  # the fused forward alone
+    assert not sst.eligible(64) and sst.eligible(64, forward=True) and sst.eligible(256, forward=True)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -156,6 +164,40 @@ def test_snake_scan_matches_float64_on_gpu(dtype, tol):
     for b, n, d, launch in ((8, 8, 2560, {}), (2, 8, 640, dict(sub_d=32, num_warps=4, stages=2)), (3, 5, 100, {}),
                             (2, 16, 256, dict(sub_d=16, num_warps=8, stages=3))):
         _check(b, n, d, dtype, "cuda", tol, **launch)
+
+
+@pytest.mark.gpu
+def test_core_with_fused_kernels_matches_unfused_on_gpu():
+    # LaMamba-XL's 8x8 stage (d_inner 2560, rank 80) at batch 4: both ways fused, the fused forward alone
+    _core_cases(b=4, n=8, d=2560, r=80, device="cuda", dtype=torch.float32, tol=1e-4)
+    _core_cases(b=4, n=8, d=2560, r=80, device="cuda", dtype=torch.bfloat16, tol=3e-2)
+
+
+@pytest.mark.gpu
+def test_lamamba_with_fused_snake_matches_the_reference_model():
+    from lamamba_dist.models import create_model
+
+    torch.manual_seed(0)
+    fast = create_model("LaMamba-debug", resolution=128, num_classes=10, class_dropout=0.0,
+                        snake_backend="fused").cuda()
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ref = create_model("LaMamba-debug", resolution=128, num_classes=10, class_dropout=0.0, scan_backend="reference",
+                       attn_backend="reference", conv_backend="torch").cuda()
+    ref.load_state_dict(fast.state_dict())
+    assert_models_match(fast, ref, torch.bfloat16)
+
+
+def test_fused_snake_reaches_every_ss2d():
+    from lamamba_dist.bench.model import parse_model_spec
+    from lamamba_dist.config import ModelConfig, model_kwargs
+    from lamamba_dist.models import create_model
+
+    model = create_model("LaMamba-debug", **model_kwargs(ModelConfig(resolution=64, snake_backend="fused")))
+    ss2d = [m for m in model.modules() if hasattr(m, "snake_backend")]
+    assert ss2d and all(m.snake_backend == "fused" for m in ss2d)
+    assert parse_model_spec("LaMamba-XL:snake=fused")[1] == dict(snake_backend="fused")
 
 
 @pytest.mark.gpu
