@@ -11,8 +11,8 @@ accumulates the K*K taps in fp32, applies SiLU and writes the result once, in th
 * ``out_bdl=False``: (B, H, W, D) channels-last (the gathered "ss2d_*" path).
 
 Backward, two kernels, no atomics:
-  1. per (batch, pixel block, channel block): recompute the pre-activation s, gs = gy * silu'(s) (fp32,
-     written channels-last (B, H*W, D)), and this program's share of the weight gradient,
+  1. per (batch, pixel block, channel block): recompute the pre-activation s, gs = gy * silu'(s) (in fp32, written
+     channels-last (B, H*W, D) in x's dtype), and this program's share of the weight gradient from the fp32 gs,
      gw[c, tap] = sum over its pixels of gs * x(pixel + tap), to an fp32 partial buffer that torch then sums in a
      fixed order (deterministic);
   2. gx[b, p, c] = sum over taps of w[c, tap] * gs[b, p - tap, c] (zero outside the map).
@@ -39,13 +39,18 @@ BLOCK_D = 32  # channels per program (64 bytes of bf16 per pixel: two 32-byte se
 # and the dtype of the backward's intermediate gradient gs. `lamamba bench kernels --what conv --sweep` times the
 # alternatives; on one H100 (2026-12-06) at LaMamba-XL's 256 px shapes (batch 64; d_inner x map side 640x32,
 # 1280x16, 2560x8) two warps for the gs kernel made the whole backward 0.58 / 0.31 / 0.16 ms against 0.84 / 0.44 /
-# 0.23 with four; the forward and gx kernels were within 3% of their best; gs in bf16 instead of fp32 saved less
-# (0.67 / 0.36 / 0.22 ms with four warps) and rounds the gradient once more, so it stays fp32.
+# 0.23 with four; the forward and gx kernels were within 3% of their best. gs in bf16 on two warps: 0.520 / 0.276 /
+# 0.164 ms against fp32's 0.575 / 0.308 / 0.165 (one H100, 2026-12-07), 7% of the backward over LaMamba-XL's 22
+# blocks. bf16 is the rounding PyTorch's own path gives this gradient (SiLU's backward returns bf16 before the
+# convolution's backward reads it); the weight gradient is taken from the fp32 gs before it is rounded.
 FWD_CONFIG = (BLOCK_P, BLOCK_D, 4)
 GS_CONFIG = (BLOCK_P, BLOCK_D, 2)
 GX_CONFIG = (BLOCK_P, BLOCK_D, 4)
-GS_DTYPE = torch.float32
-GW_IN_GX = False  # the weight gradient's partial sums in the gx kernel (see dwconv_silu_bwd_launch)
+GS_DTYPE = None  # None: x's dtype (bf16 in bf16 training, fp32 in fp32)
+# The weight gradient's partial sums in the gx kernel (from its shifted reads of gs) instead of the gs kernel (K*K
+# more reads of x): slower on one H100 (0.731 / 0.384 / 0.192 ms for the backward with fp32 gs, against 0.575 /
+# 0.308 / 0.165), so off; the sweep times both.
+GW_IN_GX = False
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -204,9 +209,9 @@ def dwconv_silu_bwd_launch(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tens
                            gw_in_gx=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The two backward kernels and the weight gradient's deterministic sum: (gx, gw). ``gs_config`` /
     ``gx_config``: (pixels, channels, warps) of each kernel (default GS_CONFIG / GX_CONFIG); ``gs_dtype``: the
-    dtype of the intermediate gradient gs (default GS_DTYPE: fp32); ``gw_in_gx``: the weight gradient's partial
-    sums taken by the gx kernel (from its shifted reads of gs) instead of the gs kernel (from K*K more reads of x)
-    (default GW_IN_GX)."""
+    dtype of the intermediate gradient gs (default GS_DTYPE; None there: x's dtype); ``gw_in_gx``: the weight
+    gradient's partial sums taken by the gx kernel (from its shifted reads of gs) instead of the gs kernel (from K*K
+    more reads of x) (default GW_IN_GX)."""
     b, h, w, d, k = _check(x, weight)
     x = _unit_channel_stride(x)
     weight = weight.contiguous()
@@ -214,7 +219,7 @@ def dwconv_silu_bwd_launch(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tens
     in_gx = GW_IN_GX if gw_in_gx is None else bool(gw_in_gx)
     bp, bd, nw = _config(gs_config or GS_CONFIG)
     n_pblk, grid = _grid(b, h, w, d, bp, bd)
-    gs = torch.empty(b, h * w, d, device=x.device, dtype=gs_dtype or GS_DTYPE)
+    gs = torch.empty(b, h * w, d, device=x.device, dtype=gs_dtype or GS_DTYPE or x.dtype)
     gw_part = None if in_gx else torch.empty(grid[0], d, k * k, device=x.device, dtype=torch.float32)
     _dwconv_bwd_gs_kernel[grid](x, weight, gy, gs, gs if in_gx else gw_part, h, w, d, n_pblk, x.stride(0),
                                 x.stride(1), x.stride(2), K=k, OUT_BDL=bool(out_bdl), BLOCK_P=bp, BLOCK_D=bd,
