@@ -31,6 +31,11 @@ save xs and dts instead, as it does through the autograd.Function (``core="funct
 (``core="auto"``): in LaMamba-XL's compiled training step it measured 2.8% faster than the function at 256 px and
 within 0.3% at 512 px, with about 4 GiB less peak memory, within 0.1 GiB of DiT-XL/2's (docs/performance.md).
 
+With ``snake="fused"`` (the model setting ``snake_backend``) and the Triton scan, the forward of a map whose
+sequences fit one tile (up to 16x16) runs the gather, the scan and the merge as one kernel that reads x along the
+paths and writes y channels-last (snake_scan_triton.py); its backward is the one above, the scan starting from a
+zero state.
+
 It needs a scan with separate forward/backward kernels that returns states: mamba-ssm's (``fused``) or our
 Triton d_state-1 kernel (``triton``); ``reference`` pairs the literal recurrence with autograd (CPU tests).
 """
