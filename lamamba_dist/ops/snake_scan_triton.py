@@ -58,38 +58,66 @@ BWD_DEFAULT = (16, 8, 1)
 
 
 @triton.jit
-def _snake_scan_fwd_kernel(x_ptr, delta_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, paths_ptr, inverse_ptr, y_ptr,
-                           L, dim, n_blk,
-                           SOFTPLUS: tl.constexpr, SUB_D: tl.constexpr, LP: tl.constexpr, STAGES: tl.constexpr):
+def _program(L, dim, n_blk, SUB_D: tl.constexpr, LP: tl.constexpr):
+    """A program's batch row, block of channels, steps (as positions: the grid's rows in order), their masks and
+    the batch row's first grid row."""
     pid = tl.program_id(0)
     j = pid % n_blk
     b = pid // n_blk
     ch = j * SUB_D + tl.arange(0, SUB_D)
     cmask = ch < dim
-    s = tl.arange(0, LP)  # steps of a direction; as positions, the grid's rows in order
+    s = tl.arange(0, LP)
     smask = s < L
-    mask = smask[:, None] & cmask[None, :]
-    map_rows = b.to(tl.int64) * L
+    return b, j, ch, cmask, s, smask, smask[:, None] & cmask[None, :], b.to(tl.int64) * L
+
+
+@triton.jit
+def _direction(x_ptr, gy_ptr, delta_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, paths_ptr, k, b, ch, cmask, s, smask,
+               mask, map_rows, L, dim, SOFTPLUS: tl.constexpr, WITH_GY: tl.constexpr):
+    """Direction k's inputs for the program's channels: u = x (and with WITH_GY the output gradient) read along the
+    path, delta (+ bias) in sequence order, B, C, the parameters; and dt, its slope, a = exp(dt A), b u = dt B u
+    (fp32)."""
+    kd = k * dim + ch
+    A = tl.load(A_ptr + kd, mask=cmask, other=0.0)
+    Dv = tl.load(D_ptr + kd, mask=cmask, other=0.0)
+    bias = tl.load(bias_ptr + kd, mask=cmask, other=0.0)
+    p = tl.load(paths_ptr + k * L + s, mask=smask, other=0).to(tl.int64)  # the grid row of step s
+    seq = (b * 4 + k).to(tl.int64)
+    map_offs = (map_rows + p)[:, None] * dim + ch[None, :]
+    seq_offs = (seq * dim + ch)[None, :] * L + s[:, None]
+    u = tl.load(x_ptr + map_offs, mask=mask, other=0.0).to(tl.float32)
+    if WITH_GY:  # y = sum_k y_k: every direction's output gradient is gy
+        gy = tl.load(gy_ptr + map_offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        gy = u
+    x = tl.load(delta_ptr + seq_offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
+    Bv = tl.load(B_ptr + seq * L + s, mask=smask, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + seq * L + s, mask=smask, other=0.0).to(tl.float32)
+    dt, slope = _dt_and_slope(x, SOFTPLUS)
+    a = tl.exp(dt * A[None, :])
+    bu = dt * Bv[:, None] * u
+    return kd, A, Dv, seq_offs, u, gy, Bv, Cv, dt, slope, a, bu
+
+
+@triton.jit
+def _to_grid(v, inverse_ptr, k, L, s, smask, LP: tl.constexpr, SUB_D: tl.constexpr):
+    """Direction k's (steps, channels) tile in grid order: row q is the step that visits grid row q."""
+    inv = tl.load(inverse_ptr + k * L + s, mask=smask, other=0)
+    return tl.gather(v, tl.broadcast_to(inv[:, None], (LP, SUB_D)), axis=0)
+
+
+@triton.jit
+def _snake_scan_fwd_kernel(x_ptr, delta_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, paths_ptr, inverse_ptr, y_ptr,
+                           L, dim, n_blk,
+                           SOFTPLUS: tl.constexpr, SUB_D: tl.constexpr, LP: tl.constexpr, STAGES: tl.constexpr):
+    b, j, ch, cmask, s, smask, mask, map_rows = _program(L, dim, n_blk, SUB_D, LP)
     acc = tl.zeros([LP, SUB_D], dtype=tl.float32)
     for k in tl.range(4, num_stages=STAGES):
-        kd = k * dim + ch
-        A = tl.load(A_ptr + kd, mask=cmask, other=0.0)
-        Dv = tl.load(D_ptr + kd, mask=cmask, other=0.0)
-        bias = tl.load(bias_ptr + kd, mask=cmask, other=0.0)
-        p = tl.load(paths_ptr + k * L + s, mask=smask, other=0).to(tl.int64)
-        seq = (b * 4 + k).to(tl.int64)
-        u = tl.load(x_ptr + (map_rows + p)[:, None] * dim + ch[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(delta_ptr + (seq * dim + ch)[None, :] * L + s[:, None], mask=mask, other=0.0).to(tl.float32)
-        x = x + bias[None, :]
-        Bv = tl.load(B_ptr + seq * L + s, mask=smask, other=0.0).to(tl.float32)
-        Cv = tl.load(C_ptr + seq * L + s, mask=smask, other=0.0).to(tl.float32)
-        dt, _slope = _dt_and_slope(x, SOFTPLUS)
-        a = tl.exp(dt * A[None, :])
-        bu = dt * Bv[:, None] * u
+        _kd, _A, Dv, _so, u, _gy, _B, Cv, _dt, _slope, a, bu = _direction(
+            x_ptr, x_ptr, delta_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, paths_ptr, k, b, ch, cmask, s, smask, mask,
+            map_rows, L, dim, SOFTPLUS, False)
         _ap, h = tl.associative_scan((a, bu), axis=0, combine_fn=_fwd_combine)
-        y = h * Cv[:, None] + Dv[None, :] * u
-        inv = tl.load(inverse_ptr + k * L + s, mask=smask, other=0)  # the step that visits grid row s
-        acc += tl.gather(y, tl.broadcast_to(inv[:, None], (LP, SUB_D)), axis=0)
+        acc += _to_grid(h * Cv[:, None] + Dv[None, :] * u, inverse_ptr, k, L, s, smask, LP, SUB_D)
     tl.store(y_ptr + (map_rows + s)[:, None] * dim + ch[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -98,35 +126,14 @@ def _snake_scan_bwd_kernel(x_ptr, delta_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_pt
                            gx_ptr, gdelta_ptr, gA_ptr, gD_ptr, gbias_ptr, gB_ptr, gC_ptr,
                            L, dim, n_blk,
                            SOFTPLUS: tl.constexpr, SUB_D: tl.constexpr, LP: tl.constexpr, STAGES: tl.constexpr):
-    pid = tl.program_id(0)
-    j = pid % n_blk
-    b = pid // n_blk
-    ch = j * SUB_D + tl.arange(0, SUB_D)
-    cmask = ch < dim
-    s = tl.arange(0, LP)
-    smask = s < L
-    mask = smask[:, None] & cmask[None, :]
-    map_rows = b.to(tl.int64) * L
+    b, j, ch, cmask, s, smask, mask, map_rows = _program(L, dim, n_blk, SUB_D, LP)
     acc = tl.zeros([LP, SUB_D], dtype=tl.float32)
     zeros = tl.zeros([LP, SUB_D], dtype=tl.float32)
     ones = tl.full([LP, SUB_D], 1.0, tl.float32)
     for k in tl.range(4, num_stages=STAGES):
-        kd = k * dim + ch
-        A = tl.load(A_ptr + kd, mask=cmask, other=0.0)
-        Dv = tl.load(D_ptr + kd, mask=cmask, other=0.0)
-        bias = tl.load(bias_ptr + kd, mask=cmask, other=0.0)
-        p = tl.load(paths_ptr + k * L + s, mask=smask, other=0).to(tl.int64)
-        seq = (b * 4 + k).to(tl.int64)
-        map_offs = (map_rows + p)[:, None] * dim + ch[None, :]
-        seq_offs = (seq * dim + ch)[None, :] * L + s[:, None]
-        u = tl.load(x_ptr + map_offs, mask=mask, other=0.0).to(tl.float32)
-        gy = tl.load(gy_ptr + map_offs, mask=mask, other=0.0).to(tl.float32)  # y = sum_k y_k: gy_k = gy
-        x = tl.load(delta_ptr + seq_offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
-        Bv = tl.load(B_ptr + seq * L + s, mask=smask, other=0.0).to(tl.float32)
-        Cv = tl.load(C_ptr + seq * L + s, mask=smask, other=0.0).to(tl.float32)
-        dt, slope = _dt_and_slope(x, SOFTPLUS)
-        a = tl.exp(dt * A[None, :])
-        bu = dt * Bv[:, None] * u
+        kd, A, Dv, seq_offs, u, gy, Bv, Cv, dt, slope, a, bu = _direction(
+            x_ptr, gy_ptr, delta_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, paths_ptr, k, b, ch, cmask, s, smask, mask,
+            map_rows, L, dim, SOFTPLUS, True)
         _ap, ah_prev, _b = tl.associative_scan((a, zeros, bu), axis=0, combine_fn=_fwd_prev_combine)  # h_{-1} = 0
         h = ah_prev + bu
         _fa, _al, gh = tl.associative_scan((a, ones, Cv[:, None] * gy), axis=0, combine_fn=_rev_combine,
@@ -134,8 +141,7 @@ def _snake_scan_bwd_kernel(x_ptr, delta_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_pt
         gdelta = gh * (Bv[:, None] * u + A[None, :] * ah_prev) * slope
         gu = gh * dt * Bv[:, None] + gy * Dv[None, :]
         tl.store(gdelta_ptr + seq_offs, gdelta.to(gdelta_ptr.dtype.element_ty), mask=mask)
-        inv = tl.load(inverse_ptr + k * L + s, mask=smask, other=0)
-        acc += tl.gather(gu, tl.broadcast_to(inv[:, None], (LP, SUB_D)), axis=0)
+        acc += _to_grid(gu, inverse_ptr, k, L, s, smask, LP, SUB_D)
         # padded steps and channels have u = gy = 0, hence gh = 0: they add nothing to the sums below
         ra, rd, rb = tl.reduce((gh * dt * ah_prev, gy * u, gdelta), axis=0, combine_fn=_add3)
         sums = b.to(tl.int64) * (4 * dim) + kd

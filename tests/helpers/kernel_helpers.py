@@ -50,6 +50,23 @@ def nan_poisoned_empty():
         torch.empty, torch.empty_like = real_empty, real_empty_like
 
 
+def fast_and_reference_debug_models(**fast_kwargs):
+    """LaMamba-debug (128 px, 10 classes) on CUDA built with ``fast_kwargs`` (the backends under test), its weights
+    moved off their initial values, and the same weights in a model on the reference kernels."""
+    from lamamba_dist.models import create_model
+
+    torch.manual_seed(0)
+    common = dict(resolution=128, num_classes=10, class_dropout=0.0)
+    fast = create_model("LaMamba-debug", **common, **fast_kwargs).cuda()
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ref = create_model("LaMamba-debug", **common, scan_backend="reference", attn_backend="reference",
+                       conv_backend="torch").cuda()
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
 def assert_models_match(fast, ref, dtype) -> None:
     """One forward/backward of two LaMamba models with the same weights on CUDA (bf16 autocast when dtype is
     bf16, the same mode for both): output and every parameter grad within the kernel parity tolerances."""

@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_helpers import (assert_compiles_like_eager, assert_models_match, nan_poisoned_empty, needs_triton,
-                            run_interpreter_cases, ss2d_run)
+from kernel_helpers import (assert_compiles_like_eager, assert_models_match, fast_and_reference_debug_models,
+                            nan_poisoned_empty, needs_triton, run_interpreter_cases, ss2d_run)
 from lamamba_dist.models.lamamba import SS2D
 from lamamba_dist.ops.dwconv import CONV_BACKENDS, dwconv_silu, dwconv_silu_reference
 
@@ -215,17 +215,7 @@ def test_dwconv_triton_matches_float64_on_gpu(dtype, tol, out_bdl, gw_in_gx, mon
 
 @pytest.mark.gpu
 def test_lamamba_with_triton_conv_matches_the_reference_model():
-    from lamamba_dist.models import create_model
-
-    torch.manual_seed(0)
-    fast = create_model("LaMamba-debug", resolution=128, num_classes=10, class_dropout=0.0, conv_backend="triton").cuda()
-    with torch.no_grad():
-        for p in fast.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    ref = create_model("LaMamba-debug", resolution=128, num_classes=10, class_dropout=0.0, scan_backend="reference",
-                       attn_backend="reference", conv_backend="torch").cuda()
-    ref.load_state_dict(fast.state_dict())
-    assert_models_match(fast, ref, torch.bfloat16)
+    assert_models_match(*fast_and_reference_debug_models(conv_backend="triton"), torch.bfloat16)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import os
 import pytest
 import torch
 
-from kernel_helpers import assert_models_match, nan_poisoned_empty, needs_triton, run_interpreter_cases
+from kernel_helpers import (assert_models_match, fast_and_reference_debug_models, nan_poisoned_empty, needs_triton,
+                            run_interpreter_cases)
 from lamamba_dist.ops import snake_tables
 
 
@@ -175,18 +176,7 @@ def test_core_with_fused_kernels_matches_unfused_on_gpu():
 
 @pytest.mark.gpu
 def test_lamamba_with_fused_snake_matches_the_reference_model():
-    from lamamba_dist.models import create_model
-
-    torch.manual_seed(0)
-    fast = create_model("LaMamba-debug", resolution=128, num_classes=10, class_dropout=0.0,
-                        snake_backend="fused").cuda()
-    with torch.no_grad():
-        for p in fast.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    ref = create_model("LaMamba-debug", resolution=128, num_classes=10, class_dropout=0.0, scan_backend="reference",
-                       attn_backend="reference", conv_backend="torch").cuda()
-    ref.load_state_dict(fast.state_dict())
-    assert_models_match(fast, ref, torch.bfloat16)
+    assert_models_match(*fast_and_reference_debug_models(snake_backend="fused"), torch.bfloat16)
 
 
 def test_fused_snake_reaches_every_ss2d():
