@@ -22,7 +22,8 @@ backend, at LaMamba-XL's shapes (batch x d_inner x map side): 64x640x32, 64x1280
 
 ``--what conv``: SS2D's depthwise 3x3 conv + SiLU (lamamba_dist/ops/dwconv.py), PyTorch's path against the Triton
 kernel, at the same shapes as ``ss2d``. ``--sweep`` adds the Triton kernels' launch configurations (a whole backward
-per configuration of one of its two kernels) and the backward with a bf16 intermediate gradient.
+per configuration of one of its two kernels), the backward with an fp32 intermediate gradient (the default is the
+input's dtype) and with the weight gradient taken in the gx kernel.
 
 ``--what snake``: the two layout changes at the ends of SS2D's scan core (lamamba_dist/ops/ss2d_core.py): the
 channels-last map (B, L, D) gathered into the four snake sequences (B, 4, D, L), and the four sequences summed back
@@ -360,7 +361,8 @@ def bench_conv(shapes, device: str, timer, sweep: bool) -> list[dict]:
 
 def conv_sweep(x, w, gy, timer) -> list[dict]:
     """The Triton conv's kernels one by one over launch configurations (pixels, channels, warps per program), and
-    the backward with its intermediate gradient in bf16 instead of fp32."""
+    the backward with its intermediate gradient in fp32 instead of the input's dtype (the default), and with the
+    weight gradient taken by the gx kernel."""
     import torch
 
     from lamamba_dist.ops import dwconv_triton as dt
@@ -379,20 +381,17 @@ def conv_sweep(x, w, gy, timer) -> list[dict]:
         add("bwd_gs", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_config=cfg), list(cfg))
     for cfg in configs:
         add("bwd_gx", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gx_config=cfg), list(cfg))
-    add("bwd_gs_bf16", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_dtype=torch.bfloat16), "default")
-    # the weight gradient taken by the gx kernel instead: its tile, the gs kernel's, and gs in bf16
-    for in_gx in (False, True):
-        for cfg in configs:
-            add(f"bwd_gx_gw{int(in_gx)}", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gx_config=cfg,
-                                                                             gw_in_gx=in_gx), list(cfg))
+    add("bwd_gs_fp32", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_dtype=torch.float32), "default")
+    # the weight gradient taken by the gx kernel instead (the rows above take it in the gs kernel): over the gx
+    # kernel's tiles, over the gs kernel's, and with gs in fp32
+    for cfg in configs:
+        add("bwd_gx_gw_in_gx", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gx_config=cfg, gw_in_gx=True),
+            list(cfg))
     for cfg in configs:
         add("bwd_gs_gw_in_gx", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_config=cfg, gw_in_gx=True),
             list(cfg))
-    for in_gx in (False, True):
-        for gs_nw in (2, 4):
-            add(f"bwd_bf16_gw_in_gx{int(in_gx)}",
-                lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_config=(64, 32, gs_nw), gs_dtype=torch.bfloat16,
-                                                  gw_in_gx=in_gx), [64, 32, gs_nw])
+    add("bwd_gs_fp32_gw_in_gx", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_dtype=torch.float32,
+                                                                  gw_in_gx=True), "default")
     return rows
 
 
@@ -454,13 +453,12 @@ def fused_snake_scan_rows(batch: int, dim: int, n: int, device: str, timer, swee
     length, k = n * n, 4
     paths, inverse = snake_tables(n, device)
     g = torch.Generator(device=device).manual_seed(1)
-    bf16 = dict(device=device, dtype=torch.bfloat16)
     x = torch.randn(batch, length, dim, generator=g, device=device).to(torch.bfloat16)
     delta = (torch.randn(batch, k * dim, length, generator=g, device=device) * 0.5 - 1).to(torch.bfloat16)
     bs, cs = (torch.randn(batch, k, 1, length, generator=g, device=device).to(torch.bfloat16) for _ in range(2))
     a = -torch.rand(k * dim, 1, generator=g, device=device) - 0.1
     dv, bias = torch.randn(k * dim, device=device), torch.randn(k * dim, device=device) * 0.3
-    gy = torch.randn(batch, length, dim, **bf16)
+    gy = torch.randn(batch, length, dim, device=device, dtype=torch.bfloat16)
     chunk = st.default_chunk(length)
 
     def unfused_fwd():

@@ -1,6 +1,7 @@
 """SS2D's scan core for short sequences in one kernel each way: the snake gather, the four scans and the merge.
 
-For a map whose sequences fit one tile (L = H*W up to MAX_LENGTH steps), ss2d_core.py runs
+For a map whose sequences fit one tile, ss2d_core.py (with ``snake="fused"``) replaces the forward, up to
+FWD_MAX_LENGTH steps, and the backward, up to MAX_LENGTH, of what it otherwise runs as
 
     forward:  xs = gather_cl(x)  ->  scan(xs, dts)  ->  y = merge_cl(ys)
     backward: xs = gather_cl(x), gout = gather_cl(gy)  ->  scan backward  ->  gx = merge_cl(du)
