@@ -176,18 +176,19 @@ def _scan1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_
 
 
 @triton.jit
-def _bwd_tile(u_ptr, delta_ptr, gy_ptr, gu_ptr, gdelta_ptr, B_ptr, C_ptr, state_ptr, row_id, rows, dim, L, bc_off,
-              c, cols, A, Dv, bias, p_next, SOFTPLUS: tl.constexpr, SUB_D: tl.constexpr, CHUNK: tl.constexpr,
+def _bwd_tile(u_ptr, delta_ptr, gy_ptr, gu_ptr, gdelta_ptr, B_ptr, C_ptr, state_ptr, row_id, drow, rows, dim, L,
+              bc_off, c, cols, A, Dv, bias, p_next, SOFTPLUS: tl.constexpr, SUB_D: tl.constexpr, CHUNK: tl.constexpr,
               NCHUNK: tl.constexpr):
     """One (SUB_D rows, CHUNK steps) tile of the backward, given P = a gh at the first step of the next chunk:
     stores gu and gdelta, returns (P for the chunk before, the tile's per-row sums for gA, gD, gbias, its per-step
-    sums over rows for gB, gC)."""
+    sums over rows for gB, gC). ``drow``: where each row of delta (and gdelta) starts, in elements."""
     l = c * CHUNK + cols
     lmask = l < L
     mask = (rows[:, None] < dim) & lmask[None, :]
     offs = (row_id * L)[:, None] + l[None, :]
+    doffs = drow[:, None] + l[None, :]
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
+    x = tl.load(delta_ptr + doffs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
     gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
@@ -208,7 +209,7 @@ def _bwd_tile(u_ptr, delta_ptr, gy_ptr, gu_ptr, gdelta_ptr, B_ptr, C_ptr, state_
     gdelta = gdt * slope
     gu = gh * dt * Bv[None, :] + gy * Dv[:, None]
     tl.store(gu_ptr + offs, gu.to(gu_ptr.dtype.element_ty), mask=mask)
-    tl.store(gdelta_ptr + offs, gdelta.to(gdelta_ptr.dtype.element_ty), mask=mask)
+    tl.store(gdelta_ptr + doffs, gdelta.to(gdelta_ptr.dtype.element_ty), mask=mask)
     # masked steps have u = gy = 0, hence gh = 0: they add nothing to the sums below
     ra, rd, rb = tl.reduce((gh * dt * ah_prev, gy * u, gdelta), axis=1, combine_fn=_add3)
     return p_prev, ra, rd, rb, tl.sum(gh * dt * u, axis=0), tl.sum(gy * h, axis=0)
@@ -217,9 +218,10 @@ def _bwd_tile(u_ptr, delta_ptr, gy_ptr, gu_ptr, gdelta_ptr, B_ptr, C_ptr, state_
 @triton.jit
 def _scan1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, gy_ptr, state_ptr,
                       gu_ptr, gdelta_ptr, gA_ptr, gD_ptr, gbias_ptr, gB_ptr, gC_ptr,
-                      dim, L, rep, n_groups,
+                      dim, L, rep, n_groups, d_sb, d_sc,
                       SOFTPLUS: tl.constexpr, SUB_D: tl.constexpr, NSUB: tl.constexpr,
                       CHUNK: tl.constexpr, NCHUNK: tl.constexpr, STAGES: tl.constexpr):
+    # delta and gdelta share one layout, element (b, row, l) at b * d_sb + row * d_sc + l (u, gy, gu: contiguous).
     # NSUB > 1 only when NCHUNK == 1 (the launcher checks): the gB/gC partials of a program then live in
     # registers across its sub-blocks, and the loop over them is software-pipelined (STAGES > 1: the next
     # sub-block's tiles are fetched while this one is scanned); with several chunks each chunk's partial row is
@@ -238,14 +240,15 @@ def _scan1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, gy
     for sub in tl.range(NSUB, num_stages=STAGES):
         rows = j * DBLK + sub * SUB_D + tl.arange(0, SUB_D)
         row_id = (b * dim + rows).to(tl.int64)
+        drow = b.to(tl.int64) * d_sb + rows.to(tl.int64) * d_sc
         A = tl.load(A_ptr + rows)
         Dv = tl.load(D_ptr + rows)
         bias = tl.load(bias_ptr + rows)
         p_next = tl.zeros([SUB_D], dtype=tl.float32)  # a gh at the first step of the following chunk
         if NCHUNK == 1:
             _p, sum_a, sum_d, sum_bias, part_b, part_c = _bwd_tile(
-                u_ptr, delta_ptr, gy_ptr, gu_ptr, gdelta_ptr, B_ptr, C_ptr, state_ptr, row_id, rows, dim, L, bc_off,
-                0, cols, A, Dv, bias, p_next, SOFTPLUS, SUB_D, CHUNK, NCHUNK)
+                u_ptr, delta_ptr, gy_ptr, gu_ptr, gdelta_ptr, B_ptr, C_ptr, state_ptr, row_id, drow, rows, dim, L,
+                bc_off, 0, cols, A, Dv, bias, p_next, SOFTPLUS, SUB_D, CHUNK, NCHUNK)
             accB += part_b
             accC += part_c
         else:
@@ -255,7 +258,7 @@ def _scan1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, gy
             for ci in range(NCHUNK):
                 c = NCHUNK - 1 - ci
                 p_next, ra, rd, rb, part_b, part_c = _bwd_tile(
-                    u_ptr, delta_ptr, gy_ptr, gu_ptr, gdelta_ptr, B_ptr, C_ptr, state_ptr, row_id, rows, dim, L,
+                    u_ptr, delta_ptr, gy_ptr, gu_ptr, gdelta_ptr, B_ptr, C_ptr, state_ptr, row_id, drow, rows, dim, L,
                     bc_off, c, cols, A, Dv, bias, p_next, SOFTPLUS, SUB_D, CHUNK, NCHUNK)
                 sum_a += ra
                 sum_d += rd
@@ -344,13 +347,28 @@ def _check(u, delta, A, B, C, D, bias):
     return batch, dim, length, groups
 
 
-def _out_buffer(out, like, name):
-    """``out`` checked to take the place of a fresh tensor like ``like`` (or a fresh one when None)."""
+def _rows_apart(t) -> bool:
+    """Whether the (batch, dim, L) tensor t has unit stride along L and its batch x dim rows of L elements lie
+    apart in memory (any order of the two row axes)."""
+    if t.shape[2] > 1 and t.stride(2) != 1:
+        return False
+    (n_in, s_in), (n_out, s_out) = sorted(((t.shape[0], t.stride(0)), (t.shape[1], t.stride(1))),
+                                          key=lambda ns: (ns[0] > 1, ns[1]))
+    if n_in == 1:
+        return n_out == 1 or s_out >= t.shape[2]
+    return s_in >= t.shape[2] and (n_out == 1 or s_out >= s_in * n_in)
+
+
+def _out_buffer(out, like, name, strided=False):
+    """``out`` checked to take the place of a fresh tensor like ``like`` (or a fresh one when None): contiguous, or
+    with ``strided`` in ``like``'s layout."""
     if out is None:
-        return torch.empty_like(like)
-    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
-        raise ValueError(f"{name} must be contiguous {like.dtype} {tuple(like.shape)} on {like.device}, got "
-                         f"{out.dtype} {tuple(out.shape)} (contiguous: {out.is_contiguous()})")
+        return torch.empty_like(like) if strided else torch.empty_like(like, memory_format=torch.contiguous_format)
+    layout_ok = out.stride() == like.stride() if strided else out.is_contiguous()
+    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device or not layout_ok:
+        want = f"strides {like.stride()}" if strided else "contiguous"
+        raise ValueError(f"{name} must be {like.dtype} {tuple(like.shape)} on {like.device} ({want}), got "
+                         f"{out.dtype} {tuple(out.shape)} with strides {out.stride()}")
     return out
 
 
@@ -378,8 +396,15 @@ def scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, delta_softplus=True
     """Runs the backward kernel and the deterministic torch reductions: the 7 input grads, each in its
     input's dtype. ``gu`` and ``gdelta`` may be given, gy and delta themselves included (a program loads each
     tile of u, delta and gy before it stores that tile of gu and gdelta, and reads no other program's rows): a
-    caller that needs neither gy nor delta afterwards then allocates no new (batch, dim, L) tensor."""
+    caller that needs neither gy nor delta afterwards then allocates no new (batch, dim, L) tensor.
+
+    u and gy are contiguous; delta may instead be any layout with unit stride along L whose rows do not overlap
+    (a (dim, batch, L) buffer seen as (batch, dim, L), say), and gdelta then has delta's strides: the caller
+    can take the weight gradient of a per-channel projection of the deltas as one GEMM over batch and steps."""
     batch, dim, length, groups = _check(u, delta, A, B, C, D, bias)
+    if not _rows_apart(delta):
+        raise ValueError(f"delta must have unit stride along L and rows that do not overlap, got strides "
+                         f"{delta.stride()} for shape {tuple(delta.shape)}")
     chunk = chunk or default_chunk(length)
     n_chunks = triton.cdiv(length, chunk)
     if states.shape != (batch, dim, n_chunks):
@@ -388,7 +413,7 @@ def scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, delta_softplus=True
     sub_d, nsub, num_warps, stages = _bwd_config(rep, chunk, n_chunks, sub_d, nsub, num_warps, stages)
     n_blk = dim // (sub_d * nsub)
     gu = _out_buffer(gu, u, "gu")
-    gdelta = _out_buffer(gdelta, delta, "gdelta")
+    gdelta = _out_buffer(gdelta, delta, "gdelta", strided=True)
     f32 = dict(device=u.device, dtype=torch.float32)
     gA_part = torch.empty(batch, dim, **f32)
     gD_part = torch.empty(batch, dim, **f32)
@@ -397,7 +422,7 @@ def scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, delta_softplus=True
     gC_part = torch.empty(batch, n_blk, length, **f32)
     _scan1_bwd_kernel[(batch * n_blk,)](
         u, delta, A, B, C, D, bias, gy, states, gu, gdelta, gA_part, gD_part, gbias_part, gB_part, gC_part,
-        dim, length, rep, groups,
+        dim, length, rep, groups, delta.stride(0), delta.stride(1),
         SOFTPLUS=bool(delta_softplus), SUB_D=sub_d, NSUB=nsub, CHUNK=chunk, NCHUNK=n_chunks, STAGES=stages,
         num_warps=num_warps)
     per_group = n_blk // groups

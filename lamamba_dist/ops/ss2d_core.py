@@ -238,7 +238,17 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
     dtype = x.dtype
     wx, wdt = wx_p.to(dtype), wdt_p.to(dtype)
     fused = _fused_snake(kernel, snake, channels_last, length)
-    dts = _per_direction_matmul(wdt, dts_r)  # recomputed: the rank-R projection
+    # Eagerly with the Triton scan, the deltas are recomputed direction-major, (K, D, B*L) seen as (B, K*D, L), and
+    # the kernel writes their gradient over them in that layout: the projection's weight gradient is then one GEMM
+    # over B*L per direction, where from (B, K, D, L) it is B*K GEMMs whose (B, K, D, R) products are summed over B
+    # (at LaMamba-XL's 8x8 stage, batch 64, 105 MB written and read again in each SS2D).
+    direction_major = kernel == "triton" and not fused and not torch.compiler.is_compiling()
+    if direction_major:
+        r = wdt.shape[2]
+        dts_r_km = dts_r.permute(1, 2, 0, 3).reshape(k, r, b * length)  # (K, R, B*L): a copy of the small one
+        dts = torch.bmm(wdt, dts_r_km).view(k, d, b, length).permute(2, 0, 1, 3)  # (B, K, D, L) view, recomputed
+    else:
+        dts = _per_direction_matmul(wdt, dts_r)  # recomputed: the rank-R projection
     if fused:  # x and gy read along the paths, du merged in the kernel, ddelta written over dts
         g_x_merged, ddelta, dA, dB, dC, dD, dbias = _SNAKE_SCAN.snake_scan_bwd(
             x, dts.view(b, k * d, length), bs, cs, A, Ds, dt_bias, paths, inverse, gy.to(dtype).contiguous(),
@@ -255,11 +265,17 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
         if channels_last:
             del xs  # the x projection's gradients are taken on the map below
     del dts
-    ddelta = ddelta.view(b, k, d, length).to(dtype)
-    # weight grads as (B, K)-batched matmuls on transposed views, summed over B: no permuted copy of the
-    # (B, K, D, L) operands (an einsum over "bk..." would fold B into the reduction by copying them)
-    g_wdt = torch.matmul(ddelta, dts_r.transpose(-1, -2)).sum(0)  # (K, D, R)
-    g_dts_r = _per_direction_matmul(wdt.transpose(1, 2), ddelta)  # (B, K, R, L)
+    if direction_major:  # ddelta in the deltas' layout: (K, D, B*L) without a copy
+        ddelta = ddelta.view(b, k, d, length).permute(1, 2, 0, 3).reshape(k, d, b * length).to(dtype)
+        g_wdt = torch.bmm(ddelta, dts_r_km.transpose(1, 2))  # (K, D, R)
+        g_dts_r = torch.bmm(wdt.transpose(1, 2), ddelta).view(k, -1, b, length).permute(2, 0, 1, 3)  # (B, K, R, L)
+        del dts_r_km
+    else:
+        ddelta = ddelta.view(b, k, d, length).to(dtype)
+        # weight grads as (B, K)-batched matmuls on transposed views, summed over B: no permuted copy of the
+        # (B, K, D, L) operands (an einsum over "bk..." would fold B into the reduction by copying them)
+        g_wdt = torch.matmul(ddelta, dts_r.transpose(-1, -2)).sum(0)  # (K, D, R)
+        g_dts_r = _per_direction_matmul(wdt.transpose(1, 2), ddelta)  # (B, K, R, L)
     del ddelta
     g_xdbl = torch.cat([g_dts_r, dB.to(dtype), dC.to(dtype)], dim=2)  # (B, K, R+2N, L)
     if channels_last:

@@ -115,6 +115,16 @@ def _aliased_case(batch, groups, d, length, dtype, device, chunk=None, **cfg):
     assert g1[0].data_ptr() == gy2.data_ptr() and g1[1].data_ptr() == delta2.data_ptr()
     for name, a, b in zip(NAMES, g1, g0):
         assert torch.equal(a, b), name
+    # delta channel-major, (dim, batch, L) seen as (batch, dim, L), gdelta written over it in that layout
+    channel_major = lambda t: t.transpose(0, 1).clone(memory_format=torch.contiguous_format).transpose(0, 1)  # noqa: E731
+    delta3 = channel_major(delta)
+    g2 = st.scan1_bwd_launch(u, delta3, A, B, C, D, bias, gy, states, True, chunk, gdelta=delta3, **cfg)
+    assert g2[1].data_ptr() == delta3.data_ptr() and g2[1].stride() == delta3.stride()
+    for name, a, b in zip(NAMES, g2, g0):
+        assert torch.equal(a, b), name
+    g3 = st.scan1_bwd_launch(u, channel_major(delta), A, B, C, D, bias, gy, states, True, chunk,
+                             **cfg)  # a fresh gdelta in delta's layout
+    assert torch.equal(g3[1], g0[1]) and (batch == 1 or g3[1].stride() == delta3.stride())
 
 
 # fp32 inputs: fp32 math in the kernel vs float64. bf16 inputs: the output and gu/gdelta/gB/gC are rounded to
@@ -276,11 +286,28 @@ def test_output_buffers_given_to_the_launchers_are_checked():
     like = torch.zeros(2, 8, 16, dtype=torch.bfloat16)
     assert _out_buffer(None, like, "y").shape == like.shape
     assert _out_buffer(like, like, "y") is like
-    with pytest.raises(ValueError, match=r"gu must be contiguous torch.bfloat16 \(2, 8, 16\) on cpu, got "
+    with pytest.raises(ValueError, match=r"gu must be torch.bfloat16 \(2, 8, 16\) on cpu \(contiguous\), got "
                                          r"torch.float32"):
         _out_buffer(torch.zeros(2, 8, 16), like, "gu")
-    with pytest.raises(ValueError, match=r"gdelta must be contiguous .* \(contiguous: False\)"):
-        _out_buffer(torch.zeros(2, 16, 8, dtype=torch.bfloat16).transpose(1, 2), like, "gdelta")
+    with pytest.raises(ValueError, match=r"gu must be .* \(contiguous\), got .* with strides \(128, 1, 8\)"):
+        _out_buffer(torch.zeros(2, 16, 8, dtype=torch.bfloat16).transpose(1, 2), like, "gu")
+    # a strided buffer (gdelta) takes its model's layout, fresh or given
+    channel_major = torch.zeros(8, 2, 16, dtype=torch.bfloat16).transpose(0, 1)
+    assert _out_buffer(None, channel_major, "gdelta", strided=True).stride() == (16, 32, 1)
+    assert _out_buffer(channel_major, channel_major, "gdelta", strided=True) is channel_major
+    with pytest.raises(ValueError, match=r"gdelta must be .* \(strides \(16, 32, 1\)\), got .* strides "
+                                         r"\(128, 16, 1\)"):
+        _out_buffer(like, channel_major, "gdelta", strided=True)
+
+
+def test_backward_launcher_rejects_overlapping_delta_rows():
+    from lamamba_dist.ops import scan_triton as st
+
+    u, delta, A, B, C, D, bias = (a.detach() for a in _inputs(2, 1, 4, 8, torch.float32, "cpu"))
+    states = torch.zeros(2, 4, 1)
+    for bad in (delta[:1].expand(2, 4, 8), torch.zeros(2, 4, 16)[:, :, ::2], torch.zeros(2, 1, 8).expand(2, 4, 8)):
+        with pytest.raises(ValueError, match="delta must have unit stride along L and rows that do not overlap"):
+            st.scan1_bwd_launch(u, bad, A, B, C, D, bias, u.clone(), states, True, 8)
 
 
 def test_triton_backend_without_triton_is_an_error_not_a_silent_fallback(monkeypatch):
