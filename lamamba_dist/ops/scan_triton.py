@@ -34,7 +34,8 @@ the scans' registers leave few warps resident. The scans are ``tl.associative_sc
       gu = gh dt B + gy D;   gdt = gh (B u + A a h_{s-1});   gdelta = gdt sigmoid(x) (1 for x > 20)
       gA = sum gh dt a h_{s-1};  gD = sum gy u;  gbias = sum gdelta;  gB = sum_group gh dt u;  gC = sum_group gy h
   The sums are written per program to fp32 buffers (per (batch, row) for gA/gD/gbias, per
-  (batch, channel block, step) for gB/gC) and reduced by torch afterwards: no atomics, deterministic.
+  (batch, channel block, step) for gB/gC) and reduced afterwards by one more kernel, in a fixed order: no
+  atomics, deterministic.
   When L fits one chunk a program covers NSUB sub-blocks of SUB_D channels (16 channels by default),
   summing gB/gC in registers, so the partial buffers cost 8 bytes per step per 16 channels (+5% over the
   bf16 backward's 10 bytes per element).
@@ -275,6 +276,51 @@ def _scan1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, gy
         tl.store(gC_ptr + part_off + cols, accC, mask=lmask1)
 
 
+@triton.jit
+def _bwd_sums_kernel(rows_ptr, steps_ptr, gA_ptr, gD_ptr, gbias_ptr, gB_ptr, gC_ptr, batch, dim, L, per_group,
+                     n_row_progs, rows_plane, steps_plane, BLK_B: tl.constexpr, BLK_D: tl.constexpr,
+                     BLK_G: tl.constexpr, BLK_L: tl.constexpr):
+    """The backward's partial sums reduced in one launch. Programs below n_row_progs: BLK_D rows of the
+    (3, batch, dim) per-row partials (gA, gD, gbias; rows_plane = batch * dim apart) summed over the batch, fp32.
+    The others: BLK_L steps of one (batch row, group) of the (2, batch, n_blk, L) per-block partials (gB, gC;
+    steps_plane apart) summed over the group's per_group blocks and stored in gB's (gC's) dtype. Each sum runs
+    in a fixed order: deterministic."""
+    pid = tl.program_id(0)
+    if pid < n_row_progs:
+        cols = pid * BLK_D + tl.arange(0, BLK_D)
+        cmask = cols < dim
+        acc_a = tl.zeros([BLK_D], dtype=tl.float32)
+        acc_d = tl.zeros([BLK_D], dtype=tl.float32)
+        acc_b = tl.zeros([BLK_D], dtype=tl.float32)
+        for b0 in range(0, batch, BLK_B):
+            bs = b0 + tl.arange(0, BLK_B)
+            m = (bs[:, None] < batch) & cmask[None, :]
+            offs = bs.to(tl.int64)[:, None] * dim + cols[None, :]
+            acc_a += tl.sum(tl.load(rows_ptr + offs, mask=m, other=0.0), axis=0)
+            acc_d += tl.sum(tl.load(rows_ptr + rows_plane + offs, mask=m, other=0.0), axis=0)
+            acc_b += tl.sum(tl.load(rows_ptr + 2 * rows_plane + offs, mask=m, other=0.0), axis=0)
+        tl.store(gA_ptr + cols, acc_a, mask=cmask)
+        tl.store(gD_ptr + cols, acc_d, mask=cmask)
+        tl.store(gbias_ptr + cols, acc_b, mask=cmask)
+    else:
+        q = pid - n_row_progs
+        n_lblk = tl.cdiv(L, BLK_L)
+        bg = q // n_lblk  # batch row * n_groups + group: its blocks start at bg * per_group
+        steps = (q % n_lblk) * BLK_L + tl.arange(0, BLK_L)
+        lmask = steps < L
+        acc_b = tl.zeros([BLK_L], dtype=tl.float32)
+        acc_c = tl.zeros([BLK_L], dtype=tl.float32)
+        for i0 in range(0, per_group, BLK_G):
+            i = i0 + tl.arange(0, BLK_G)
+            m = (i[:, None] < per_group) & lmask[None, :]
+            offs = (bg.to(tl.int64) * per_group + i)[:, None] * L + steps[None, :]
+            acc_b += tl.sum(tl.load(steps_ptr + offs, mask=m, other=0.0), axis=0)
+            acc_c += tl.sum(tl.load(steps_ptr + steps_plane + offs, mask=m, other=0.0), axis=0)
+        out = bg.to(tl.int64) * L + steps
+        tl.store(gB_ptr + out, acc_b.to(gB_ptr.dtype.element_ty), mask=lmask)
+        tl.store(gC_ptr + out, acc_c.to(gC_ptr.dtype.element_ty), mask=lmask)
+
+
 # ----------------------------------------------------------------------------- launch configuration
 
 
@@ -393,8 +439,8 @@ def scan1_fwd_launch(u, delta, A, B, C, D, bias, delta_softplus=True, chunk=None
 
 def scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, delta_softplus=True, chunk=None,
                      sub_d=None, nsub=None, num_warps=None, gu=None, gdelta=None, stages=None):
-    """Runs the backward kernel and the deterministic torch reductions: the 7 input grads, each in its
-    input's dtype. ``gu`` and ``gdelta`` may be given, gy and delta themselves included (a program loads each
+    """Runs the backward kernel and the deterministic reduction of its partial sums: the 7 input grads, each in
+    its input's dtype. ``gu`` and ``gdelta`` may be given, gy and delta themselves included (a program loads each
     tile of u, delta and gy before it stores that tile of gu and gdelta, and reads no other program's rows): a
     caller that needs neither gy nor delta afterwards then allocates no new (batch, dim, L) tensor.
 
@@ -415,21 +461,35 @@ def scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, delta_softplus=True
     gu = _out_buffer(gu, u, "gu")
     gdelta = _out_buffer(gdelta, delta, "gdelta", strided=True)
     f32 = dict(device=u.device, dtype=torch.float32)
-    gA_part = torch.empty(batch, dim, **f32)
-    gD_part = torch.empty(batch, dim, **f32)
-    gbias_part = torch.empty(batch, dim, **f32)
-    gB_part = torch.empty(batch, n_blk, length, **f32)
-    gC_part = torch.empty(batch, n_blk, length, **f32)
+    rows_part = torch.empty(3, batch, dim, **f32)  # gA, gD, gbias per (batch, row)
+    steps_part = torch.empty(2, batch, n_blk, length, **f32)  # gB, gC per (batch, channel block, step)
     _scan1_bwd_kernel[(batch * n_blk,)](
-        u, delta, A, B, C, D, bias, gy, states, gu, gdelta, gA_part, gD_part, gbias_part, gB_part, gC_part,
-        dim, length, rep, groups, delta.stride(0), delta.stride(1),
+        u, delta, A, B, C, D, bias, gy, states, gu, gdelta, rows_part[0], rows_part[1], rows_part[2], steps_part[0],
+        steps_part[1], dim, length, rep, groups, delta.stride(0), delta.stride(1),
         SOFTPLUS=bool(delta_softplus), SUB_D=sub_d, NSUB=nsub, CHUNK=chunk, NCHUNK=n_chunks, STAGES=stages,
         num_warps=num_warps)
+    return (gu, gdelta, *_reduce_partials(rows_part, steps_part, groups, A, B, C, D, bias))
+
+
+def _reduce_partials(rows_part, steps_part, groups, A, B, C, D, bias):
+    """(gA, gB, gC, gD, gbias) from the backward kernel's partial sums, in one launch (_bwd_sums_kernel) where
+    torch would take five reductions and two casts: on LaMamba-XL's 22 SS2D blocks that is 132 short kernels a
+    step fewer."""
+    _, batch, dim = rows_part.shape
+    n_blk, length = steps_part.shape[2], steps_part.shape[3]
     per_group = n_blk // groups
-    gB = gB_part.view(batch, groups, per_group, length).sum(2).unsqueeze(2).to(B.dtype)
-    gC = gC_part.view(batch, groups, per_group, length).sum(2).unsqueeze(2).to(C.dtype)
-    gA = gA_part.sum(0).unsqueeze(1).to(A.dtype)
-    return gu, gdelta, gA, gB, gC, gD_part.sum(0).to(D.dtype), gbias_part.sum(0).to(bias.dtype)
+    f32 = dict(device=rows_part.device, dtype=torch.float32)
+    gA, gD, gbias = torch.empty(dim, 1, **f32), torch.empty(dim, **f32), torch.empty(dim, **f32)
+    gB = torch.empty(batch, groups, 1, length, device=B.device, dtype=B.dtype)
+    gC = torch.empty(batch, groups, 1, length, device=C.device, dtype=C.dtype)
+    blk_d, blk_g = 128, min(triton.next_power_of_2(per_group), 32)
+    blk_l = min(triton.next_power_of_2(length), max(4096 // blk_g, 16))
+    n_row_progs = triton.cdiv(dim, blk_d)
+    grid = (n_row_progs + batch * groups * triton.cdiv(length, blk_l),)
+    _bwd_sums_kernel[grid](rows_part, steps_part, gA, gD, gbias, gB, gC, batch, dim, length, per_group, n_row_progs,
+                           batch * dim, batch * n_blk * length, BLK_B=32, BLK_D=blk_d, BLK_G=blk_g, BLK_L=blk_l,
+                           num_warps=4)
+    return gA.to(A.dtype), gB, gC, gD.to(D.dtype), gbias.to(bias.dtype)
 
 
 # ----------------------------------------------------------------------------- custom ops

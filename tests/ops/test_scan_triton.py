@@ -116,7 +116,9 @@ def _aliased_case(batch, groups, d, length, dtype, device, chunk=None, **cfg):
     for name, a, b in zip(NAMES, g1, g0):
         assert torch.equal(a, b), name
     # delta channel-major, (dim, batch, L) seen as (batch, dim, L), gdelta written over it in that layout
-    channel_major = lambda t: t.transpose(0, 1).clone(memory_format=torch.contiguous_format).transpose(0, 1)  # noqa: E731
+    def channel_major(t):
+        return t.transpose(0, 1).clone(memory_format=torch.contiguous_format).transpose(0, 1)
+
     delta3 = channel_major(delta)
     g2 = st.scan1_bwd_launch(u, delta3, A, B, C, D, bias, gy, states, True, chunk, gdelta=delta3, **cfg)
     assert g2[1].data_ptr() == delta3.data_ptr() and g2[1].stride() == delta3.stride()
@@ -125,6 +127,29 @@ def _aliased_case(batch, groups, d, length, dtype, device, chunk=None, **cfg):
     g3 = st.scan1_bwd_launch(u, channel_major(delta), A, B, C, D, bias, gy, states, True, chunk,
                              **cfg)  # a fresh gdelta in delta's layout
     assert torch.equal(g3[1], g0[1]) and (batch == 1 or g3[1].stride() == delta3.stride())
+
+
+def _partial_sums_case():
+    """The one-launch reduction of the backward's partial sums against torch's sums: a batch beyond one tile of
+    rows (32), more rows than one program's 128, groups of more blocks than one tile (32), L off a power of two,
+    gB and gC in bf16 and fp32."""
+    from lamamba_dist.ops import scan_triton as st
+
+    g = torch.Generator().manual_seed(5)
+    batch, groups, per_group, dim, length = 37, 3, 40, 300, 70
+    rows = torch.randn(3, batch, dim, generator=g)
+    steps = torch.randn(2, batch, groups * per_group, length, generator=g)
+    A, D, bias = torch.zeros(dim, 1), torch.zeros(dim), torch.zeros(dim)
+    for dtype in (torch.bfloat16, torch.float32):
+        B = C = torch.zeros(batch, groups, 1, length, dtype=dtype)
+        gA, gB, gC, gD, gbias = st._reduce_partials(rows, steps, groups, A, B, C, D, bias)
+        torch.testing.assert_close(torch.cat([gA.squeeze(1), gD, gbias]), rows.sum(1).flatten(), rtol=1e-6,
+                                   atol=1e-5)
+        want = steps.view(2, batch, groups, per_group, length).sum(3).unsqueeze(3).to(dtype)
+        assert gB.dtype == gC.dtype == dtype and gB.shape == gC.shape == B.shape
+        tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(gB, want[0], **tol)
+        torch.testing.assert_close(gC, want[1], **tol)
 
 
 # fp32 inputs: fp32 math in the kernel vs float64. bf16 inputs: the output and gu/gdelta/gB/gC are rounded to
@@ -267,6 +292,7 @@ def _interpreter_cases():
         _aliased_case(2, 4, 2, 200, bf16, "cpu", chunk=64)
         _aliased_case(1, 2, 8, 40, f32, "cpu", sub_d=2, nsub=2)
         _aliased_case(1, 2, 8, 40, f32, "cpu", sub_d=2, nsub=4, stages=3, fwd_nsub=4, fwd_stages=3)
+        _partial_sums_case()
         # the dispatch: backend="triton" runs the kernels on CPU tensors under the interpreter
         args = _inputs(1, 4, 2, 20, f32, "cpu")
         ref = selective_scan_reference(*args)
