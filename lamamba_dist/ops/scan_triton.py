@@ -121,16 +121,16 @@ def _dt_and_slope(x, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(u_ptr, delta_ptr, B_ptr, C_ptr, y_ptr, state_ptr, row_id, rows, dim, L, bc_off, c, cols, A, Dv, bias,
-              h0, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+def _fwd_tile(u_ptr, delta_ptr, B_ptr, C_ptr, y_ptr, state_ptr, row_id, drow, rows, dim, L, bc_off, c, cols, A, Dv,
+              bias, h0, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
     """One (SUB_D rows, CHUNK steps) tile of the forward, entered with state h0: stores y and h0, returns the state
-    leaving the tile."""
+    leaving the tile. ``drow``: where each row of delta starts, in elements."""
     l = c * CHUNK + cols
     lmask = l < L
     mask = (rows[:, None] < dim) & lmask[None, :]
     offs = (row_id * L)[:, None] + l[None, :]
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
+    x = tl.load(delta_ptr + drow[:, None] + l[None, :], mask=mask, other=0.0).to(tl.float32) + bias[:, None]
     Bv = tl.load(B_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + bc_off + l, mask=lmask, other=0.0).to(tl.float32)
     dt, _slope = _dt_and_slope(x, SOFTPLUS)
@@ -147,11 +147,12 @@ def _fwd_tile(u_ptr, delta_ptr, B_ptr, C_ptr, y_ptr, state_ptr, row_id, rows, di
 
 @triton.jit
 def _scan1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, state_ptr,
-                      dim, L, rep, n_groups,
+                      dim, L, rep, n_groups, d_sb, d_sc,
                       SOFTPLUS: tl.constexpr, SUB_D: tl.constexpr, NSUB: tl.constexpr, CHUNK: tl.constexpr,
                       NCHUNK: tl.constexpr, STAGES: tl.constexpr):
     # A program owns NSUB blocks of SUB_D rows, one after the other; when L fits one chunk the loop over them is
-    # software-pipelined (STAGES > 1: the next block's tiles are fetched while this one is scanned).
+    # software-pipelined (STAGES > 1: the next block's tiles are fetched while this one is scanned). Element
+    # (b, row, l) of delta is at b * d_sb + row * d_sc + l (u and y: contiguous).
     DBLK: tl.constexpr = SUB_D * NSUB
     pid = tl.program_id(0)
     n_blk = dim // DBLK
@@ -163,17 +164,18 @@ def _scan1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_
     for sub in tl.range(NSUB, num_stages=STAGES):
         rows = j * DBLK + sub * SUB_D + tl.arange(0, SUB_D)
         row_id = (b * dim + rows).to(tl.int64)
+        drow = b.to(tl.int64) * d_sb + rows.to(tl.int64) * d_sc
         A = tl.load(A_ptr + rows)
         Dv = tl.load(D_ptr + rows)
         bias = tl.load(bias_ptr + rows)
         h0 = tl.zeros([SUB_D], dtype=tl.float32)
         if NCHUNK == 1:
-            _fwd_tile(u_ptr, delta_ptr, B_ptr, C_ptr, y_ptr, state_ptr, row_id, rows, dim, L, bc_off, 0, cols,
+            _fwd_tile(u_ptr, delta_ptr, B_ptr, C_ptr, y_ptr, state_ptr, row_id, drow, rows, dim, L, bc_off, 0, cols,
                       A, Dv, bias, h0, SOFTPLUS, CHUNK, NCHUNK)
         else:
             for c in range(NCHUNK):
-                h0 = _fwd_tile(u_ptr, delta_ptr, B_ptr, C_ptr, y_ptr, state_ptr, row_id, rows, dim, L, bc_off, c,
-                               cols, A, Dv, bias, h0, SOFTPLUS, CHUNK, NCHUNK)
+                h0 = _fwd_tile(u_ptr, delta_ptr, B_ptr, C_ptr, y_ptr, state_ptr, row_id, drow, rows, dim, L, bc_off,
+                               c, cols, A, Dv, bias, h0, SOFTPLUS, CHUNK, NCHUNK)
 
 
 @triton.jit
@@ -390,6 +392,9 @@ def _check(u, delta, A, B, C, D, bias):
         raise ValueError(f"B, C must be (batch, G, 1, L) with G dividing dim; got {tuple(B.shape)}, {tuple(C.shape)}")
     if delta.shape != u.shape or D.shape != (dim,) or bias.shape != (dim,):
         raise ValueError("delta must match u; D and delta_bias must be (dim,)")
+    if not _rows_apart(delta):
+        raise ValueError(f"delta must have unit stride along L and rows that do not overlap, got strides "
+                         f"{delta.stride()} for shape {tuple(delta.shape)}")
     return batch, dim, length, groups
 
 
@@ -421,7 +426,8 @@ def _out_buffer(out, like, name, strided=False):
 def scan1_fwd_launch(u, delta, A, B, C, D, bias, delta_softplus=True, chunk=None, sub_d=None, num_warps=None,
                      y=None, nsub=None, stages=None):
     """Runs the forward kernel: (y in u's dtype, entry state of every chunk (batch, dim, n_chunks) fp32).
-    All tensors contiguous, on one device; A/D/bias fp32. ``y`` may be given, u itself included: a program
+    All tensors contiguous, on one device, but delta, which may be any layout with unit stride along L whose rows
+    do not overlap (as in scan1_bwd_launch); A/D/bias fp32. ``y`` may be given, u itself included: a program
     loads each tile of u before it stores that tile of y, and no program reads another's rows."""
     batch, dim, length, groups = _check(u, delta, A, B, C, D, bias)
     chunk = chunk or default_chunk(length)
@@ -431,9 +437,9 @@ def scan1_fwd_launch(u, delta, A, B, C, D, bias, delta_softplus=True, chunk=None
     y = _out_buffer(y, u, "y")
     states = torch.empty(batch, dim, n_chunks, device=u.device, dtype=torch.float32)
     grid = (batch * (dim // (sub_d * nsub)),)
-    _scan1_fwd_kernel[grid](u, delta, A, B, C, D, bias, y, states, dim, length, rep, groups,
-                            SOFTPLUS=bool(delta_softplus), SUB_D=sub_d, NSUB=nsub, CHUNK=chunk, NCHUNK=n_chunks,
-                            STAGES=stages, num_warps=num_warps)
+    _scan1_fwd_kernel[grid](u, delta, A, B, C, D, bias, y, states, dim, length, rep, groups, delta.stride(0),
+                            delta.stride(1), SOFTPLUS=bool(delta_softplus), SUB_D=sub_d, NSUB=nsub, CHUNK=chunk,
+                            NCHUNK=n_chunks, STAGES=stages, num_warps=num_warps)
     return y, states
 
 
@@ -448,9 +454,6 @@ def scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, delta_softplus=True
     (a (dim, batch, L) buffer seen as (batch, dim, L), say), and gdelta then has delta's strides: the caller
     can take the weight gradient of a per-channel projection of the deltas as one GEMM over batch and steps."""
     batch, dim, length, groups = _check(u, delta, A, B, C, D, bias)
-    if not _rows_apart(delta):
-        raise ValueError(f"delta must have unit stride along L and rows that do not overlap, got strides "
-                         f"{delta.stride()} for shape {tuple(delta.shape)}")
     chunk = chunk or default_chunk(length)
     n_chunks = triton.cdiv(length, chunk)
     if states.shape != (batch, dim, n_chunks):

@@ -172,6 +172,15 @@ def _per_direction_matmul(w: torch.Tensor, x: torch.Tensor, acc: torch.Tensor | 
     return out
 
 
+def _direction_major_matmul(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w (K, M, N) applied to each direction of x (B, K, N, L) as one GEMM over B*L per direction: the product
+    (K, M, B*L), returned as its (B, K, M, L) view. x is read in place when it is direction-major itself (its
+    (K, N, B*L) view exists, as for the forward's dts_r), else copied to that layout first."""
+    b, k, nn, length = x.shape
+    out = torch.bmm(w, x.permute(1, 2, 0, 3).reshape(k, nn, b * length))
+    return out.view(k, w.shape[1], b, length).permute(2, 0, 1, 3)
+
+
 def _to_sequences(p: torch.Tensor, paths: torch.Tensor, k: int) -> torch.Tensor:
     """A per-position quantity of the map, (B, L, K*M) with direction k's M columns in block k, read along each
     direction's path: (B, K, M, L), [b, k, :, s] = p[b, paths[k, s], k-th block] (a strided view)."""
@@ -212,7 +221,13 @@ def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inve
     else:
         x_dbl = _per_direction_matmul(x_proj_weight.to(dtype), xs)  # (B, K, R+2N, L)
     dts_r, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-    dts = _per_direction_matmul(dt_projs_weight.to(dtype), dts_r)  # (B, K, D, L)
+    # dts_r kept direction-major, (K, R, B*L) seen as (B, K, R, L): each direction's deltas are then one GEMM over
+    # B*L, here and in the backward (_core_backward), where their gradient's weight gradient is one too
+    dts_r = dts_r.permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3)
+    if kernel == "triton" and not fused and not torch.compiler.is_compiling():  # the scan reads them strided
+        dts = _direction_major_matmul(dt_projs_weight.to(dtype), dts_r)  # (B, K, D, L) view of (K, D, B*L)
+    else:
+        dts = _per_direction_matmul(dt_projs_weight.to(dtype), dts_r)  # (B, K, D, L)
     bs, cs = bs.contiguous(), cs.contiguous()
     if fused:  # x read along the paths and the four outputs summed in the kernel; one tile, so the entry state of
         # the sequences is zero: what the unfused backward reads (the fused one reads none)
@@ -238,15 +253,15 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
     dtype = x.dtype
     wx, wdt = wx_p.to(dtype), wdt_p.to(dtype)
     fused = _fused_snake(kernel, snake, channels_last, length)
-    # Eagerly with the Triton scan, the deltas are recomputed direction-major, (K, D, B*L) seen as (B, K*D, L), and
-    # the kernel writes their gradient over them in that layout: the projection's weight gradient is then one GEMM
-    # over B*L per direction, where from (B, K, D, L) it is B*K GEMMs whose (B, K, D, R) products are summed over B
-    # (at LaMamba-XL's 8x8 stage, batch 64, 105 MB written and read again in each SS2D).
+    # Eagerly with the Triton scan, the deltas are recomputed direction-major, (K, D, B*L) seen as (B, K*D, L), from
+    # the saved direction-major dts_r, and the kernel writes their gradient over them in that layout: the
+    # projection's weight gradient is then one GEMM over B*L per direction, where from (B, K, D, L) it is B*K GEMMs
+    # whose (B, K, D, R) products are summed over B (at LaMamba-XL's 8x8 stage, batch 64, 105 MB written and read
+    # again in each SS2D).
     direction_major = kernel == "triton" and not fused and not torch.compiler.is_compiling()
     if direction_major:
-        r = wdt.shape[2]
-        dts_r_km = dts_r.permute(1, 2, 0, 3).reshape(k, r, b * length)  # (K, R, B*L): a copy of the small one
-        dts = torch.bmm(wdt, dts_r_km).view(k, d, b, length).permute(2, 0, 1, 3)  # (B, K, D, L) view, recomputed
+        dts_r_km = dts_r.permute(1, 2, 0, 3).reshape(k, wdt.shape[2], b * length)  # (K, R, B*L), a view
+        dts = _direction_major_matmul(wdt, dts_r)  # recomputed: the rank-R projection
     else:
         dts = _per_direction_matmul(wdt, dts_r)  # recomputed: the rank-R projection
     if fused:  # x and gy read along the paths, du merged in the kernel, ddelta written over dts
@@ -335,7 +350,7 @@ def _ss2d_core_fwd(x: torch.Tensor, x_proj_weight: torch.Tensor, dt_projs_weight
                                                              torch.Tensor]:
     y, dts_r, bs, cs, states = _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse,
                                              kernel, snake, channels_last)
-    return y, dts_r.contiguous(), bs, cs, states  # an op's outputs have the strides of its fake ones
+    return y, dts_r, bs, cs, states  # an op's outputs have the strides of its fake ones (dts_r: direction-major)
 
 
 def _states_shape(kernel: str, b: int, dim: int, length: int, n: int) -> tuple[int, ...]:
@@ -353,7 +368,7 @@ def _(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse, kernel,
     b, d, length = (x.shape[0], x.shape[2], x.shape[1]) if channels_last else x.shape
     k, r = dt_projs_weight.shape[0], dt_projs_weight.shape[2]
     n = A.shape[1]
-    return (x.new_empty(b, length, d), x.new_empty(b, k, r, length), x.new_empty(b, k, n, length),
+    return (x.new_empty(b, length, d), x.new_empty(k, r, b, length).permute(2, 0, 1, 3), x.new_empty(b, k, n, length),
             x.new_empty(b, k, n, length), x.new_empty(_states_shape(kernel, b, k * d, length, n), dtype=torch.float32))
 
 

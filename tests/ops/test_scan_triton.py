@@ -108,6 +108,12 @@ def _aliased_case(batch, groups, d, length, dtype, device, chunk=None, **cfg):
     y1, states1 = st.scan1_fwd_launch(u2, delta, A, B, C, D, bias, True, chunk, y=u2, **fwd_cfg)
     assert y1.data_ptr() == u2.data_ptr()
     assert torch.equal(y1, y0) and torch.equal(states1, states)
+
+    def channel_major(t):  # (dim, batch, L) in memory, seen as (batch, dim, L)
+        return t.transpose(0, 1).clone(memory_format=torch.contiguous_format).transpose(0, 1)
+
+    y2, states2 = st.scan1_fwd_launch(u, channel_major(delta), A, B, C, D, bias, True, chunk, **fwd_cfg)
+    assert torch.equal(y2, y0) and torch.equal(states2, states)
     gy = torch.randn(u.shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
     g0 = st.scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, True, chunk, **cfg)
     gy2, delta2 = gy.clone(), delta.clone()
@@ -115,10 +121,7 @@ def _aliased_case(batch, groups, d, length, dtype, device, chunk=None, **cfg):
     assert g1[0].data_ptr() == gy2.data_ptr() and g1[1].data_ptr() == delta2.data_ptr()
     for name, a, b in zip(NAMES, g1, g0):
         assert torch.equal(a, b), name
-    # delta channel-major, (dim, batch, L) seen as (batch, dim, L), gdelta written over it in that layout
-    def channel_major(t):
-        return t.transpose(0, 1).clone(memory_format=torch.contiguous_format).transpose(0, 1)
-
+    # delta channel-major, gdelta written over it in that layout
     delta3 = channel_major(delta)
     g2 = st.scan1_bwd_launch(u, delta3, A, B, C, D, bias, gy, states, True, chunk, gdelta=delta3, **cfg)
     assert g2[1].data_ptr() == delta3.data_ptr() and g2[1].stride() == delta3.stride()
@@ -326,7 +329,7 @@ def test_output_buffers_given_to_the_launchers_are_checked():
         _out_buffer(like, channel_major, "gdelta", strided=True)
 
 
-def test_backward_launcher_rejects_overlapping_delta_rows():
+def test_launchers_reject_overlapping_delta_rows():
     from lamamba_dist.ops import scan_triton as st
 
     u, delta, A, B, C, D, bias = (a.detach() for a in _inputs(2, 1, 4, 8, torch.float32, "cpu"))
@@ -334,6 +337,8 @@ def test_backward_launcher_rejects_overlapping_delta_rows():
     for bad in (delta[:1].expand(2, 4, 8), torch.zeros(2, 4, 16)[:, :, ::2], torch.zeros(2, 1, 8).expand(2, 4, 8)):
         with pytest.raises(ValueError, match="delta must have unit stride along L and rows that do not overlap"):
             st.scan1_bwd_launch(u, bad, A, B, C, D, bias, u.clone(), states, True, 8)
+        with pytest.raises(ValueError, match="delta must have unit stride along L and rows that do not overlap"):
+            st.scan1_fwd_launch(u, bad, A, B, C, D, bias, True, 8)
 
 
 def test_triton_backend_without_triton_is_an_error_not_a_silent_fallback(monkeypatch):
