@@ -310,17 +310,18 @@ def _bwd_sums_kernel(rows_ptr, steps_ptr, gA_ptr, gD_ptr, gbias_ptr, gB_ptr, gC_
         bg = q // n_lblk  # batch row * n_groups + group: its blocks start at bg * per_group
         steps = (q % n_lblk) * BLK_L + tl.arange(0, BLK_L)
         lmask = steps < L
-        acc_b = tl.zeros([BLK_L], dtype=tl.float32)
-        acc_c = tl.zeros([BLK_L], dtype=tl.float32)
+        # (names apart from the other branch's: Triton types a name once across both branches of an if)
+        sum_gb = tl.zeros([BLK_L], dtype=tl.float32)
+        sum_gc = tl.zeros([BLK_L], dtype=tl.float32)
         for i0 in range(0, per_group, BLK_G):
-            i = i0 + tl.arange(0, BLK_G)
-            m = (i[:, None] < per_group) & lmask[None, :]
-            offs = (bg.to(tl.int64) * per_group + i)[:, None] * L + steps[None, :]
-            acc_b += tl.sum(tl.load(steps_ptr + offs, mask=m, other=0.0), axis=0)
-            acc_c += tl.sum(tl.load(steps_ptr + steps_plane + offs, mask=m, other=0.0), axis=0)
+            blks = i0 + tl.arange(0, BLK_G)
+            bmask = (blks[:, None] < per_group) & lmask[None, :]
+            boffs = (bg.to(tl.int64) * per_group + blks)[:, None] * L + steps[None, :]
+            sum_gb += tl.sum(tl.load(steps_ptr + boffs, mask=bmask, other=0.0), axis=0)
+            sum_gc += tl.sum(tl.load(steps_ptr + steps_plane + boffs, mask=bmask, other=0.0), axis=0)
         out = bg.to(tl.int64) * L + steps
-        tl.store(gB_ptr + out, acc_b.to(gB_ptr.dtype.element_ty), mask=lmask)
-        tl.store(gC_ptr + out, acc_c.to(gC_ptr.dtype.element_ty), mask=lmask)
+        tl.store(gB_ptr + out, sum_gb.to(gB_ptr.dtype.element_ty), mask=lmask)
+        tl.store(gC_ptr + out, sum_gc.to(gC_ptr.dtype.element_ty), mask=lmask)
 
 
 # ----------------------------------------------------------------------------- launch configuration
@@ -474,6 +475,12 @@ def scan1_bwd_launch(u, delta, A, B, C, D, bias, gy, states, delta_softplus=True
     return (gu, gdelta, *_reduce_partials(rows_part, steps_part, groups, A, B, C, D, bias))
 
 
+def sums_blocks(per_group: int, length: int) -> tuple[int, int]:
+    """(BLK_G, BLK_L) of _bwd_sums_kernel's gB/gC programs: up to 32 channel blocks by up to 4096 // BLK_G steps."""
+    blk_g = min(triton.next_power_of_2(per_group), 32)
+    return blk_g, min(triton.next_power_of_2(length), max(4096 // blk_g, 16))
+
+
 def _reduce_partials(rows_part, steps_part, groups, A, B, C, D, bias):
     """(gA, gB, gC, gD, gbias) from the backward kernel's partial sums, in one launch (_bwd_sums_kernel) where
     torch would take five reductions and two casts: on LaMamba-XL's 22 SS2D blocks that is 132 short kernels a
@@ -485,8 +492,7 @@ def _reduce_partials(rows_part, steps_part, groups, A, B, C, D, bias):
     gA, gD, gbias = torch.empty(dim, 1, **f32), torch.empty(dim, **f32), torch.empty(dim, **f32)
     gB = torch.empty(batch, groups, 1, length, device=B.device, dtype=B.dtype)
     gC = torch.empty(batch, groups, 1, length, device=C.device, dtype=C.dtype)
-    blk_d, blk_g = 128, min(triton.next_power_of_2(per_group), 32)
-    blk_l = min(triton.next_power_of_2(length), max(4096 // blk_g, 16))
+    blk_d, (blk_g, blk_l) = 128, sums_blocks(per_group, length)
     n_row_progs = triton.cdiv(dim, blk_d)
     grid = (n_row_progs + batch * groups * triton.cdiv(length, blk_l),)
     _bwd_sums_kernel[grid](rows_part, steps_part, gA, gD, gbias, gB, gC, batch, dim, length, per_group, n_row_progs,

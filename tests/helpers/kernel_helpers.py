@@ -1,5 +1,5 @@
-"""Shared by the kernel tests: running a test file's Triton cases under the interpreter, NaN-poisoned kernel
-outputs, and the whole-model fast-vs-reference comparison used on GPU."""
+"""Shared by the kernel tests: running a test file's Triton cases under the interpreter, compiling a kernel for
+sm_90 without a GPU, NaN-poisoned kernel outputs, and the whole-model fast-vs-reference comparison used on GPU."""
 
 from __future__ import annotations
 
@@ -29,6 +29,22 @@ def run_interpreter_cases(test_file: str) -> None:
     print(proc.stdout[-4000:], proc.stderr[-4000:])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "interpreter cases passed" in proc.stdout
+
+
+def compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> None:
+    """Compile the Triton kernel ``fn`` for an H100/H200 (sm_90) on this machine, GPU or not, through Triton's own
+    front end, LLVM and the ptxas it ships: what the interpreter never checks (a name typed differently in the two
+    branches of an ``if``, say) fails here as it would at the first launch on the GPU. ``signature`` maps each
+    runtime argument to its Triton type ("*fp32", "*bf16", "i32", ...); ``constexprs`` gives the rest."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature, **{name: "constexpr" for name in constexprs})
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    assert kernel.asm.get("cubin"), fn
 
 
 @contextmanager
