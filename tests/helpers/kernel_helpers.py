@@ -47,6 +47,59 @@ def compile_for_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, 
     assert kernel.asm.get("cubin"), fn
 
 
+_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+                  torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+
+
+def compile_launches_for_sm90(launch) -> list[str]:
+    """Run ``launch()`` (which calls kernel launchers on CPU tensors) with every Triton launch captured instead of
+    run, then compile each captured kernel for sm_90 (:func:`compile_for_sm90`) with the argument types and
+    constexprs of its launch, as the JIT would on the GPU (integer arguments equal to 1 specialized to constexprs,
+    as it does). Returns the compiled kernels' names, one per distinct specialization."""
+    from triton.runtime.jit import JITFunction
+
+    captured = []
+
+    def capture(self, *args, grid, warmup, **kwargs):
+        captured.append((self, args, kwargs))
+
+    real_run = JITFunction.run
+    JITFunction.run = capture
+    try:
+        launch()
+    finally:
+        JITFunction.run = real_run
+    seen, names = set(), []
+    for fn, args, kwargs in captured:
+        values = dict(zip([p.name for p in fn.params], args))
+        values.update({k: v for k, v in kwargs.items() if k in {p.name for p in fn.params}})
+        signature, constexprs = {}, {}
+        for p in fn.params:
+            v = values.get(p.name, p.default)
+            if p.is_constexpr or (isinstance(v, int) and not isinstance(v, bool) and v == 1
+                                  and not p.do_not_specialize):
+                constexprs[p.name] = v
+            elif isinstance(v, torch.Tensor):
+                signature[p.name] = "*" + _TRITON_DTYPES[v.dtype]
+            elif isinstance(v, bool):
+                signature[p.name] = "i1"
+            elif isinstance(v, int):
+                signature[p.name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+            elif isinstance(v, float):
+                signature[p.name] = "fp32"
+            else:
+                raise TypeError(f"{fn.__name__}: no Triton type for argument {p.name} = {v!r}")
+        opts = dict(num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3))
+        key = (fn.__name__, tuple(sorted(signature.items())), tuple(sorted(constexprs.items())),
+               tuple(sorted(opts.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        compile_for_sm90(fn, signature, constexprs, **opts)
+        names.append(fn.__name__)
+    return names
+
+
 @contextmanager
 def nan_poisoned_empty():
     """Inside the block every floating torch.empty/empty_like is NaN-filled, so an output element a kernel

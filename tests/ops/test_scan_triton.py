@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from kernel_helpers import compile_for_sm90, nan_poisoned_empty, needs_triton, run_interpreter_cases
+from kernel_helpers import nan_poisoned_empty, needs_triton, run_interpreter_cases
 from lamamba_dist.ops.selective_scan import selective_scan, selective_scan_reference
 
 NAMES = "u delta A B C D bias".split()
@@ -327,39 +327,6 @@ def test_output_buffers_given_to_the_launchers_are_checked():
     with pytest.raises(ValueError, match=r"gdelta must be .* \(strides \(16, 32, 1\)\), got .* strides "
                                          r"\(128, 16, 1\)"):
         _out_buffer(like, channel_major, "gdelta", strided=True)
-
-
-@needs_triton
-@pytest.mark.parametrize("length,rep", [(64, 2560), (256, 1280), (1024, 640), (4096, 320)])
-def test_kernels_compile_for_sm90_at_lamamba_xl_shapes(length, rep):
-    """The three kernels at each stage's default launch, compiled for an H100/H200 on CPU: the interpreter runs
-    their Python, this checks what Triton's compiler alone rejects."""
-    from lamamba_dist.ops import scan_triton as st
-
-    chunk = st.default_chunk(length)
-    n_chunks = -(-length // chunk)
-    ptrs = lambda names, t: {n: t for n in names.split()}  # noqa: E731
-    ints = lambda names: {n: "i32" for n in names.split()}  # noqa: E731
-    common = dict(SOFTPLUS=True, CHUNK=chunk, NCHUNK=n_chunks)
-    sub_d, nsub, warps, stages = st._fwd_config(rep, chunk, n_chunks)
-    compile_for_sm90(st._scan1_fwd_kernel, {**ptrs("u_ptr delta_ptr", "*bf16"), **ptrs("A_ptr", "*fp32"),
-                                            **ptrs("B_ptr C_ptr", "*bf16"), **ptrs("D_ptr bias_ptr", "*fp32"),
-                                            **ptrs("y_ptr", "*bf16"), **ptrs("state_ptr", "*fp32"),
-                                            **ints("dim L rep n_groups d_sb d_sc")},
-                     dict(common, SUB_D=sub_d, NSUB=nsub, STAGES=stages), num_warps=warps)
-    sub_d, nsub, warps, stages = st._bwd_config(rep, chunk, n_chunks)
-    compile_for_sm90(st._scan1_bwd_kernel, {**ptrs("u_ptr delta_ptr", "*bf16"), **ptrs("A_ptr", "*fp32"),
-                                            **ptrs("B_ptr C_ptr", "*bf16"), **ptrs("D_ptr bias_ptr", "*fp32"),
-                                            **ptrs("gy_ptr", "*bf16"), **ptrs("state_ptr", "*fp32"),
-                                            **ptrs("gu_ptr gdelta_ptr", "*bf16"),
-                                            **ptrs("gA_ptr gD_ptr gbias_ptr gB_ptr gC_ptr", "*fp32"),
-                                            **ints("dim L rep n_groups d_sb d_sc")},
-                     dict(common, SUB_D=sub_d, NSUB=nsub, STAGES=stages), num_warps=warps)
-    blk_g, blk_l = st.sums_blocks(rep // (sub_d * nsub), length)  # as _reduce_partials launches it
-    compile_for_sm90(st._bwd_sums_kernel, {**ptrs("rows_ptr steps_ptr gA_ptr gD_ptr gbias_ptr", "*fp32"),
-                                           **ptrs("gB_ptr gC_ptr", "*bf16"),
-                                           **ints("batch dim L per_group n_row_progs rows_plane steps_plane")},
-                     dict(BLK_B=32, BLK_D=128, BLK_G=blk_g, BLK_L=blk_l))
 
 
 def test_launchers_reject_overlapping_delta_rows():
