@@ -1,4 +1,4 @@
-"""Every Triton kernel LaMamba-XL launches, compiled for an H100/H200 (sm_90) on this machine, GPU or not.
+"""Every Triton kernel LaMamba-XL's training launches, compiled for an H100/H200 (sm_90) on this machine, GPU or not.
 
 The interpreter tests run the kernels' Python on CPU tensors; what only Triton's compiler rejects (a name typed
 differently in the two branches of an ``if``, an op it cannot lower, a constexpr specialization such as an
@@ -60,11 +60,25 @@ def _conv_launches(batch, side, d, dtype=torch.bfloat16):
         dct.dwconv_silu_bwd_launch(x, w, torch.zeros_like(y), out_bdl)
 
 
+def _ss2d_launches(batch, side, d, dtype=torch.bfloat16):  # the opt-in scan_backend "ss2d_triton"
+    from lamamba_dist.ops import ss2d_triton as s2t
+    from lamamba_dist.ops.cross_scan import snake_tables
+
+    length = side * side
+    paths, _ = snake_tables(side)
+    x = torch.zeros(batch, length, d, dtype=dtype)
+    delta = torch.zeros(batch, length, K, d, dtype=dtype)
+    B = C = torch.zeros(batch, length, K, dtype=dtype)
+    A, D, bias = torch.zeros(K * d), torch.zeros(K * d), torch.zeros(K * d)
+    _, states = s2t.ss2d_fwd_launch(x, delta, B, C, A, D, bias, paths)
+    s2t.ss2d_bwd_launch(x, delta, B, C, A, D, bias, paths, torch.zeros_like(x), states)
+
+
 @needs_triton
-@pytest.mark.parametrize("what", ["scan", "snake", "conv"])
+@pytest.mark.parametrize("what", ["scan", "snake", "conv", "ss2d"])
 @pytest.mark.parametrize("resolution", [256, 512])
 def test_lamamba_xl_kernels_compile_for_sm90(what, resolution):
-    launches = {"scan": _scan_launches, "snake": _snake_launches, "conv": _conv_launches}[what]
+    launches = {"scan": _scan_launches, "snake": _snake_launches, "conv": _conv_launches, "ss2d": _ss2d_launches}[what]
     stages = STAGES_256 if resolution == 256 else STAGES_512
 
     def run():
@@ -75,8 +89,20 @@ def test_lamamba_xl_kernels_compile_for_sm90(what, resolution):
     names = compile_launches_for_sm90(run)
     expected = {"scan": {"_scan1_fwd_kernel", "_scan1_bwd_kernel", "_bwd_sums_kernel"},
                 "snake": {"_gather_cl_kernel"}, "conv": {"_dwconv_fwd_kernel", "_dwconv_bwd_gs_kernel",
-                                                         "_dwconv_bwd_gx_kernel"}}[what]
+                                                         "_dwconv_bwd_gx_kernel"},
+                "ss2d": {"_ss2d_fwd_kernel", "_ss2d_bwd_kernel"}}[what]
     assert expected <= set(names), names
+
+
+@needs_triton
+def test_the_ema_kernel_compiles_for_sm90():
+    """The trainer's one-pass EMA update (lamamba_dist/ops/ema_update.py), run after every optimizer step on GPU."""
+    from lamamba_dist.ops.ema_update import ema_update_
+
+    def run():
+        ema_update_(torch.zeros(10_000), torch.zeros(10_000), 0.9999, use_kernel=True)
+
+    assert compile_launches_for_sm90(run) == ["_ema_kernel"]
 
 
 @needs_triton
