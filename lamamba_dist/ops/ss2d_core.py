@@ -68,6 +68,13 @@ def _fused_snake(kernel: str, snake: str, channels_last: bool, length: int, forw
             and _SNAKE_SCAN.eligible(length, forward=forward) and not torch.compiler.is_compiling())
 
 
+def _direction_major(kernel: str, fused: bool) -> bool:
+    """Whether the deltas run direction-major, (K, D, B*L) seen as (B, K*D, L): eagerly with the Triton scan, whose
+    kernels read and write them strided; the fused snake kernels and mamba-ssm's read them contiguous, and traced
+    (the function core under torch.compile) the layout is Inductor's."""
+    return kernel == "triton" and not fused and not torch.compiler.is_compiling()
+
+
 def _fused_pair():
     if _SS._cuda_module() is None:
         raise RuntimeError("the fused selective scan needs mamba-ssm built with CUDA (pip install 'lamamba-dist[cuda]')")
@@ -224,7 +231,7 @@ def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inve
     # dts_r kept direction-major, (K, R, B*L) seen as (B, K, R, L): each direction's deltas are then one GEMM over
     # B*L, here and in the backward (_core_backward), where their gradient's weight gradient is one too
     dts_r = dts_r.permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3)
-    if kernel == "triton" and not fused and not torch.compiler.is_compiling():  # the scan reads them strided
+    if _direction_major(kernel, fused):
         dts = _direction_major_matmul(dt_projs_weight.to(dtype), dts_r)  # (B, K, D, L) view of (K, D, B*L)
     else:
         dts = _per_direction_matmul(dt_projs_weight.to(dtype), dts_r)  # (B, K, D, L)
@@ -258,7 +265,7 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
     # projection's weight gradient is then one GEMM over B*L per direction, where from (B, K, D, L) it is B*K GEMMs
     # whose (B, K, D, R) products are summed over B (at LaMamba-XL's 8x8 stage, batch 64, 105 MB written and read
     # again in each SS2D).
-    direction_major = kernel == "triton" and not fused and not torch.compiler.is_compiling()
+    direction_major = _direction_major(kernel, fused)
     if direction_major:
         dts_r_km = dts_r.permute(1, 2, 0, 3).reshape(k, wdt.shape[2], b * length)  # (K, R, B*L), a view
         dts = _direction_major_matmul(wdt, dts_r)  # recomputed: the rank-R projection
