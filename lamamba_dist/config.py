@@ -51,7 +51,7 @@ class ModelConfig:
         choices=("auto", "fused", "triton", "mixed", "reference", "ss2d_triton", "ss2d_reference")))
     attn_backend: str = field(default="auto", metadata=dict(choices=("auto", "sdpa", "flash", "reference")))
     # SS2D's depthwise conv + SiLU (ops/dwconv.py): "auto" (= "triton" on CUDA, "torch" elsewhere), "torch", "triton"
-    conv_backend: str = field(default="auto", metadata=dict(choices=("auto", "torch", "triton")))
+    conv_backend: str = field(default="auto", metadata=dict(choices=("auto", "torch", "triton", "triton_tiles")))
     # SS2D's merge of the four scan directions and its adjoint (ops/cross_scan.py): "torch" (gathers + transpose),
     # "triton" (ops/cross_scan_triton.py, CUDA) or "auto" (= "triton" on CUDA, "torch" elsewhere)
     snake_backend: str = field(default="auto", metadata=dict(choices=("auto", "torch", "triton", "fused")))

@@ -2,8 +2,10 @@
 (dwconv_triton.py, which documents both).
 
 Backends: "torch" (``silu(conv2d(...))`` with a permuted copy of x, :func:`dwconv_silu_reference`), "triton" (one
-pass reading x channels-last; CUDA, or CPU under TRITON_INTERPRET=1) and "auto": "triton" for CUDA tensors where
-triton imports (the faster in a whole compiled training step, docs/performance.md), "torch" otherwise.
+pass reading x channels-last, the row kernels of dwconv_triton.py; CUDA, or CPU under TRITON_INTERPRET=1),
+"triton_tiles" (the same function through the tile kernels, kept for A/B runs) and "auto": "triton" for CUDA
+tensors where triton imports (the faster in a whole compiled training step, docs/performance.md), "torch"
+otherwise.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CONV_BACKENDS = ("auto", "torch", "triton")
+CONV_BACKENDS = ("auto", "torch", "triton", "triton_tiles")
+_TRITON_ALGOS = {"triton": "rows", "triton_tiles": "tiles"}
 
 
 def dwconv_silu_reference(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool = True) -> torch.Tensor:
@@ -43,8 +46,8 @@ def dwconv_silu(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool = True, bac
         raise ValueError(f"unknown conv backend {backend!r}; choose one of {', '.join(CONV_BACKENDS)}")
     if backend == "auto":
         backend = "triton" if x.is_cuda and _DWCONV_TRITON is not None else "torch"
-    if backend == "triton":
+    if backend in _TRITON_ALGOS:
         if _DWCONV_TRITON is None:
-            raise RuntimeError("conv backend 'triton' needs triton (it ships with CUDA builds of torch)")
-        return _DWCONV_TRITON.dwconv_silu_triton(x, weight, out_bdl)
+            raise RuntimeError(f"conv backend {backend!r} needs triton (it ships with CUDA builds of torch)")
+        return _DWCONV_TRITON.dwconv_silu_triton(x, weight, out_bdl, _TRITON_ALGOS[backend])
     return dwconv_silu_reference(x, weight, out_bdl)

@@ -51,6 +51,14 @@ GS_DTYPE = None  # None: x's dtype (bf16 in bf16 training, fp32 in fp32)
 # more reads of x): slower on one H100 (0.731 / 0.384 / 0.192 ms for the backward with fp32 gs, against 0.575 /
 # 0.308 / 0.165), so off; the sweep times both.
 GW_IN_GX = False
+# The kernels: "rows" (K = 3: a program walks image rows with the 3 x 3 window in registers, see the row kernels
+# below; other K run the tiles) or "tiles" (a program computes a tile of pixels x channels, each tap a masked load of
+# the shifted tile). The row kernels' launch configurations are (channels, rows, warps) per program.
+ALGOS = ("rows", "tiles")
+ALGO = "rows"
+ROWS_FWD_CONFIG = (128, 1, 1)
+ROWS_GS_CONFIG = (128, 2, 1)
+ROWS_GX_CONFIG = (128, 1, 1)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -160,6 +168,177 @@ def _dwconv_bwd_gx_kernel(gs_ptr, w_ptr, gx_ptr, x_ptr, gw_ptr, H, W, D, n_pblk,
              mask=pmask[:, None] & cmask[None, :])
 
 
+# The row kernels (K = 3): a program owns ROWS image rows of one batch element and BLOCK_D channels, and walks each
+# row along its pixels with the 3 x 3 window of x in registers: a step loads one new column of three pixels (one
+# vector of adjacent channels each, the load of the column after it issued a step ahead), so each input is read and
+# converted once per row instead of once per tap, the taps' masks are per program and per step rather than per
+# element, and the weight gradient's sums over pixels stay in each thread's registers until the program ends (the
+# tile kernels above reduce them across threads, nine times a tile).
+
+
+@triton.jit
+def _col3(base, yy, xx, c, cmask, H, W, sh, sw):
+    """The column xx of rows yy-1, yy, yy+1 ((BLOCK_D,) each, the input's dtype), zero outside the map."""
+    inside = (xx >= 0) & (xx < W)
+    ptr = base + (yy * sh + xx * sw) + c
+    top = tl.load(ptr - sh, mask=cmask & inside & (yy > 0), other=0.0)
+    mid = tl.load(ptr, mask=cmask & inside, other=0.0)
+    bot = tl.load(ptr + sh, mask=cmask & inside & (yy + 1 < H), other=0.0)
+    return top, mid, bot
+
+
+@triton.jit
+def _w3(w_ptr, c, cmask):
+    """The nine taps' weights of the program's channels (fp32), row-major (ky, kx)."""
+    wp = w_ptr + c * 9
+    return (tl.load(wp + 0, mask=cmask, other=0.0).to(tl.float32), tl.load(wp + 1, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(wp + 2, mask=cmask, other=0.0).to(tl.float32), tl.load(wp + 3, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(wp + 4, mask=cmask, other=0.0).to(tl.float32), tl.load(wp + 5, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(wp + 6, mask=cmask, other=0.0).to(tl.float32), tl.load(wp + 7, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(wp + 8, mask=cmask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _dwconv_fwd_rows_kernel(x_ptr, w_ptr, y_ptr, H, W, D, n_rblk, sxb, sxh, sxw,
+                            OUT_BDL: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # column j of the window (rows y-1, y, y+1) adds to the outputs at x = j+1, j, j-1 through the taps' columns
+    # kx = 0, 1, 2: each column's three dot products are added to two running sums, the first of which is done
+    pid = tl.program_id(0)
+    b = pid // n_rblk
+    y0 = (pid % n_rblk) * ROWS
+    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = c < D
+    xb = x_ptr + b.to(tl.int64) * sxb
+    L = H * W
+    yb = y_ptr + b.to(tl.int64) * L * D
+    w00, w01, w02, w10, w11, w12, w20, w21, w22 = _w3(w_ptr, c, cmask)
+    for yy in range(y0, tl.minimum(y0 + ROWS, H)):
+        t, m, u = _col3(xb, yy, 0, c, cmask, H, W, sxh, sxw)
+        t = t.to(tl.float32)
+        m = m.to(tl.float32)
+        u = u.to(tl.float32)
+        acc = w01 * t + w11 * m + w21 * u  # the output at x = 0 so far
+        nxt = w00 * t + w10 * m + w20 * u  # the output at x = 1 so far
+        p0, p1, p2 = _col3(xb, yy, 1, c, cmask, H, W, sxh, sxw)
+        for xx in range(0, W):
+            t = p0.to(tl.float32)  # column xx + 1
+            m = p1.to(tl.float32)
+            u = p2.to(tl.float32)
+            p0, p1, p2 = _col3(xb, yy, xx + 2, c, cmask, H, W, sxh, sxw)  # a step ahead
+            s = acc + (w02 * t + w12 * m + w22 * u)
+            acc = nxt + (w01 * t + w11 * m + w21 * u)
+            nxt = w00 * t + w10 * m + w20 * u
+            out = (s * tl.sigmoid(s)).to(y_ptr.dtype.element_ty)
+            pix = yy * W + xx
+            if OUT_BDL:
+                tl.store(yb + c * L + pix, out, mask=cmask)
+            else:
+                tl.store(yb + pix * D + c, out, mask=cmask)
+
+
+@triton.jit
+def _dwconv_bwd_gs_rows_kernel(x_ptr, w_ptr, gy_ptr, gs_ptr, gw_ptr, H, W, D, n_rblk, sxb, sxh, sxw,
+                               OUT_BDL: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # gs = gy * silu'(s) at each pixel, and this program's share of the weight gradient,
+    # gw[c, ky, kx] = sum over its pixels of gs * x(pixel + (ky - 1, kx - 1)), summed in registers
+    pid = tl.program_id(0)
+    b = pid // n_rblk
+    y0 = (pid % n_rblk) * ROWS
+    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = c < D
+    xb = x_ptr + b.to(tl.int64) * sxb
+    L = H * W
+    gyb = gy_ptr + b.to(tl.int64) * L * D
+    gsb = gs_ptr + b.to(tl.int64) * L * D
+    w00, w01, w02, w10, w11, w12, w20, w21, w22 = _w3(w_ptr, c, cmask)
+    g00 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    g01 = g00
+    g02 = g00
+    g10 = g00
+    g11 = g00
+    g12 = g00
+    g20 = g00
+    g21 = g00
+    g22 = g00
+    for yy in range(y0, tl.minimum(y0 + ROWS, H)):
+        a0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        a1 = a0
+        a2 = a0
+        m0, m1, m2 = _col3(xb, yy, 0, c, cmask, H, W, sxh, sxw)
+        m0 = m0.to(tl.float32)
+        m1 = m1.to(tl.float32)
+        m2 = m2.to(tl.float32)
+        p0, p1, p2 = _col3(xb, yy, 1, c, cmask, H, W, sxh, sxw)
+        for xx in range(0, W):
+            n0 = p0.to(tl.float32)
+            n1 = p1.to(tl.float32)
+            n2 = p2.to(tl.float32)
+            p0, p1, p2 = _col3(xb, yy, xx + 2, c, cmask, H, W, sxh, sxw)
+            pix = yy * W + xx
+            if OUT_BDL:
+                gy = tl.load(gyb + c * L + pix, mask=cmask, other=0.0).to(tl.float32)
+            else:
+                gy = tl.load(gyb + pix * D + c, mask=cmask, other=0.0).to(tl.float32)
+            s = (w00 * a0 + w01 * m0 + w02 * n0) + (w10 * a1 + w11 * m1 + w12 * n1) + (w20 * a2 + w21 * m2 + w22 * n2)
+            sig = tl.sigmoid(s)
+            gs = gy * sig * (1.0 + s * (1.0 - sig))
+            tl.store(gsb + pix * D + c, gs.to(gs_ptr.dtype.element_ty), mask=cmask)
+            g00 += gs * a0
+            g01 += gs * m0
+            g02 += gs * n0
+            g10 += gs * a1
+            g11 += gs * m1
+            g12 += gs * n1
+            g20 += gs * a2
+            g21 += gs * m2
+            g22 += gs * n2
+            a0, a1, a2 = m0, m1, m2
+            m0, m1, m2 = n0, n1, n2
+    gp = gw_ptr + pid.to(tl.int64) * D * 9 + c * 9
+    tl.store(gp + 0, g00, mask=cmask)
+    tl.store(gp + 1, g01, mask=cmask)
+    tl.store(gp + 2, g02, mask=cmask)
+    tl.store(gp + 3, g10, mask=cmask)
+    tl.store(gp + 4, g11, mask=cmask)
+    tl.store(gp + 5, g12, mask=cmask)
+    tl.store(gp + 6, g20, mask=cmask)
+    tl.store(gp + 7, g21, mask=cmask)
+    tl.store(gp + 8, g22, mask=cmask)
+
+
+@triton.jit
+def _dwconv_bwd_gx_rows_kernel(gs_ptr, w_ptr, gx_ptr, H, W, D, n_rblk,
+                               ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # gx[y, x] = sum over taps of w[ky, kx] gs[y - (ky - 1), x - (kx - 1)]: as the forward over gs (B, H*W, D) with
+    # the taps mirrored (row ky = 0 reads the row below, column kx = 0 the column to the right)
+    pid = tl.program_id(0)
+    b = pid // n_rblk
+    y0 = (pid % n_rblk) * ROWS
+    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = c < D
+    L = H * W
+    gsb = gs_ptr + b.to(tl.int64) * L * D
+    gxb = gx_ptr + b.to(tl.int64) * L * D
+    w00, w01, w02, w10, w11, w12, w20, w21, w22 = _w3(w_ptr, c, cmask)
+    for yy in range(y0, tl.minimum(y0 + ROWS, H)):
+        t, m, u = _col3(gsb, yy, 0, c, cmask, H, W, W * D, D)
+        t = t.to(tl.float32)
+        m = m.to(tl.float32)
+        u = u.to(tl.float32)
+        acc = w01 * u + w11 * m + w21 * t  # gx at x = 0 so far
+        nxt = w02 * u + w12 * m + w22 * t  # gx at x = 1 so far
+        p0, p1, p2 = _col3(gsb, yy, 1, c, cmask, H, W, W * D, D)
+        for xx in range(0, W):
+            t = p0.to(tl.float32)
+            m = p1.to(tl.float32)
+            u = p2.to(tl.float32)
+            p0, p1, p2 = _col3(gsb, yy, xx + 2, c, cmask, H, W, W * D, D)
+            g = acc + (w00 * u + w10 * m + w20 * t)
+            acc = nxt + (w01 * u + w11 * m + w21 * t)
+            nxt = w02 * u + w12 * m + w22 * t
+            tl.store(gxb + (yy * W + xx) * D + c, g.to(gx_ptr.dtype.element_ty), mask=cmask)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -192,12 +371,44 @@ def _unit_channel_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool, config=None) -> torch.Tensor:
-    """The forward kernel. ``config``: (pixels, channels, warps) per program (default FWD_CONFIG)."""
+def _use_rows(k: int, algo: str | None) -> bool:
+    algo = algo or ALGO
+    if algo not in ALGOS:
+        raise ValueError(f"dwconv kernels: unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
+    return algo == "rows" and k == 3
+
+
+def _rows_config(config) -> tuple[int, int, int]:
+    """A row kernel's launch configuration (channels, rows, warps per program), checked."""
+    block_d, rows, num_warps = config
+    for name, v in (("channels", block_d), ("warps", num_warps)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"dwconv row-kernel config: {name} must be a power of two, got {v}")
+    if rows < 1:
+        raise ValueError(f"dwconv row-kernel config: rows must be at least 1, got {rows}")
+    return block_d, rows, num_warps
+
+
+def _rows_grid(b, h, d, block_d, rows):
+    n_rblk = triton.cdiv(h, rows)
+    return n_rblk, (b * n_rblk, triton.cdiv(d, block_d))
+
+
+def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool, config=None,
+                           algo: str | None = None) -> torch.Tensor:
+    """The forward kernel. ``algo``: "rows" or "tiles" (default ALGO; "rows" runs for K = 3 only). ``config``: the
+    launch configuration, (pixels, channels, warps) per program for the tiles (default FWD_CONFIG), (channels, rows,
+    warps) for the rows (default ROWS_FWD_CONFIG)."""
     b, h, w, d, k = _check(x, weight)
     x = _unit_channel_stride(x)
-    bp, bd, nw = _config(config or FWD_CONFIG)
     y = torch.empty((b, d, h, w) if out_bdl else (b, h, w, d), device=x.device, dtype=x.dtype)
+    if _use_rows(k, algo):
+        bd, rows, nw = _rows_config(config or ROWS_FWD_CONFIG)
+        n_rblk, grid = _rows_grid(b, h, d, bd, rows)
+        _dwconv_fwd_rows_kernel[grid](x, weight.contiguous(), y, h, w, d, n_rblk, x.stride(0), x.stride(1),
+                                      x.stride(2), OUT_BDL=bool(out_bdl), ROWS=rows, BLOCK_D=bd, num_warps=nw)
+        return y
+    bp, bd, nw = _config(config or FWD_CONFIG)
     n_pblk, grid = _grid(b, h, w, d, bp, bd)
     _dwconv_fwd_kernel[grid](x, weight.contiguous(), y, h, w, d, n_pblk, x.stride(0), x.stride(1), x.stride(2),
                              K=k, OUT_BDL=bool(out_bdl), BLOCK_P=bp, BLOCK_D=bd, num_warps=nw)
@@ -206,25 +417,39 @@ def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool,
 
 def dwconv_silu_bwd_launch(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor, out_bdl: bool,
                            gs_config=None, gx_config=None, gs_dtype=None,
-                           gw_in_gx=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two backward kernels and the weight gradient's deterministic sum: (gx, gw). ``gs_config`` /
-    ``gx_config``: (pixels, channels, warps) of each kernel (default GS_CONFIG / GX_CONFIG); ``gs_dtype``: the
-    dtype of the intermediate gradient gs (default GS_DTYPE; None there: x's dtype); ``gw_in_gx``: the weight
-    gradient's partial sums taken by the gx kernel (from its shifted reads of gs) instead of the gs kernel (from K*K
-    more reads of x) (default GW_IN_GX)."""
+                           gw_in_gx=None, algo: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two backward kernels and the weight gradient's deterministic sum: (gx, gw). ``algo``: "rows" or "tiles"
+    (default ALGO; "rows" runs for K = 3 only). ``gs_config`` / ``gx_config``: each kernel's launch configuration
+    (tiles: (pixels, channels, warps), default GS_CONFIG / GX_CONFIG; rows: (channels, rows, warps), default
+    ROWS_GS_CONFIG / ROWS_GX_CONFIG); ``gs_dtype``: the dtype of the intermediate gradient gs (default GS_DTYPE;
+    None there: x's dtype); ``gw_in_gx`` (tiles only): the weight gradient's partial sums taken by the gx kernel
+    (from its shifted reads of gs) instead of the gs kernel (from K*K more reads of x) (default GW_IN_GX)."""
     b, h, w, d, k = _check(x, weight)
     x = _unit_channel_stride(x)
     weight = weight.contiguous()
     gy = gy.contiguous()
+    gs = torch.empty(b, h * w, d, device=x.device, dtype=gs_dtype or GS_DTYPE or x.dtype)
+    gx = torch.empty(b, h, w, d, device=x.device, dtype=x.dtype)
+    if _use_rows(k, algo):
+        if gw_in_gx:
+            raise ValueError("dwconv row kernels: the weight gradient is summed by the gs kernel (gw_in_gx is for "
+                             "the tiles)")
+        bd, rows, nw = _rows_config(gs_config or ROWS_GS_CONFIG)
+        n_rblk, grid = _rows_grid(b, h, d, bd, rows)
+        gw_part = torch.empty(grid[0], d, k * k, device=x.device, dtype=torch.float32)
+        _dwconv_bwd_gs_rows_kernel[grid](x, weight, gy, gs, gw_part, h, w, d, n_rblk, x.stride(0), x.stride(1),
+                                         x.stride(2), OUT_BDL=bool(out_bdl), ROWS=rows, BLOCK_D=bd, num_warps=nw)
+        bd, rows, nw = _rows_config(gx_config or ROWS_GX_CONFIG)
+        n_rblk, grid = _rows_grid(b, h, d, bd, rows)
+        _dwconv_bwd_gx_rows_kernel[grid](gs, weight, gx, h, w, d, n_rblk, ROWS=rows, BLOCK_D=bd, num_warps=nw)
+        return gx, gw_part.sum(0).view(d, 1, k, k).to(weight.dtype)
     in_gx = GW_IN_GX if gw_in_gx is None else bool(gw_in_gx)
     bp, bd, nw = _config(gs_config or GS_CONFIG)
     n_pblk, grid = _grid(b, h, w, d, bp, bd)
-    gs = torch.empty(b, h * w, d, device=x.device, dtype=gs_dtype or GS_DTYPE or x.dtype)
     gw_part = None if in_gx else torch.empty(grid[0], d, k * k, device=x.device, dtype=torch.float32)
     _dwconv_bwd_gs_kernel[grid](x, weight, gy, gs, gs if in_gx else gw_part, h, w, d, n_pblk, x.stride(0),
                                 x.stride(1), x.stride(2), K=k, OUT_BDL=bool(out_bdl), BLOCK_P=bp, BLOCK_D=bd,
                                 WITH_GW=not in_gx, num_warps=nw)
-    gx = torch.empty(b, h, w, d, device=x.device, dtype=x.dtype)
     bp, bd, nw = _config(gx_config or GX_CONFIG)
     n_pblk, grid = _grid(b, h, w, d, bp, bd)
     if in_gx:
@@ -239,44 +464,48 @@ def dwconv_silu_bwd_launch(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tens
 
 
 @torch.library.custom_op("lamamba::dwconv_silu_fwd", mutates_args=())
-def _dwconv_fwd(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool) -> torch.Tensor:
-    return dwconv_silu_fwd_launch(x, weight, out_bdl)
+def _dwconv_fwd(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool, algo: str) -> torch.Tensor:
+    return dwconv_silu_fwd_launch(x, weight, out_bdl, algo=algo)
 
 
 @_dwconv_fwd.register_fake
-def _(x, weight, out_bdl):
+def _(x, weight, out_bdl, algo):
     b, h, w, d = x.shape
     return x.new_empty((b, d, h, w) if out_bdl else (b, h, w, d))
 
 
 @torch.library.custom_op("lamamba::dwconv_silu_bwd", mutates_args=())
-def _dwconv_bwd(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor,
-                out_bdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return dwconv_silu_bwd_launch(x, weight, gy, out_bdl)
+def _dwconv_bwd(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor, out_bdl: bool,
+                algo: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return dwconv_silu_bwd_launch(x, weight, gy, out_bdl, algo=algo)
 
 
 @_dwconv_bwd.register_fake
-def _(x, weight, gy, out_bdl):
+def _(x, weight, gy, out_bdl, algo):
     return x.new_empty(x.shape), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, out_bdl = inputs
+    x, weight, out_bdl, algo = inputs
     ctx.save_for_backward(x, weight)
     ctx.out_bdl = out_bdl
+    ctx.algo = algo
 
 
 def _backward(ctx, gy):
     x, weight = ctx.saved_tensors
-    gx, gw = _dwconv_bwd(x, weight, gy, ctx.out_bdl)
-    return gx, gw, None
+    gx, gw = _dwconv_bwd(x, weight, gy, ctx.out_bdl, ctx.algo)
+    return gx, gw, None, None
 
 
 _dwconv_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def dwconv_silu_triton(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool = True) -> torch.Tensor:
+def dwconv_silu_triton(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool = True, algo: str | None = None) -> torch.Tensor:
     """``silu(depthwise conv(x))`` through the Triton kernels (custom op with autograd): x (B, H, W, D) with any
     strides (a copy only when the channel stride is not 1), weight (D, 1, K, K), K odd; the output in x's dtype,
-    (B, D, H, W) when ``out_bdl`` else (B, H, W, D)."""
-    return _dwconv_fwd(x, weight.to(x.dtype) if weight.dtype != x.dtype else weight, bool(out_bdl))
+    (B, D, H, W) when ``out_bdl`` else (B, H, W, D). ``algo``: "rows" or "tiles" (default ALGO)."""
+    algo = algo or ALGO
+    if algo not in ALGOS:
+        raise ValueError(f"dwconv kernels: unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
+    return _dwconv_fwd(x, weight.to(x.dtype) if weight.dtype != x.dtype else weight, bool(out_bdl), algo)

@@ -12,6 +12,7 @@
 """
 
 import copy
+import itertools
 import os
 
 import pytest
@@ -41,9 +42,9 @@ def _f64(x, wt, out_bdl):
     return y if out_bdl else y.permute(0, 2, 3, 1)
 
 
-def _check(b, h, w, d, k, dtype, device, out_bdl, strided=False, tol=1e-5):
+def _check(b, h, w, d, k, dtype, device, out_bdl, strided=False, tol=1e-5, backend="triton"):
     x, wt = _inputs(b, h, w, d, k, dtype, device, strided=strided)  # strided: stride(2) == 2D
-    out = dwconv_silu(x, wt, out_bdl=out_bdl, backend="triton")
+    out = dwconv_silu(x, wt, out_bdl=out_bdl, backend=backend)
     assert out.dtype == x.dtype and out.is_contiguous()
     assert out.shape == ((b, d, h, w) if out_bdl else (b, h, w, d))
     gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(device, dtype)
@@ -55,7 +56,7 @@ def _check(b, h, w, d, k, dtype, device, out_bdl, strided=False, tol=1e-5):
     for name, got, want in (("out", out, ref), ("gx", gx, rgx), ("gw", gw, rgw)):
         assert torch.isfinite(got).all(), name
         err = ((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-9)).item()
-        assert err < tol, (name, (b, h, w, d, k, dtype, out_bdl, strided), err)
+        assert err < tol, (name, (b, h, w, d, k, dtype, out_bdl, strided, backend), err)
 
 
 def test_torch_path_is_ss2ds_former_expression_in_both_layouts():
@@ -66,7 +67,7 @@ def test_torch_path_is_ss2ds_former_expression_in_both_layouts():
     former = F.silu(conv(x.contiguous().permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
     torch.testing.assert_close(dwconv_silu(x, wt, out_bdl=False), former, rtol=0, atol=0)
     assert dwconv_silu(x, wt, backend="auto").equal(dwconv_silu_reference(x, wt))
-    assert CONV_BACKENDS == ("auto", "torch", "triton")
+    assert CONV_BACKENDS == ("auto", "torch", "triton", "triton_tiles")
     with pytest.raises(ValueError, match="unknown conv backend"):
         dwconv_silu(x, wt, backend="cudnn")
 
@@ -100,8 +101,9 @@ def test_triton_backend_without_triton_is_an_error(monkeypatch):
 
     mod = importlib.import_module("lamamba_dist.ops.dwconv")
     monkeypatch.setattr(mod, "_DWCONV_TRITON", None)
-    with pytest.raises(RuntimeError, match="needs triton"):
-        SS2D(8, resolution=4, conv_backend="triton")(torch.randn(1, 4, 4, 8))
+    for backend in ("triton", "triton_tiles"):
+        with pytest.raises(RuntimeError, match="needs triton"):
+            SS2D(8, resolution=4, conv_backend=backend)(torch.randn(1, 4, 4, 8))
 
 
 # ----------------------------------------------------------------------------- CPU (Triton's interpreter)
@@ -121,11 +123,13 @@ def _interpreter_cases():
 
     f32, bf16 = torch.float32, torch.bfloat16
     with nan_poisoned_empty():
-        for out_bdl in (True, False):
-            _check(2, 4, 4, 5, 3, f32, "cpu", out_bdl)  # 16 pixels, 5 of 32 channels
-            _check(1, 9, 9, 40, 3, f32, "cpu", out_bdl, strided=True)  # 81 pixels: 2 pixel blocks; 2 channel blocks
-            _check(1, 3, 5, 3, 5, f32, "cpu", out_bdl)  # K 5 wider than the map's height, not square
-            _check(2, 8, 8, 8, 3, bf16, "cpu", out_bdl, tol=2e-2)
+        for out_bdl, backend in itertools.product((True, False), ("triton", "triton_tiles")):  # rows, tiles (K 3)
+            _check(2, 4, 4, 5, 3, f32, "cpu", out_bdl, backend=backend)  # 16 pixels, 5 of 32 channels
+            # 81 pixels: 2 pixel blocks; 2 channel blocks (tiles); rows: 40 of 128 channels
+            _check(1, 9, 9, 40, 3, f32, "cpu", out_bdl, strided=True, backend=backend)
+            _check(1, 3, 5, 3, 5, f32, "cpu", out_bdl, backend=backend)  # K 5 (tiles) wider than the map, not square
+            _check(2, 8, 8, 8, 3, bf16, "cpu", out_bdl, tol=2e-2, backend=backend)
+            _check(1, 1, 1, 3, 3, f32, "cpu", out_bdl, backend=backend)  # one pixel: every tap but the centre outside
         # channels not adjacent in memory (an NCHW tensor seen as NHWC): copied, then the same function
         xn = torch.randn(2, 5, 6, 6, generator=torch.Generator().manual_seed(2)).permute(0, 2, 3, 1).requires_grad_()
         wn = torch.randn(5, 1, 3, 3, generator=torch.Generator().manual_seed(3)).requires_grad_()
@@ -169,11 +173,12 @@ def _launch_config_cases():
     w64 = wt.double().requires_grad_()
     ref = _f64(x64, w64, True)
     rgx, rgw = torch.autograd.grad(ref, [x64, w64], gy.double())
-    for cfg in ((16, 16, 1), (128, 64, 8)):
-        out = dt.dwconv_silu_fwd_launch(x, wt, True, config=cfg)
+    for cfg in ((16, 16, 1), (128, 64, 8)):  # the tiles
+        out = dt.dwconv_silu_fwd_launch(x, wt, True, config=cfg, algo="tiles")
         torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-6)
         for in_gx in (False, True):  # the weight gradient's partial sums in either backward kernel
-            gx, gw = dt.dwconv_silu_bwd_launch(x, wt, gy, True, gs_config=cfg, gx_config=cfg, gw_in_gx=in_gx)
+            gx, gw = dt.dwconv_silu_bwd_launch(x, wt, gy, True, gs_config=cfg, gx_config=cfg, gw_in_gx=in_gx,
+                                               algo="tiles")
             torch.testing.assert_close(gx.double(), rgx, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(gw.double(), rgw, rtol=1e-5, atol=1e-5)
     # the gx kernel's tile differing from the gs kernel's, K 5 on a map narrower than the kernel
@@ -185,12 +190,43 @@ def _launch_config_cases():
                                      gs_config=(16, 16, 1), gx_config=(8, 32, 2), gw_in_gx=True)
     for got, want in zip(got5, r5):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    for in_gx in (False, True):
-        gx, gw = dt.dwconv_silu_bwd_launch(x, wt, gy, True, gs_dtype=torch.bfloat16, gw_in_gx=in_gx)  # gs in bf16
+    for in_gx, algo in ((False, "tiles"), (True, "tiles"), (False, "rows")):  # gs in bf16
+        gx, gw = dt.dwconv_silu_bwd_launch(x, wt, gy, True, gs_dtype=torch.bfloat16, gw_in_gx=in_gx, algo=algo)
         for got, want in ((gx, rgx), (gw, rgw)):
             assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-2
     with pytest.raises(ValueError, match="power of two"):
-        dt.dwconv_silu_fwd_launch(x, wt, True, config=(48, 32, 4))
+        dt.dwconv_silu_fwd_launch(x, wt, True, config=(48, 32, 4), algo="tiles")
+    _row_config_cases(x, wt, gy, ref, rgx, rgw)
+
+
+def _row_config_cases(x, wt, gy, ref, rgx, rgw):
+    """The row kernels (channels, rows, warps per program): blocks of channels smaller and larger than D, programs
+    of one row, of rows that do not divide the map's 9 and of more rows than it has, several warps; the forward,
+    gs and gx kernels on different configurations; channels-last output and gradient. The tiles and the rows agree
+    to fp32 rounding."""
+    from lamamba_dist.ops import dwconv_triton as dt
+
+    for cfg in ((16, 1, 1), (32, 4, 1), (64, 16, 2), (128, 2, 4)):
+        out = dt.dwconv_silu_fwd_launch(x, wt, True, config=cfg, algo="rows")
+        torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+        gx, gw = dt.dwconv_silu_bwd_launch(x, wt, gy, True, gs_config=cfg, gx_config=(32, 3, 1), algo="rows")
+        torch.testing.assert_close(gx.double(), rgx, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gw.double(), rgw, rtol=1e-5, atol=1e-5)
+    gy_cl = gy.permute(0, 2, 3, 1).contiguous()
+    rows = dt.dwconv_silu_fwd_launch(x, wt, False, algo="rows"), *dt.dwconv_silu_bwd_launch(x, wt, gy_cl, False,
+                                                                                           algo="rows")
+    tiles = dt.dwconv_silu_fwd_launch(x, wt, False, algo="tiles"), *dt.dwconv_silu_bwd_launch(x, wt, gy_cl, False,
+                                                                                             algo="tiles")
+    for a, b in zip(rows, tiles):  # y, gx, gw: gw sums 162 products per tap in another order
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-6
+    torch.testing.assert_close(rows[0].permute(0, 3, 1, 2).double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    for bad, match in (((48, 1, 1), "power of two"), ((32, 0, 1), "at least 1"), ((32, 1, 3), "power of two")):
+        with pytest.raises(ValueError, match=match):
+            dt.dwconv_silu_fwd_launch(x, wt, True, config=bad, algo="rows")
+    with pytest.raises(ValueError, match="gw_in_gx is for the tiles"):
+        dt.dwconv_silu_bwd_launch(x, wt, gy, True, gw_in_gx=True, algo="rows")
+    with pytest.raises(ValueError, match="unknown algo"):
+        dt.dwconv_silu_triton(x, wt, True, algo="columns")
 
 
 @needs_triton
@@ -204,18 +240,21 @@ def test_dwconv_triton_under_interpreter_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("out_bdl", [True, False])
-@pytest.mark.parametrize("gw_in_gx", [False, True])
-def test_dwconv_triton_matches_float64_on_gpu(dtype, tol, out_bdl, gw_in_gx, monkeypatch):
+@pytest.mark.parametrize("algo", ["rows", "tiles", "tiles_gw_in_gx"])
+def test_dwconv_triton_matches_float64_on_gpu(dtype, tol, out_bdl, algo, monkeypatch):
     from lamamba_dist.ops import dwconv_triton as dt
 
-    monkeypatch.setattr(dt, "GW_IN_GX", gw_in_gx)  # either backward kernel takes the weight gradient
-    for b, n, d in ((4, 32, 640), (4, 16, 1280), (8, 8, 2560), (2, 7, 100)):
-        _check(b, n, n, d, 3, dtype, "cuda", out_bdl, strided=True, tol=tol)
+    # the tiles' weight gradient in either backward kernel
+    monkeypatch.setattr(dt, "GW_IN_GX", algo == "tiles_gw_in_gx")
+    backend = "triton" if algo == "rows" else "triton_tiles"
+    for b, n, d in ((4, 32, 640), (4, 16, 1280), (8, 8, 2560), (2, 7, 100), (2, 64, 640)):
+        _check(b, n, n, d, 3, dtype, "cuda", out_bdl, strided=True, tol=tol, backend=backend)
 
 
 @pytest.mark.gpu
-def test_lamamba_with_triton_conv_matches_the_reference_model():
-    assert_models_match(*fast_and_reference_debug_models(conv_backend="triton"), torch.bfloat16)
+@pytest.mark.parametrize("backend", ["triton", "triton_tiles"])
+def test_lamamba_with_triton_conv_matches_the_reference_model(backend):
+    assert_models_match(*fast_and_reference_debug_models(conv_backend=backend), torch.bfloat16)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ each kernel is compiled with the argument types and constexprs of that launch (t
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from kernel_helpers import compile_launches_for_sm90, needs_triton
@@ -55,9 +57,9 @@ def _conv_launches(batch, side, d, dtype=torch.bfloat16):
 
     x = torch.zeros(batch, side, side, d, dtype=dtype)
     w = torch.zeros(d, 1, 3, 3, dtype=dtype)
-    for out_bdl in (False, True):
-        y = dct.dwconv_silu_fwd_launch(x, w, out_bdl)
-        dct.dwconv_silu_bwd_launch(x, w, torch.zeros_like(y), out_bdl)
+    for out_bdl, algo in itertools.product((False, True), dct.ALGOS):
+        y = dct.dwconv_silu_fwd_launch(x, w, out_bdl, algo=algo)
+        dct.dwconv_silu_bwd_launch(x, w, torch.zeros_like(y), out_bdl, algo=algo)
 
 
 def _ss2d_launches(batch, side, d, dtype=torch.bfloat16):  # the opt-in scan_backend "ss2d_triton"
@@ -89,7 +91,8 @@ def test_lamamba_xl_kernels_compile_for_sm90(what, resolution):
     names = compile_launches_for_sm90(run)
     expected = {"scan": {"_scan1_fwd_kernel", "_scan1_bwd_kernel", "_bwd_sums_kernel"},
                 "snake": {"_gather_cl_kernel"}, "conv": {"_dwconv_fwd_kernel", "_dwconv_bwd_gs_kernel",
-                                                         "_dwconv_bwd_gx_kernel"},
+                                                         "_dwconv_bwd_gx_kernel", "_dwconv_fwd_rows_kernel",
+                                                         "_dwconv_bwd_gs_rows_kernel", "_dwconv_bwd_gx_rows_kernel"},
                 "ss2d": {"_ss2d_fwd_kernel", "_ss2d_bwd_kernel"}}[what]
     assert expected <= set(names), names
 
