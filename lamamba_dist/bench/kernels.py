@@ -331,7 +331,8 @@ def ss2d_sweep(args, gy, tables, timer) -> list[dict]:
 
 def bench_conv(shapes, device: str, timer, sweep: bool) -> list[dict]:
     """SS2D's depthwise 3x3 conv + SiLU (lamamba_dist/ops/dwconv.py) per backend, on the half of an in_proj output
-    (B, n, n, 2D) as SS2D reads it, into the sequence scan's (B, D, L) layout; forward and forward+backward, bf16."""
+    (B, n, n, 2D) as SS2D reads it, into the channels-last (B, n, n, D) layout the SS2D core reads (the default
+    path, models/lamamba.py); forward and forward+backward, bf16."""
     import torch
 
     from lamamba_dist.ops.dwconv import dwconv_silu
@@ -341,10 +342,10 @@ def bench_conv(shapes, device: str, timer, sweep: bool) -> list[dict]:
         g = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(batch, n, n, 2 * dim, generator=g, device=device).to(torch.bfloat16)[..., :dim]
         w = (torch.randn(dim, 1, 3, 3, generator=g, device=device) * 0.3).to(torch.bfloat16)
-        gy = torch.randn(batch, dim, n, n, device=device, dtype=torch.bfloat16)
+        gy = torch.randn(batch, n, n, dim, device=device, dtype=torch.bfloat16)
         outs = []
-        for backend in ("torch", "triton"):
-            fn = lambda x_, w_, b=backend: dwconv_silu(x_, w_, out_bdl=True, backend=b)  # noqa: E731
+        for backend in ("torch", "triton_tiles", "triton"):
+            fn = lambda x_, w_, b=backend: dwconv_silu(x_, w_, out_bdl=False, backend=b)  # noqa: E731
             fwd, fb = time_fwd_bwd(timer, fn, [x, w], gy)
             elems = batch * dim * n * n
             rows.append({"kernel": "dwconv_silu", "shape": [batch, dim, n], "backend": backend, "fwd_ms": fwd,
@@ -352,7 +353,8 @@ def bench_conv(shapes, device: str, timer, sweep: bool) -> list[dict]:
             leaves = [t.detach().requires_grad_() for t in (x, w)]
             out = fn(*leaves)
             outs.append([out, *torch.autograd.grad(out, leaves, gy)])
-        rows[-1]["max_rel_diff_to_torch"] = _rel_diff(outs[1], outs[0])
+        for i in (1, 2):  # the tiles' row and the rows'
+            rows[i - 3]["max_rel_diff_to_torch"] = _rel_diff(outs[i], outs[0])
         if sweep:
             rows += conv_sweep(x, w, gy, timer)
         del x, gy, outs
@@ -360,9 +362,9 @@ def bench_conv(shapes, device: str, timer, sweep: bool) -> list[dict]:
 
 
 def conv_sweep(x, w, gy, timer) -> list[dict]:
-    """The Triton conv's kernels one by one over launch configurations (pixels, channels, warps per program), and
-    the backward with its intermediate gradient in fp32 instead of the input's dtype (the default), and with the
-    weight gradient taken by the gx kernel."""
+    """The Triton conv's kernels one by one over launch configurations: the row kernels (channels, rows, warps per
+    program), the tile kernels (pixels, channels, warps), and the tiles' backward with its intermediate gradient in
+    fp32 instead of the input's dtype (the default) and with the weight gradient taken by the gx kernel."""
     import torch
 
     from lamamba_dist.ops import dwconv_triton as dt
@@ -373,25 +375,41 @@ def conv_sweep(x, w, gy, timer) -> list[dict]:
     def add(kind, launch, config):
         sweep_row(rows, timer, f"dwconv_{kind}_launch", (batch, dim, n), launch, config)
 
+    # the row kernels (the default, K = 3): (channels, rows, warps) per program, each kernel over its configs
+    # with the other at its default, channels-last as SS2D calls them
+    gy_cl = gy
+    gy = gy.permute(0, 3, 1, 2).contiguous()  # (B, D, n, n) for the tiles' rows, as they were measured
+    row_configs = [(bd, r, nw) for bd, r, nw in itertools.product([64, 128, 256], [1, 2, 4], [1, 2])
+                   if bd // (32 * nw) >= 2]
+    for cfg in row_configs:
+        add("rows_fwd", lambda: dt.dwconv_silu_fwd_launch(x, w, False, config=cfg, algo="rows"), list(cfg))
+    for cfg in row_configs:
+        add("rows_bwd_gs", lambda: dt.dwconv_silu_bwd_launch(x, w, gy_cl, False, gs_config=cfg, algo="rows"),
+            list(cfg))
+    for cfg in row_configs:
+        add("rows_bwd_gx", lambda: dt.dwconv_silu_bwd_launch(x, w, gy_cl, False, gx_config=cfg, algo="rows"),
+            list(cfg))
+    # the tile kernels (conv_backend "triton_tiles"): (pixels, channels, warps) per program
     configs = [(bp, bd, nw) for bp, bd, nw in itertools.product([32, 64, 128, 256], [32, 64], [2, 4, 8])
                if 8 <= bp * bd // (32 * nw) <= 32]
     for cfg in configs:
-        add("fwd", lambda: dt.dwconv_silu_fwd_launch(x, w, True, config=cfg), list(cfg))
+        add("fwd", lambda: dt.dwconv_silu_fwd_launch(x, w, True, config=cfg, algo="tiles"), list(cfg))
     for cfg in configs:  # the gs kernel (+ the gx kernel at its default): a whole backward per config
-        add("bwd_gs", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_config=cfg), list(cfg))
+        add("bwd_gs", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_config=cfg, algo="tiles"), list(cfg))
     for cfg in configs:
-        add("bwd_gx", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gx_config=cfg), list(cfg))
-    add("bwd_gs_fp32", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_dtype=torch.float32), "default")
+        add("bwd_gx", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gx_config=cfg, algo="tiles"), list(cfg))
+    add("bwd_gs_fp32", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_dtype=torch.float32, algo="tiles"),
+        "default")
     # the weight gradient taken by the gx kernel instead (the rows above take it in the gs kernel): over the gx
     # kernel's tiles, over the gs kernel's, and with gs in fp32
     for cfg in configs:
-        add("bwd_gx_gw_in_gx", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gx_config=cfg, gw_in_gx=True),
-            list(cfg))
+        add("bwd_gx_gw_in_gx", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gx_config=cfg, gw_in_gx=True,
+                                                                 algo="tiles"), list(cfg))
     for cfg in configs:
-        add("bwd_gs_gw_in_gx", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_config=cfg, gw_in_gx=True),
-            list(cfg))
+        add("bwd_gs_gw_in_gx", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_config=cfg, gw_in_gx=True,
+                                                                 algo="tiles"), list(cfg))
     add("bwd_gs_fp32_gw_in_gx", lambda: dt.dwconv_silu_bwd_launch(x, w, gy, True, gs_dtype=torch.float32,
-                                                                  gw_in_gx=True), "default")
+                                                                  gw_in_gx=True, algo="tiles"), "default")
     return rows
 
 
