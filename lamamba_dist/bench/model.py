@@ -49,7 +49,8 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
                 scan_backend: str = "auto", attn_backend: str = "auto", peak_tflops: float | None = None,
                 memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0,
                 host_profile_steps: int = 0, compile_mode: str = "default", conv_backend: str = "auto",
-                snake_backend: str = "auto", memory_profile: bool = False, scan_core: str = "auto") -> dict:
+                snake_backend: str = "auto", memory_profile: bool = False, scan_core: str = "auto",
+                compile_glue: bool = False) -> dict:
     from lamamba_dist.diffusion import create_diffusion
     from lamamba_dist.flops import train_flops_per_image
     from lamamba_dist.models import create_model
@@ -72,7 +73,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
     cudagraphs = compile_model and device.type == "cuda" and uses_cudagraphs(compile_mode)
     train_step = TrainStep(model, diffusion, precision, lr=1e-4, weight_decay=0.01, cudagraphs=cudagraphs)
     if compile_model:
-        compile_blocks(model, mode=compile_mode, memory_budget=memory_budget)
+        compile_blocks(model, mode=compile_mode, memory_budget=memory_budget, glue=compile_glue)
     s = model.latent_size
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 4, s, s, device=device, generator=g)
@@ -108,6 +109,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
     tflops = img_s * flops_img / 1e12
     res = dict(model=name, resolution=resolution, batch=batch, steps=steps, warmup=warmup, precision=precision,
                compiled=compile_model, compile_mode=compile_mode if compile_model else None,
+               compile_glue=compile_glue if compile_model else None,
                grad_checkpointing=grad_checkpointing,
                memory_budget=memory_budget if compile_model else None,
                scan_backend=scan_backend, attn_backend=attn_backend, conv_backend=conv_backend,
@@ -138,7 +140,7 @@ def environment_info(device: torch.device) -> dict:
 # one run can hold each model in its own fastest mode, or several variants of one model, beside the baseline.
 SPEC_KEYS = {"scan": "scan_backend", "attn": "attn_backend", "conv": "conv_backend", "snake": "snake_backend",
              "core": "scan_core",
-             "compile": "compile_model", "mode": "compile_mode"}
+             "compile": "compile_model", "mode": "compile_mode", "glue": "compile_glue"}
 
 
 def parse_model_spec(spec: str) -> tuple[str, dict]:
@@ -146,7 +148,7 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
     name, *parts = spec.split(":")
     choices = {"scan_backend": SCAN_BACKENDS, "attn_backend": ATTN_BACKENDS, "conv_backend": CONV_BACKENDS,
                "snake_backend": SNAKE_BACKENDS, "scan_core": CORES,
-               "compile_mode": COMPILE_MODES, "compile_model": ("true", "false")}
+               "compile_mode": COMPILE_MODES, "compile_model": ("true", "false"), "compile_glue": ("true", "false")}
     out: dict = {}
     for part in parts:
         key, sep, value = part.partition("=")
@@ -155,7 +157,7 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
         arg = SPEC_KEYS[key]
         if value not in choices[arg]:
             raise ValueError(f"model spec {spec!r}: {key}={value!r}, expected one of {', '.join(choices[arg])}")
-        out[arg] = value == "true" if arg == "compile_model" else value
+        out[arg] = value == "true" if arg in ("compile_model", "compile_glue") else value
     return name, out
 
 
@@ -164,7 +166,8 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
               peak_tflops: float | None = None, scan_backend: str = "auto", attn_backend: str = "auto",
               memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0,
               host_profile_steps: int = 0, compile_mode: str = "default", conv_backend: str = "auto",
-              snake_backend: str = "auto", memory_profile: bool = False, scan_core: str = "auto") -> dict:
+              snake_backend: str = "auto", memory_profile: bool = False, scan_core: str = "auto",
+              compile_glue: bool = False) -> dict:
     """One row per (batch, model), batches in the given order (``batch``: an int or a list of them); the ratios
     are to the first model at the same batch. A model may carry its own settings (:func:`parse_model_spec`)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -180,10 +183,12 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
         name, own = parse_model_spec(spec)
         kw = dict(compile_model=compile_model, scan_backend=scan_backend, attn_backend=attn_backend,
                   compile_mode=compile_mode, conv_backend=conv_backend, snake_backend=snake_backend,
-                  scan_core=scan_core)
+                  scan_core=scan_core, compile_glue=compile_glue)
         kw.update(own)
         if kw["compile_mode"] != "default" and not kw["compile_model"]:
             raise ValueError(f"model spec {spec!r}: compile mode {kw['compile_mode']!r} needs compile")
+        if kw["compile_glue"] and not kw["compile_model"]:
+            raise ValueError(f"model spec {spec!r}: glue=true (compiling the modules between stages) needs compile")
         settings.append((spec, name, kw))
     results = []
     for b in [batch] if isinstance(batch, int) else list(batch):
@@ -217,7 +222,7 @@ def add_parser(sub, name: str, help_text: str):
     p = sub.add_parser(name, help=help_text, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="DiT-XL/2,LaMamba-XL",
                    help="comma-separated registry names, each optionally with its own settings NAME[:key=value...] "
-                        "(keys: scan, attn, conv, snake, core, compile, mode; e.g. LaMamba-XL:scan=mixed:conv=triton); "
+                        "(keys: scan, attn, conv, snake, core, compile, mode, glue; e.g. LaMamba-XL:scan=mixed:conv=triton); "
                         "the first is the baseline of the ratios")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch", default="64", help="batch size, or several separated by commas (e.g. 32,64): one row "
@@ -232,6 +237,9 @@ def add_parser(sub, name: str, help_text: str):
                    help="torch.compile the blocks of every model (regional compilation, same mode for all)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="with --compile: torch.compile's mode; reduce-overhead replays each block as a CUDA graph")
+    p.add_argument("--compile-glue", action="store_true",
+                   help="with --compile: also the modules between LaMamba-Diff's stages (patch merging / expanding; "
+                        "lamamba_dist/models/compile.py glue_types), not only the blocks")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--memory-budget", type=float, default=None,
                    help="with --compile: AOT autograd's activation memory budget in [0, 1] for every model (1 = torch's "
@@ -292,12 +300,14 @@ def _run(args) -> int:
         raise CLIError(f"--memory-budget {args.memory_budget}: needs --compile and a value in [0, 1]")
     if args.compile_mode != "default" and not args.compile:
         raise CLIError(f"--compile-mode {args.compile_mode}: needs --compile")
+    if args.compile_glue and not args.compile:
+        raise CLIError("--compile-glue: needs --compile")
     try:
         out = run_bench(models, args.resolution, batches, args.steps, args.warmup, args.device, args.precision,
                         args.compile, args.grad_checkpointing, args.peak_tflops, args.scan_backend, args.attn_backend,
                         args.memory_budget, not args.plain_scan_backward, args.profile, args.host_profile,
                         args.compile_mode, args.conv_backend, args.snake_backend, args.memory_profile,
-                        args.scan_core)
+                        args.scan_core, args.compile_glue)
     except ValueError as e:  # a model spec's compile mode without compile, a memory profile off CUDA
         raise CLIError(str(e)) from None
     text = write_json(args.out, out)

@@ -37,6 +37,16 @@ def block_types() -> tuple[type, ...]:
     return (LaMambaBlock, DiTBlock)
 
 
+def glue_types() -> tuple[type, ...]:
+    """The modules between LaMamba-Diff's stages (patch merging and expanding: a gather of the 2x2 neighbours or a
+    pixel shuffle, a LayerNorm and a Linear), compiled beside the blocks with ``glue=True``: eagerly their
+    concatenation, permuted copies and LayerNorms are separate kernels each way, and the concatenation's backward
+    writes four zero-filled copies of the map."""
+    from lamamba_dist.models.lamamba import PatchExpanding, PatchMerging
+
+    return (PatchMerging, PatchExpanding)
+
+
 def set_activation_memory_budget(budget: float) -> None:
     """AOT autograd's activation memory budget for every graph compiled afterwards in this process: 1.0 (torch's
     default) saves what the min-cut partitioner finds fastest; lower values make it recompute more in the backward
@@ -51,10 +61,10 @@ def set_activation_memory_budget(budget: float) -> None:
 
 
 def compile_blocks(model: nn.Module, mode: str | None = None, fullgraph: bool = True, backend: str = "inductor",
-                   memory_budget: float | None = None) -> nn.Module:
+                   memory_budget: float | None = None, glue: bool = False) -> nn.Module:
     """Compile every transformer/LaMamba block of ``model`` in place; returns the model. ``mode``: one of
     :data:`COMPILE_MODES` ("default" or None: torch's default). ``memory_budget``: see set_activation_memory_budget
-    (None leaves the process's setting alone)."""
+    (None leaves the process's setting alone). ``glue``: also the modules between the stages (:func:`glue_types`)."""
     import torch._dynamo
 
     if mode is not None and mode not in COMPILE_MODES:
@@ -68,10 +78,13 @@ def compile_blocks(model: nn.Module, mode: str | None = None, fullgraph: bool = 
     if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
         torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
     n = 0
+    glue_modules = glue_types() if glue else ()
     for m in model.modules():
         if isinstance(m, block_types()):
             m.compile(backend=backend, mode=mode, fullgraph=fullgraph, dynamic=False)
             n += 1
+        elif isinstance(m, glue_modules):
+            m.compile(backend=backend, mode=mode, fullgraph=fullgraph, dynamic=False)
     if n == 0:
         raise ValueError(f"{type(model).__name__} has no blocks to compile")
     return model

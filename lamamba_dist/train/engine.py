@@ -80,7 +80,7 @@ def build_engine(cfg, *, rank: int, world: int, on_cuda: bool, device: torch.dev
         cache = use_compile_cache(Path(cfg.checkpoint.dir) / ".compile_cache")
         info(f"torch.compile cache: {cache} (reused by every restart)")
         # regional torch.compile of each block, in place (state-dict keys unchanged)
-        compile_blocks(model, mode=t.compile_mode, memory_budget=t.compile_memory_budget)
+        compile_blocks(model, mode=t.compile_mode, memory_budget=t.compile_memory_budget, glue=t.compile_glue)
     try:
         ds_config = build_ds_config(t, cfg.optim, world, on_cuda=on_cuda, load_universal=load_universal,
                                     num_params=sum(p.numel() for p in model.parameters()))

@@ -303,6 +303,49 @@ def test_regional_compile_builds_one_graph_per_block_shape():
     torch._dynamo.reset()
 
 
+def test_compile_glue_also_compiles_the_modules_between_stages():
+    """compile_blocks(glue=True) (``[train] compile_glue``, bench's ``glue=true``) compiles the two patch mergings,
+    the two patch expansions and the final expansion beside the blocks, one graph each, with no graph break; the
+    model computes the same outputs and gradients as eagerly."""
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from lamamba_dist.models.compile import compile_blocks, glue_types
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    ref = create_model("LaMamba-debug", resolution=256).train()
+    m = compile_blocks(copy.deepcopy(ref), backend="aot_eager", glue=True)
+    glue = [mod for mod in m.modules() if isinstance(mod, glue_types())]
+    assert len(glue) == 5 and all(mod._compiled_call_impl is not None for mod in glue)
+    x, t, y = torch.randn(2, 4, 32, 32), torch.randint(0, 1000, (2,)), torch.randint(0, 1000, (2,))
+    outs, grads = [], []
+    for model in (ref, m):
+        out = model(x, t, y)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append([p.grad for p in model.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 4 + 5
+    assert not counters["graph_break"]
+    # without glue only the blocks are compiled
+    plain = compile_blocks(copy.deepcopy(ref), backend="eager")
+    assert all(mod._compiled_call_impl is None for mod in plain.modules() if isinstance(mod, glue_types()))
+    torch._dynamo.reset()
+    # the bench's spec key and its check
+    from lamamba_dist.bench.model import parse_model_spec, run_bench
+
+    assert parse_model_spec("LaMamba-XL:compile=true:glue=true") == ("LaMamba-XL", dict(compile_model=True,
+                                                                                        compile_glue=True))
+    with pytest.raises(ValueError, match="glue=true .* needs compile"):
+        run_bench(["LaMamba-debug:glue=true"], 64, 1, 1, 1, device="cpu")
+
+
 @pytest.mark.parametrize("name", ["LaMamba-debug", "DiT-debug/2"])
 def test_pure_bf16_forward_and_backward(name):
     """DeepSpeed's bf16 mode runs the model with bf16 parameters and inputs and no autocast: every op must
