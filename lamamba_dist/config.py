@@ -50,7 +50,8 @@ class ModelConfig:
     scan_backend: str = field(default="auto", metadata=dict(
         choices=("auto", "fused", "triton", "mixed", "reference", "ss2d_triton", "ss2d_reference")))
     attn_backend: str = field(default="auto", metadata=dict(choices=("auto", "sdpa", "flash", "reference")))
-    # SS2D's depthwise conv + SiLU (ops/dwconv.py): "auto" (= "triton" on CUDA, "torch" elsewhere), "torch", "triton"
+    # SS2D's depthwise conv + SiLU (ops/dwconv.py): "auto" (= "triton" on CUDA, "torch" elsewhere), "torch", "triton",
+    # "triton_tiles" (the Triton conv's former tile kernels, for A/B runs)
     conv_backend: str = field(default="auto", metadata=dict(choices=("auto", "torch", "triton", "triton_tiles")))
     # SS2D's merge of the four scan directions and its adjoint (ops/cross_scan.py): "torch" (gathers + transpose),
     # "triton" (ops/cross_scan_triton.py, CUDA) or "auto" (= "triton" on CUDA, "torch" elsewhere)

@@ -2,7 +2,7 @@
 (dwconv_triton.py, which documents both).
 
 Backends: "torch" (``silu(conv2d(...))`` with a permuted copy of x, :func:`dwconv_silu_reference`), "triton" (one
-pass reading x channels-last, the row kernels of dwconv_triton.py; CUDA, or CPU under TRITON_INTERPRET=1),
+pass reading x channels-last, dwconv_triton.py's row kernels where they apply; CUDA, or CPU under TRITON_INTERPRET=1),
 "triton_tiles" (the same function through the tile kernels, kept for A/B runs) and "auto": "triton" for CUDA
 tensors where triton imports (the faster in a whole compiled training step, docs/performance.md), "torch"
 otherwise.
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 CONV_BACKENDS = ("auto", "torch", "triton", "triton_tiles")
-_TRITON_ALGOS = {"triton": "rows", "triton_tiles": "tiles"}
+_TRITON_ALGOS = {"triton": "auto", "triton_tiles": "tiles"}
 
 
 def dwconv_silu_reference(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool = True) -> torch.Tensor:

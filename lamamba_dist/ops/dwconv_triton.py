@@ -10,10 +10,12 @@ accumulates the K*K taps in fp32, applies SiLU and writes the result once, in th
 * ``out_bdl=True``: (B, D, H, W), the sequence scan's (B, D, L) (the cross-scan path);
 * ``out_bdl=False``: (B, H, W, D) channels-last (the SS2D core's default path, and the gathered "ss2d_*" scans).
 
-Two families of kernels compute it (``ALGO``): the row kernels (the default, K = 3), where a program walks ROWS image
-rows of BLOCK_D channels pixel by pixel with the 3 x 3 window in registers (each input loaded and converted once per
-row, the weight gradient summed in registers), and the tile kernels (any odd K), where a program computes a tile of
-pixels x channels with one masked load of the shifted tile per tap. Both follow the same plan.
+Two families of kernels compute it (``ALGO``): the row kernels, where a program walks ROWS image rows of BLOCK_D
+channels pixel by pixel with the 3 x 3 window in registers (each input loaded and converted once per row, the weight
+gradient summed in registers), and the tile kernels (any odd K), where a program computes a tile of pixels x
+channels with one masked load of the shifted tile per tap. Both follow the same plan. "auto" (the default) takes
+the rows for K = 3 with channels-last output and gradient, where each step's loads and stores are runs of adjacent
+channels, and the tiles otherwise (with ``out_bdl`` the rows would store and read one channel's pixels L apart).
 
 Backward, two kernels, no atomics:
   1. per program (batch, pixel or row block, channel block): recompute the pre-activation s, gs = gy * silu'(s) (in fp32, written
@@ -64,8 +66,8 @@ GW_IN_GX = False
 # 0.149 against 0.527 / 0.280 / 0.166; four rows a gs program made it 0.334 / 0.185 / 0.121 (fewer partial sums of
 # the weight gradient on the small maps). One channel block of 128 on one warp was within 5% of the best forward
 # and gx configuration at every shape.
-ALGOS = ("rows", "tiles")
-ALGO = "rows"
+ALGOS = ("auto", "rows", "tiles")
+ALGO = "auto"
 ROWS_FWD_CONFIG = (128, 1, 1)
 ROWS_GS_CONFIG = (128, 4, 1)
 ROWS_GX_CONFIG = (128, 1, 1)
@@ -388,11 +390,12 @@ def _unit_channel_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _use_rows(k: int, algo: str | None) -> bool:
+def _use_rows(k: int, algo: str | None, out_bdl: bool) -> bool:
+    """Whether the row kernels run: "rows" for K = 3, "auto" for K = 3 with channels-last output (module docstring)."""
     algo = algo or ALGO
     if algo not in ALGOS:
         raise ValueError(f"dwconv kernels: unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
-    return algo == "rows" and k == 3
+    return k == 3 and (algo == "rows" or (algo == "auto" and not out_bdl))
 
 
 def _rows_config(config) -> tuple[int, int, int]:
@@ -413,13 +416,14 @@ def _rows_grid(b, h, d, block_d, rows):
 
 def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool, config=None,
                            algo: str | None = None) -> torch.Tensor:
-    """The forward kernel. ``algo``: "rows" or "tiles" (default ALGO; "rows" runs for K = 3 only). ``config``: the
+    """The forward kernel. ``algo``: "auto", "rows" or "tiles" (default ALGO; "rows" runs for K = 3 only, see
+    _use_rows). ``config``: the
     launch configuration, (pixels, channels, warps) per program for the tiles (default FWD_CONFIG), (channels, rows,
     warps) for the rows (default ROWS_FWD_CONFIG)."""
     b, h, w, d, k = _check(x, weight)
     x = _unit_channel_stride(x)
     y = torch.empty((b, d, h, w) if out_bdl else (b, h, w, d), device=x.device, dtype=x.dtype)
-    if _use_rows(k, algo):
+    if _use_rows(k, algo, out_bdl):
         bd, rows, nw = _rows_config(config or ROWS_FWD_CONFIG)
         n_rblk, grid = _rows_grid(b, h, d, bd, rows)
         _dwconv_fwd_rows_kernel[grid](x, weight.contiguous(), y, h, w, d, n_rblk, x.stride(0), x.stride(1),
@@ -435,8 +439,8 @@ def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool,
 def dwconv_silu_bwd_launch(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor, out_bdl: bool,
                            gs_config=None, gx_config=None, gs_dtype=None,
                            gw_in_gx=None, algo: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two backward kernels and the weight gradient's deterministic sum: (gx, gw). ``algo``: "rows" or "tiles"
-    (default ALGO; "rows" runs for K = 3 only). ``gs_config`` / ``gx_config``: each kernel's launch configuration
+    """The two backward kernels and the weight gradient's deterministic sum: (gx, gw). ``algo``: "auto", "rows" or
+    "tiles" (default ALGO; "rows" runs for K = 3 only, see _use_rows). ``gs_config`` / ``gx_config``: each kernel's launch configuration
     (tiles: (pixels, channels, warps), default GS_CONFIG / GX_CONFIG; rows: (channels, rows, warps), default
     ROWS_GS_CONFIG / ROWS_GX_CONFIG); ``gs_dtype``: the dtype of the intermediate gradient gs (default GS_DTYPE;
     None there: x's dtype); ``gw_in_gx`` (tiles only): the weight gradient's partial sums taken by the gx kernel
@@ -447,7 +451,7 @@ def dwconv_silu_bwd_launch(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tens
     gy = gy.contiguous()
     gs = torch.empty(b, h * w, d, device=x.device, dtype=gs_dtype or GS_DTYPE or x.dtype)
     gx = torch.empty(b, h, w, d, device=x.device, dtype=x.dtype)
-    if _use_rows(k, algo):
+    if _use_rows(k, algo, out_bdl):
         if gw_in_gx:
             raise ValueError("dwconv row kernels: the weight gradient is summed by the gs kernel (gw_in_gx is for "
                              "the tiles)")
@@ -521,7 +525,7 @@ _dwconv_fwd.register_autograd(_backward, setup_context=_setup_context)
 def dwconv_silu_triton(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool = True, algo: str | None = None) -> torch.Tensor:
     """``silu(depthwise conv(x))`` through the Triton kernels (custom op with autograd): x (B, H, W, D) with any
     strides (a copy only when the channel stride is not 1), weight (D, 1, K, K), K odd; the output in x's dtype,
-    (B, D, H, W) when ``out_bdl`` else (B, H, W, D). ``algo``: "rows" or "tiles" (default ALGO)."""
+    (B, D, H, W) when ``out_bdl`` else (B, H, W, D). ``algo``: "auto", "rows" or "tiles" (default ALGO)."""
     algo = algo or ALGO
     if algo not in ALGOS:
         raise ValueError(f"dwconv kernels: unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")

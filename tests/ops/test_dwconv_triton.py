@@ -123,7 +123,8 @@ def _interpreter_cases():
 
     f32, bf16 = torch.float32, torch.bfloat16
     with nan_poisoned_empty():
-        for out_bdl, backend in itertools.product((True, False), ("triton", "triton_tiles")):  # rows, tiles (K 3)
+        # "triton": the rows channels-last (K 3), else the tiles; "triton_tiles": the tiles
+        for out_bdl, backend in itertools.product((True, False), ("triton", "triton_tiles")):
             _check(2, 4, 4, 5, 3, f32, "cpu", out_bdl, backend=backend)  # 16 pixels, 5 of 32 channels
             # 81 pixels: 2 pixel blocks; 2 channel blocks (tiles); rows: 40 of 128 channels
             _check(1, 9, 9, 40, 3, f32, "cpu", out_bdl, strided=True, backend=backend)
@@ -227,6 +228,11 @@ def _row_config_cases(x, wt, gy, ref, rgx, rgw):
         dt.dwconv_silu_bwd_launch(x, wt, gy, True, gw_in_gx=True, algo="rows")
     with pytest.raises(ValueError, match="unknown algo"):
         dt.dwconv_silu_triton(x, wt, True, algo="columns")
+    # "auto" (conv_backend "triton"): the rows for K = 3 with channels-last output, the tiles otherwise
+    assert dt.ALGO == "auto"
+    assert [dt._use_rows(k, algo, bdl) for k, algo, bdl in (
+        (3, "auto", False), (3, "auto", True), (5, "auto", False), (3, "rows", True), (5, "rows", False),
+        (3, "tiles", False))] == [True, False, False, True, False, False]
 
 
 @needs_triton
@@ -240,13 +246,13 @@ def test_dwconv_triton_under_interpreter_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("out_bdl", [True, False])
-@pytest.mark.parametrize("algo", ["rows", "tiles", "tiles_gw_in_gx"])
+@pytest.mark.parametrize("algo", ["auto", "tiles", "tiles_gw_in_gx"])  # auto: the rows channels-last
 def test_dwconv_triton_matches_float64_on_gpu(dtype, tol, out_bdl, algo, monkeypatch):
     from lamamba_dist.ops import dwconv_triton as dt
 
     # the tiles' weight gradient in either backward kernel
     monkeypatch.setattr(dt, "GW_IN_GX", algo == "tiles_gw_in_gx")
-    backend = "triton" if algo == "rows" else "triton_tiles"
+    backend = "triton" if algo == "auto" else "triton_tiles"
     for b, n, d in ((4, 32, 640), (4, 16, 1280), (8, 8, 2560), (2, 7, 100), (2, 64, 640)):
         _check(b, n, n, d, 3, dtype, "cuda", out_bdl, strided=True, tol=tol, backend=backend)
 
