@@ -222,7 +222,8 @@ def add_parser(sub, name: str, help_text: str):
     p = sub.add_parser(name, help=help_text, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="DiT-XL/2,LaMamba-XL",
                    help="comma-separated registry names, each optionally with its own settings NAME[:key=value...] "
-                        "(keys: scan, attn, conv, snake, core, compile, mode, glue; e.g. LaMamba-XL:scan=mixed:conv=triton); "
+                        "(keys: scan, attn, conv, snake, core, compile, mode, glue; e.g. "
+                        "LaMamba-XL:scan=mixed:conv=triton); "
                         "the first is the baseline of the ratios")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch", default="64", help="batch size, or several separated by commas (e.g. 32,64): one row "

@@ -18,8 +18,8 @@ the rows for K = 3 with channels-last output and gradient, where each step's loa
 channels, and the tiles otherwise (with ``out_bdl`` the rows would store and read one channel's pixels L apart).
 
 Backward, two kernels, no atomics:
-  1. per program (batch, pixel or row block, channel block): recompute the pre-activation s, gs = gy * silu'(s) (in fp32, written
-     channels-last (B, H*W, D) in x's dtype), and this program's share of the weight gradient from the fp32 gs,
+  1. per program (batch, pixel or row block, channel block): recompute the pre-activation s, gs = gy * silu'(s)
+     (in fp32, written channels-last (B, H*W, D) in x's dtype), and this program's share of the weight gradient from the fp32 gs,
      gw[c, tap] = sum over its pixels of gs * x(pixel + tap), to an fp32 partial buffer that torch then sums in a
      fixed order (deterministic);
   2. gx[b, p, c] = sum over taps of w[c, tap] * gs[b, p - tap, c] (zero outside the map).
@@ -59,8 +59,9 @@ GS_DTYPE = None  # None: x's dtype (bf16 in bf16 training, fp32 in fp32)
 # 0.308 / 0.165), so off; the sweep times both.
 GW_IN_GX = False
 # The kernels: "rows" (K = 3: a program walks image rows with the 3 x 3 window in registers, see the row kernels
-# below; other K run the tiles) or "tiles" (a program computes a tile of pixels x channels, each tap a masked load of
-# the shifted tile). The row kernels' launch configurations are (channels, rows, warps) per program. On one H100
+# below; other K run the tiles), "tiles" (a program computes a tile of pixels x channels, each tap a masked load of
+# the shifted tile) or "auto" (the rows for K = 3 with channels-last output, else the tiles: the module docstring).
+# The row kernels' launch configurations are (channels, rows, warps) per program. On one H100
 # (2026-12-07, bf16, channels-last, batch 64; d_inner x side 640x32 / 1280x16 / 2560x8) the rows took 0.097 / 0.054 /
 # 0.033 ms forward against the tiles' 0.142 / 0.081 / 0.048, and the backward (gs on (128, 2, 1)) 0.330 / 0.211 /
 # 0.149 against 0.527 / 0.280 / 0.166; four rows a gs program made it 0.334 / 0.185 / 0.121 (fewer partial sums of
@@ -200,14 +201,16 @@ def _col3(base, yy, xx, c, cmask, H, W, sh, sw):
 
 
 @triton.jit
+def _wtap(wp, tap, cmask):
+    return tl.load(wp + tap, mask=cmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _w3(w_ptr, c, cmask):
     """The nine taps' weights of the program's channels (fp32), row-major (ky, kx)."""
     wp = w_ptr + c * 9
-    return (tl.load(wp + 0, mask=cmask, other=0.0).to(tl.float32), tl.load(wp + 1, mask=cmask, other=0.0).to(tl.float32),
-            tl.load(wp + 2, mask=cmask, other=0.0).to(tl.float32), tl.load(wp + 3, mask=cmask, other=0.0).to(tl.float32),
-            tl.load(wp + 4, mask=cmask, other=0.0).to(tl.float32), tl.load(wp + 5, mask=cmask, other=0.0).to(tl.float32),
-            tl.load(wp + 6, mask=cmask, other=0.0).to(tl.float32), tl.load(wp + 7, mask=cmask, other=0.0).to(tl.float32),
-            tl.load(wp + 8, mask=cmask, other=0.0).to(tl.float32))
+    return (_wtap(wp, 0, cmask), _wtap(wp, 1, cmask), _wtap(wp, 2, cmask), _wtap(wp, 3, cmask), _wtap(wp, 4, cmask),
+            _wtap(wp, 5, cmask), _wtap(wp, 6, cmask), _wtap(wp, 7, cmask), _wtap(wp, 8, cmask))
 
 
 @triton.jit
@@ -417,9 +420,8 @@ def _rows_grid(b, h, d, block_d, rows):
 def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool, config=None,
                            algo: str | None = None) -> torch.Tensor:
     """The forward kernel. ``algo``: "auto", "rows" or "tiles" (default ALGO; "rows" runs for K = 3 only, see
-    _use_rows). ``config``: the
-    launch configuration, (pixels, channels, warps) per program for the tiles (default FWD_CONFIG), (channels, rows,
-    warps) for the rows (default ROWS_FWD_CONFIG)."""
+    _use_rows). ``config``: the launch configuration, (pixels, channels, warps) per program for the tiles (default
+    FWD_CONFIG), (channels, rows, warps) for the rows (default ROWS_FWD_CONFIG)."""
     b, h, w, d, k = _check(x, weight)
     x = _unit_channel_stride(x)
     y = torch.empty((b, d, h, w) if out_bdl else (b, h, w, d), device=x.device, dtype=x.dtype)
@@ -440,10 +442,10 @@ def dwconv_silu_bwd_launch(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tens
                            gs_config=None, gx_config=None, gs_dtype=None,
                            gw_in_gx=None, algo: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The two backward kernels and the weight gradient's deterministic sum: (gx, gw). ``algo``: "auto", "rows" or
-    "tiles" (default ALGO; "rows" runs for K = 3 only, see _use_rows). ``gs_config`` / ``gx_config``: each kernel's launch configuration
-    (tiles: (pixels, channels, warps), default GS_CONFIG / GX_CONFIG; rows: (channels, rows, warps), default
-    ROWS_GS_CONFIG / ROWS_GX_CONFIG); ``gs_dtype``: the dtype of the intermediate gradient gs (default GS_DTYPE;
-    None there: x's dtype); ``gw_in_gx`` (tiles only): the weight gradient's partial sums taken by the gx kernel
+    "tiles" (default ALGO; "rows" runs for K = 3 only, see _use_rows). ``gs_config`` / ``gx_config``: each kernel's
+    launch configuration (tiles: (pixels, channels, warps), default GS_CONFIG / GX_CONFIG; rows: (channels, rows,
+    warps), default ROWS_GS_CONFIG / ROWS_GX_CONFIG); ``gs_dtype``: the dtype of the intermediate gradient gs
+    (default GS_DTYPE; None there: x's dtype); ``gw_in_gx`` (tiles only): the weight gradient's partial sums taken by the gx kernel
     (from its shifted reads of gs) instead of the gs kernel (from K*K more reads of x) (default GW_IN_GX)."""
     b, h, w, d, k = _check(x, weight)
     x = _unit_channel_stride(x)
@@ -522,7 +524,8 @@ def _backward(ctx, gy):
 _dwconv_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def dwconv_silu_triton(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool = True, algo: str | None = None) -> torch.Tensor:
+def dwconv_silu_triton(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool = True,
+                       algo: str | None = None) -> torch.Tensor:
     """``silu(depthwise conv(x))`` through the Triton kernels (custom op with autograd): x (B, H, W, D) with any
     strides (a copy only when the channel stride is not 1), weight (D, 1, K, K), K odd; the output in x's dtype,
     (B, D, H, W) when ``out_bdl`` else (B, H, W, D). ``algo``: "auto", "rows" or "tiles" (default ALGO)."""
