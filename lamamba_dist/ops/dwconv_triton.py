@@ -190,6 +190,15 @@ def _dwconv_bwd_gx_kernel(gs_ptr, w_ptr, gx_ptr, x_ptr, gw_ptr, H, W, D, n_pblk,
 
 
 @triton.jit
+def _rows_program(n_rblk, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A row program's place: (program id, batch element, first row, its channels, their mask)."""
+    pid = tl.program_id(0)
+    y0 = (pid % n_rblk) * ROWS
+    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return pid, pid // n_rblk, y0, c, c < D
+
+
+@triton.jit
 def _col3(base, yy, xx, c, cmask, H, W, sh, sw):
     """The column xx of rows yy-1, yy, yy+1 ((BLOCK_D,) each, the input's dtype), zero outside the map."""
     inside = (xx >= 0) & (xx < W)
@@ -218,11 +227,7 @@ def _dwconv_fwd_rows_kernel(x_ptr, w_ptr, y_ptr, H, W, D, n_rblk, sxb, sxh, sxw,
                             OUT_BDL: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     # column j of the window (rows y-1, y, y+1) adds to the outputs at x = j+1, j, j-1 through the taps' columns
     # kx = 0, 1, 2: each column's three dot products are added to two running sums, the first of which is done
-    pid = tl.program_id(0)
-    b = pid // n_rblk
-    y0 = (pid % n_rblk) * ROWS
-    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = c < D
+    pid, b, y0, c, cmask = _rows_program(n_rblk, D, ROWS, BLOCK_D)
     xb = x_ptr + b.to(tl.int64) * sxb
     L = H * W
     yb = y_ptr + b.to(tl.int64) * L * D
@@ -264,11 +269,7 @@ def _dwconv_bwd_gs_rows_kernel(x_ptr, w_ptr, gy_ptr, gs_ptr, gw_ptr, H, W, D, n_
                                OUT_BDL: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     # gs = gy * silu'(s) at each pixel, and this program's share of the weight gradient,
     # gw[c, ky, kx] = sum over its pixels of gs * x(pixel + (ky - 1, kx - 1)), summed in registers
-    pid = tl.program_id(0)
-    b = pid // n_rblk
-    y0 = (pid % n_rblk) * ROWS
-    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = c < D
+    pid, b, y0, c, cmask = _rows_program(n_rblk, D, ROWS, BLOCK_D)
     xb = x_ptr + b.to(tl.int64) * sxb
     L = H * W
     gyb = gy_ptr + b.to(tl.int64) * L * D
@@ -333,11 +334,7 @@ def _dwconv_bwd_gx_rows_kernel(gs_ptr, w_ptr, gx_ptr, H, W, D, n_rblk,
                                ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     # gx[y, x] = sum over taps of w[ky, kx] gs[y - (ky - 1), x - (kx - 1)]: as the forward over gs (B, H*W, D) with
     # the taps mirrored (row ky = 0 reads the row below, column kx = 0 the column to the right)
-    pid = tl.program_id(0)
-    b = pid // n_rblk
-    y0 = (pid % n_rblk) * ROWS
-    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = c < D
+    pid, b, y0, c, cmask = _rows_program(n_rblk, D, ROWS, BLOCK_D)
     L = H * W
     gsb = gs_ptr + b.to(tl.int64) * L * D
     gxb = gx_ptr + b.to(tl.int64) * L * D
@@ -382,10 +379,14 @@ def _grid(b, h, w, d, block_p=BLOCK_P, block_d=BLOCK_D):
 def _config(config) -> tuple[int, int, int]:
     """A launch configuration (pixels, channels, warps per program), checked: powers of two."""
     block_p, block_d, num_warps = config
-    for name, v in (("pixels", block_p), ("channels", block_d), ("warps", num_warps)):
-        if v < 1 or v & (v - 1):
-            raise ValueError(f"dwconv launch config: {name} must be a power of two, got {v}")
+    _powers_of_two("dwconv launch config", pixels=block_p, channels=block_d, warps=num_warps)
     return block_p, block_d, num_warps
+
+
+def _powers_of_two(what: str, **values: int) -> None:
+    for name, v in values.items():
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{what}: {name} must be a power of two, got {v}")
 
 
 def _unit_channel_stride(x: torch.Tensor) -> torch.Tensor:
@@ -404,9 +405,7 @@ def _use_rows(k: int, algo: str | None, out_bdl: bool) -> bool:
 def _rows_config(config) -> tuple[int, int, int]:
     """A row kernel's launch configuration (channels, rows, warps per program), checked."""
     block_d, rows, num_warps = config
-    for name, v in (("channels", block_d), ("warps", num_warps)):
-        if v < 1 or v & (v - 1):
-            raise ValueError(f"dwconv row-kernel config: {name} must be a power of two, got {v}")
+    _powers_of_two("dwconv row-kernel config", channels=block_d, warps=num_warps)
     if rows < 1:
         raise ValueError(f"dwconv row-kernel config: rows must be at least 1, got {rows}")
     return block_d, rows, num_warps
