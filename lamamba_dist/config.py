@@ -133,7 +133,8 @@ class TrainConfig:
     # backward to keep less; lamamba_dist.models.compile.set_activation_memory_budget)
     compile_memory_budget: float = field(default=1.0, metadata=dict(ge=0.0, le=1.0))
     # With compile: also the modules between LaMamba-Diff's stages (patch merging / expanding), not only the blocks
-    compile_glue: bool = False
+    # (faster in a whole step: docs/performance.md, "The modules between the stages compiled"); false: the blocks only
+    compile_glue: bool = True
     log_every: int = field(default=50, metadata=dict(ge=1))
     max_nonfinite_in_row: int = field(default=3, metadata=dict(ge=1))  # skipped steps in a row -> roll back
     max_rollbacks: int = field(default=3, metadata=dict(ge=0))  # rollbacks in one run before giving up (exit 1)

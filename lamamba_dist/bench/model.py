@@ -50,7 +50,7 @@ def bench_model(name: str, resolution: int, batch: int, steps: int, warmup: int,
                 memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0,
                 host_profile_steps: int = 0, compile_mode: str = "default", conv_backend: str = "auto",
                 snake_backend: str = "auto", memory_profile: bool = False, scan_core: str = "auto",
-                compile_glue: bool = False) -> dict:
+                compile_glue: bool = True) -> dict:
     from lamamba_dist.diffusion import create_diffusion
     from lamamba_dist.flops import train_flops_per_image
     from lamamba_dist.models import create_model
@@ -167,7 +167,7 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
               memory_budget: float | None = None, lean_scan_backward: bool = True, profile: int = 0,
               host_profile_steps: int = 0, compile_mode: str = "default", conv_backend: str = "auto",
               snake_backend: str = "auto", memory_profile: bool = False, scan_core: str = "auto",
-              compile_glue: bool = False) -> dict:
+              compile_glue: bool = True) -> dict:
     """One row per (batch, model), batches in the given order (``batch``: an int or a list of them); the ratios
     are to the first model at the same batch. A model may carry its own settings (:func:`parse_model_spec`)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -187,7 +187,7 @@ def run_bench(models: list[str], resolution: int, batch, steps: int, warmup: int
         kw.update(own)
         if kw["compile_mode"] != "default" and not kw["compile_model"]:
             raise ValueError(f"model spec {spec!r}: compile mode {kw['compile_mode']!r} needs compile")
-        if kw["compile_glue"] and not kw["compile_model"]:
+        if own.get("compile_glue") and not kw["compile_model"]:
             raise ValueError(f"model spec {spec!r}: glue=true (compiling the modules between stages) needs compile")
         settings.append((spec, name, kw))
     results = []
@@ -238,9 +238,10 @@ def add_parser(sub, name: str, help_text: str):
                    help="torch.compile the blocks of every model (regional compilation, same mode for all)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="with --compile: torch.compile's mode; reduce-overhead replays each block as a CUDA graph")
-    p.add_argument("--compile-glue", action="store_true",
+    p.add_argument("--compile-glue", action=argparse.BooleanOptionalAction, default=True,
                    help="with --compile: also the modules between LaMamba-Diff's stages (patch merging / expanding; "
-                        "lamamba_dist/models/compile.py glue_types), not only the blocks")
+                        "lamamba_dist/models/compile.py glue_types), not only the blocks (default; --no-compile-glue: "
+                        "the blocks alone, as [train] compile_glue = false)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--memory-budget", type=float, default=None,
                    help="with --compile: AOT autograd's activation memory budget in [0, 1] for every model (1 = torch's "
@@ -301,8 +302,6 @@ def _run(args) -> int:
         raise CLIError(f"--memory-budget {args.memory_budget}: needs --compile and a value in [0, 1]")
     if args.compile_mode != "default" and not args.compile:
         raise CLIError(f"--compile-mode {args.compile_mode}: needs --compile")
-    if args.compile_glue and not args.compile:
-        raise CLIError("--compile-glue: needs --compile")
     try:
         out = run_bench(models, args.resolution, batches, args.steps, args.warmup, args.device, args.precision,
                         args.compile, args.grad_checkpointing, args.peak_tflops, args.scan_backend, args.attn_backend,

@@ -41,7 +41,7 @@ def glue_types() -> tuple[type, ...]:
     """The modules between LaMamba-Diff's stages (patch merging and expanding: a gather of the 2x2 neighbours or a
     pixel shuffle, a LayerNorm and a Linear), compiled beside the blocks with ``glue=True``: eagerly their
     concatenation, permuted copies and LayerNorms are separate kernels each way, and the concatenation's backward
-    writes four zero-filled copies of the map."""
+    writes four zero-filled copies of the map. DiT has none."""
     from lamamba_dist.models.lamamba import PatchExpanding, PatchMerging
 
     return (PatchMerging, PatchExpanding)
@@ -61,10 +61,11 @@ def set_activation_memory_budget(budget: float) -> None:
 
 
 def compile_blocks(model: nn.Module, mode: str | None = None, fullgraph: bool = True, backend: str = "inductor",
-                   memory_budget: float | None = None, glue: bool = False) -> nn.Module:
+                   memory_budget: float | None = None, glue: bool = True) -> nn.Module:
     """Compile every transformer/LaMamba block of ``model`` in place; returns the model. ``mode``: one of
     :data:`COMPILE_MODES` ("default" or None: torch's default). ``memory_budget``: see set_activation_memory_budget
-    (None leaves the process's setting alone). ``glue``: also the modules between the stages (:func:`glue_types`)."""
+    (None leaves the process's setting alone). ``glue``: also the modules between the stages (:func:`glue_types`;
+    False compiles the blocks alone)."""
     import torch._dynamo
 
     if mode is not None and mode not in COMPILE_MODES:

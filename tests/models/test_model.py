@@ -293,7 +293,7 @@ def test_regional_compile_builds_one_graph_per_block_shape():
     counters.clear()
     torch.manual_seed(0)
     m = create_model("LaMamba-debug", resolution=256).train()
-    compile_blocks(m, backend="eager")  # dynamo's graph capture without inductor: fast on CPU
+    compile_blocks(m, backend="eager", glue=False)  # dynamo's graph capture without inductor: fast on CPU
     x, t, y = torch.randn(2, 4, 32, 32), torch.randint(0, 1000, (2,)), torch.randint(0, 1000, (2,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x, t, y)
@@ -304,9 +304,9 @@ def test_regional_compile_builds_one_graph_per_block_shape():
 
 
 def test_compile_glue_also_compiles_the_modules_between_stages():
-    """compile_blocks(glue=True) (``[train] compile_glue``, bench's ``glue=true``) compiles the two patch mergings,
-    the two patch expansions and the final expansion beside the blocks, one graph each, with no graph break; the
-    model computes the same outputs and gradients as eagerly."""
+    """compile_blocks(glue=True) (the default; ``[train] compile_glue``, bench's ``glue=``) compiles the two patch
+    mergings, the two patch expansions and the final expansion beside the blocks, one graph each, with no graph
+    break; the model computes the same outputs and gradients as eagerly. glue=False compiles the blocks alone."""
     import copy
 
     import torch._dynamo
@@ -318,7 +318,7 @@ def test_compile_glue_also_compiles_the_modules_between_stages():
     counters.clear()
     torch.manual_seed(0)
     ref = create_model("LaMamba-debug", resolution=256).train()
-    m = compile_blocks(copy.deepcopy(ref), backend="aot_eager", glue=True)
+    m = compile_blocks(copy.deepcopy(ref), backend="aot_eager")
     glue = [mod for mod in m.modules() if isinstance(mod, glue_types())]
     assert len(glue) == 5 and all(mod._compiled_call_impl is not None for mod in glue)
     x, t, y = torch.randn(2, 4, 32, 32), torch.randint(0, 1000, (2,)), torch.randint(0, 1000, (2,))
@@ -334,16 +334,28 @@ def test_compile_glue_also_compiles_the_modules_between_stages():
     assert counters["stats"]["unique_graphs"] == 4 + 5
     assert not counters["graph_break"]
     # without glue only the blocks are compiled
-    plain = compile_blocks(copy.deepcopy(ref), backend="eager")
+    plain = compile_blocks(copy.deepcopy(ref), backend="eager", glue=False)
     assert all(mod._compiled_call_impl is None for mod in plain.modules() if isinstance(mod, glue_types()))
     torch._dynamo.reset()
-    # the bench's spec key and its check
-    from lamamba_dist.bench.model import parse_model_spec, run_bench
+    # the trainer's and the bench's defaults follow compile_blocks'; either can switch it off
+    import argparse
 
+    from lamamba_dist.bench.model import add_parser, parse_model_spec, run_bench
+    from lamamba_dist.config import TrainConfig
+
+    assert TrainConfig().compile_glue is True
     assert parse_model_spec("LaMamba-XL:compile=true:glue=true") == ("LaMamba-XL", dict(compile_model=True,
                                                                                         compile_glue=True))
+    assert parse_model_spec("LaMamba-XL:compile=true:glue=false")[1]["compile_glue"] is False
+    sub = argparse.ArgumentParser().add_subparsers()
+    p = add_parser(sub, "bench", "")
+    assert p.parse_args(["--compile"]).compile_glue is True
+    assert p.parse_args(["--compile", "--no-compile-glue"]).compile_glue is False
     with pytest.raises(ValueError, match="glue=true .* needs compile"):
         run_bench(["LaMamba-debug:glue=true"], 64, 1, 1, 1, device="cpu")
+    # uncompiled rows ignore the default (nothing to compile), and say so in the JSON
+    row = run_bench(["LaMamba-debug"], 64, 1, 1, 1, device="cpu")["results"][0]
+    assert row["compiled"] is False and row["compile_glue"] is None
 
 
 @pytest.mark.parametrize("name", ["LaMamba-debug", "DiT-debug/2"])
