@@ -32,6 +32,12 @@ kernels (lamamba_dist/ops/cross_scan_triton.py), bf16, at the same shapes as ``s
 (bytes that must move: 10 per map element, 2 read or written on the map side and 8 on the sequences' side).
 ``--sweep`` adds the kernels' launch configurations.
 
+``--what core``: SS2D's whole scan core as the model runs it by default (lamamba_dist/ops/ss2d_core.py: the custom
+ops, channels-last, the Triton scan and snake kernels; the gather, the x and dt projections, the scan, the merge),
+forward and forward+backward, bf16, at the same shapes as ``ss2d`` with the model's rank R = d_inner / 32, with the
+rank padded to a multiple of 8 (``RANK_ALIGN``, the default) and unpadded: the A/B of the dt projection's GEMMs'
+alignment (R = 20 at the first stage).
+
 Times are the median of ``triton.testing.do_bench``. ``--device cpu`` is a smoke run of the same code under Triton's
 interpreter (TRITON_INTERPRET=1 set before the start, tiny shapes; its times mean nothing).
 """
@@ -329,6 +335,49 @@ def ss2d_sweep(args, gy, tables, timer) -> list[dict]:
 # ----------------------------------------------------------------------------- SS2D's depthwise conv + SiLU
 
 
+def bench_core(shapes, device: str, timer, sweep: bool) -> list[dict]:
+    """SS2D's scan core (custom ops, channels-last, Triton kernels) with the rank padded (RANK_ALIGN 8, the
+    default) and not (1); forward and forward+backward, bf16, and the largest difference of the two."""
+    import math
+
+    import torch
+
+    from lamamba_dist.ops import ss2d_core as sc
+    from lamamba_dist.ops.cross_scan import snake_tables
+
+    rows = []
+    default = sc.RANK_ALIGN
+    for batch, dim, n in shapes:
+        r, k, length = max(math.ceil(dim / 32), 1), GROUPS, n * n
+        g = torch.Generator(device=device).manual_seed(0)
+        mk = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g, device=device) * scale)  # noqa: E731
+        x = mk(batch, length, dim).to(torch.bfloat16)
+        wx = mk(k, r + 2, dim, scale=dim ** -0.5).to(torch.bfloat16)
+        wdt = mk(k, dim, r, scale=r ** -0.5).to(torch.bfloat16)
+        a = -torch.rand(k * dim, 1, generator=g, device=device) - 0.5
+        ds, bias = mk(k * dim), mk(k * dim, scale=0.5) - 2.0
+        paths, inverse = snake_tables(n, device)
+        gy = torch.randn(batch, length, dim, device=device, dtype=torch.bfloat16)
+        fn = lambda x_, wx_, wdt_: sc.ss2d_core(x_, wx_, wdt_, a, ds, bias, paths, inverse, "triton",  # noqa: E731
+                                                channels_last=True, core="op")
+        outs = []
+        try:
+            for align in (default, 1):
+                sc.RANK_ALIGN = align
+                fwd, fb = time_fwd_bwd(timer, fn, [x, wx, wdt], gy)
+                rows.append({"kernel": "ss2d_core", "shape": [batch, dim, n], "rank": r, "rank_align": align,
+                             "padded_rank": sc._padded_rank(r), "fwd_ms": fwd, "fwd_bwd_ms": fb,
+                             "path": f"rank {sc._padded_rank(r)}"})
+                leaves = [t.detach().requires_grad_() for t in (x, wx, wdt)]
+                out = fn(*leaves)
+                outs.append([out, *torch.autograd.grad(out, leaves, gy)])
+        finally:
+            sc.RANK_ALIGN = default
+        rows[-1]["max_rel_diff_to_padded"] = _rel_diff(outs[1], outs[0])
+        del x, gy, outs
+    return rows
+
+
 def bench_conv(shapes, device: str, timer, sweep: bool) -> list[dict]:
     """SS2D's depthwise 3x3 conv + SiLU (lamamba_dist/ops/dwconv.py) per backend, on the half of an in_proj output
     (B, n, n, 2D) as SS2D reads it, into the channels-last (B, n, n, D) layout the SS2D core reads (the default
@@ -525,7 +574,8 @@ def run_bench(what: str, shapes, device: str, sweep: bool = False, reps: int = 3
     import triton
 
     timer = _timer(device, reps)
-    rows = {"scan": bench_scan, "ss2d": bench_ss2d, "conv": bench_conv, "snake": bench_snake}[what](shapes, device, timer, sweep)
+    rows = {"scan": bench_scan, "ss2d": bench_ss2d, "conv": bench_conv, "snake": bench_snake,
+            "core": bench_core}[what](shapes, device, timer, sweep)
     return {"bench": "kernels", "environment": environment(device, triton=triton.__version__,
                                                            interpreter=os.environ.get("TRITON_INTERPRET") == "1"),
             "settings": {"what": what, "shapes": [list(s) for s in shapes], "sweep": sweep}, "results": rows}
@@ -545,11 +595,12 @@ def _shapes(text: str):
 
 def add_parser(sub, name: str, help_text: str):
     p = sub.add_parser(name, help=help_text, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", choices=("scan", "ss2d", "conv", "snake"), default="scan",
+    p.add_argument("--what", choices=("scan", "ss2d", "conv", "snake", "core"), default="scan",
                    help="scan: the sequence scan by backend; ss2d: SS2D's scan paths and modules; conv: SS2D's "
-                        "depthwise conv + SiLU by backend; snake: the channels-last snake gather / merge by path")
-    p.add_argument("--shapes", default=None, help="batch x dim x L (scan) or batch x d_inner x map side (ss2d, conv "
-                   "or snake), comma separated (default: LaMamba-XL's)")
+                        "depthwise conv + SiLU by backend; snake: the channels-last snake gather / merge by path; "
+                        "core: SS2D's whole scan core with its rank padded and not")
+    p.add_argument("--shapes", default=None, help="batch x dim x L (scan) or batch x d_inner x map side (ss2d, conv, "
+                   "snake or core), comma separated (default: LaMamba-XL's)")
     p.add_argument("--sweep", action="store_true", help="also time launch configurations of the Triton kernels")
     p.add_argument("--device", default=None, help="cuda (default), or cpu for a smoke run under TRITON_INTERPRET=1")
     p.add_argument("--out", default=None, help="write the JSON here (always printed)")

@@ -19,12 +19,13 @@ the merged (B, L, D) gradient in its epilogue.
 
 Plain autograd keeps xs and dts for the backward: two (B, 4, D, L) tensors, 8x the map, in every SS2D (about
 3.3 GiB each for LaMamba-XL at 256 px, batch 64, in bf16). ``ss2d_core`` is one autograd function that keeps
-x, dts_r (R = C/16 rows instead of D = 2C), Bs, Cs and the scan kernel's per-chunk states, and in the backward
-gathers xs again from x and recomputes dts with the small (D x R) projection before calling the scan kernel's
-own backward: the scan itself is never recomputed. The extra backward work is one gather and one rank-R
-matmul per SS2D. Run eagerly (the custom ops always are) with the Triton kernel, the scan writes its output over
-xs and its du, ddelta over the gathered output gradient and the recomputed dts, so the backward holds three
-(B, 4, D, L) tensors at once instead of five (scan_triton.scan1_fwd_launch / scan1_bwd_launch). With
+x, dts_r (R = C/16 rows instead of D = 2C, padded with zero rows to a multiple of 8: RANK_ALIGN), Bs, Cs and
+the scan kernel's per-chunk states, and in the backward gathers xs again from x and recomputes dts with the
+small (D x R) projection before calling the scan kernel's own backward: the scan itself is never recomputed.
+The extra backward work is one gather and one rank-R matmul per SS2D. Run eagerly (the custom ops always are)
+with the Triton kernel, the scan writes its output over xs and its du, ddelta over the gathered output gradient
+and the recomputed dts, so the backward holds three (B, 4, D, L) tensors at once instead of five
+(scan_triton.scan1_fwd_launch / scan1_bwd_launch). With
 ``core="op"`` and the real kernels the forward and the backward are custom ops
 (``lamamba::ss2d_core_fwd`` / ``_bwd``), so that torch.compile keeps this choice: it cannot see inside them to
 save xs and dts instead, as it does through the autograd.Function (``core="function"``). "op" is the default
@@ -145,6 +146,35 @@ def resolve_core(core: str) -> str:
     return "op" if core == "auto" else core
 
 
+# The deltas' rank R is padded with zeros to a multiple of RANK_ALIGN inside the core (dts_r gets zero rows, the
+# dt projection's weight zero columns; the gradients of the padding are dropped), so that the dt projection's
+# four GEMMs (forward, its recomputation, and the two of its backward) have 16-byte aligned rows in bf16. At
+# R = 20 (LaMamba-XL's first stage, C = 320) their rows are 40 bytes apart, and cuBLAS takes its 2-element-aligned
+# sm80 kernels: on one H100 the step's 20 such GEMMs (four in each of the stage's five SS2Ds) took 5.4 ms of
+# LaMamba-XL's 121.5 ms at 256 px, batch 64 (docs/performance.md). The zeros add nothing to any sum.
+RANK_ALIGN = 8
+
+
+def _padded_rank(r: int) -> int:
+    return -(-r // RANK_ALIGN) * RANK_ALIGN
+
+
+def _pad_rank(wdt: torch.Tensor, rp: int) -> torch.Tensor:
+    """The dt projection's weight (K, D, R) with zero columns up to rank rp."""
+    return wdt if wdt.shape[2] == rp else torch.nn.functional.pad(wdt, (0, rp - wdt.shape[2]))
+
+
+def _direction_major_rank(dts_r: torch.Tensor, rp: int) -> torch.Tensor:
+    """dts_r (B, K, R, L) copied direction-major, (K, rp, B, L) seen as (B, K, rp, L), rows R.. zero."""
+    b, k, r, length = dts_r.shape
+    if rp == r:
+        return dts_r.permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3)
+    out = dts_r.new_empty(k, rp, b, length)
+    out[:, :r].copy_(dts_r.permute(1, 2, 0, 3))
+    out[:, r:].zero_()
+    return out.permute(2, 0, 1, 3)
+
+
 def _gather_xs(x, paths, inverse, snake: str, channels_last: bool):
     """The map along the four snake paths, (B, 4, D, L), from x (B, L, D) when channels_last else (B, D, L)."""
     if channels_last:
@@ -214,10 +244,11 @@ def _add_matmul(acc: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Te
 
 def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse, kernel: str, snake: str,
                   channels_last: bool):
-    """The forward: (y (B, L, D) channels-last, and what the backward keeps: dts_r (a view of the projection's
-    output), bs, cs, the scan's states)."""
+    """The forward: (y (B, L, D) channels-last, and what the backward keeps: dts_r (direction-major, its rank
+    padded to a multiple of RANK_ALIGN), bs, cs, the scan's states)."""
     b, d, length = (x.shape[0], x.shape[2], x.shape[1]) if channels_last else x.shape
     k, r = dt_projs_weight.shape[0], dt_projs_weight.shape[2]
+    rp = _padded_rank(r)
     n = A.shape[1]
     fwd, _ = KERNELS[kernel]()
     dtype = x.dtype
@@ -230,11 +261,12 @@ def _core_forward(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inve
     dts_r, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
     # dts_r kept direction-major, (K, R, B*L) seen as (B, K, R, L): each direction's deltas are then one GEMM over
     # B*L, here and in the backward (_core_backward), where their gradient's weight gradient is one too
-    dts_r = dts_r.permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3)
+    dts_r = _direction_major_rank(dts_r, rp)
+    wdt = _pad_rank(dt_projs_weight.to(dtype), rp)
     if _direction_major(kernel, fused):
-        dts = _direction_major_matmul(dt_projs_weight.to(dtype), dts_r)  # (B, K, D, L) view of (K, D, B*L)
+        dts = _direction_major_matmul(wdt, dts_r)  # (B, K, D, L) view of (K, D, B*L)
     else:
-        dts = _per_direction_matmul(dt_projs_weight.to(dtype), dts_r)  # (B, K, D, L)
+        dts = _per_direction_matmul(wdt, dts_r)  # (B, K, D, L)
     bs, cs = bs.contiguous(), cs.contiguous()
     if fused:  # x read along the paths and the four outputs summed in the kernel; one tile, so the entry state of
         # the sequences is zero: what the unfused backward reads (the fused one reads none)
@@ -255,10 +287,10 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
                    channels_last: bool):
     """The input and parameter gradients from gy (B, L, D): xs gathered again, dts recomputed from dts_r."""
     b, d, length = (x.shape[0], x.shape[2], x.shape[1]) if channels_last else x.shape
-    k = wdt_p.shape[0]
+    k, r, rp = wdt_p.shape[0], wdt_p.shape[2], dts_r.shape[2]  # rp: the padded rank of the saved dts_r
     _, bwd = KERNELS[kernel]()
     dtype = x.dtype
-    wx, wdt = wx_p.to(dtype), wdt_p.to(dtype)
+    wx, wdt = wx_p.to(dtype), _pad_rank(wdt_p.to(dtype), rp)
     fused = _fused_snake(kernel, snake, channels_last, length)
     # Eagerly with the Triton scan, the deltas are recomputed direction-major, (K, D, B*L) seen as (B, K*D, L), from
     # the saved direction-major dts_r, and the kernel writes their gradient over them in that layout: the
@@ -267,7 +299,7 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
     # again in each SS2D).
     direction_major = _direction_major(kernel, fused)
     if direction_major:
-        dts_r_km = dts_r.permute(1, 2, 0, 3).reshape(k, wdt.shape[2], b * length)  # (K, R, B*L), a view
+        dts_r_km = dts_r.permute(1, 2, 0, 3).reshape(k, rp, b * length)  # (K, rp, B*L), a view
         dts = _direction_major_matmul(wdt, dts_r)  # recomputed: the rank-R projection
     else:
         dts = _per_direction_matmul(wdt, dts_r)  # recomputed: the rank-R projection
@@ -289,17 +321,19 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
     del dts
     if direction_major:  # ddelta in the deltas' layout: (K, D, B*L) without a copy
         ddelta = ddelta.view(b, k, d, length).permute(1, 2, 0, 3).reshape(k, d, b * length).to(dtype)
-        g_wdt = torch.bmm(ddelta, dts_r_km.transpose(1, 2))  # (K, D, R)
+        g_wdt = torch.bmm(ddelta, dts_r_km.transpose(1, 2))  # (K, D, rp)
         g_dts_r = torch.bmm(wdt.transpose(1, 2), ddelta).view(k, -1, b, length).permute(2, 0, 1, 3)  # (B, K, R, L)
         del dts_r_km
     else:
         ddelta = ddelta.view(b, k, d, length).to(dtype)
         # weight grads as (B, K)-batched matmuls on transposed views, summed over B: no permuted copy of the
         # (B, K, D, L) operands (an einsum over "bk..." would fold B into the reduction by copying them)
-        g_wdt = torch.matmul(ddelta, dts_r.transpose(-1, -2)).sum(0)  # (K, D, R)
-        g_dts_r = _per_direction_matmul(wdt.transpose(1, 2), ddelta)  # (B, K, R, L)
+        g_wdt = torch.matmul(ddelta, dts_r.transpose(-1, -2)).sum(0)  # (K, D, rp)
+        g_dts_r = _per_direction_matmul(wdt.transpose(1, 2), ddelta)  # (B, K, rp, L)
     del ddelta
-    g_xdbl = torch.cat([g_dts_r, dB.to(dtype), dC.to(dtype)], dim=2)  # (B, K, R+2N, L)
+    # the padding's rows and columns dropped (their gradients are zero and belong to no parameter)
+    g_xdbl = torch.cat([g_dts_r[:, :, :r], dB.to(dtype), dC.to(dtype)], dim=2)  # (B, K, R+2N, L)
+    g_wdt = g_wdt[..., :r]
     if channels_last:
         # on the map: g_xdbl in grid order (B*L, K*(R+2N)), small, against x (B*L, D): the weight gradient is one
         # GEMM with B*L summed inside it, and wx^T g_xdbl lands on the merged gradient, (B, L, D), in the GEMM's
@@ -321,7 +355,7 @@ def _core_backward(gy, x, wx_p, wdt_p, dts_r, bs, cs, A, Ds, dt_bias, states, pa
         g_xs = _per_direction_matmul(wx.transpose(1, 2), g_xdbl, acc=du.to(dtype).view(b, k, d, length))
         del du
         g_x = _merge_gather(g_xs, inverse)
-    return (g_x, g_wx.to(wx_p.dtype), g_wdt.to(wdt_p.dtype), dA.to(A.dtype), dD.to(Ds.dtype),
+    return (g_x, g_wx.to(wx_p.dtype), g_wdt.to(wdt_p.dtype).contiguous(), dA.to(A.dtype), dD.to(Ds.dtype),
             dbias.to(dt_bias.dtype))
 
 
@@ -373,9 +407,9 @@ def _states_shape(kernel: str, b: int, dim: int, length: int, n: int) -> tuple[i
 @_ss2d_core_fwd.register_fake
 def _(x, x_proj_weight, dt_projs_weight, A, Ds, dt_bias, paths, inverse, kernel, snake, channels_last):
     b, d, length = (x.shape[0], x.shape[2], x.shape[1]) if channels_last else x.shape
-    k, r = dt_projs_weight.shape[0], dt_projs_weight.shape[2]
+    k, rp = dt_projs_weight.shape[0], _padded_rank(dt_projs_weight.shape[2])
     n = A.shape[1]
-    return (x.new_empty(b, length, d), x.new_empty(k, r, b, length).permute(2, 0, 1, 3), x.new_empty(b, k, n, length),
+    return (x.new_empty(b, length, d), x.new_empty(k, rp, b, length).permute(2, 0, 1, 3), x.new_empty(b, k, n, length),
             x.new_empty(b, k, n, length), x.new_empty(_states_shape(kernel, b, k * d, length, n), dtype=torch.float32))
 
 

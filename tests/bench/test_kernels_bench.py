@@ -61,6 +61,13 @@ def test_scan_and_ss2d_rows_under_the_interpreter(tmp_path):
     assert out["results"][1]["max_rel_diff_to_torch"] == 0.0  # a copy
     assert out["results"][3]["max_rel_diff_to_torch"] < 1e-2  # bf16: the kernel sums in fp32, rounds once
 
+    res, out = _bench(["--what", "core", "--device", "cpu", "--shapes", "1x64x3"], tmp_path, interpret=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [(r["kernel"], r["rank"], r["padded_rank"]) for r in out["results"]] == [("ss2d_core", 2, 8),
+                                                                                  ("ss2d_core", 2, 2)]
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in out["results"])
+    assert out["results"][1]["max_rel_diff_to_padded"] < 2e-2  # the zeros change no sum; bf16 GEMM orders may
+
 
 @needs_triton
 def test_cpu_without_the_interpreter_and_bad_shapes_are_refused(tmp_path):
@@ -71,7 +78,8 @@ def test_cpu_without_the_interpreter_and_bad_shapes_are_refused(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("what,shapes", [("scan", "4x256x1024"), ("ss2d", "4x64x16"), ("conv", "4x640x32")])
+@pytest.mark.parametrize("what,shapes", [("scan", "4x256x1024"), ("ss2d", "4x64x16"), ("conv", "4x640x32"),
+                                         ("core", "4x640x32")])
 def test_kernels_bench_on_gpu(tmp_path, what, shapes):
     res, out = _bench(["--what", what, "--shapes", shapes, "--device", "cuda"], tmp_path, interpret=False)
     assert res.returncode == 0, res.stderr[-3000:]

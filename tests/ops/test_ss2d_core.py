@@ -91,7 +91,8 @@ def test_lean_core_equals_plain_autograd_fp32(n_side, d):
 
 
 def test_lean_core_keeps_less_than_one_snake_copy_for_backward():
-    b, d, n_side = 2, 16, 8
+    # D = 32 against the rank's 3, padded to 8 (RANK_ALIGN): in the models R = C/16 against D = 2C
+    b, d, n_side = 2, 32, 8
     length = n_side * n_side
     p = _params(d)
     x = torch.randn(b, d, length, requires_grad=True)
@@ -150,7 +151,8 @@ def test_eager_core_never_copies_a_weight_over_the_batch(monkeypatch, channels_l
     assert expanded == []
     # and the per-direction GEMMs compute what torch.matmul's broadcast does
     xs = sc._gather_xs(x, paths, inverse, "torch", channels_last)
-    assert torch.allclose(dts_r, torch.matmul(p["x_proj_weight"], xs)[:, :, :5], atol=1e-5)
+    assert dts_r.shape[2] == 8 and not dts_r[:, :, 5:].any()  # rank 5 padded with zero rows (RANK_ALIGN)
+    assert torch.allclose(dts_r[:, :, :5], torch.matmul(p["x_proj_weight"], xs)[:, :, :5], atol=1e-5)
     assert grads[0].shape == x.shape and grads[1].shape == p["x_proj_weight"].shape
 
 
@@ -245,7 +247,51 @@ def _interpreter_cases():
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(x.grad, g_eager, rtol=1e-4, atol=1e-5)
     _compiled_ss2d_saves_no_snake_copy()
+    _gemm_rows_are_16_byte_aligned()
     print("interpreter cases passed")
+
+
+def _gemm_rows_are_16_byte_aligned():
+    """Every GEMM of the core (channels-last, the Triton scan: SS2D's default path) reads and writes rows a
+    multiple of 8 elements apart at LaMamba-XL's first-stage rank R = 20 (RANK_ALIGN): where a leading dimension
+    is 20, cuBLAS takes its 2-element-aligned kernels. The padded rank's gradients are the unpadded ones."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lamamba_dist.ops import ss2d_core as sc
+
+    aten = torch.ops.aten
+    gemms = (aten.mm.default, aten.bmm.default, aten.addmm.default, aten.addmm_.default, aten.baddbmm_.default)
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in gemms:
+                for t in [a for a in args if isinstance(a, torch.Tensor)] + [out]:
+                    seen.append((str(func), tuple(t.shape), t.stride()[-2] if t.stride()[-1] == 1 else t.stride()[-1]))
+            return out
+
+    b, side, d, r = 2, 4, 16, 20
+    p = {k: v.detach() for k, v in _params(d, r=r).items()}
+    x = torch.randn(b, side * side, d)
+    paths, inverse = snake_tables(side)
+    a = -torch.exp(p["A_logs"])
+    with Watch():
+        y, dts_r, bs, cs, states = sc._core_forward(x, p["x_proj_weight"], p["dt_projs_weight"], a, p["Ds"],
+                                                    p["dt_bias"], paths, inverse, "triton", "torch", True)
+        gy = torch.randn_like(y)
+        grads = sc._core_backward(gy, x, p["x_proj_weight"], p["dt_projs_weight"], dts_r, bs, cs, a, p["Ds"],
+                                  p["dt_bias"], states, paths, inverse, "triton", "torch", True)
+    assert len(seen) >= 7 * 3 and all(ld % 8 == 0 for _, _, ld in seen), [s for s in seen if s[2] % 8]
+    assert dts_r.shape[2] == 24 and not dts_r[:, :, r:].any()
+    assert grads[2].shape == (4, d, r) and grads[2].is_contiguous()
+    # the same gradients as autograd through the unpadded core (the reference scan)
+    ins = [t.clone().requires_grad_(True) for t in (x, p["x_proj_weight"], p["dt_projs_weight"], p["Ds"], p["dt_bias"])]
+    ref = ss2d_core(ins[0], ins[1], ins[2], a, ins[3], ins[4], paths, inverse, "reference", channels_last=True)
+    ref.backward(gy)
+    torch.testing.assert_close(y, ref.detach(), rtol=1e-4, atol=1e-5)
+    for g, t in zip((grads[0], grads[1], grads[2], grads[4], grads[5]), ins):
+        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-5)
 
 
 def _compiled_ss2d_saves_no_snake_copy():
