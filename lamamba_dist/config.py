@@ -49,7 +49,9 @@ class ModelConfig:
     # "ss2d_triton" (opt-in): SS2D gathers its scan from the channels-last map (ops/ss2d_triton.py).
     scan_backend: str = field(default="auto", metadata=dict(
         choices=("auto", "fused", "triton", "mixed", "reference", "ss2d_triton", "ss2d_reference")))
-    attn_backend: str = field(default="auto", metadata=dict(choices=("auto", "sdpa", "flash", "reference")))
+    # Window attention (ops/window_attention.py): "auto" (= "sdpa"), "sdpa", "flash", "reference", "triton" (opt-in:
+    # ops/window_attention_triton.py, the bias and its gradient inside the kernels)
+    attn_backend: str = field(default="auto", metadata=dict(choices=("auto", "sdpa", "flash", "reference", "triton")))
     # SS2D's depthwise conv + SiLU (ops/dwconv.py): "auto" (= "triton" on CUDA, "torch" elsewhere), "torch", "triton",
     # "triton_tiles" (the Triton conv's former tile kernels, for A/B runs)
     conv_backend: str = field(default="auto", metadata=dict(choices=("auto", "torch", "triton", "triton_tiles")))

@@ -38,6 +38,13 @@ forward and forward+backward, bf16, at the same shapes as ``ss2d`` with the mode
 rank padded to a multiple of 8 (``RANK_ALIGN``, the default) and unpadded: the A/B of the dt projection's GEMMs'
 alignment (R = 20 at the first stage).
 
+``--what attn``: window attention with its additive bias (lamamba_dist/ops/window_attention.py) from the qkv
+projection's output (B * nW, 64, 3C) to the output projection's input, PyTorch's SDPA against the Triton kernels
+(lamamba_dist/ops/window_attention_triton.py), forward and forward+backward (the gradients of qkv and of the
+(nW, h, 64, 64) bias), bf16, 16 heads and windows of 8 x 8 as LaMamba-XL's blocks (batch x C x map side): 64x320x32,
+64x640x16, 64x1280x8 (256 px) and 16x320x64, 16x640x32, 16x1280x16 (512 px). ``--sweep`` adds the kernels' warps
+and the backward's image chunks.
+
 Times are the median of ``triton.testing.do_bench``. ``--device cpu`` is a smoke run of the same code under Triton's
 interpreter (TRITON_INTERPRET=1 set before the start, tiny shapes; its times mean nothing).
 """
@@ -57,6 +64,9 @@ SCAN_SHAPES = [(64, 2560, 1024), (64, 5120, 256), (64, 10240, 64),  # batch, dim
                (16, 2560, 4096), (16, 5120, 1024), (16, 10240, 256)]  # 512 px, batch 16
 SS2D_SHAPES = [(64, 640, 32), (64, 1280, 16), (64, 2560, 8),  # batch, d_inner, map side
                (16, 640, 64), (16, 1280, 32), (16, 2560, 16)]
+ATTN_SHAPES = [(64, 320, 32), (64, 640, 16), (64, 1280, 8),  # batch, C, map side
+               (16, 320, 64), (16, 640, 32), (16, 1280, 16)]
+ATTN_HEADS, ATTN_WINDOW = 16, 8
 
 
 def _timer(device: str, reps: int):
@@ -462,6 +472,61 @@ def conv_sweep(x, w, gy, timer) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- window attention
+
+
+def bench_attn(shapes, device: str, timer, sweep: bool) -> list[dict]:
+    """Window attention with its bias, from qkv (B * nW, N, 3C) to (B * nW, N, C), per backend ("sdpa", the default,
+    and "triton"); forward and forward+backward (qkv and bias gradients), bf16 qkv and an fp32 bias as under autocast."""
+    import torch
+
+    from lamamba_dist.ops.window_attention import window_attention
+
+    rows = []
+    for batch, dim, side in shapes:
+        heads, window = min(ATTN_HEADS, dim), min(ATTN_WINDOW, side)
+        nw, n = (side // window) ** 2, window * window
+        g = torch.Generator(device=device).manual_seed(0)
+        qkv = torch.randn(batch * nw, n, 3 * dim, generator=g, device=device).to(torch.bfloat16)
+        bias = torch.randn(nw, heads, n, n, generator=g, device=device)
+        gy = torch.randn(batch * nw, n, dim, device=device, dtype=torch.bfloat16)
+        outs = []
+        for backend in ("sdpa", "triton"):
+            fn = lambda q_, b_, be=backend: window_attention(q_, b_, heads, be)  # noqa: E731
+            fwd, fb = time_fwd_bwd(timer, fn, [qkv, bias], gy)
+            # bytes that must move: qkv read, the output written (forward); qkv, output and its gradient read,
+            # the qkv gradient written (backward); the bias is small beside them
+            elems = batch * nw * n * dim
+            rows.append({"kernel": "window_attention", "shape": [batch, dim, side], "heads": heads, "window": window,
+                         "backend": backend, "fwd_ms": fwd, "fwd_bwd_ms": fb,
+                         "fwd_gb_per_s": 2 * 4 * elems / fwd / 1e6, "fwd_bwd_gb_per_s": 2 * 13 * elems / fb / 1e6})
+            leaves = [t.detach().requires_grad_() for t in (qkv, bias)]
+            out = fn(*leaves)
+            outs.append([out, *torch.autograd.grad(out, leaves, gy)])
+        rows[-1]["max_rel_diff_to_sdpa"] = _rel_diff(outs[1], outs[0])
+        if sweep:
+            rows += attn_sweep(qkv, bias, gy, heads, timer, (batch, dim, side))
+        del qkv, gy, outs
+    return rows
+
+
+def attn_sweep(qkv, bias, gy, heads, timer, shape) -> list[dict]:
+    """The Triton window attention's kernels over launch configurations: the forward's warps, the backward's warps
+    and about how many backward programs (the images each walks, whose bias-gradient partials torch sums)."""
+    from lamamba_dist.ops import window_attention_triton as wat
+
+    rows = []
+    for nw in (2, 4, 8):
+        sweep_row(rows, timer, "window_attention_fwd", shape,
+                  lambda: wat.window_attention_fwd_launch(qkv, bias, heads, fwd_warps=nw), [nw])
+    out, lse = wat.window_attention_fwd_launch(qkv, bias, heads)
+    for nw, programs in itertools.product((4, 8), (512, 1024, 2048, 4096, 16384)):
+        sweep_row(rows, timer, "window_attention_bwd", shape,
+                  lambda: wat.window_attention_bwd_launch(gy, qkv, bias, out, lse, heads, programs, nw),
+                  [nw, programs])
+    return rows
+
+
 # ----------------------------------------------------------------------------- the snake gather / merge
 
 
@@ -575,7 +640,7 @@ def run_bench(what: str, shapes, device: str, sweep: bool = False, reps: int = 3
 
     timer = _timer(device, reps)
     rows = {"scan": bench_scan, "ss2d": bench_ss2d, "conv": bench_conv, "snake": bench_snake,
-            "core": bench_core}[what](shapes, device, timer, sweep)
+            "core": bench_core, "attn": bench_attn}[what](shapes, device, timer, sweep)
     return {"bench": "kernels", "environment": environment(device, triton=triton.__version__,
                                                            interpreter=os.environ.get("TRITON_INTERPRET") == "1"),
             "settings": {"what": what, "shapes": [list(s) for s in shapes], "sweep": sweep}, "results": rows}
@@ -595,12 +660,12 @@ def _shapes(text: str):
 
 def add_parser(sub, name: str, help_text: str):
     p = sub.add_parser(name, help=help_text, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", choices=("scan", "ss2d", "conv", "snake", "core"), default="scan",
+    p.add_argument("--what", choices=("scan", "ss2d", "conv", "snake", "core", "attn"), default="scan",
                    help="scan: the sequence scan by backend; ss2d: SS2D's scan paths and modules; conv: SS2D's "
                         "depthwise conv + SiLU by backend; snake: the channels-last snake gather / merge by path; "
-                        "core: SS2D's whole scan core with its rank padded and not")
-    p.add_argument("--shapes", default=None, help="batch x dim x L (scan) or batch x d_inner x map side (ss2d, conv, "
-                   "snake or core), comma separated (default: LaMamba-XL's)")
+                        "core: SS2D's whole scan core with its rank padded and not; attn: window attention by backend")
+    p.add_argument("--shapes", default=None, help="batch x dim x L (scan), batch x d_inner x map side (ss2d, conv, "
+                   "snake or core) or batch x C x map side (attn), comma separated (default: LaMamba-XL's)")
     p.add_argument("--sweep", action="store_true", help="also time launch configurations of the Triton kernels")
     p.add_argument("--device", default=None, help="cuda (default), or cpu for a smoke run under TRITON_INTERPRET=1")
     p.add_argument("--out", default=None, help="write the JSON here (always printed)")
@@ -623,7 +688,8 @@ def _run(args) -> int:
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise CLIError("the kernels run on a CUDA GPU; on a CPU only as a smoke run under Triton's interpreter "
                        "(TRITON_INTERPRET=1 lamamba bench kernels --device cpu --shapes 1x8x16)")
-    shapes = _shapes(args.shapes) if args.shapes else (SCAN_SHAPES if args.what == "scan" else SS2D_SHAPES)
+    shapes = _shapes(args.shapes) if args.shapes else {"scan": SCAN_SHAPES, "attn": ATTN_SHAPES}.get(args.what,
+                                                                                                   SS2D_SHAPES)
     out = run_bench(args.what, shapes, device, args.sweep)
     print(write_json(args.out, out))
     for r in out["results"]:

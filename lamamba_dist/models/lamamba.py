@@ -27,7 +27,7 @@ from lamamba_dist.ops import (
     shift_attention_mask,
     snake_tables,
     permute_tokens,
-    window_attention_core,
+    window_attention,
     window_token_order,
 )
 from lamamba_dist.ops.dwconv import dwconv_silu
@@ -240,10 +240,7 @@ class WindowAttention(nn.Module):
         bw = b * (h // ws) * (w // ws)
         # roll(-shift) + window partition in one gather: (B, H*W, C) -> (B*nW, N, C)
         win = permute_tokens(x.reshape(b, h * w, c), self.token_order, self.token_inverse).view(bw, n, c)
-        qkv = self.qkv(win).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B*nW, h, N, e)
-        out = window_attention_core(q, k, v, self.attention_bias(), (h // ws) * (w // ws), self.attn_backend)
-        out = self.proj(out.transpose(1, 2).reshape(bw, n, c))
+        out = self.proj(window_attention(self.qkv(win), self.attention_bias(), self.num_heads, self.attn_backend))
         # window reverse + roll(+shift) in one gather
         return permute_tokens(out.view(b, h * w, c), self.token_inverse, self.token_order).view(b, h, w, c)
 

@@ -14,6 +14,7 @@ from lamamba_dist.ops.window_attention import (
     relative_position_bias,
     relative_position_index,
     shift_attention_mask,
+    window_attention,
     window_attention_core,
     window_partition,
     window_reverse,
@@ -23,6 +24,6 @@ from lamamba_dist.ops.window_attention import (
 __all__ = [
     "cross_scan", "cross_merge", "cross_scan_reference", "cross_merge_reference", "snake_tables",
     "selective_scan", "selective_scan_reference", "fused_available", "ss2d_scan", "ss2d_scan_reference",
-    "relative_position_index", "relative_offset_onehot", "relative_position_bias", "shift_attention_mask", "window_attention_core", "window_partition", "window_reverse",
+    "relative_position_index", "relative_offset_onehot", "relative_position_bias", "shift_attention_mask", "window_attention", "window_attention_core", "window_partition", "window_reverse",
     "permute_tokens", "window_token_order",
 ]

@@ -28,6 +28,8 @@ import os
 
 import torch
 
+from lamamba_dist.ops.optional_kernels import triton_module
+
 
 def snake_path_coords(n: int, k: int) -> list[tuple[int, int]]:
     """(row, col) visited at each step by direction k on an n x n map (docs/model.md §4)."""
@@ -172,18 +174,8 @@ def cross_merge_reference(y: torch.Tensor, n: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- channels-last ends of SS2D's scan
 
 
-def _load_triton_module():
-    """cross_scan_triton, or None where triton does not import (CPU CI without triton)."""
-    try:
-        from lamamba_dist.ops import cross_scan_triton
-
-        return cross_scan_triton
-    except Exception:
-        return None
-
-
 # Resolved once at import (constants to torch.compile, like the scan modules in selective_scan.py).
-_CROSS_TRITON = _load_triton_module()
+_CROSS_TRITON = triton_module("cross_scan_triton")
 SNAKE_BACKENDS = ("auto", "torch", "triton", "fused")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the kernels then run on CPU tensors (tests)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lamamba_dist.ops.optional_kernels import triton_module
+
 CONV_BACKENDS = ("auto", "torch", "triton", "triton_tiles")
 _TRITON_ALGOS = {"triton": "auto", "triton_tiles": "tiles"}
 
@@ -28,16 +30,7 @@ def dwconv_silu_reference(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool =
     return y.permute(0, 2, 3, 1).contiguous()
 
 
-def _load_triton_module():
-    try:
-        from lamamba_dist.ops import dwconv_triton
-
-        return dwconv_triton
-    except Exception:  # triton missing (CPU CI without the dev extra)
-        return None
-
-
-_DWCONV_TRITON = _load_triton_module()  # resolved once at import (a constant to torch.compile)
+_DWCONV_TRITON = triton_module("dwconv_triton")  # resolved once at import (a constant to torch.compile)
 
 
 def dwconv_silu(x: torch.Tensor, weight: torch.Tensor, out_bdl: bool = True, backend: str = "auto") -> torch.Tensor:

@@ -31,6 +31,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from lamamba_dist.ops.optional_kernels import triton_module
+
 
 def selective_scan_reference(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus: bool = True):
     """The recurrence, literally, in fp32 (slow: a Python loop over L)."""
@@ -147,19 +149,9 @@ def selective_scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus: bool 
     return out
 
 
-def _load_triton_module():
-    """scan_triton (the N = 1 Triton kernels), or None where triton does not import (CPU CI)."""
-    try:
-        from lamamba_dist.ops import scan_triton
-
-        return scan_triton
-    except Exception:
-        return None
-
-
 # Resolved once at import, like _SCAN_CUDA. Under TRITON_INTERPRET=1 (set before this import) the kernels
 # also run on CPU tensors, which is how they are tested without a GPU.
-_SCAN_TRITON = _load_triton_module()
+_SCAN_TRITON = triton_module("scan_triton")
 
 
 def triton_available() -> bool:
@@ -235,17 +227,7 @@ def scan_kernel(backend: str, u: torch.Tensor, d_state: int, length: int | None 
 # ----------------------------------------------------------------------------- SS2D's gathered four-direction scan
 
 
-def _load_ss2d_triton_module():
-    """ss2d_triton (the gathered SS2D scan kernels), or None where triton does not import."""
-    try:
-        from lamamba_dist.ops import ss2d_triton
-
-        return ss2d_triton
-    except Exception:
-        return None
-
-
-_SS2D_TRITON = _load_ss2d_triton_module()
+_SS2D_TRITON = triton_module("ss2d_triton")
 
 
 def ss2d_scan_reference(x_cl, delta_cl, B_cl, C_cl, A, D, delta_bias, paths, inverse, delta_softplus: bool = True):

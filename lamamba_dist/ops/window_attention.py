@@ -9,11 +9,19 @@ for the attention maths on windows:
     backend "flash"      flash-attn, when installed (additive bias unsupported by it, so only used when
                          the caller passes no bias; otherwise falls back to SDPA)
     backend "reference"  explicit softmax(q k^T * scale + bias) v
+    backend "triton"     window_attention_triton.py: one Triton program per (window, head), reading q, k and v from
+                         the qkv projection's output and the bias per window position, its gradient summed
+                         over the batch in the kernel (CUDA, or CPU under TRITON_INTERPRET=1); opt-in until a
+                         whole training step on the GPU says so (docs/performance.md)
     backend "auto"       sdpa; on CUDA a head_dim that is not a multiple of 8 (LaMamba-XL's stage 0 has
                          20) is zero-padded to the next multiple of 8 first, since CUDA's fused kernels
                          refuse it and SDPA would fall back to its slow math kernel. Zero columns in
                          q and k add nothing to q.k, zero columns in v give zero outputs that are
                          sliced off, and the scale stays head_dim^-0.5: the result is the same function.
+
+``window_attention`` is the entry from the qkv projection's output (B * nW, N, 3C) to the output projection's
+input (B * nW, N, C): the "triton" kernels take it as it is, the others split it into q, k and v for
+``window_attention_core``.
 
 ``window_token_order`` folds the cyclic shift and the window partition into one permutation of the tokens,
 so that (shift + partition) and (reverse + unshift) are one gather each (``permute_tokens``), with a
@@ -27,6 +35,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from lamamba_dist.ops.optional_kernels import triton_module
 
 SHIFT_MASK_VALUE = -100.0  # the official value (not -inf)
 
@@ -152,7 +162,10 @@ def permute_tokens(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) 
     return _PermuteTokens.apply(x, order, inverse)
 
 
-BACKENDS = ("auto", "sdpa", "flash", "reference")
+BACKENDS = ("auto", "sdpa", "flash", "reference", "triton")
+
+
+_WATTN_TRITON = triton_module("window_attention_triton")  # resolved once at import (a constant to torch.compile)
 
 
 @functools.lru_cache(maxsize=None)
@@ -182,8 +195,8 @@ def window_attention_core(q, k, v, bias, num_windows: int, backend: str = "auto"
     if backend == "flash" and bias is None and _flash_attn_func() is not None and q.is_cuda:
         out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
         return out.transpose(1, 2)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in BACKENDS or backend == "triton":  # "triton" enters through window_attention
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(b for b in BACKENDS if b != 'triton')}")
     mask = None
     if bias is not None:
         nb = bias.shape[0]
@@ -194,3 +207,22 @@ def window_attention_core(q, k, v, bias, num_windows: int, backend: str = "auto"
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :e]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def window_attention(qkv: torch.Tensor, bias, num_heads: int, backend: str = "auto") -> torch.Tensor:
+    """Attention inside windows from the qkv projection's output: qkv (B * nW, N, 3C), laid out (q, k, v) x heads x
+    head dim as ``nn.Linear(C, 3C)`` writes it; bias additive (nW, h, N, N) (window w of image b is row b * nW + w)
+    or None. Returns (B * nW, N, C), heads then head dim, the output projection's input."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    bw, n, c3 = qkv.shape
+    c = c3 // 3
+    if backend == "triton":
+        if _WATTN_TRITON is None:
+            raise RuntimeError("attention backend 'triton' needs triton (it ships with CUDA builds of torch)")
+        if bias is None:
+            bias = qkv.new_zeros(1, num_heads, n, n)
+        return _WATTN_TRITON.window_attention_triton(qkv, bias, num_heads)
+    q, k, v = qkv.view(bw, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, h, N, e)
+    nw = bias.shape[0] if bias is not None else 1
+    return window_attention_core(q, k, v, bias, nw, backend).transpose(1, 2).reshape(bw, n, c)

@@ -68,6 +68,18 @@ def test_scan_and_ss2d_rows_under_the_interpreter(tmp_path):
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in out["results"])
     assert out["results"][1]["max_rel_diff_to_padded"] < 2e-2  # the zeros change no sum; bf16 GEMM orders may
 
+    res, out = _bench(["--what", "attn", "--device", "cpu", "--shapes", "2x32x8", "--sweep"], tmp_path,
+                      interpret=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    main = [r for r in out["results"] if "backend" in r]
+    assert [(r["kernel"], r["backend"], r["heads"], r["window"]) for r in main] == [
+        ("window_attention", "sdpa", 16, 8), ("window_attention", "triton", 16, 8)]
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in main)
+    assert main[1]["max_rel_diff_to_sdpa"] < 3e-2  # bf16 roundings in different places
+    sweep = [(r["kernel"], r["config"]) for r in out["results"] if "config" in r]
+    assert ("window_attention_fwd", [8]) in sweep and ("window_attention_bwd", [4, 2048]) in sweep
+    assert all("ms" in r for r in out["results"] if "config" in r)
+
 
 @needs_triton
 def test_cpu_without_the_interpreter_and_bad_shapes_are_refused(tmp_path):
@@ -79,7 +91,7 @@ def test_cpu_without_the_interpreter_and_bad_shapes_are_refused(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("what,shapes", [("scan", "4x256x1024"), ("ss2d", "4x64x16"), ("conv", "4x640x32"),
-                                         ("core", "4x640x32")])
+                                         ("core", "4x640x32"), ("attn", "4x320x32")])
 def test_kernels_bench_on_gpu(tmp_path, what, shapes):
     res, out = _bench(["--what", what, "--shapes", shapes, "--device", "cuda"], tmp_path, interpret=False)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -76,11 +76,23 @@ def _ss2d_launches(batch, side, d, dtype=torch.bfloat16):  # the opt-in scan_bac
     s2t.ss2d_bwd_launch(x, delta, B, C, A, D, bias, paths, torch.zeros_like(x), states)
 
 
+def _attn_launches(batch, side, d, dtype=torch.bfloat16):  # the opt-in attn_backend "triton"; C = d_inner / 2
+    from lamamba_dist.ops import window_attention_triton as wat
+
+    c, heads, window = d // 2, 16, min(8, side)
+    nw, n = (side // window) ** 2, window * window
+    qkv = torch.zeros(batch * nw, n, 3 * c, dtype=dtype)
+    bias = torch.zeros(nw, heads, n, n)
+    out, lse = wat.window_attention_fwd_launch(qkv, bias, heads)
+    wat.window_attention_bwd_launch(out, qkv, bias, out, lse, heads)
+
+
 @needs_triton
-@pytest.mark.parametrize("what", ["scan", "snake", "conv", "ss2d"])
+@pytest.mark.parametrize("what", ["scan", "snake", "conv", "ss2d", "attn"])
 @pytest.mark.parametrize("resolution", [256, 512])
 def test_lamamba_xl_kernels_compile_for_sm90(what, resolution):
-    launches = {"scan": _scan_launches, "snake": _snake_launches, "conv": _conv_launches, "ss2d": _ss2d_launches}[what]
+    launches = {"scan": _scan_launches, "snake": _snake_launches, "conv": _conv_launches, "ss2d": _ss2d_launches,
+                "attn": _attn_launches}[what]
     stages = STAGES_256 if resolution == 256 else STAGES_512
 
     def run():
@@ -93,7 +105,8 @@ def test_lamamba_xl_kernels_compile_for_sm90(what, resolution):
                 "snake": {"_gather_cl_kernel"}, "conv": {"_dwconv_fwd_kernel", "_dwconv_bwd_gs_kernel",
                                                          "_dwconv_bwd_gx_kernel", "_dwconv_fwd_rows_kernel",
                                                          "_dwconv_bwd_gs_rows_kernel", "_dwconv_bwd_gx_rows_kernel"},
-                "ss2d": {"_ss2d_fwd_kernel", "_ss2d_bwd_kernel"}}[what]
+                "ss2d": {"_ss2d_fwd_kernel", "_ss2d_bwd_kernel"},
+                "attn": {"_wattn_fwd_kernel", "_wattn_bwd_kernel"}}[what]
     assert expected <= set(names), names
 
 

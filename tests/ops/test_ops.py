@@ -269,3 +269,17 @@ def test_ss2d_uses_its_own_snake_table_buffers():
             mock.patch("lamamba_dist.ops.cross_scan.snake_tables", side_effect=cache_used):
         out = op(torch.randn(1, 4, 4, 8))
     assert out.shape == (1, 4, 4, 8)
+
+
+def test_triton_module_is_none_where_the_module_does_not_import(monkeypatch):
+    import importlib.util
+    import sys
+
+    from lamamba_dist.ops.optional_kernels import triton_module
+
+    assert triton_module("no_such_kernels") is None
+    if importlib.util.find_spec("triton") is not None:
+        assert triton_module("dwconv_triton").__name__ == "lamamba_dist.ops.dwconv_triton"
+    monkeypatch.setitem(sys.modules, "triton", None)  # an import of triton now raises ImportError
+    monkeypatch.delitem(sys.modules, "lamamba_dist.ops.window_attention_triton", raising=False)
+    assert triton_module("window_attention_triton") is None
