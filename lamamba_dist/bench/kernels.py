@@ -477,10 +477,12 @@ def conv_sweep(x, w, gy, timer) -> list[dict]:
 
 def bench_attn(shapes, device: str, timer, sweep: bool) -> list[dict]:
     """Window attention with its bias, from qkv (B * nW, N, 3C) to (B * nW, N, C), per backend ("sdpa", the default,
-    and "triton"); forward and forward+backward (qkv and bias gradients), bf16 qkv and an fp32 bias as under autocast."""
+    and "triton"), and "triton_tokens": the kernels on the map's tokens (B, L, 3C) read through the shifted window
+    order, as the model runs them (its SDPA path adds a gather of the block's input and of the output); forward and
+    forward+backward (qkv and bias gradients), bf16 qkv and an fp32 bias as under autocast."""
     import torch
 
-    from lamamba_dist.ops.window_attention import window_attention
+    from lamamba_dist.ops.window_attention import window_attention, window_token_order
 
     rows = []
     for batch, dim, side in shapes:
@@ -490,20 +492,26 @@ def bench_attn(shapes, device: str, timer, sweep: bool) -> list[dict]:
         qkv = torch.randn(batch * nw, n, 3 * dim, generator=g, device=device).to(torch.bfloat16)
         bias = torch.randn(nw, heads, n, n, generator=g, device=device)
         gy = torch.randn(batch * nw, n, dim, device=device, dtype=torch.bfloat16)
+        order = window_token_order(side, window, window // 2 if side > window else 0)[0].to(device)
         outs = []
-        for backend in ("sdpa", "triton"):
-            fn = lambda q_, b_, be=backend: window_attention(q_, b_, heads, be)  # noqa: E731
+        for backend in ("sdpa", "triton", "triton_tokens"):
+            if backend == "triton_tokens":  # the model's path: the map's tokens read through the shifted order
+                fn = lambda q_, b_: window_attention(q_.view(batch, nw * n, -1), b_, heads, "triton",  # noqa: E731
+                                                     order=order).view(batch * nw, n, -1)
+            else:
+                fn = lambda q_, b_, be=backend: window_attention(q_, b_, heads, be)  # noqa: E731
             fwd, fb = time_fwd_bwd(timer, fn, [qkv, bias], gy)
-            # bytes that must move: qkv read, the output written (forward); qkv, output and its gradient read,
-            # the qkv gradient written (backward); the bias is small beside them
+            # bytes that must move, in elements of the output: qkv read (3), the output written (1) in the forward;
+            # qkv, the output and its gradient read (5), the qkv gradient written (3) in the backward; the bias is
+            # small beside them
             elems = batch * nw * n * dim
             rows.append({"kernel": "window_attention", "shape": [batch, dim, side], "heads": heads, "window": window,
                          "backend": backend, "fwd_ms": fwd, "fwd_bwd_ms": fb,
-                         "fwd_gb_per_s": 2 * 4 * elems / fwd / 1e6, "fwd_bwd_gb_per_s": 2 * 13 * elems / fb / 1e6})
+                         "fwd_gb_per_s": 2 * 4 * elems / fwd / 1e6, "fwd_bwd_gb_per_s": 2 * 12 * elems / fb / 1e6})
             leaves = [t.detach().requires_grad_() for t in (qkv, bias)]
             out = fn(*leaves)
             outs.append([out, *torch.autograd.grad(out, leaves, gy)])
-        rows[-1]["max_rel_diff_to_sdpa"] = _rel_diff(outs[1], outs[0])
+        rows[-2]["max_rel_diff_to_sdpa"] = _rel_diff(outs[1], outs[0])
         if sweep:
             rows += attn_sweep(qkv, bias, gy, heads, timer, (batch, dim, side))
         del qkv, gy, outs
@@ -522,7 +530,8 @@ def attn_sweep(qkv, bias, gy, heads, timer, shape) -> list[dict]:
     out, lse = wat.window_attention_fwd_launch(qkv, bias, heads)
     for nw, programs in itertools.product((4, 8), (512, 1024, 2048, 4096, 16384)):
         sweep_row(rows, timer, "window_attention_bwd", shape,
-                  lambda: wat.window_attention_bwd_launch(gy, qkv, bias, out, lse, heads, programs, nw),
+                  lambda: wat.window_attention_bwd_launch(gy, qkv, bias, out, lse, heads, programs=programs,
+                                                          bwd_warps=nw),
                   [nw, programs])
     return rows
 

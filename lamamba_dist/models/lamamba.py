@@ -235,6 +235,10 @@ class WindowAttention(nn.Module):
         b, h, w, c = x.shape
         if h != self.resolution or w != self.resolution:
             raise ValueError(f"window attention built for a {self.resolution}x{self.resolution} map, got {h}x{w}")
+        if self.attn_backend == "triton":  # the kernels read the tokens through the window order: no gathers
+            qkv = self.qkv(x.reshape(b, h * w, c))  # (qkv and proj act per token: they commute with the order)
+            out = window_attention(qkv, self.attention_bias(), self.num_heads, "triton", order=self.token_order)
+            return self.proj(out).view(b, h, w, c)
         ws = self.window_size
         n = ws * ws
         bw = b * (h // ws) * (w // ws)

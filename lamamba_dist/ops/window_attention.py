@@ -21,7 +21,8 @@ for the attention maths on windows:
 
 ``window_attention`` is the entry from the qkv projection's output (B * nW, N, 3C) to the output projection's
 input (B * nW, N, C): the "triton" kernels take it as it is, the others split it into q, k and v for
-``window_attention_core``.
+``window_attention_core``. Given a token order, it works on the map's tokens instead, (B, L, 3C) to (B, L, C),
+which the "triton" kernels read through the order: the window partition (and the shift) then costs no gather.
 
 ``window_token_order`` folds the cyclic shift and the window partition into one permutation of the tokens,
 so that (shift + partition) and (reverse + unshift) are one gather each (``permute_tokens``), with a
@@ -209,12 +210,23 @@ def window_attention_core(q, k, v, bias, num_windows: int, backend: str = "auto"
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def window_attention(qkv: torch.Tensor, bias, num_heads: int, backend: str = "auto") -> torch.Tensor:
+def window_attention(qkv: torch.Tensor, bias, num_heads: int, backend: str = "auto", order=None) -> torch.Tensor:
     """Attention inside windows from the qkv projection's output: qkv (B * nW, N, 3C), laid out (q, k, v) x heads x
     head dim as ``nn.Linear(C, 3C)`` writes it; bias additive (nW, h, N, N) (window w of image b is row b * nW + w)
-    or None. Returns (B * nW, N, C), heads then head dim, the output projection's input."""
+    or None. Returns (B * nW, N, C), heads then head dim, the output projection's input.
+
+    With ``order`` (L,), a permutation of the map's L = nW * N tokens (``window_token_order``), qkv is (B, L, 3C) on
+    the map's tokens, window w's slot t is token order[w * N + t], and the output is (B, L, C) on the same tokens:
+    the "triton" kernels read and write the tokens through ``order`` (no gathers); the other backends gather."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if order is not None and backend != "triton":
+        if bias is None:
+            raise ValueError("window attention: a token order needs the (nW, h, N, N) bias, which gives nW")
+        b, length, c3 = qkv.shape
+        nw = bias.shape[0]
+        out = window_attention(qkv[:, order].reshape(b * nw, length // nw, c3), bias, num_heads, backend)
+        return out.reshape(b, length, c3 // 3)[:, torch.argsort(order)]
     bw, n, c3 = qkv.shape
     c = c3 // 3
     if backend == "triton":
@@ -222,7 +234,7 @@ def window_attention(qkv: torch.Tensor, bias, num_heads: int, backend: str = "au
             raise RuntimeError("attention backend 'triton' needs triton (it ships with CUDA builds of torch)")
         if bias is None:
             bias = qkv.new_zeros(1, num_heads, n, n)
-        return _WATTN_TRITON.window_attention_triton(qkv, bias, num_heads)
+        return _WATTN_TRITON.window_attention_triton(qkv, bias, num_heads, order)
     q, k, v = qkv.view(bw, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, h, N, e)
     nw = bias.shape[0] if bias is not None else 1
     return window_attention_core(q, k, v, bias, nw, backend).transpose(1, 2).reshape(bw, n, c)

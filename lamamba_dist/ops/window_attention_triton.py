@@ -12,7 +12,10 @@ then sums over the batch; a head dim of 20 is zero-padded to 24 (copies of q, k 
 Here every (window, head) is one program: N tokens (padded to a power of two, at least 16, for ``tl.dot``), the head
 dim walked in chunks of 16 (``HEAD_CHUNK``; masked in memory, so 20 costs no copy). The kernels read q, k and v where the qkv
 projection wrote them, (B * nW, N, 3, h, e), and write the output as (B * nW, N, h * e), the output projection's
-input, so no transposed copy is made on either side.
+input, so no transposed copy is made on either side. Given the window partition as a token order (shifted or not),
+they read the qkv projection of the map's tokens, (B, L, 3C), through it and write the output on the same tokens:
+WindowAttention (models/lamamba.py) then applies its qkv and output projections to the map as it is, and the two
+gathers of the partition and its reverse, and their backward, are not needed.
 
 Forward, grid (B * nW, h): S = q k^T * scale + bias[window]; with the row max m and l = sum exp(S - m),
 P = exp(S - m) / l and O = P v, and the log-sum-exp m + log l per row for the backward (fp32, (B * nW, h, N)).
@@ -39,6 +42,7 @@ tensors through Triton's interpreter.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -54,7 +58,8 @@ BWD_PROGRAMS = 2048
 # Warps a program. Compiled for sm_90 on CPU (Triton 3.8's compiler and ptxas, `cuobjdump -res-usage` on the cubin;
 # tests/ops/test_kernels_compile.py compiles them at LaMamba-XL's shapes), the backward's body holds S, dP, dS and the bias gradient (N x N fp32 each) beside one chunk of each tile:
 # for LaMamba-XL's head dims 20, 40 and 80 it needs 254-255 registers a thread on four warps (120 bytes of spills at
-# 40) and 235-255 on eight, without spills; the forward 96 on four. With the whole head dim in registers at once
+# 40) and 235-255 on eight, without spills, also through a token order; the forward 96 on four (124-128 through a
+# token order). With the whole head dim in registers at once
 # (one 64 x 32 / 64 / 128 tile) the backward spilled 200-700 bytes even on eight warps. Not yet timed on a GPU:
 # `lamamba bench kernels --what attn --sweep` times four and eight warps and the image chunks.
 BWD_WARPS = 8
@@ -85,17 +90,29 @@ def _qk(qb, kb, t, tmask, rows, e, C: tl.constexpr, E: tl.constexpr, EC: tl.cons
 
 
 @triton.jit
-def _wattn_fwd_kernel(qkv_ptr, bias_ptr, out_ptr, lse_ptr, scale, NW: tl.constexpr, HEADS: tl.constexpr,
+def _tokens(order_ptr, win, t, tmask, N: tl.constexpr, HAS_ORDER: tl.constexpr):
+    """The rows of window ``win``'s N slots in its image: win * N + t in the windows layout, order[win * N + t] in
+    the token layout (the tokens of the map, the window partition read through ``order``)."""
+    tok = win * N + t
+    if HAS_ORDER:
+        tok = tl.load(order_ptr + tok, mask=tmask, other=0)
+    return tok.to(tl.int32)
+
+
+@triton.jit
+def _wattn_fwd_kernel(qkv_ptr, bias_ptr, order_ptr, out_ptr, lse_ptr, scale, NW: tl.constexpr, HEADS: tl.constexpr,
                       N: tl.constexpr, E: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr, EC: tl.constexpr,
-                      IEEE: tl.constexpr):
+                      HAS_ORDER: tl.constexpr, IEEE: tl.constexpr):
     bw = tl.program_id(0).to(tl.int64)
     hh = tl.program_id(1)
+    img, win = bw // NW, bw % NW
     t = tl.arange(0, BLOCK_N)
     e = tl.arange(0, EC)
     tmask = t < N  # (constants: no mask at all where N and E fill their blocks)
-    rows = t[:, None] * (3 * C) + e[None, :]
-    qb = qkv_ptr + bw * (N * 3 * C) + hh * E
-    bias = tl.load(bias_ptr + ((bw % NW) * HEADS + hh) * (N * N) + t[:, None] * N + t[None, :],
+    tok = _tokens(order_ptr, win, t, tmask, N, HAS_ORDER)
+    rows = tok[:, None] * (3 * C) + e[None, :]
+    qb = qkv_ptr + img * (NW * N * 3 * C) + hh * E
+    bias = tl.load(bias_ptr + (win * HEADS + hh) * (N * N) + t[:, None] * N + t[None, :],
                    mask=tmask[:, None] & tmask[None, :], other=0.0)
     s = _qk(qb, qb + C, t, tmask, rows, e, C, E, EC, IEEE) * scale + bias.to(tl.float32)
     s = tl.where(tmask[None, :], s, float("-inf"))  # the padded keys
@@ -103,7 +120,7 @@ def _wattn_fwd_kernel(qkv_ptr, bias_ptr, out_ptr, lse_ptr, scale, NW: tl.constex
     p = tl.exp(s - m[:, None])
     l = tl.sum(p, 1)
     p = p / l[:, None]
-    ob = out_ptr + bw * (N * C) + hh * E + t[:, None] * C + e[None, :]
+    ob = out_ptr + img * (NW * N * C) + hh * E + tok[:, None] * C + e[None, :]
     for j in tl.static_range(0, E, EC):
         m2 = tmask[:, None] & (e + j < E)[None, :]
         v = tl.load(qb + 2 * C + j + rows, mask=m2, other=0.0)
@@ -113,9 +130,9 @@ def _wattn_fwd_kernel(qkv_ptr, bias_ptr, out_ptr, lse_ptr, scale, NW: tl.constex
 
 
 @triton.jit
-def _wattn_bwd_kernel(qkv_ptr, bias_ptr, out_ptr, gout_ptr, lse_ptr, gqkv_ptr, gbias_ptr, scale, IMAGES, PER,
-                      NW: tl.constexpr, HEADS: tl.constexpr, N: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-                      BLOCK_N: tl.constexpr, EC: tl.constexpr, IEEE: tl.constexpr):
+def _wattn_bwd_kernel(qkv_ptr, bias_ptr, order_ptr, out_ptr, gout_ptr, lse_ptr, gqkv_ptr, gbias_ptr, scale, IMAGES,
+                      PER, NW: tl.constexpr, HEADS: tl.constexpr, N: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
+                      BLOCK_N: tl.constexpr, EC: tl.constexpr, HAS_ORDER: tl.constexpr, IEEE: tl.constexpr):
     win = tl.program_id(0)
     hh = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -124,19 +141,20 @@ def _wattn_bwd_kernel(qkv_ptr, bias_ptr, out_ptr, gout_ptr, lse_ptr, gqkv_ptr, g
     tmask = t < N
     bmask = tmask[:, None] & tmask[None, :]
     nn = t[:, None] * N + t[None, :]
-    rows = t[:, None] * (3 * C) + e[None, :]
-    orows = t[:, None] * C + e[None, :]
+    tok = _tokens(order_ptr, win, t, tmask, N, HAS_ORDER)
+    rows = tok[:, None] * (3 * C) + e[None, :]
+    orows = tok[:, None] * C + e[None, :]
     bias_base = bias_ptr + (win * HEADS + hh) * (N * N)
     gty = gqkv_ptr.dtype.element_ty
     gb = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
     lo = chunk * PER
     hi = tl.minimum(lo + PER, IMAGES)
     for img in range(lo, hi):
-        bw = win.to(tl.int64) + img * NW  # the window's row (img * NW < 2^31)
-        qb = qkv_ptr + bw * (N * 3 * C) + hh * E
-        gqb = gqkv_ptr + bw * (N * 3 * C) + hh * E
-        ob = out_ptr + bw * (N * C) + hh * E
-        gob = gout_ptr + bw * (N * C) + hh * E
+        bw = win.to(tl.int64) + img * NW  # the window's row of lse (img * NW < 2^31)
+        qb = qkv_ptr + (bw - win) * (N * 3 * C) + hh * E  # the image's first row
+        gqb = gqkv_ptr + (bw - win) * (N * 3 * C) + hh * E
+        ob = out_ptr + (bw - win) * (N * C) + hh * E
+        gob = gout_ptr + (bw - win) * (N * C) + hh * E
         # first pass over the head dim: S = q k^T, dP = dO v^T and delta = rowsum(dO o)
         s = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
         dp = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
@@ -175,39 +193,53 @@ def _block_n(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _check(qkv: torch.Tensor, bias: torch.Tensor, heads: int) -> tuple[int, int, int, int, int]:
+def _check(qkv: torch.Tensor, bias: torch.Tensor, heads: int, order) -> tuple[int, int, int, int, int]:
+    """(windows B * nW, tokens a window N, C, window positions nW, head dim e), or a ValueError naming the shapes."""
+    nw, n = bias.shape[0], bias.shape[-1]
     if qkv.dim() != 3 or qkv.shape[-1] % (3 * heads):
-        raise ValueError(f"window attention: qkv must be (B * nW, N, 3 * heads * e) for {heads} heads, got "
-                         f"{tuple(qkv.shape)}")
-    bw, n, c3 = qkv.shape
-    nw = bias.shape[0]
-    if bias.shape != (nw, heads, n, n) or bw % nw:
-        raise ValueError(f"window attention: bias must be (nW, {heads}, {n}, {n}) with nW dividing {bw} windows, "
-                         f"got {tuple(bias.shape)}")
+        raise ValueError(f"window attention: qkv must be (B * nW, N, 3 * heads * e), or (B, L, 3 * heads * e) with "
+                         f"a token order, for {heads} heads, got {tuple(qkv.shape)}")
+    rows, length, c3 = qkv.shape
+    if order is None and (bias.shape != (nw, heads, length, length) or rows % nw):
+        raise ValueError(f"window attention: bias must be (nW, {heads}, {length}, {length}) with nW dividing {rows} "
+                         f"windows, got {tuple(bias.shape)}")
+    if order is not None and (bias.shape != (nw, heads, n, n) or nw * n != length or order.shape != (length,)):
+        raise ValueError(f"window attention: with a token order of shape {tuple(order.shape)}, qkv (B, L, 3C) "
+                         f"{tuple(qkv.shape)} and bias {tuple(bias.shape)} must have L = nW * N tokens, bias "
+                         f"(nW, {heads}, N, N) and order (L,)")
+    bw = rows if order is None else rows * nw
     return bw, n, c3 // 3, nw, c3 // 3 // heads
 
 
-def window_attention_fwd_launch(qkv: torch.Tensor, bias: torch.Tensor, heads: int, fwd_warps: int | None = None):
-    """(out (B * nW, N, C) in qkv's dtype, lse (B * nW, h, N) fp32) for qkv (B * nW, N, 3C) and bias (nW, h, N, N).
-    ``fwd_warps``: warps a program (FWD_WARPS by default)."""
-    bw, n, c, nw, e = _check(qkv, bias, heads)
+def _order(order):
+    return None if order is None else order.to(torch.int32).contiguous()
+
+
+def window_attention_fwd_launch(qkv: torch.Tensor, bias: torch.Tensor, heads: int, order: torch.Tensor | None = None,
+                                fwd_warps: int | None = None):
+    """(out in qkv's dtype and layout with C = 3C / 3 channels, lse (B * nW, h, N) fp32) for qkv (B * nW, N, 3C),
+    or (B, L, 3C) with ``order`` (L,), the token of each window slot (window w's slot t is token order[w * N + t]),
+    and bias (nW, h, N, N). ``fwd_warps``: warps a program (FWD_WARPS by default)."""
+    bw, n, c, nw, e = _check(qkv, bias, heads, order)
     qkv, bias = qkv.contiguous(), bias.contiguous()
-    out = torch.empty(bw, n, c, device=qkv.device, dtype=qkv.dtype)
+    out = torch.empty(*qkv.shape[:2], c, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(bw, heads, n, device=qkv.device, dtype=torch.float32)
     bn, ec = _block_n(n), HEAD_CHUNK
-    _wattn_fwd_kernel[(bw, heads)](qkv, bias, out, lse, e ** -0.5, NW=nw, HEADS=heads, N=n, E=e, C=c, BLOCK_N=bn,
-                                   EC=ec, IEEE=qkv.dtype == torch.float32 or _WIDEN_DOTS,
+    order = _order(order)
+    _wattn_fwd_kernel[(bw, heads)](qkv, bias, order if order is not None else lse, out, lse, e ** -0.5, NW=nw,
+                                   HEADS=heads, N=n, E=e, C=c, BLOCK_N=bn, EC=ec, HAS_ORDER=order is not None,
+                                   IEEE=qkv.dtype == torch.float32 or _WIDEN_DOTS,
                                    num_warps=fwd_warps or FWD_WARPS)
     return out, lse
 
 
 def window_attention_bwd_launch(gout: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, out: torch.Tensor,
-                                lse: torch.Tensor, heads: int, programs: int | None = None,
-                                bwd_warps: int | None = None):
-    """(gradient of qkv (B * nW, N, 3C) in qkv's dtype, gradient of bias in bias's dtype). ``programs``: about how
+                                lse: torch.Tensor, heads: int, order: torch.Tensor | None = None,
+                                programs: int | None = None, bwd_warps: int | None = None):
+    """(gradient of qkv in qkv's dtype and layout, gradient of bias in bias's dtype). ``programs``: about how
     many backward programs (BWD_PROGRAMS by default), i.e. how many images each walks; ``bwd_warps``: warps a
     program (BWD_WARPS by default)."""
-    bw, n, c, nw, e = _check(qkv, bias, heads)
+    bw, n, c, nw, e = _check(qkv, bias, heads, order)
     qkv, bias, out, gout = qkv.contiguous(), bias.contiguous(), out.contiguous(), gout.contiguous()
     images = bw // nw
     per = max(1, -(-images * nw * heads // (programs or BWD_PROGRAMS)))
@@ -215,55 +247,62 @@ def window_attention_bwd_launch(gout: torch.Tensor, qkv: torch.Tensor, bias: tor
     gqkv = torch.empty_like(qkv)
     part = torch.empty(chunks, nw, heads, n, n, device=qkv.device, dtype=torch.float32)
     bn, ec = _block_n(n), HEAD_CHUNK
-    _wattn_bwd_kernel[(nw, heads, chunks)](qkv, bias, out, gout, lse, gqkv, part, e ** -0.5, images, per, NW=nw,
-                                           HEADS=heads, N=n, E=e, C=c, BLOCK_N=bn, EC=ec,
+    order = _order(order)
+    _wattn_bwd_kernel[(nw, heads, chunks)](qkv, bias, order if order is not None else lse, out, gout, lse, gqkv, part,
+                                           e ** -0.5, images, per, NW=nw, HEADS=heads, N=n, E=e, C=c, BLOCK_N=bn,
+                                           EC=ec, HAS_ORDER=order is not None,
                                            IEEE=qkv.dtype == torch.float32 or _WIDEN_DOTS,
                                            num_warps=bwd_warps or BWD_WARPS, num_stages=1)
     return gqkv, part.sum(0).to(bias.dtype)
 
 
 @torch.library.custom_op("lamamba::window_attention_fwd", mutates_args=())
-def _window_attention_fwd(qkv: torch.Tensor, bias: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return window_attention_fwd_launch(qkv, bias, heads)
+def _window_attention_fwd(qkv: torch.Tensor, bias: torch.Tensor, order: Optional[torch.Tensor],
+                          heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return window_attention_fwd_launch(qkv, bias, heads, order)
 
 
 @_window_attention_fwd.register_fake
-def _(qkv, bias, heads):
-    bw, n, c, _, _ = _check(qkv, bias, heads)
-    return qkv.new_empty(bw, n, c), qkv.new_empty(bw, heads, n, dtype=torch.float32)
+def _(qkv, bias, order, heads):
+    bw, n, c, _, _ = _check(qkv, bias, heads, order)
+    return qkv.new_empty(*qkv.shape[:2], c), qkv.new_empty(bw, heads, n, dtype=torch.float32)
 
 
 @torch.library.custom_op("lamamba::window_attention_bwd", mutates_args=())
-def _window_attention_bwd(gout: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, out: torch.Tensor,
-                          lse: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return window_attention_bwd_launch(gout, qkv, bias, out, lse, heads)
+def _window_attention_bwd(gout: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, order: Optional[torch.Tensor],
+                          out: torch.Tensor, lse: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return window_attention_bwd_launch(gout, qkv, bias, out, lse, heads, order)
 
 
 @_window_attention_bwd.register_fake
-def _(gout, qkv, bias, out, lse, heads):
+def _(gout, qkv, bias, order, out, lse, heads):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(
         bias, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, bias, heads = inputs
+    qkv, bias, order, heads = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, bias, out, lse)
+    ctx.save_for_backward(qkv, bias, order, out, lse)
     ctx.heads = heads
 
 
 def _backward(ctx, gout, _glse):  # lse never leaves window_attention_triton
-    qkv, bias, out, lse = ctx.saved_tensors
-    gqkv, gbias = _window_attention_bwd(gout.to(qkv.dtype).contiguous(), qkv, bias, out, lse, ctx.heads)
-    return gqkv, gbias, None
+    qkv, bias, order, out, lse = ctx.saved_tensors
+    gqkv, gbias = _window_attention_bwd(gout.to(qkv.dtype).contiguous(), qkv, bias, order, out, lse, ctx.heads)
+    return gqkv, gbias, None, None
 
 
 _window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def window_attention_triton(qkv: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+def window_attention_triton(qkv: torch.Tensor, bias: torch.Tensor, heads: int,
+                            order: torch.Tensor | None = None) -> torch.Tensor:
     """qkv (B * nW, N, 3 * C), the qkv projection's output on the windows' tokens (q, k, v, then heads, then the
     head dim), bias (nW, h, N, N) additive, window w of image b being row b * nW + w: the attention output
-    (B * nW, N, C), heads then head dim, as the output projection reads it. q is scaled by e^-0.5 inside."""
-    out, _ = _window_attention_fwd(qkv.contiguous(), bias.contiguous(), heads)
+    (B * nW, N, C), heads then head dim, as the output projection reads it. With ``order`` (L = nW * N,) integer,
+    qkv is (B, L, 3C) on the map's tokens and window w's slot t is token order[w * N + t] (the window partition,
+    shifted or not, as a permutation: lamamba_dist/ops/window_attention.py window_token_order); the output is then
+    (B, L, C) on the same tokens. q is scaled by e^-0.5 inside."""
+    out, _ = _window_attention_fwd(qkv.contiguous(), bias.contiguous(), order, heads)
     return out

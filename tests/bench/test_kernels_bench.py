@@ -73,7 +73,8 @@ def test_scan_and_ss2d_rows_under_the_interpreter(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     main = [r for r in out["results"] if "backend" in r]
     assert [(r["kernel"], r["backend"], r["heads"], r["window"]) for r in main] == [
-        ("window_attention", "sdpa", 16, 8), ("window_attention", "triton", 16, 8)]
+        ("window_attention", "sdpa", 16, 8), ("window_attention", "triton", 16, 8),
+        ("window_attention", "triton_tokens", 16, 8)]
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in main)
     assert main[1]["max_rel_diff_to_sdpa"] < 3e-2  # bf16 roundings in different places
     sweep = [(r["kernel"], r["config"]) for r in out["results"] if "config" in r]

@@ -85,6 +85,9 @@ def _attn_launches(batch, side, d, dtype=torch.bfloat16):  # the opt-in attn_bac
     bias = torch.zeros(nw, heads, n, n)
     out, lse = wat.window_attention_fwd_launch(qkv, bias, heads)
     wat.window_attention_bwd_launch(out, qkv, bias, out, lse, heads)
+    tokens, order = qkv.view(batch, nw * n, 3 * c), torch.arange(nw * n)  # the model's layout, through the order
+    out, lse = wat.window_attention_fwd_launch(tokens, bias, heads, order)
+    wat.window_attention_bwd_launch(out, tokens, bias, out, lse, heads, order)
 
 
 @needs_triton

@@ -2,13 +2,15 @@
 ``window_attention`` (lamamba_dist/ops/window_attention.py, ``attn_backend = "triton"``).
 
 * CPU, always: "triton" is a backend of the model config, the bench and the parity tool; the PyTorch backends give,
-  through ``window_attention``, exactly the former expression (q, k, v split, SDPA, transpose back); "triton"
+  through ``window_attention``, exactly the former expression (q, k, v split, SDPA, transpose back), and on the
+  map's tokens with a token order the gathered windows' result scattered back; "triton"
   without triton is an error, not a fallback; an unknown backend and a bias of the wrong shape are errors.
 * CPU under Triton's interpreter (a subprocess running this file with TRITON_INTERPRET=1), skipped where triton is
   not installed: output and the gradients of qkv and of the bias against float64, at window sizes that fill the
   kernels' block (16 and 64 tokens) and that do not (9), head dims below, at and above the 16-wide chunk (5, 16, 20,
   40, 80), one and several window positions, the backward's images split into chunks of several sizes (one that
-  does not divide the batch), bf16; outputs NaN-poisoned; bitwise equal runs; a shifted WindowAttention block
+  does not divide the batch), bf16, the windows' rows and the map's tokens read through the (shifted) window order;
+  outputs NaN-poisoned; bitwise equal runs; a shifted WindowAttention block
   against "sdpa", also under torch.compile(fullgraph=True, backend="aot_eager"); LaMamba-debug's whole forward and
   backward against the reference backends.
 * GPU (``-m gpu``): the same against float64 at LaMamba-XL's three stages (fp32 and bf16), and LaMamba-debug against
@@ -23,7 +25,7 @@ import torch
 from kernel_helpers import (assert_models_match, fast_and_reference_debug_models, nan_poisoned_empty, needs_triton,
                             run_interpreter_cases)
 from lamamba_dist.config import ModelConfig
-from lamamba_dist.ops.window_attention import BACKENDS, window_attention, window_attention_core
+from lamamba_dist.ops.window_attention import BACKENDS, window_attention, window_attention_core, window_token_order
 
 
 def _inputs(images, nw, n, heads, e, dtype, device="cpu", seed=0):
@@ -46,6 +48,32 @@ def _reference_f64(qkv, bias, heads, gy):
     return out.detach(), gq, gb
 
 
+def _check_tokens(images, side, window, shift, heads, e, dtype, device="cpu", tol=1e-5, programs=None):
+    """The token layout: qkv (B, L, 3C) on the map's tokens read through the window order (shifted or not)."""
+    from lamamba_dist.ops import window_attention_triton as wat
+
+    nw, n = (side // window) ** 2, window * window
+    order = window_token_order(side, window, shift)[0].to(device)
+    qkv, bias, gy = _inputs(images, nw, n, heads, e, dtype, device, seed=7)
+    qkv = qkv.detach().view(images, side * side, -1).requires_grad_()
+    gy = gy.view(images, side * side, -1)
+    q64 = qkv.detach().double().requires_grad_()
+    b64 = bias.detach().double().requires_grad_()
+    ref = window_attention(q64, b64, heads, "reference", order=order)
+    want = (ref.detach(), *torch.autograd.grad(ref, [q64, b64], gy.double()))
+    if programs is None:
+        out = window_attention(qkv, bias, heads, "triton", order=order)
+        got = (out, *torch.autograd.grad(out, [qkv, bias], gy))
+    else:
+        out, lse = wat.window_attention_fwd_launch(qkv.detach(), bias.detach(), heads, order)
+        got = (out, *wat.window_attention_bwd_launch(gy, qkv.detach(), bias.detach(), out, lse, heads, order,
+                                                     programs=programs))
+    assert got[0].shape == (images, side * side, qkv.shape[-1] // 3)
+    for name, g, w in zip(("out", "qkv grad", "bias grad"), got, want):
+        err = _rel(g, w)
+        assert torch.isfinite(g).all() and err < tol, (images, side, window, shift, dtype, programs, name, err)
+
+
 def _rel(got, want) -> float:
     return ((got.double() - want).abs().max() / want.abs().max()).item()
 
@@ -60,7 +88,8 @@ def _check(images, nw, n, heads, e, dtype, device="cpu", tol=1e-5, programs=None
         got = (out, *torch.autograd.grad(out, [qkv, bias], gy))
     else:  # the backward's images in chunks: about `programs` programs
         out, lse = wat.window_attention_fwd_launch(qkv.detach(), bias.detach(), heads)
-        got = (out, *wat.window_attention_bwd_launch(gy, qkv.detach(), bias.detach(), out, lse, heads, programs))
+        got = (out, *wat.window_attention_bwd_launch(gy, qkv.detach(), bias.detach(), out, lse, heads,
+                                                     programs=programs))
     assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == bias.dtype
     for name, g, w in zip(("out", "qkv grad", "bias grad"), got, want):
         assert torch.isfinite(g).all(), name
@@ -92,6 +121,23 @@ def test_the_pytorch_backends_are_the_former_expression(backend):
     assert torch.equal(window_attention(qkv, bias, 2, backend), want)
 
 
+def test_the_token_layout_is_the_windows_layout_through_the_order():
+    """window_attention on the map's tokens with a token order (the shifted partition) equals the windows layout
+    of the gathered tokens, scattered back (the PyTorch backends gather; "triton" reads through the order)."""
+    from lamamba_dist.ops.window_attention import permute_tokens
+
+    side, window, shift, heads, e = 8, 4, 2, 2, 8
+    order, inverse = window_token_order(side, window, shift)
+    qkv, bias, _ = _inputs(2, 4, 16, heads, e, torch.float32)
+    tokens = qkv.detach().view(2, side * side, -1)
+    got = window_attention(tokens, bias, heads, "reference", order=order)
+    win = permute_tokens(tokens, order, inverse).view(8, 16, -1)
+    want = permute_tokens(window_attention(win, bias, heads, "reference").view(2, side * side, -1), inverse, order)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="a token order needs the"):
+        window_attention(tokens, None, heads, "sdpa", order=order)
+
+
 def test_triton_without_triton_is_an_error(monkeypatch):
     import importlib
 
@@ -115,8 +161,10 @@ def test_a_bias_of_the_wrong_shape_is_an_error():
         wat.window_attention_triton(qkv, bias[:, :1], 2)
     with pytest.raises(ValueError, match="nW dividing 6"):
         wat.window_attention_triton(qkv, torch.zeros(4, 2, 4, 4), 2)
-    with pytest.raises(ValueError, match=r"qkv must be \(B \* nW, N, 3 \* heads \* e\) for 5 heads"):
+    with pytest.raises(ValueError, match=r"qkv must be \(B \* nW, N, 3 \* heads \* e\), or \(B, L, 3 \* heads \* e\)"):
         wat.window_attention_triton(qkv, bias, 5)
+    with pytest.raises(ValueError, match=r"with a token order of shape \(12,\).*must have L = nW \* N tokens"):
+        wat.window_attention_triton(qkv.view(2, 12, -1), bias, 2, torch.arange(12))  # 2 positions x 4 = 8, not 12
 
 
 # ----------------------------------------------------------------------------- CPU (Triton's interpreter)
@@ -140,6 +188,12 @@ def _interpreter_cases():
             _check(5, 2, 16, 2, 20, f32, programs=programs)
         _check(2, 4, 16, 2, 20, bf16, tol=2e-2)
         _check(2, 1, 64, 2, 40, bf16, tol=2e-2)
+        # the token layout (the model's path): shifted and not, a clipped window, image chunks, bf16
+        _check_tokens(2, 8, 4, 2, 2, 20, f32)
+        _check_tokens(2, 8, 4, 0, 2, 40, f32)
+        _check_tokens(3, 4, 4, 0, 2, 8, f32)
+        _check_tokens(5, 8, 4, 2, 2, 20, f32, programs=3)
+        _check_tokens(2, 8, 4, 2, 2, 20, bf16, tol=2e-2)
     # deterministic: bitwise equal runs
     runs = []
     for _ in range(2):
@@ -211,6 +265,9 @@ def test_window_attention_triton_matches_float64_on_gpu(dtype, tol):
     # first shifted; a window of 49 tokens (7 x 7) in a block of 64
     for images, nw, n, heads, e in ((4, 16, 64, 16, 20), (4, 4, 64, 16, 40), (4, 1, 64, 16, 80), (3, 4, 49, 4, 32)):
         _check(images, nw, n, heads, e, dtype, "cuda", tol=tol)
+    # the model's token layout at the same stages, the first and second shifted
+    for side, shift, e in ((32, 4, 20), (16, 4, 40), (8, 0, 80)):
+        _check_tokens(4, side, 8, shift, 16, e, dtype, "cuda", tol=tol)
     _check(64, 1, 64, 16, 80, dtype, "cuda", tol=tol, programs=16)  # four images a backward program
 
 
