@@ -31,6 +31,7 @@ from lamamba_dist.ops import (
     window_token_order,
 )
 from lamamba_dist.ops.dwconv import dwconv_silu
+from lamamba_dist.ops.window_attention import resolve_attn_backend
 from lamamba_dist.ops.selective_scan import SS2D_BACKENDS, resolve_backend, scan_kernel, ss2d_scan
 from lamamba_dist.ops.ss2d_core import resolve_core, ss2d_core
 
@@ -235,7 +236,7 @@ class WindowAttention(nn.Module):
         b, h, w, c = x.shape
         if h != self.resolution or w != self.resolution:
             raise ValueError(f"window attention built for a {self.resolution}x{self.resolution} map, got {h}x{w}")
-        if self.attn_backend == "triton":  # the kernels read the tokens through the window order: no gathers
+        if resolve_attn_backend(self.attn_backend) == "triton":  # the kernels read the tokens through the order
             qkv = self.qkv(x.reshape(b, h * w, c))  # (qkv and proj act per token: they commute with the order)
             out = window_attention(qkv, self.attention_bias(), self.num_heads, "triton", order=self.token_order)
             return self.proj(out).view(b, h, w, c)

@@ -13,11 +13,12 @@ for the attention maths on windows:
                          the qkv projection's output and the bias per window position, its gradient summed
                          over the batch in the kernel (CUDA, or CPU under TRITON_INTERPRET=1); opt-in until a
                          whole training step on the GPU says so (docs/performance.md)
-    backend "auto"       sdpa; on CUDA a head_dim that is not a multiple of 8 (LaMamba-XL's stage 0 has
-                         20) is zero-padded to the next multiple of 8 first, since CUDA's fused kernels
-                         refuse it and SDPA would fall back to its slow math kernel. Zero columns in
-                         q and k add nothing to q.k, zero columns in v give zero outputs that are
-                         sliced off, and the scale stays head_dim^-0.5: the result is the same function.
+    backend "auto"       LAMAMBA_ATTN_BACKEND when set (read at import), else sdpa; on CUDA a head_dim
+                         that is not a multiple of 8 (LaMamba-XL's stage 0 has 20) is zero-padded to the
+                         next multiple of 8 first, since CUDA's fused kernels refuse it and SDPA would
+                         fall back to its slow math kernel. Zero columns in q and k add nothing to q.k,
+                         zero columns in v give zero outputs that are sliced off, and the scale stays
+                         head_dim^-0.5: the result is the same function.
 
 ``window_attention`` is the entry from the qkv projection's output (B * nW, N, 3C) to the output projection's
 input (B * nW, N, C): the "triton" kernels take it as it is, the others split it into q, k and v for
@@ -32,6 +33,7 @@ gather along the inverse permutation as the backward (no scatter).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +169,18 @@ BACKENDS = ("auto", "sdpa", "flash", "reference", "triton")
 
 
 _WATTN_TRITON = triton_module("window_attention_triton")  # resolved once at import (a constant to torch.compile)
+# LAMAMBA_ATTN_BACKEND=<one of BACKENDS> replaces "auto" everywhere (read once, a constant to torch.compile): an
+# operator's override, e.g. a whole GPU check with the Triton kernels as if they were the default.
+_AUTO_OVERRIDE = os.environ.get("LAMAMBA_ATTN_BACKEND", "").strip() or None
+if _AUTO_OVERRIDE is not None and _AUTO_OVERRIDE not in BACKENDS:
+    raise ValueError(f"LAMAMBA_ATTN_BACKEND={_AUTO_OVERRIDE!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def resolve_attn_backend(backend: str) -> str:
+    """The backend a call with ``backend`` uses: "auto" becomes LAMAMBA_ATTN_BACKEND when that is set."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return (_AUTO_OVERRIDE or "auto") if backend == "auto" else backend
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,8 +232,7 @@ def window_attention(qkv: torch.Tensor, bias, num_heads: int, backend: str = "au
     With ``order`` (L,), a permutation of the map's L = nW * N tokens (``window_token_order``), qkv is (B, L, 3C) on
     the map's tokens, window w's slot t is token order[w * N + t], and the output is (B, L, C) on the same tokens:
     the "triton" kernels read and write the tokens through ``order`` (no gathers); the other backends gather."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    backend = resolve_attn_backend(backend)
     if order is not None and backend != "triton":
         if bias is None:
             raise ValueError("window attention: a token order needs the (nW, h, N, N) bias, which gives nW")
