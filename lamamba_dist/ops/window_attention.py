@@ -247,7 +247,8 @@ def window_attention(qkv: torch.Tensor, bias, num_heads: int, backend: str = "au
             raise RuntimeError("attention backend 'triton' needs triton (it ships with CUDA builds of torch)")
         if bias is None:
             bias = qkv.new_zeros(1, num_heads, n, n)
-        return _WATTN_TRITON.window_attention_triton(qkv, bias, num_heads, order)
+        # in qkv's dtype, as SDPA takes it (the kernels add it in fp32): half the bytes a program reads in bf16
+        return _WATTN_TRITON.window_attention_triton(qkv, bias.to(qkv.dtype), num_heads, order)
     q, k, v = qkv.view(bw, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, h, N, e)
     nw = bias.shape[0] if bias is not None else 1
     return window_attention_core(q, k, v, bias, nw, backend).transpose(1, 2).reshape(bw, n, c)

@@ -82,7 +82,7 @@ def _attn_launches(batch, side, d, dtype=torch.bfloat16):  # the opt-in attn_bac
     c, heads, window = d // 2, 16, min(8, side)
     nw, n = (side // window) ** 2, window * window
     qkv = torch.zeros(batch * nw, n, 3 * c, dtype=dtype)
-    bias = torch.zeros(nw, heads, n, n)
+    bias = torch.zeros(nw, heads, n, n, dtype=dtype)  # window_attention gives it in qkv's dtype
     out, lse = wat.window_attention_fwd_launch(qkv, bias, heads)
     wat.window_attention_bwd_launch(out, qkv, bias, out, lse, heads)
     tokens, order = qkv.view(batch, nw * n, 3 * c), torch.arange(nw * n)  # the model's layout, through the order
