@@ -31,9 +31,9 @@ from lamamba_dist.ops import (
     window_token_order,
 )
 from lamamba_dist.ops.dwconv import dwconv_silu
-from lamamba_dist.ops.window_attention import resolve_attn_backend
 from lamamba_dist.ops.selective_scan import SS2D_BACKENDS, resolve_backend, scan_kernel, ss2d_scan
 from lamamba_dist.ops.ss2d_core import resolve_core, ss2d_core
+from lamamba_dist.ops.window_attention import resolve_attn_backend
 
 
 @dataclass(frozen=True)

@@ -211,7 +211,8 @@ def window_attention_core(q, k, v, bias, num_windows: int, backend: str = "auto"
         out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
         return out.transpose(1, 2)
     if backend not in BACKENDS or backend == "triton":  # "triton" enters through window_attention
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(b for b in BACKENDS if b != 'triton')}")
+        known = ", ".join(b for b in BACKENDS if b != "triton")
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {known}")
     mask = None
     if bias is not None:
         nb = bias.shape[0]

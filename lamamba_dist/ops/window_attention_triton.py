@@ -10,12 +10,12 @@ per window in the forward and the backward and writes the bias gradient at the m
 then sums over the batch; a head dim of 20 is zero-padded to 24 (copies of q, k and v) for it to run at all.
 
 Here every (window, head) is one program: N tokens (padded to a power of two, at least 16, for ``tl.dot``), the head
-dim walked in chunks of 16 (``HEAD_CHUNK``; masked in memory, so 20 costs no copy). The kernels read q, k and v where the qkv
-projection wrote them, (B * nW, N, 3, h, e), and write the output as (B * nW, N, h * e), the output projection's
-input, so no transposed copy is made on either side. Given the window partition as a token order (shifted or not),
-they read the qkv projection of the map's tokens, (B, L, 3C), through it and write the output on the same tokens:
-WindowAttention (models/lamamba.py) then applies its qkv and output projections to the map as it is, and the two
-gathers of the partition and its reverse, and their backward, are not needed.
+dim walked in chunks of 16 (``HEAD_CHUNK``; masked in memory, so 20 costs no copy). The kernels read q, k and v
+where the qkv projection wrote them, (B * nW, N, 3, h, e), and write the output as (B * nW, N, h * e), the output
+projection's input, so no transposed copy is made on either side. Given the window partition as a token order
+(shifted or not), they read the qkv projection of the map's tokens, (B, L, 3C), through it and write the output on
+the same tokens: WindowAttention (models/lamamba.py) then applies its qkv and output projections to the map as it
+is, and the two gathers of the partition and its reverse, and their backward, are not needed.
 
 Forward, grid (B * nW, h): S = q k^T * scale + bias[window]; with the row max m and l = sum exp(S - m),
 P = exp(S - m) / l and O = P v, and the log-sum-exp m + log l per row for the backward (fp32, (B * nW, h, N)).
@@ -56,12 +56,12 @@ _WIDEN_DOTS = os.environ.get("TRITON_INTERPRET") == "1"
 # images, so the bias gradient's partial buffer stays about BWD_PROGRAMS * N * N fp32 values whatever the batch.
 BWD_PROGRAMS = 2048
 # Warps a program. Compiled for sm_90 on CPU (Triton 3.8's compiler and ptxas, `cuobjdump -res-usage` on the cubin;
-# tests/ops/test_kernels_compile.py compiles them at LaMamba-XL's shapes), the backward's body holds S, dP, dS and the bias gradient (N x N fp32 each) beside one chunk of each tile:
-# for LaMamba-XL's head dims 20, 40 and 80 it needs 254-255 registers a thread on four warps (120 bytes of spills at
-# 40) and 235-255 on eight, without spills, also through a token order; the forward 96 on four (124-128 through a
-# token order). With the whole head dim in registers at once
-# (one 64 x 32 / 64 / 128 tile) the backward spilled 200-700 bytes even on eight warps. Not yet timed on a GPU:
-# `lamamba bench kernels --what attn --sweep` times four and eight warps and the image chunks.
+# tests/ops/test_kernels_compile.py compiles them at LaMamba-XL's shapes), the backward's body holds S, dP, dS and
+# the bias gradient (N x N fp32 each) beside one chunk of each tile: for LaMamba-XL's head dims 20, 40 and 80 it
+# needs 254-255 registers a thread on four warps (120 bytes of spills at 40) and 235-255 on eight, without spills,
+# also through a token order; the forward 96 on four (124-128 through a token order). With the whole head dim in
+# registers at once (one 64 x 32 / 64 / 128 tile) the backward spilled 200-700 bytes even on eight warps. Not yet
+# timed on a GPU: `lamamba bench kernels --what attn --sweep` times four and eight warps and the image chunks.
 BWD_WARPS = 8
 FWD_WARPS = 4
 # The head dim is walked in chunks of this many (tl.dot's least K): LaMamba-XL's 20, 40 and 80 are read as 32, 48

@@ -138,7 +138,7 @@ def test_the_token_layout_is_the_windows_layout_through_the_order():
         window_attention(tokens, None, heads, "sdpa", order=order)
 
 
-def test_the_operator_override_replaces_auto(tmp_path):
+def test_the_operator_override_replaces_auto():
     """LAMAMBA_ATTN_BACKEND (read at import) replaces "auto" in the dispatch and in WindowAttention; a bad value is
     an error naming the variable."""
     import subprocess
@@ -147,8 +147,10 @@ def test_the_operator_override_replaces_auto(tmp_path):
     code = ("from lamamba_dist.ops.window_attention import resolve_attn_backend as r; "
             "print(r('auto'), r('sdpa'))")
     env = {k: v for k, v in os.environ.items() if k != "LAMAMBA_ATTN_BACKEND"}
-    run = lambda extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True,  # noqa: E731
-                                       text=True, timeout=300)
+    def run(extra):
+        return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                              timeout=300)
+
     assert run({}).stdout.split() == ["auto", "sdpa"]
     assert run({"LAMAMBA_ATTN_BACKEND": "reference"}).stdout.split() == ["reference", "sdpa"]
     bad = run({"LAMAMBA_ATTN_BACKEND": "cudnn"})
