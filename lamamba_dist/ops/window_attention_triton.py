@@ -211,10 +211,6 @@ def _check(qkv: torch.Tensor, bias: torch.Tensor, heads: int, order) -> tuple[in
     return bw, n, c3 // 3, nw, c3 // 3 // heads
 
 
-def _order(order):
-    return None if order is None else order.to(torch.int32).contiguous()
-
-
 def window_attention_fwd_launch(qkv: torch.Tensor, bias: torch.Tensor, heads: int, order: torch.Tensor | None = None,
                                 fwd_warps: int | None = None):
     """(out in qkv's dtype and layout with C = 3C / 3 channels, lse (B * nW, h, N) fp32) for qkv (B * nW, N, 3C),
@@ -225,7 +221,7 @@ def window_attention_fwd_launch(qkv: torch.Tensor, bias: torch.Tensor, heads: in
     out = torch.empty(*qkv.shape[:2], c, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(bw, heads, n, device=qkv.device, dtype=torch.float32)
     bn, ec = _block_n(n), HEAD_CHUNK
-    order = _order(order)
+    order = None if order is None else order.contiguous()  # any integer dtype: the kernels read it as it is
     _wattn_fwd_kernel[(bw, heads)](qkv, bias, order if order is not None else lse, out, lse, e ** -0.5, NW=nw,
                                    HEADS=heads, N=n, E=e, C=c, BLOCK_N=bn, EC=ec, HAS_ORDER=order is not None,
                                    IEEE=qkv.dtype == torch.float32 or _WIDEN_DOTS,
@@ -247,7 +243,7 @@ def window_attention_bwd_launch(gout: torch.Tensor, qkv: torch.Tensor, bias: tor
     gqkv = torch.empty_like(qkv)
     part = torch.empty(chunks, nw, heads, n, n, device=qkv.device, dtype=torch.float32)
     bn, ec = _block_n(n), HEAD_CHUNK
-    order = _order(order)
+    order = None if order is None else order.contiguous()  # any integer dtype: the kernels read it as it is
     _wattn_bwd_kernel[(nw, heads, chunks)](qkv, bias, order if order is not None else lse, out, gout, lse, gqkv, part,
                                            e ** -0.5, images, per, NW=nw, HEADS=heads, N=n, E=e, C=c, BLOCK_N=bn,
                                            EC=ec, HAS_ORDER=order is not None,
